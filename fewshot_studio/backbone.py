@@ -1,0 +1,352 @@
+"""Frozen open_clip backbones: loading, preprocessing, batched encoding (SPEC §4).
+
+One entry point, `load_backbone(BackboneSpec(...))`, covers the three sources of weights:
+a named open_clip model + pretrained tag (downloaded through the Hugging Face cache),
+a local checkpoint file or directory, and the project's own offline `tiny` model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import socket
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import WeightsUnavailableError
+
+DEFAULT_NAME = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+TINY = "tiny"
+
+# Generic prompt ensemble for real CLIP weights (a subset of CLIP's ImageNet templates).
+GENERIC_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+    "itap of a {}.",
+)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What to load. `name` is an open_clip model name or "tiny"; `checkpoint` overrides `pretrained`."""
+
+    name: str = DEFAULT_NAME
+    pretrained: str | None = DEFAULT_PRETRAINED
+    checkpoint: str | None = None
+    device: str | None = None  # "cpu", "cuda", or None for CUDA when present
+
+    @classmethod
+    def from_env(cls, **overrides) -> "BackboneSpec":
+        """Defaults from FEWSHOT_STUDIO_BACKBONE / _PRETRAINED / _CHECKPOINT / _DEVICE."""
+        env = {
+            "name": os.environ.get("FEWSHOT_STUDIO_BACKBONE") or DEFAULT_NAME,
+            "pretrained": os.environ.get("FEWSHOT_STUDIO_PRETRAINED") or DEFAULT_PRETRAINED,
+            "checkpoint": os.environ.get("FEWSHOT_STUDIO_CHECKPOINT") or None,
+            "device": os.environ.get("FEWSHOT_STUDIO_DEVICE") or None,
+        }
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**env)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("device")
+        return d
+
+    @property
+    def label(self) -> str:
+        if self.name == TINY:
+            return "tiny (offline test backbone: it only knows coloured shapes)"
+        if self.checkpoint:
+            return f"{self.name} from {self.checkpoint}"
+        return f"{self.name} / {self.pretrained}"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """True when huggingface.co answers a TCP connect quickly (DNS included, bounded by a thread)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable() -> Iterator[bool]:
+    """Force huggingface_hub offline mode when the hub can't be reached, so a missing
+    download fails in seconds instead of after minutes of retries (SPEC §4)."""
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    offline = bool(old) or not _hub_reachable()
+    constants.HF_HUB_OFFLINE = offline
+    try:
+        yield offline
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def _fix_hint() -> str:
+    return ("use a local checkpoint (--checkpoint PATH, FEWSHOT_STUDIO_CHECKPOINT, or the UI field) "
+            "or the offline test backbone 'tiny'")
+
+
+class Backbone:
+    """A frozen open_clip CLIP model with its tokenizer, preprocessing and device.
+
+    Encoding is batched, runs under `torch.inference_mode()` and uses CUDA autocast when on GPU.
+    Features come back L2-normalised, float32, on the CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: BackboneSpec, backbone_id: str,
+                 device: torch.device, templates: Sequence[str] = GENERIC_TEMPLATES):
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.id = backbone_id
+        self.device = device
+        self.templates = tuple(templates)
+        visual = model.visual
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        self.mean = tuple(cfg.get("mean", OPENAI_DATASET_MEAN))
+        self.std = tuple(cfg.get("std", OPENAI_DATASET_STD))
+        self.embed_dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection")
+                             and isinstance(model.text_projection, torch.Tensor)
+                             else self.encode_texts(["x"]).shape[1])
+        self.logit_scale = float(model.logit_scale.detach().exp().item())
+        self._mean_t = torch.tensor(self.mean).view(3, 1, 1)
+        self._std_t = torch.tensor(self.std).view(3, 1, 1)
+
+    # ---- facts -----------------------------------------------------------
+    @property
+    def is_transformer(self) -> bool:
+        """True when both towers are open_clip transformers (MMA needs that)."""
+        return hasattr(self.model.visual, "transformer") and hasattr(self.model, "transformer")
+
+    @property
+    def device_label(self) -> str:
+        return device_name(self.device)
+
+    def autocast(self):
+        """CUDA autocast (fp16) on GPU; a no-op on CPU so results there stay exact fp32."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # ---- preprocessing -------------------------------------------------------
+    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self._mean_t) / self._std_t
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """Plain view: shortest side resized to image_size (bicubic), centre crop, normalise
+        (open_clip's eval transform)."""
+        s = self.image_size
+        w, h = img.size
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (nw - s) // 2, (nh - s) // 2
+        return self._to_tensor(img.crop((left, top, left + s, top + s)))
+
+    def augment(self, img: Image.Image, key: str, view: int) -> torch.Tensor:
+        """Augmented view `view` (>=1) of an image: random resized crop (scale 0.5-1, ratio 3/4-4/3)
+        and horizontal flip, seeded by (key, view) so the view is reproducible and cacheable."""
+        if view == 0:
+            return self.preprocess(img)
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{view}".encode()).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+        w, h = img.size
+        area = w * h
+        for _ in range(10):
+            target = area * rng.uniform(0.5, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            cw, ch = min(w, h), min(w, h)
+        left = int(rng.integers(0, w - cw + 1))
+        top = int(rng.integers(0, h - ch + 1))
+        s = self.image_size
+        crop = img.resize((s, s), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self._to_tensor(crop)
+
+    # ---- encoding --------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        """(N,3,H,W) normalised pixels -> (N,d) L2-normalised features (float32, CPU)."""
+        out = []
+        for i in range(0, len(pixels), batch_size):
+            x = pixels[i:i + batch_size].to(self.device, non_blocking=True)
+            with self.autocast():
+                f = self.model.encode_image(x)
+            out.append(F.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (N,d) L2-normalised features (float32, CPU)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            with self.autocast():
+                f = self.model.encode_text(tokens)
+            out.append(F.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, getattr(self, "embed_dim", 0))
+
+    def parameter_fingerprint(self) -> str:
+        """Hash of every frozen weight, to check they stay bit-identical (SPEC §5.5)."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _create(name: str, pretrained: str | None, device: torch.device):
+    import open_clip
+
+    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return model, open_clip.get_tokenizer(name)
+
+
+def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
+    """Load a frozen backbone.
+
+    `spec` may be a BackboneSpec, a model name ("tiny", "ViT-B-32", ...) or None for the
+    environment's default. Raises WeightsUnavailableError with one sentence when the
+    weights cannot be had (unknown name, bad path, no network).
+    """
+    import open_clip
+
+    from . import tiny
+
+    if spec is None:
+        spec = BackboneSpec.from_env(**kwargs)
+    elif isinstance(spec, str):
+        spec = BackboneSpec(name=spec, **kwargs) if spec != TINY else BackboneSpec(name=TINY, pretrained=None, **kwargs)
+    elif kwargs:
+        spec = replace(spec, **kwargs)
+    device = resolve_device(spec.device)
+    tiny.register()
+
+    if spec.name == TINY and not spec.checkpoint:
+        from . import shapes
+
+        if not tiny.WEIGHTS_PATH.exists():
+            raise WeightsUnavailableError(
+                f"The tiny backbone's weights are missing at {tiny.WEIGHTS_PATH}; "
+                "run 'python -m fewshot_studio pretrain-tiny' to rebuild them.")
+        model, tok = _create(tiny.MODEL_NAME, str(tiny.WEIGHTS_PATH), device)
+        spec = BackboneSpec(name=TINY, pretrained=None, checkpoint=None, device=spec.device)
+        bid = f"tiny-{file_sha256(tiny.WEIGHTS_PATH)[:12]}"
+        return Backbone(model, tok, spec, bid, device, templates=shapes.CAPTION_TEMPLATES)
+
+    arch = tiny.MODEL_NAME if spec.name == TINY else spec.name
+    templates = GENERIC_TEMPLATES
+    if spec.name == TINY:
+        from . import shapes
+
+        templates = shapes.CAPTION_TEMPLATES
+
+    if spec.checkpoint:
+        path = Path(spec.checkpoint).expanduser()
+        if not path.exists():
+            raise WeightsUnavailableError(
+                f"The checkpoint {path} does not exist; give the path of a checkpoint file or "
+                f"directory, or use the offline test backbone 'tiny'.")
+        try:
+            if path.is_dir():
+                if (path / "open_clip_config.json").exists():
+                    model, tok = _create(f"local-dir:{path}", None, device)
+                    weights = open_clip.factory._find_checkpoint_in_dir(path)
+                else:
+                    weights = open_clip.factory._find_checkpoint_in_dir(path)
+                    if weights is None:
+                        raise FileNotFoundError("no .safetensors, .bin or .pth file inside")
+                    model, tok = _create(arch, weights, device)
+            else:
+                weights = str(path)
+                model, tok = _create(arch, weights, device)
+        except WeightsUnavailableError:
+            raise
+        except Exception as e:  # open_clip raises many kinds; the user needs one sentence
+            raise WeightsUnavailableError(
+                f"Could not load the checkpoint {path} as an open_clip '{arch}' model "
+                f"({_short(e)}); check the model name matches the checkpoint, or use the "
+                f"offline test backbone 'tiny'.") from None
+        bid = f"{arch}@sha256-{file_sha256(weights)[:16]}" if weights else f"{arch}@{path.name}"
+        return Backbone(model, tok, spec, bid, device, templates=templates)
+
+    if spec.name not in open_clip.list_models():
+        raise WeightsUnavailableError(
+            f"'{spec.name}' is not an open_clip model name; pick one of open_clip.list_models() "
+            f"(e.g. ViT-B-32) or the offline test backbone 'tiny'.")
+    tags = open_clip.list_pretrained_tags_by_model(spec.name)
+    if spec.pretrained and spec.pretrained not in tags and not Path(spec.pretrained).exists():
+        raise WeightsUnavailableError(
+            f"'{spec.pretrained}' is not a pretrained tag of {spec.name} "
+            f"(known: {', '.join(tags) or 'none'}); pick one of those, or {_fix_hint()}.")
+    try:
+        with _offline_unless_reachable() as offline:
+            model, tok = _create(spec.name, spec.pretrained, device)
+    except Exception as e:
+        why = "this machine is offline and they are not in the local cache" if offline else _short(e)
+        raise WeightsUnavailableError(
+            f"Could not download the {spec.name}/{spec.pretrained} weights ({why}); {_fix_hint()}.") from None
+    return Backbone(model, tok, spec, f"{spec.name}/{spec.pretrained}", device, templates=templates)
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200].rstrip(".")

@@ -1,0 +1,122 @@
+"""The feature pipeline: decode -> preprocess (plain or augmented view) -> batch -> encode -> cache.
+
+Decoding and preprocessing run in a small thread pool (PIL releases the GIL) so they
+overlap with encoding; anything already in the FeatureCache is never re-encoded.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+from .cache import FeatureCache
+from .data import ImageRef, prompt_name
+from .errors import Cancelled
+from .progress import CancelFlag, Progress, ProgressFn
+
+
+class FeatureExtractor:
+    """Image and class-text features for one backbone, through an optional FeatureCache."""
+
+    def __init__(self, backbone: Backbone, cache: FeatureCache | None = None, batch_size: int = 64,
+                 workers: int = 2):
+        self.backbone = backbone
+        self.cache = cache
+        self.batch_size = batch_size
+        self.workers = workers
+        self.encoded_images = 0  # how many (image, view) pairs went through the encoder
+        self._text_memo: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _pixels(self, ref: ImageRef, views: Sequence[int]) -> list[torch.Tensor]:
+        img = ref.open(draft_size=self.backbone.image_size)
+        return [self.backbone.augment(img, ref.hash, v) for v in views]
+
+    def image_features(self, refs: Sequence[ImageRef], views: Sequence[int] = (0,),
+                       progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
+                       stage: str = "Extracting features") -> torch.Tensor:
+        """(N, V, d) L2-normalised features of `refs` under `views` (0 = plain, k>0 = augmented)."""
+        views = list(views)
+        n, nv = len(refs), len(views)
+        d = self.backbone.embed_dim
+        out = np.zeros((n, nv, d), dtype=np.float32)
+        bid = self.backbone.id
+        # which images still need any view encoded
+        todo: dict[int, list[int]] = {}
+        for i, ref in enumerate(refs):
+            for j, v in enumerate(views):
+                hit = self.cache.get(bid, ref.hash, v) if self.cache is not None else None
+                if hit is None:
+                    todo.setdefault(i, []).append(j)
+                else:
+                    out[i, j] = hit
+        if todo:
+            self._encode_missing(refs, views, todo, out, progress, cancel, stage)
+        return torch.from_numpy(out)
+
+    def _encode_missing(self, refs, views, todo, out, progress, cancel, stage) -> None:
+        items = list(todo.items())
+        total = len(items)
+        bs = max(1, self.batch_size // max(1, len(views)))
+        bid = self.backbone.id
+        done = 0
+
+        def load(item):
+            i, js = item
+            return i, js, self._pixels(refs[i], [views[j] for j in js])
+
+        chunks = [items[s:s + bs] for s in range(0, total, bs)]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
+            pending = [pool.submit(load, it) for it in chunks[0]] if chunks else []
+            for c in range(len(chunks)):
+                if cancel is not None and cancel.is_set():
+                    for f in pending:
+                        f.cancel()
+                    raise Cancelled()
+                chunk = [f.result() for f in pending]
+                pending = [pool.submit(load, it) for it in chunks[c + 1]] if c + 1 < len(chunks) else []
+                pixels = torch.stack([p for _, _, ps in chunk for p in ps])
+                feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
+                self.encoded_images += len(pixels)
+                keys, k = [], 0
+                for i, js, _ in chunk:
+                    for j in js:
+                        out[i, j] = feats[k]
+                        keys.append((refs[i].hash, views[j]))
+                        k += 1
+                if self.cache is not None:
+                    self.cache.put_many(bid, keys, feats)
+                done += len(chunk)
+                if progress is not None:
+                    progress(Progress(stage, done, total))
+
+    def class_text_features(self, classnames: Sequence[str], descriptions: Sequence[str] | None = None,
+                            templates: Sequence[str] | None = None) -> torch.Tensor:
+        """(C, d) zero-shot class weights: the normalised mean of the normalised features of the
+        class's prompts over the template ensemble, description appended (SPEC §5.1)."""
+        return class_text_features(self.backbone, classnames, descriptions, templates, self._text_memo)
+
+
+def class_prompts(classname: str, description: str | None, templates: Sequence[str]) -> list[str]:
+    name = prompt_name(classname)
+    extra = f" {description.strip()}" if description and description.strip() else ""
+    return [t.format(name) + extra for t in templates]
+
+
+def class_text_features(backbone: Backbone, classnames: Sequence[str], descriptions: Sequence[str] | None = None,
+                        templates: Sequence[str] | None = None,
+                        memo: dict | None = None) -> torch.Tensor:
+    templates = tuple(templates or backbone.templates)
+    descriptions = list(descriptions) if descriptions is not None else [""] * len(classnames)
+    key = (backbone.id, *templates, *classnames, "\x00", *descriptions)
+    if memo is not None and key in memo:
+        return memo[key]
+    prompts = [p for c, dsc in zip(classnames, descriptions) for p in class_prompts(c, dsc, templates)]
+    f = backbone.encode_texts(prompts).view(len(classnames), len(templates), -1)
+    w = torch.nn.functional.normalize(f.mean(1), dim=-1)
+    if memo is not None:
+        memo[key] = w
+    return w

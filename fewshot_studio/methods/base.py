@@ -1,0 +1,308 @@
+"""The one small interface every method shares, plus saving and loading of trained models.
+
+A method is an `nn.Module` holding only its own trained parameters and buffers; the frozen
+backbone is referenced, never registered, so it is neither saved nor trained.
+
+    method = make_method("graph", backbone, classnames)
+    method.fit(support, extractor, progress=print, cancel=event)
+    probs = method.predict_proba(refs, extractor)
+    method.save("model_dir"); same = load_model("model_dir")
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone, BackboneSpec, load_backbone
+from ..data import ImageRef, SupportSet
+from ..errors import ModelFileError
+from ..features import FeatureExtractor
+from ..progress import CancelFlag, ProgressFn
+
+MODEL_FORMAT = "fewshot-studio-model"
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def cosine_matrix(x: torch.Tensor) -> np.ndarray:
+    """C×C cosine similarities between the rows of x."""
+    x = F.normalize(x.float(), dim=-1)
+    return (x @ x.T).cpu().numpy()
+
+
+@dataclass
+class KnowledgeGraph:
+    """The class graph a method uses: nodes are classes, edges cosine similarities
+    in the textual sub-graph, the visual sub-graph (where the method has one) and,
+    for GraphAdapter, between the adapted class weights."""
+
+    classes: list[str]
+    text_edges: np.ndarray
+    visual_edges: np.ndarray | None = None
+    fused_edges: np.ndarray | None = None
+    counts: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        def lst(a):
+            return None if a is None else np.round(np.asarray(a, dtype=np.float64), 6).tolist()
+        return {"classes": list(self.classes), "text_edges": lst(self.text_edges),
+                "visual_edges": lst(self.visual_edges), "fused_edges": lst(self.fused_edges),
+                "counts": self.counts}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KnowledgeGraph":
+        arr = lambda a: None if a is None else np.asarray(a, dtype=np.float32)  # noqa: E731
+        return cls(list(d["classes"]), arr(d["text_edges"]), arr(d.get("visual_edges")),
+                   arr(d.get("fused_edges")), d.get("counts"))
+
+    def confusable_pairs(self, top: int = 10) -> list[dict]:
+        """Pairs that look alike but are named differently: largest visual minus textual
+        similarity first (needs a visual sub-graph)."""
+        if self.visual_edges is None or len(self.classes) < 2:
+            return []
+        iu = np.triu_indices(len(self.classes), k=1)
+        v, t = self.visual_edges[iu], self.text_edges[iu]
+        order = np.argsort(-(v - t))[:top]
+        return [{"a": self.classes[iu[0][k]], "b": self.classes[iu[1][k]], "visual": float(v[k]),
+                 "text": float(t[k]), "gap": float(v[k] - t[k])} for k in order if v[k] - t[k] > 0]
+
+
+@dataclass
+class MethodConfig:
+    """Settings every trained method shares; subclasses add their hyper-parameters."""
+
+    seed: int = 0
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, `label`, `Config`, implement `fit` and either
+    `logits_from_features` (methods on frozen features) or `image_logits`."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+    needs_images: ClassVar[bool] = True  # every class needs at least one support image
+    feature_views: ClassVar[int] = 1  # cached views per support image the method uses
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str],
+                 descriptions: Sequence[str] | None = None, config: Any = None):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: never saved or trained
+        self.classnames = list(classnames)
+        self.descriptions = list(descriptions) if descriptions is not None else None
+        self.config = config if config is not None else self.Config()
+        self.history: list[dict] = []
+        self.metrics: dict = {}
+        self.support_counts: list[int] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.backbone.logit_scale
+
+    def _check_support(self, support: SupportSet) -> None:
+        if support.classnames != self.classnames:
+            raise ValueError("the support set's classes differ from the method's classes")
+        if self.needs_images:
+            support.require_images(self.label)
+        self.support_counts = support.counts()
+
+    # ---- the interface ---------------------------------------------------------
+    def fit(self, support: SupportSet, extractor: FeatureExtractor, progress: ProgressFn | None = None,
+            cancel: CancelFlag | None = None) -> "Method":
+        """Train on `support`. Reports Progress, stops within one step when `cancel` is set
+        (raising errors.Cancelled), and on any failure leaves the method exactly as before."""
+        snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        saved = (self.history, self.metrics, self.support_counts)
+        try:
+            self._fit(support, extractor, progress, cancel)
+        except BaseException:
+            self.load_tensors(snapshot)
+            self.history, self.metrics, self.support_counts = saved
+            raise
+        self.eval()
+        return self
+
+    def _fit(self, support: SupportSet, extractor: FeatureExtractor, progress: ProgressFn | None,
+             cancel: CancelFlag | None) -> None:
+        raise NotImplementedError
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,d) normalised frozen image features -> (N,C) logits."""
+        raise NotImplementedError
+
+    def image_logits(self, refs: Sequence[ImageRef], extractor: FeatureExtractor) -> torch.Tensor:
+        feats = extractor.image_features(refs, views=(0,))[:, 0]
+        with torch.no_grad():
+            return self.logits_from_features(feats.to(self._device()))
+
+    def predict_proba(self, refs: Sequence[ImageRef], extractor: FeatureExtractor) -> torch.Tensor:
+        """(N,C) class probabilities on the CPU."""
+        self.eval()
+        return self.image_logits(refs, extractor).float().softmax(-1).cpu()
+
+    def knowledge_graph(self) -> KnowledgeGraph:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        for t in list(self.parameters()) + list(self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    # ---- persistence ---------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "method": self.name,
+            "backbone": {**self.backbone.spec.to_dict(), "id": self.backbone.id},
+            "classes": self.classnames,
+            "descriptions": self.descriptions,
+            "hyperparameters": asdict(self.config),
+            "support_counts": self.support_counts,
+            "metrics": self.metrics,
+            "history": self.history[-2000:],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` + `model.safetensors` atomically (temp dir, then rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}-{time.time_ns()}")
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load saved tensors; buffers sized by the data (e.g. Tip-Adapter's cache keys)
+        take the saved shape."""
+        own = dict(self.named_buffers())
+        for k, v in tensors.items():
+            if k in own and own[k].shape != v.shape:
+                mod_name, _, buf = k.rpartition(".")
+                mod = self.get_submodule(mod_name) if mod_name else self
+                mod.register_buffer(buf, torch.empty_like(v, device=own[k].device))
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ModelFileError(
+                f"The model weights do not match a {self.label} model for these classes "
+                f"(missing {len(missing)}, unexpected {len(unexpected)} tensors).")
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_config(method: str, **overrides) -> Any:
+    cls = get_method_class(method)
+    names = {f.name for f in fields(cls.Config)}
+    unknown = set(overrides) - names
+    if unknown:
+        from ..errors import DataError
+        raise DataError(f"{cls.label} has no setting {', '.join(sorted(unknown))}; "
+                        f"its settings are {', '.join(sorted(names))}.")
+    return cls.Config(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def get_method_class(method: str) -> type[Method]:
+    from . import ensure_registered
+
+    ensure_registered()
+    if method not in REGISTRY:
+        from ..errors import DataError
+        raise DataError(f"Unknown method {method!r}; choose one of {', '.join(sorted(REGISTRY))}.")
+    return REGISTRY[method]
+
+
+def make_method(method: str, backbone: Backbone, classnames: Sequence[str],
+                descriptions: Sequence[str] | None = None, **overrides) -> Method:
+    """Build an untrained method by name with the papers' defaults plus `overrides`."""
+    cls = get_method_class(method)
+    return cls(backbone, classnames, descriptions, make_config(method, **overrides))
+
+
+def read_model_config(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ModelFileError(f"{directory} is not a saved model: it needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a Few-Shot Studio model config.")
+    if cfg.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        raise ModelFileError(f"{path} was written by a newer Few-Shot Studio; upgrade to load it.")
+    return cfg
+
+
+def load_model(directory: str | os.PathLike, backbone: Backbone | None = None,
+               device: str | None = None) -> Method:
+    """Load a saved model directory. Loads its backbone unless one is given; the backbone's
+    id must match the one the model was trained on."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = read_model_config(directory)
+    cls = get_method_class(cfg.get("method", ""))
+    bb = cfg.get("backbone") or {}
+    if backbone is None:
+        spec = BackboneSpec(name=bb.get("name", ""), pretrained=bb.get("pretrained"),
+                            checkpoint=bb.get("checkpoint"), device=device)
+        backbone = load_backbone(spec)
+    if bb.get("id") and backbone.id != bb["id"]:
+        raise ModelFileError(f"This model was trained on backbone {bb['id']}, but {backbone.id} is loaded; "
+                             "load the matching backbone.")
+    try:
+        hp = {k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get("hyperparameters") or {}).items()}
+        config = cls.Config(**hp)
+        method = cls(backbone, cfg["classes"], cfg.get("descriptions"), config)
+    except (TypeError, KeyError) as e:
+        raise ModelFileError(f"{directory / CONFIG_FILE} has invalid settings ({e}).") from None
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{directory / WEIGHTS_FILE} is not a valid safetensors file ({e}).") from None
+    method.to(backbone.device)
+    method.load_tensors({k: v.to(backbone.device) for k, v in tensors.items()})
+    method.history = cfg.get("history") or []
+    method.metrics = cfg.get("metrics") or {}
+    method.support_counts = cfg.get("support_counts")
+    method.eval()
+    return method

@@ -1,0 +1,68 @@
+"""Shared fixtures: the offline `tiny` backbone and synthetic coloured-shape tasks."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_studio import shapes
+from fewshot_studio.backbone import load_backbone
+from fewshot_studio.cache import FeatureCache
+from fewshot_studio.data import ImageRef, SupportSet
+from fewshot_studio.features import FeatureExtractor
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Uninformative names: the tiny backbone cannot solve these zero-shot.
+NATO = {"alpha": "red circle", "bravo": "blue square", "charlie": "green triangle",
+        "delta": "yellow star", "echo": "purple cross"}
+
+
+def make_refs(label: str, n: int, rng: np.random.Generator, size: int = 64) -> list[ImageRef]:
+    spec = shapes.ShapeSpec(*label.split(" ", 1))
+    return [ImageRef.from_pil(shapes.render(spec, rng, size), f"{label}-{i}.png") for i in range(n)]
+
+
+def make_task(mapping: dict[str, str], shots: int, test_per_class: int, seed: int = 0):
+    """(support, test_refs, test_labels): `mapping` is class name -> colour-shape it depicts."""
+    rng = np.random.default_rng(seed)
+    names = list(mapping)
+    images, labels, test, test_labels = [], [], [], []
+    for i, n in enumerate(names):
+        refs = make_refs(mapping[n], shots + test_per_class, rng)
+        images += refs[:shots]
+        labels += [i] * shots
+        test += refs[shots:]
+        test_labels += [i] * test_per_class
+    return SupportSet(names, images, labels), test, torch.tensor(test_labels)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_backbone("tiny", device="cpu")
+
+
+@pytest.fixture
+def extractor(tiny, tmp_path):
+    return FeatureExtractor(tiny, FeatureCache(tmp_path / "features"))
+
+
+@pytest.fixture(scope="session")
+def shared_extractor(tiny, tmp_path_factory):
+    """One cache for the whole session: fast repeated feature look-ups across tests."""
+    return FeatureExtractor(tiny, FeatureCache(tmp_path_factory.mktemp("features")))
+
+
+@pytest.fixture(scope="session")
+def nato_task():
+    """5 classes with uninformative names, 4 shots each, 20 held-out images per class."""
+    return make_task(NATO, shots=4, test_per_class=20, seed=7)
+
+
+def accuracy(method, refs, labels, extractor) -> float:
+    return float((method.predict_proba(refs, extractor).argmax(1) == labels).float().mean())
