@@ -1,0 +1,1 @@
+"""Gradio UI: Blocks assembled from small builder functions; handlers only call the core."""
