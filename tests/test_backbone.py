@@ -1,0 +1,133 @@
+"""Backbones: the tiny offline model, local checkpoints, and weights that cannot be had."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewshot_studio import shapes, tiny as tiny_mod
+from fewshot_studio.backbone import BackboneSpec, load_backbone
+from fewshot_studio.errors import WeightsUnavailableError
+from fewshot_studio.features import class_text_features
+
+
+def _shape_batch(backbone, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    specs = shapes.sample_specs(n, rng)
+    x = torch.stack([backbone.preprocess(shapes.render(s, rng, 96)) for s in specs])
+    y = torch.tensor([shapes.CLASSES.index(s.label) for s in specs])
+    return x, y
+
+
+def test_tiny_zero_shot_far_above_chance(tiny):
+    """Fresh images (a seed never used in pretraining) over all 48 colour-shape classes."""
+    x, y = _shape_batch(tiny, 480, seed=2024)
+    f = tiny.encode_images(x)
+    t = class_text_features(tiny, list(shapes.CLASSES))
+    acc = ((f @ t.T).argmax(1) == y).float().mean().item()
+    assert acc >= 0.60, f"tiny zero-shot accuracy {acc:.1%} is below 60%"
+
+
+def test_tiny_backbone_facts(tiny):
+    assert tiny.id.startswith("tiny-") and tiny.device.type == "cpu"
+    assert tiny.image_size == 48 and tiny.embed_dim == 64
+    assert all(not p.requires_grad for p in tiny.model.parameters())
+    f = tiny.encode_texts(["a photo of a red circle.", "a blue star."])
+    assert f.shape == (2, 64) and torch.allclose(f.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_augmented_views_are_deterministic_and_differ(tiny):
+    img = shapes.render(shapes.ShapeSpec("red", "star"), np.random.default_rng(0), 96)
+    a1, a2, b = tiny.augment(img, "k", 1), tiny.augment(img, "k", 1), tiny.augment(img, "k", 2)
+    assert torch.equal(a1, a2) and not torch.equal(a1, b)
+    assert torch.equal(tiny.augment(img, "k", 0), tiny.preprocess(img))
+    assert a1.shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_local_checkpoint_file_round_trip(tiny, tmp_path, fmt):
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    path = tmp_path / f"ckpt.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    other = load_backbone(BackboneSpec(name=tiny_mod.MODEL_NAME, checkpoint=str(path), device="cpu"))
+    x, _ = _shape_batch(tiny, 16, seed=5)
+    assert torch.equal(other.encode_images(x), tiny.encode_images(x))
+    assert torch.equal(other.encode_texts(["a red circle."]), tiny.encode_texts(["a red circle."]))
+    assert other.id != tiny.id and "sha256" in other.id
+
+
+def test_local_checkpoint_directory(tiny, tmp_path):
+    from safetensors.torch import save_file
+    cfg = json.loads(tiny_mod.CONFIG_PATH.read_text())
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.clone() for k, v in tiny.model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    other = load_backbone(BackboneSpec(name=tiny_mod.MODEL_NAME, checkpoint=str(tmp_path), device="cpu"))
+    x, _ = _shape_batch(tiny, 8, seed=6)
+    assert torch.equal(other.encode_images(x), tiny.encode_images(x))
+
+
+def test_missing_checkpoint_is_one_clear_sentence(tmp_path):
+    with pytest.raises(WeightsUnavailableError) as e:
+        load_backbone(BackboneSpec(name="ViT-B-32", checkpoint=str(tmp_path / "nope.pt"), device="cpu"))
+    msg = str(e.value)
+    assert "does not exist" in msg and "tiny" in msg and "\n" not in msg
+
+
+def test_garbage_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsUnavailableError) as e:
+        load_backbone(BackboneSpec(name=tiny_mod.MODEL_NAME, checkpoint=str(bad), device="cpu"))
+    assert "Could not load the checkpoint" in str(e.value)
+
+
+@pytest.mark.parametrize("offline_env", ["1", None])
+def test_download_offline_fails_fast(monkeypatch, offline_env):
+    """No network: ViT-B-32/openai fails within 5 s with one sentence naming the fix."""
+    if offline_env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        from fewshot_studio import backbone as bb
+        monkeypatch.setattr(bb, "_hub_reachable", lambda timeout=2.0: False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    monkeypatch.setenv("HF_HOME", os.path.join(os.getcwd(), ".no-such-hf-home"))
+    t0 = time.time()
+    with pytest.raises(WeightsUnavailableError) as e:
+        load_backbone(BackboneSpec(name="ViT-B-32", pretrained="openai", device="cpu"))
+    assert time.time() - t0 < 5
+    msg = str(e.value)
+    assert "ViT-B-32/openai" in msg and "tiny" in msg and "checkpoint" in msg and "\n" not in msg
+
+
+def test_unknown_model_and_tag():
+    with pytest.raises(WeightsUnavailableError, match="not an open_clip model name"):
+        load_backbone(BackboneSpec(name="ViT-Nope-99", device="cpu"))
+    with pytest.raises(WeightsUnavailableError, match="not a pretrained tag"):
+        load_backbone(BackboneSpec(name="ViT-B-32", pretrained="no-such-tag", device="cpu"))
+
+
+def test_backbone_spec_from_env(monkeypatch):
+    monkeypatch.setenv("FEWSHOT_STUDIO_BACKBONE", "tiny")
+    monkeypatch.setenv("FEWSHOT_STUDIO_CHECKPOINT", "/x/y.pt")
+    spec = BackboneSpec.from_env()
+    assert spec.name == "tiny" and spec.checkpoint == "/x/y.pt"
+    assert BackboneSpec.from_env(name="RN50").name == "RN50"
+
+
+def test_pretrain_tiny_is_deterministic(tmp_path):
+    """The generating script reproduces bit-identical weights from its seed (short run)."""
+    from safetensors.torch import load_file
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for p in (a, b):
+        tiny_mod.pretrain(out=p, seed=3, n_images=256, steps=2, batch_size=32, log=lambda s: None)
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -1,0 +1,72 @@
+"""The command line, run as a user would: subprocesses, exit codes, output formats."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fewshot_studio import shapes
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fewshot_studio", *args], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    shapes.write_image_folder(root / "train", {"red_circle": "red circle", "blue square": "blue square",
+                                               "green triangle": "green triangle"}, per_class=3, seed=11)
+    shapes.write_image_folder(root / "test", {"red_circle": "red circle", "blue square": "blue square",
+                                              "green triangle": "green triangle"}, per_class=4, seed=12)
+    (root / "test" / "bad.jpg").write_text("<html>not an image</html>")
+    return root
+
+
+def test_train_then_predict_zeroshot(folder, tmp_path):
+    env = {"FEWSHOT_STUDIO_CACHE": str(tmp_path / "cache")}
+    r = run("train", "--data", str(folder / "train"), "--method", "zeroshot", "--backbone", "tiny",
+            "--out", str(tmp_path / "m"), "--quiet", env=env)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["method"] == "zeroshot" and cfg["classes"] == ["blue square", "green triangle", "red_circle"]
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+    r = run("predict", "--model", str(tmp_path / "m"), "--json", str(folder / "test"), env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 13
+    bad = [x for x in rows if "error" in x]
+    assert len(bad) == 1 and bad[0]["path"].endswith("bad.jpg") and "not an image" in bad[0]["error"]
+    good = [x for x in rows if "error" not in x]
+    correct = sum(os.path.basename(os.path.dirname(x["path"])) == x["label"] for x in good)
+    assert correct >= 10
+    assert all(abs(sum(x["probs"].values()) - 1) < 1e-4 for x in good)
+
+    r = run("predict", "--model", str(tmp_path / "m"), str(folder / "test" / "red_circle"), env=env)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 4 and all(len(l.split("\t")) == 3 for l in lines)
+
+
+def test_user_errors_exit_2_with_one_line(folder, tmp_path):
+    r = run("train", "--data", str(tmp_path / "missing"), "--method", "zeroshot", "--backbone", "tiny",
+            "--out", str(tmp_path / "m"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = run("train", "--data", str(folder / "train"), "--method", "zeroshot", "--backbone", "ViT-B-32",
+            "--out", str(tmp_path / "m"), env={"HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "tiny" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    r = run("predict", "--model", str(tmp_path / "nomodel"), str(folder / "test"))
+    assert r.returncode == 2 and "not a saved model" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cmd", ["train", "predict", "graph", "pretrain-tiny"])
+def test_help(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0 and "usage" in r.stdout
