@@ -36,6 +36,7 @@ import struct
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Union
@@ -254,6 +255,8 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     """
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            if struct.unpack(">I", data[29:33])[0] != zlib.crc32(data[12:29]):
+                return None  # damaged header: let Pillow call it corrupt
             return struct.unpack(">II", data[16:24])
         if data[:6] in (b"GIF87a", b"GIF89a"):
             return struct.unpack("<HH", data[6:10])
