@@ -254,9 +254,17 @@ class Backbone:
 
 
 def _create(name: str, pretrained: str | None, device: torch.device):
+    import logging
+
     import open_clip
 
-    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    # open_clip logs its own failures on the root logger; ours is the one sentence the user sees
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    finally:
+        logging.disable(previous)
     return model, open_clip.get_tokenizer(name)
 
 
