@@ -28,6 +28,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.workers = workers
         self.encoded_images = 0  # how many (image, view) pairs went through the encoder
+        self.encoded_hashes: set[str] = set()  # which distinct images did
         self._text_memo: dict[tuple[str, ...], torch.Tensor] = {}
 
     def _pixels(self, ref: ImageRef, views: Sequence[int]) -> list[torch.Tensor]:
@@ -81,6 +82,7 @@ class FeatureExtractor:
                 pixels = torch.stack([p for _, _, ps in chunk for p in ps])
                 feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
                 self.encoded_images += len(pixels)
+                self.encoded_hashes.update(refs[i].hash for i, _, _ in chunk)
                 keys, k = [], 0
                 for i, js, _ in chunk:
                     for j in js:

@@ -57,9 +57,9 @@ def trained(tiny, nato_task, shared_extractor):
     shared_extractor.image_features(support.images, views=range(11))  # warm the cache: time training only
     before = tiny.parameter_fingerprint()
     m = make_method("graph", tiny, support.classnames)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m.fit(support, shared_extractor)
-    m.fit_seconds = time.perf_counter() - t0
+    m.fit_seconds, m.fit_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     m.fingerprint_before = before
     return m
 
@@ -150,7 +150,7 @@ def test_default_settings_beat_zero_shot(trained, zeroshot, nato_task, shared_ex
     print(f"\nheld-out accuracy: zero-shot {zs:.3f}, GraphAdapter {ga:.3f} (fit {trained.fit_seconds:.2f}s)")
     assert ga >= zs + 0.2
     assert ga >= 0.8
-    assert trained.fit_seconds < 15  # cached features: seconds on a CPU
+    assert trained.fit_cpu_seconds < 15  # cached features: seconds on a CPU (CPU time: robust to a busy machine)
 
 
 def test_grouped_option_trains(tiny, nato_task, shared_extractor, zeroshot):

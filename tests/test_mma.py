@@ -19,6 +19,16 @@ from fewshot_studio.methods.zeroshot import ZeroShot, ZeroShotConfig
 FAST = dict(steps=6, augment_views=2)  # cheap settings for tests that only check mechanics
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny towers are too small for intra-op threads: on a busy 2-core machine two threads
+    made a fit up to 8× slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny, nato_task, shared_extractor):
     """MMA with its DEFAULT settings trained on the NATO task (shared by several tests)."""
@@ -125,7 +135,8 @@ def test_gradient_rescaling_as_in_official_code(tiny, monkeypatch):
     assert grads.keys() == grads_true.keys() and len(grads) > 0
     scale = m.config.scale
     for n in grads:
-        assert torch.allclose(grads[n] * scale, grads_true[n], rtol=1e-4, atol=1e-9), n
+        rel = (grads[n] * scale - grads_true[n]).norm() / grads_true[n].norm()
+        assert rel < 1e-5, (n, rel)
 
 
 # ---- invariants -----------------------------------------------------------------------------------

@@ -66,9 +66,9 @@ def trained(tiny, nato_task, shared_extractor, support_views):
     for name in METHODS:
         before = tiny.parameter_fingerprint()
         m = make_method(name, tiny, support.classnames)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m.fit(support, shared_extractor)
-        m.fit_seconds = time.perf_counter() - t0
+        m.fit_seconds, m.fit_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         m.fingerprint_before = before
         out[name] = m
     return out
@@ -168,7 +168,7 @@ def test_default_settings_beat_zero_shot(trained, zeroshot, nato_task, shared_ex
     for n in METHODS:
         assert accs[n] >= zs + 0.2, n
     assert accs["tip-f"] >= 0.8
-    assert all(m.fit_seconds < 15 for m in trained.values())
+    assert all(m.fit_cpu_seconds < 15 for m in trained.values())  # CPU time: robust to a busy machine
 
 
 # ---- progress, cancel, knowledge graph -------------------------------------------------------------

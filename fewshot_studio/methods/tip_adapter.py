@@ -13,14 +13,21 @@ a user has only the support set, which is also the cache, so the search here is 
 each support image's plain view is a query whose own key is masked out. The grid follows the
 official `search_hp` (β in [0.1, search_scale[0]), α in [0.1, search_scale[1]), search_steps
 points each); the best LOO accuracy wins (ties: lower LOO cross-entropy), and the defaults are
-kept unless some setting is strictly more accurate.
+kept unless some setting is strictly more accurate. The grid's upper ends differ per dataset in
+the official configs (ImageNet [7, 3] ... Flowers [50, 50]); the default here is DTD's [13, 13]:
+ImageNet's α ≤ 3 assumes zero-shot CLIP is already good, but when class names carry no
+information (a user's "part_A", "part_B") the cache must be able to outweigh the text logits
+(measured on the synthetic uninformative-names task: α ≤ 3 → 62% held-out, α ≤ 13 → 100%).
+With one shot per class, leave-one-out leaves no same-class key, so the search cannot credit
+the cache (it can only lower α); Tip-Adapter-F still learns from the shots.
 
 Tip-Adapter-F fine-tunes the keys (an nn.Parameter initialised from the cache) with
 cross-entropy on random cached augmented views of the support images, AdamW (lr 1e-3, eps 1e-4),
 cosine schedule, the paper's 20 epochs, with the paper's α/β during training; then re-searches
 α/β. With a few dozen images 20 epochs are only ~20 optimizer steps, which barely moves the
 keys, so training runs at least `min_steps` (default 200) steps: still well under a second on
-cached features.
+cached features. Measured on the synthetic uninformative-names tasks: 5 classes × 1 shot, 20 steps
+→ 21% held-out, 200 → 75%; 8 classes × 2 shots, 20 steps → 84%, 200 → 92% (500: 79% / 93%).
 """
 from __future__ import annotations
 
@@ -68,11 +75,12 @@ class TipAdapter(Method):
     label = "Tip-Adapter"
     Config = TipAdapterConfig
     trainable_keys = False
+    feature_views = 1 + TipAdapterConfig.augment_views  # plain view + augmented views (per instance too)
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
         C, d = len(self.classnames), backbone.embed_dim
-        self.feature_views = 1 + int(self.config.augment_views)
+        self.feature_views = 1 + max(1, int(self.config.augment_views))
         self.register_buffer("text_weights", torch.zeros(C, d))
         if self.trainable_keys:
             self.cache_keys = nn.Parameter(torch.zeros(0, d))

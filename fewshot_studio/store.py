@@ -1,0 +1,1336 @@
+"""The persistent project store: an embedded SQLite database plus content-addressed image files.
+
+Layout under the data directory ``root`` (default :func:`paths.data_dir`)::
+
+    root/studio.db                 SQLite database (WAL mode, foreign keys on)
+    root/images/<hash[:2]>/<hash>  image bytes, named by their SHA-256 (no extension)
+    root/models/<model id>/        a registered model directory (weights + config)
+    root/staging/                  scratch space for model directories before registration
+
+* **Schema migrations** are the numbered entries of :data:`MIGRATIONS` (SQL scripts or
+  callables taking the connection); ``PRAGMA user_version`` holds how many have been
+  applied.  Pending ones are applied on open, each in its own transaction together with
+  its version bump, so a failed migration leaves the previous version intact.  A
+  database written by a newer version is refused rather than touched.
+* **Images** are stored once per distinct content, however many projects or classes
+  use them: every ``images`` row references a file by hash, and a file is deleted when
+  the last row referencing it goes.  Files are written atomically (temporary file +
+  ``os.replace``) *before* the row that references them is committed, and deleted only
+  *after* the last referencing row is committed away, so a crash can at worst leave an
+  unreferenced file (removed by :meth:`ProjectStore.collect_garbage`), never a row
+  without its file.
+* **Thread safety**: one connection, every database access and every file
+  write/delete serialised by one re-entrant lock.  Image decoding (validation), the slow
+  part of an upload, happens outside the lock.  Several ``ProjectStore`` instances or
+  processes may share a database (WAL + ``busy_timeout``), but run
+  :meth:`~ProjectStore.collect_garbage` only when no other process writes to the store.
+* **Errors** a user can cause raise :class:`StoreError` subclasses whose ``str()`` is
+  one sentence: :class:`NotFoundError` for unknown ids (an id that belongs to another
+  project is reported as unknown, so hosted sessions learn nothing about each other's
+  projects), :class:`ValidationError` for bad names and values.  Invalid uploads are
+  not raised but returned, one sentence each, by :meth:`~ProjectStore.add_images`.
+
+Names are stripped and NFC-normalised; class names are unique per project ignoring
+case (Unicode case folding, so "Straße" and "STRASSE" collide) and at most
+:data:`MAX_NAME_LENGTH` characters.  Timestamps are Unix seconds (float).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import operator
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import unicodedata
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+from . import imageio, paths
+from .data import ImageRef, SupportSet
+from .errors import FewShotError
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "MAX_NAME_LENGTH",
+    "MAX_DESCRIPTION_LENGTH",
+    "LABELED_BY",
+    "JOB_STATUSES",
+    "StoreError",
+    "NotFoundError",
+    "ValidationError",
+    "DuplicateNameError",
+    "JobFinishedError",
+    "Project",
+    "ClassInfo",
+    "ImageInfo",
+    "ModelInfo",
+    "JobInfo",
+    "PredictionInfo",
+    "ProjectStore",
+]
+
+#: Longest project or class name, in characters (after stripping).
+MAX_NAME_LENGTH = 200
+#: Longest class description, in characters.
+MAX_DESCRIPTION_LENGTH = 2000
+#: Longest stored original file name; longer names are shortened, not refused.
+MAX_FILE_NAME_LENGTH = 255
+#: Who put an image in its class: the user, an accepted prediction, or a corrected one.
+LABELED_BY = ("user", "accepted", "corrected")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+_JOB_FINISHED = ("done", "failed", "cancelled")
+#: Decoding an upload to validate it may use JPEG draft mode down to about this size.
+_VALIDATE_DRAFT = 256
+_BUSY_TIMEOUT_MS = 15_000
+_DB_NAME = "studio.db"
+
+Migration = Union[str, Callable[[sqlite3.Connection], None]]
+
+_SCHEMA_V1 = """
+CREATE TABLE projects (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    name     TEXT    NOT NULL,
+    owner    TEXT,                         -- browser-session token in the hosted demo; NULL locally
+    created  REAL    NOT NULL,
+    updated  REAL    NOT NULL
+);
+CREATE INDEX projects_owner ON projects(owner, updated);
+
+CREATE TABLE classes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id  INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    name        TEXT    NOT NULL,
+    name_key    TEXT    NOT NULL,          -- casefold(NFC(strip(name))): uniqueness ignoring case
+    description TEXT    NOT NULL DEFAULT '',
+    position    INTEGER NOT NULL,
+    created     REAL    NOT NULL,
+    UNIQUE (project_id, name_key)
+);
+CREATE INDEX classes_position ON classes(project_id, position);
+
+CREATE TABLE images (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id    INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    hash          TEXT    NOT NULL CHECK (length(hash) = 64),
+    original_name TEXT    NOT NULL DEFAULT '',
+    class_id      INTEGER REFERENCES classes(id),      -- NULL: the unlabeled pool
+    labeled_by    TEXT    CHECK (labeled_by IN ('user', 'accepted', 'corrected')),
+    width         INTEGER,
+    height        INTEGER,
+    created       REAL    NOT NULL,
+    CHECK ((class_id IS NULL) = (labeled_by IS NULL))
+);
+CREATE INDEX images_project_class ON images(project_id, class_id);
+CREATE INDEX images_project_hash ON images(project_id, hash);
+CREATE INDEX images_hash ON images(hash);
+
+CREATE TRIGGER images_class_project_insert BEFORE INSERT ON images
+WHEN NEW.class_id IS NOT NULL AND NOT EXISTS
+    (SELECT 1 FROM classes WHERE id = NEW.class_id AND project_id = NEW.project_id)
+BEGIN SELECT RAISE(ABORT, 'an image can only be labelled with a class of its own project'); END;
+
+CREATE TRIGGER images_class_project_update BEFORE UPDATE OF class_id, project_id ON images
+WHEN NEW.class_id IS NOT NULL AND NOT EXISTS
+    (SELECT 1 FROM classes WHERE id = NEW.class_id AND project_id = NEW.project_id)
+BEGIN SELECT RAISE(ABORT, 'an image can only be labelled with a class of its own project'); END;
+
+CREATE TABLE models (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: models/<id>/ is unique
+    project_id   INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    method       TEXT    NOT NULL,
+    backbone_id  TEXT    NOT NULL,
+    config       TEXT    NOT NULL DEFAULT '{}',       -- JSON
+    metrics      TEXT    NOT NULL DEFAULT '{}',       -- JSON
+    weights_path TEXT,                                -- directory relative to the data dir
+    status       TEXT    NOT NULL DEFAULT 'ready',
+    created      REAL    NOT NULL
+);
+CREATE INDEX models_project ON models(project_id);
+
+CREATE TABLE predictions (
+    image_id   INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    model_id   INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    label      INTEGER REFERENCES classes(id) ON DELETE SET NULL,
+    confidence REAL    NOT NULL,
+    probs      TEXT    NOT NULL DEFAULT '{}',         -- JSON: {class id: probability} or a list
+    created    REAL    NOT NULL,
+    PRIMARY KEY (image_id, model_id)
+);
+CREATE INDEX predictions_model ON predictions(model_id, confidence);
+
+CREATE TABLE jobs (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    kind       TEXT    NOT NULL,
+    status     TEXT    NOT NULL DEFAULT 'queued'
+               CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    message    TEXT    NOT NULL DEFAULT '',
+    progress   TEXT    NOT NULL DEFAULT '{}',         -- JSON
+    model_id   INTEGER REFERENCES models(id) ON DELETE SET NULL,
+    created    REAL    NOT NULL,
+    updated    REAL    NOT NULL
+);
+CREATE INDEX jobs_project ON jobs(project_id, id);
+CREATE INDEX jobs_status ON jobs(status);
+"""
+
+#: Numbered schema migrations: entry ``i`` takes the database from version ``i`` to
+#: ``i + 1``.  Append new entries; never edit or reorder applied ones.
+MIGRATIONS: list[Migration] = [_SCHEMA_V1]
+#: The schema version this code writes (``PRAGMA user_version`` after opening).
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+class StoreError(FewShotError):
+    """The project store cannot do what was asked; ``str()`` is one sentence."""
+
+
+class NotFoundError(StoreError):
+    """An id names no project, class, image, model or job (in the given project)."""
+
+
+class ValidationError(StoreError):
+    """A name, value or request is not acceptable."""
+
+
+class DuplicateNameError(ValidationError):
+    """A class name is already used in the project (ignoring case and surrounding spaces)."""
+
+
+class JobFinishedError(ValidationError):
+    """A job that has finished (done, failed or cancelled) cannot change status again."""
+
+
+# ------------------------------------------------------------------------ dataclasses
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    name: str
+    owner: str | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    project_id: int
+    name: str
+    description: str
+    position: int
+    created: float
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: int
+    project_id: int
+    hash: str
+    original_name: str
+    class_id: int | None  # None: in the unlabeled pool
+    labeled_by: str | None  # 'user' | 'accepted' | 'corrected' | None (pool)
+    width: int | None
+    height: int | None
+    created: float
+    root: Path = field(repr=False, compare=False)
+
+    @property
+    def path(self) -> Path:
+        """The stored file (content-addressed: shared by every row with the same bytes)."""
+        return _blob_path(self.root, self.hash)
+
+    @property
+    def labeled(self) -> bool:
+        return self.class_id is not None
+
+    def ref(self) -> ImageRef:
+        return ImageRef(self.hash, self.path, None, self.original_name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: int
+    project_id: int
+    method: str
+    backbone_id: str
+    config: dict = field(hash=False)
+    metrics: dict = field(hash=False)
+    weights_path: str | None  # relative to the data dir, e.g. "models/7"
+    status: str
+    created: float
+    root: Path = field(repr=False, compare=False)
+
+    @property
+    def path(self) -> Path | None:
+        """The model directory (absolute), or None if it has none."""
+        return None if self.weights_path is None else self.root / self.weights_path
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: int
+    project_id: int
+    kind: str
+    status: str  # queued | running | done | failed | cancelled
+    message: str
+    progress: dict = field(hash=False)
+    model_id: int | None
+    created: float
+    updated: float
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _JOB_FINISHED
+
+
+@dataclass(frozen=True)
+class PredictionInfo:
+    image_id: int
+    model_id: int
+    label: int | None  # a class id (None if that class was deleted since)
+    confidence: float
+    probs: Any = field(hash=False)  # dict[class id, probability] or a list, as saved
+    created: float
+
+
+# ---------------------------------------------------------------------------- helpers
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _blob_path(root: Path, digest: str) -> Path:
+    return root / "images" / digest[:2] / digest
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def _clean_name(name: object, what: str) -> str:
+    """Strip, NFC-normalise and validate a project/class name; one-sentence errors."""
+    if not isinstance(name, str):
+        raise ValidationError(f"A {what} name must be text, not {type(name).__name__}.")
+    name = unicodedata.normalize("NFC", name).strip()
+    if not name:
+        raise ValidationError(f"{what.capitalize()} names cannot be blank.")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValidationError(
+            f"The {what} name {_short(name)} is {len(name)} characters long; use at most {MAX_NAME_LENGTH}."
+        )
+    if _CONTROL.search(name):
+        raise ValidationError(f"{what.capitalize()} names cannot contain line breaks or other control characters.")
+    return name
+
+
+def _name_key(name: str) -> str:
+    return unicodedata.normalize("NFC", name.strip().casefold())
+
+
+def _clean_description(text: object) -> str:
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise ValidationError(f"A class description must be text, not {type(text).__name__}.")
+    text = unicodedata.normalize("NFC", text).strip()
+    if len(text) > MAX_DESCRIPTION_LENGTH:
+        raise ValidationError(
+            f"The class description is {len(text)} characters long; use at most {MAX_DESCRIPTION_LENGTH}."
+        )
+    return text
+
+
+def _clean_file_name(name: object, position: int) -> str:
+    text = "" if name is None else str(name)
+    text = _CONTROL.sub("?", unicodedata.normalize("NFC", text)).strip()
+    if not text:
+        text = f"image #{position}"
+    if len(text) > MAX_FILE_NAME_LENGTH:
+        text = text[: MAX_FILE_NAME_LENGTH - 1] + "…"
+    return text
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _to_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps({} if value is None else value, default=_json_default, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"The {what} cannot be saved as JSON ({e}).") from None
+
+
+def _check_id(value: object, what: str) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # int, numpy integers
+        except TypeError:
+            pass
+    raise ValidationError(f"A {what} id must be a whole number, not {value!r}.")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort; not possible on Windows)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ store
+
+
+class ProjectStore:
+    """Projects, classes, images, models, predictions and jobs, persisted under ``root``.
+
+    ``migrations`` overrides :data:`MIGRATIONS` (tests use it to add a later one).
+    Usable as a context manager; :meth:`close` when done.  Thread-safe.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *,
+                 migrations: Sequence[Migration] | None = None):
+        self.root = Path(root).expanduser() if root is not None else paths.data_dir()
+        self.db_path = self.root / _DB_NAME
+        self.migrations: list[Migration] = list(MIGRATIONS if migrations is None else migrations)
+        self._lock = threading.RLock()
+        try:
+            (self.root / "images").mkdir(parents=True, exist_ok=True)
+            (self.root / "models").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"The data folder {self.root} could not be created ({e.strerror or type(e).__name__}); "
+                "choose a writable folder with FEWSHOT_STUDIO_DATA or --data-dir."
+            ) from None
+        self._conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(str(self.db_path), timeout=_BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"The project database {self.db_path} could not be opened ({e}).") from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._conn = conn
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            self._conn = None
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise StoreError(
+                    f"The project database {self.db_path} is damaged or not a SQLite database; "
+                    "move it aside to start with an empty one."
+                ) from None
+            raise StoreError(f"The project database {self.db_path} could not be opened ({e}).") from None
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    # ----------------------------------------------------------------- plumbing
+
+    def __enter__(self) -> "ProjectStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ProjectStore({str(self.root)!r})"
+
+    def close(self) -> None:
+        """Close the database (idempotent).  Every committed change is already durable."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    @property
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("The project store is closed; open it again to use it.")
+        return self._conn
+
+    def _db_error(self, e: sqlite3.Error) -> StoreError:
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            return StoreError("The project database is busy (another program is writing to it); try again.")
+        if "disk" in text and ("full" in text or "I/O" in text):
+            return StoreError(f"The project database could not be written ({text}); check the free disk space.")
+        return StoreError(f"The project database reported an error ({text}).")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._require_open()
+            try:
+                yield conn
+            except sqlite3.Error as e:
+                raise self._db_error(e) from e
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error."""
+        with self._lock:
+            conn = self._require_open()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise self._db_error(e) from e
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                if isinstance(e, sqlite3.Error):
+                    raise self._db_error(e) from e
+                raise
+
+    def _migrate(self) -> None:
+        conn = self._require_open()
+        target = len(self.migrations)
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > target:
+            raise StoreError(
+                f"The project database {self.db_path} has schema version {version}, newer than this "
+                f"version of Few-Shot Studio understands ({target}); upgrade Few-Shot Studio to open it."
+            )
+        while version < target:
+            with self._tx() as c:
+                # Re-read inside the write lock: another process may have migrated meanwhile.
+                version = int(c.execute("PRAGMA user_version").fetchone()[0])
+                if version >= target:
+                    break
+                step = self.migrations[version]
+                try:
+                    if callable(step):
+                        step(c)
+                    else:
+                        for statement in _split_sql(step):
+                            c.execute(statement)
+                except sqlite3.Error as e:
+                    raise StoreError(
+                        f"Upgrading the project database to schema version {version + 1} failed ({e}); "
+                        "it was left at the previous version."
+                    ) from e
+                version += 1
+                c.execute(f"PRAGMA user_version = {version}")
+
+    def _touch(self, conn: sqlite3.Connection, project_id: int, now: float | None = None) -> None:
+        conn.execute("UPDATE projects SET updated = ? WHERE id = ?", (now or time.time(), project_id))
+
+    # ---------------------------------------------------------------- files
+
+    def image_path(self, digest: str) -> Path:
+        """Where the file with SHA-256 ``digest`` is (or would be) stored."""
+        return _blob_path(self.root, digest)
+
+    def staging_dir(self) -> Path:
+        """A scratch folder on the same filesystem as ``models/``: build a model directory
+        here, then :meth:`register_model` renames it into place atomically.  Entries left
+        by a crash are removed by :meth:`collect_garbage`."""
+        path = self.root / "staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _write_blob(self, digest: str, data: bytes) -> bool:
+        """Store ``data`` atomically under its hash; False if an intact copy was already there."""
+        path = _blob_path(self.root, digest)
+        try:
+            if path.stat().st_size == len(data):
+                return False
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise StoreError(
+                f"An image could not be saved in {self.root} ({e.strerror or type(e).__name__}); "
+                "check the free disk space and permissions."
+            ) from None
+        _fsync_dir(path.parent)
+        return True
+
+    def _release_blobs(self, digests: Iterable[str]) -> int:
+        """Delete the files of ``digests`` that no image row references any more."""
+        removed = 0
+        with self._lock:
+            conn = self._require_open()
+            for digest in set(digests):
+                if conn.execute("SELECT 1 FROM images WHERE hash = ? LIMIT 1", (digest,)).fetchone():
+                    continue
+                try:
+                    _blob_path(self.root, digest).unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    pass  # left for collect_garbage()
+        return removed
+
+    def _remove_model_dir(self, rel: str | None) -> None:
+        if not rel:
+            return
+        path = self.root / rel
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------- row lookup
+
+    def _project_row(self, conn: sqlite3.Connection, project_id: object) -> sqlite3.Row:
+        pid = _check_id(project_id, "project")
+        row = conn.execute("SELECT * FROM projects WHERE id = ?", (pid,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"There is no project with id {pid}.")
+        return row
+
+    def _class_row(self, conn: sqlite3.Connection, class_id: object, project_id: int | None = None) -> sqlite3.Row:
+        cid = _check_id(class_id, "class")
+        row = conn.execute("SELECT * FROM classes WHERE id = ?", (cid,)).fetchone()
+        if row is None or (project_id is not None and row["project_id"] != project_id):
+            raise NotFoundError(f"There is no class with id {cid} in this project.")
+        return row
+
+    def _image_row(self, conn: sqlite3.Connection, image_id: object, project_id: int | None = None) -> sqlite3.Row:
+        iid = _check_id(image_id, "image")
+        row = conn.execute("SELECT * FROM images WHERE id = ?", (iid,)).fetchone()
+        if row is None or (project_id is not None and row["project_id"] != project_id):
+            raise NotFoundError(f"There is no image with id {iid} in this project.")
+        return row
+
+    def _model_row(self, conn: sqlite3.Connection, model_id: object) -> sqlite3.Row:
+        mid = _check_id(model_id, "model")
+        row = conn.execute("SELECT * FROM models WHERE id = ?", (mid,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"There is no model with id {mid}.")
+        return row
+
+    def _job_row(self, conn: sqlite3.Connection, job_id: object) -> sqlite3.Row:
+        jid = _check_id(job_id, "job")
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"There is no job with id {jid}.")
+        return row
+
+    @staticmethod
+    def _project(row: sqlite3.Row) -> Project:
+        return Project(row["id"], row["name"], row["owner"], row["created"], row["updated"])
+
+    @staticmethod
+    def _class(row: sqlite3.Row) -> ClassInfo:
+        return ClassInfo(row["id"], row["project_id"], row["name"], row["description"],
+                         row["position"], row["created"])
+
+    def _image(self, row: sqlite3.Row) -> ImageInfo:
+        return ImageInfo(row["id"], row["project_id"], row["hash"], row["original_name"], row["class_id"],
+                         row["labeled_by"], row["width"], row["height"], row["created"], self.root)
+
+    def _model(self, row: sqlite3.Row) -> ModelInfo:
+        return ModelInfo(row["id"], row["project_id"], row["method"], row["backbone_id"],
+                         json.loads(row["config"]), json.loads(row["metrics"]), row["weights_path"],
+                         row["status"], row["created"], self.root)
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> JobInfo:
+        return JobInfo(row["id"], row["project_id"], row["kind"], row["status"], row["message"],
+                       json.loads(row["progress"]), row["model_id"], row["created"], row["updated"])
+
+    @staticmethod
+    def _prediction(row: sqlite3.Row) -> PredictionInfo:
+        probs = json.loads(row["probs"])
+        if isinstance(probs, dict):
+            probs = {int(k): v for k, v in probs.items()}
+        return PredictionInfo(row["image_id"], row["model_id"], row["label"], row["confidence"],
+                              probs, row["created"])
+
+    # --------------------------------------------------------------- projects
+
+    def create_project(self, name: str, owner: str | None = None) -> Project:
+        """A new empty project; ``owner`` is the browser-session token in the hosted demo."""
+        name = _clean_name(name, "project")
+        if owner is not None and not isinstance(owner, str):
+            raise ValidationError("A project owner must be a text token or None.")
+        now = time.time()
+        with self._tx() as conn:
+            cur = conn.execute("INSERT INTO projects (name, owner, created, updated) VALUES (?, ?, ?, ?)",
+                               (name, owner, now, now))
+            row = self._project_row(conn, cur.lastrowid)
+        return self._project(row)
+
+    def list_projects(self, owner: str | None = None) -> list[Project]:
+        """Projects, most recently changed first.  ``owner=None``: every project (local
+        single-user mode); otherwise only that owner's projects."""
+        with self._read() as conn:
+            if owner is None:
+                rows = conn.execute("SELECT * FROM projects ORDER BY updated DESC, id DESC").fetchall()
+            else:
+                rows = conn.execute("SELECT * FROM projects WHERE owner = ? ORDER BY updated DESC, id DESC",
+                                    (owner,)).fetchall()
+        return [self._project(r) for r in rows]
+
+    def get_project(self, project_id: int) -> Project:
+        with self._read() as conn:
+            return self._project(self._project_row(conn, project_id))
+
+    def rename_project(self, project_id: int, name: str) -> Project:
+        name = _clean_name(name, "project")
+        with self._tx() as conn:
+            row = self._project_row(conn, project_id)
+            conn.execute("UPDATE projects SET name = ?, updated = ? WHERE id = ?", (name, time.time(), row["id"]))
+            row = self._project_row(conn, row["id"])
+        return self._project(row)
+
+    def delete_project(self, project_id: int) -> None:
+        """Delete the project with its classes, images, models, predictions and jobs; image
+        files no other project uses and the project's model directories are removed."""
+        with self._lock:
+            with self._tx() as conn:
+                pid = self._project_row(conn, project_id)["id"]
+                digests = [r[0] for r in conn.execute("SELECT DISTINCT hash FROM images WHERE project_id = ?", (pid,))]
+                model_dirs = [r[0] for r in conn.execute("SELECT weights_path FROM models WHERE project_id = ?", (pid,))]
+                conn.execute("DELETE FROM projects WHERE id = ?", (pid,))  # cascades
+            self._release_blobs(digests)
+            for rel in model_dirs:
+                self._remove_model_dir(rel)
+
+    # ---------------------------------------------------------------- classes
+
+    def _check_unique(self, conn: sqlite3.Connection, project_id: int, name: str, exclude: int | None = None) -> None:
+        row = conn.execute("SELECT id, name FROM classes WHERE project_id = ? AND name_key = ?",
+                           (project_id, _name_key(name))).fetchone()
+        if row is not None and row["id"] != exclude:
+            raise DuplicateNameError(
+                f"There is already a class named {_short(row['name'])} in this project; "
+                "class names must be unique (ignoring case)."
+            )
+
+    def add_class(self, project_id: int, name: str, description: str = "") -> ClassInfo:
+        """A new class at the end of the project's class order."""
+        name = _clean_name(name, "class")
+        description = _clean_description(description)
+        now = time.time()
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            self._check_unique(conn, pid, name)
+            position = conn.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM classes WHERE project_id = ?",
+                                    (pid,)).fetchone()[0]
+            cur = conn.execute(
+                "INSERT INTO classes (project_id, name, name_key, description, position, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (pid, name, _name_key(name), description, position, now))
+            self._touch(conn, pid, now)
+            row = self._class_row(conn, cur.lastrowid)
+        return self._class(row)
+
+    def get_class(self, class_id: int) -> ClassInfo:
+        with self._read() as conn:
+            return self._class(self._class_row(conn, class_id))
+
+    def list_classes(self, project_id: int) -> list[ClassInfo]:
+        """The project's classes in position order (the label order of :meth:`support_set`)."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            rows = conn.execute("SELECT * FROM classes WHERE project_id = ? ORDER BY position, id", (pid,)).fetchall()
+        return [self._class(r) for r in rows]
+
+    def rename_class(self, class_id: int, name: str) -> ClassInfo:
+        name = _clean_name(name, "class")
+        with self._tx() as conn:
+            row = self._class_row(conn, class_id)
+            self._check_unique(conn, row["project_id"], name, exclude=row["id"])
+            conn.execute("UPDATE classes SET name = ?, name_key = ? WHERE id = ?", (name, _name_key(name), row["id"]))
+            self._touch(conn, row["project_id"])
+            row = self._class_row(conn, row["id"])
+        return self._class(row)
+
+    def set_class_description(self, class_id: int, description: str) -> ClassInfo:
+        description = _clean_description(description)
+        with self._tx() as conn:
+            row = self._class_row(conn, class_id)
+            conn.execute("UPDATE classes SET description = ? WHERE id = ?", (description, row["id"]))
+            self._touch(conn, row["project_id"])
+            row = self._class_row(conn, row["id"])
+        return self._class(row)
+
+    def delete_class(self, class_id: int, *, delete_images: bool = False) -> int:
+        """Delete a class.  By default its images move to the unlabeled pool (nothing the
+        user uploaded is lost); with ``delete_images=True`` they are deleted instead.
+        Predictions naming the class keep their row with ``label=None``.  Returns the number
+        of images moved or deleted."""
+        with self._lock:
+            with self._tx() as conn:
+                row = self._class_row(conn, class_id)
+                cid, pid = row["id"], row["project_id"]
+                digests = [r[0] for r in conn.execute("SELECT hash FROM images WHERE class_id = ?", (cid,))]
+                if delete_images:
+                    conn.execute("DELETE FROM images WHERE class_id = ?", (cid,))
+                else:
+                    conn.execute("UPDATE images SET class_id = NULL, labeled_by = NULL WHERE class_id = ?", (cid,))
+                conn.execute("DELETE FROM classes WHERE id = ?", (cid,))
+                self._renumber(conn, pid)
+                self._touch(conn, pid)
+            if delete_images:
+                self._release_blobs(digests)
+        return len(digests)
+
+    def _renumber(self, conn: sqlite3.Connection, project_id: int, order: Sequence[int] | None = None) -> None:
+        if order is None:
+            order = [r[0] for r in conn.execute(
+                "SELECT id FROM classes WHERE project_id = ? ORDER BY position, id", (project_id,))]
+        conn.executemany("UPDATE classes SET position = ? WHERE id = ?", [(i, cid) for i, cid in enumerate(order)])
+
+    def reorder_classes(self, project_id: int, class_ids: Sequence[int]) -> list[ClassInfo]:
+        """Set the class order (and so the label indices): ``class_ids`` must list every
+        class of the project exactly once."""
+        ids = [_check_id(c, "class") for c in class_ids]
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            existing = {r[0] for r in conn.execute("SELECT id FROM classes WHERE project_id = ?", (pid,))}
+            for cid in ids:
+                if cid not in existing:
+                    raise NotFoundError(f"There is no class with id {cid} in this project.")
+            if len(ids) != len(set(ids)) or set(ids) != existing:
+                raise ValidationError("To reorder the classes, list every class of the project exactly once.")
+            self._renumber(conn, pid, ids)
+            self._touch(conn, pid)
+            rows = conn.execute("SELECT * FROM classes WHERE project_id = ? ORDER BY position", (pid,)).fetchall()
+        return [self._class(r) for r in rows]
+
+    def class_counts(self, project_id: int) -> dict[int | None, int]:
+        """Images per class id (every class, zeros included) and in the pool (key ``None``)."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            counts: dict[int | None, int] = {r[0]: 0 for r in conn.execute(
+                "SELECT id FROM classes WHERE project_id = ? ORDER BY position, id", (pid,))}
+            counts[None] = 0
+            for cid, n in conn.execute(
+                    "SELECT class_id, COUNT(*) FROM images WHERE project_id = ? GROUP BY class_id", (pid,)):
+                counts[cid] = n
+        return counts
+
+    # ----------------------------------------------------------------- images
+
+    @staticmethod
+    def _labeled_by(class_id: int | None, labeled_by: str | None) -> str | None:
+        if class_id is None:
+            return None
+        if labeled_by is None:
+            labeled_by = "user"
+        if labeled_by not in LABELED_BY:
+            raise ValidationError(f"labeled_by must be 'user', 'accepted' or 'corrected', not {labeled_by!r}.")
+        return labeled_by
+
+    def add_images(self, project_id: int, items: Iterable[tuple[str, bytes | str | os.PathLike]],
+                   class_id: int | None = None, labeled_by: str | None = "user"
+                   ) -> tuple[list[ImageInfo], list[str]]:
+        """Store uploads in a class (or, with ``class_id=None``, the unlabeled pool).
+
+        ``items`` are ``(file name, bytes or path)`` pairs.  Every item is untrusted: its
+        content must decode as an image (:mod:`imageio`), else it is skipped with one
+        sentence naming the file and the reason, and the other items are still stored.
+        Returns ``(stored images in input order, error sentences)``.  Bytes already in the
+        same project with the same label are not added twice: the existing image is
+        returned.  The same bytes in another class or project share one file.
+        """
+        labeled_by = self._labeled_by(class_id, labeled_by)
+        if class_id is not None:
+            class_id = _check_id(class_id, "class")
+        with self._read() as conn:  # fail fast before decoding a large batch
+            pid = self._project_row(conn, project_id)["id"]
+            if class_id is not None:
+                self._class_row(conn, class_id, pid)
+
+        good: list[tuple[str, bytes, str, int, int]] = []
+        errors: list[str] = []
+        for position, item in enumerate(items, 1):
+            try:
+                raw_name, source = item
+            except (TypeError, ValueError):
+                errors.append(f"Upload #{position} was skipped: expected a (file name, data) pair.")
+                continue
+            name = _clean_file_name(raw_name, position)
+            try:
+                data, name = imageio.read_bytes(source, name)
+                image = imageio.decode_image(data, name, draft_size=_VALIDATE_DRAFT)
+                width, height = image.size
+                image.close()
+            except imageio.ImageError as e:
+                errors.append(str(e))
+                continue
+            except TypeError:
+                errors.append(f"{name}: the upload is neither file data nor a file path.")
+                continue
+            good.append((name, data, imageio.content_hash(data), width, height))
+        if not good:
+            return [], errors
+
+        written: list[str] = []
+        with self._lock:
+            try:
+                with self._tx() as conn:
+                    # Re-check inside the transaction: the project or class may have gone meanwhile.
+                    self._project_row(conn, pid)
+                    if class_id is not None:
+                        self._class_row(conn, class_id, pid)
+                    now = time.time()
+                    ids: list[int] = []
+                    for name, data, digest, width, height in good:
+                        if self._write_blob(digest, data):
+                            written.append(digest)
+                        row = conn.execute("SELECT id FROM images WHERE project_id = ? AND hash = ? AND class_id IS ? "
+                                           "ORDER BY id LIMIT 1", (pid, digest, class_id)).fetchone()
+                        if row is not None:
+                            ids.append(row[0])
+                            continue
+                        cur = conn.execute(
+                            "INSERT INTO images (project_id, hash, original_name, class_id, labeled_by, width, height, "
+                            "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (pid, digest, name, class_id, labeled_by, width, height, now))
+                        ids.append(cur.lastrowid)
+                    self._touch(conn, pid, now)
+                    rows = {r["id"]: r for r in conn.execute(
+                        f"SELECT * FROM images WHERE id IN ({','.join('?' * len(ids))})", ids)}
+            except BaseException:
+                self._release_blobs(written)
+                raise
+        return [self._image(rows[i]) for i in ids], errors
+
+    def get_image(self, image_id: int) -> ImageInfo:
+        with self._read() as conn:
+            return self._image(self._image_row(conn, image_id))
+
+    def list_images(self, project_id: int, class_id: int | None = None, pool: bool = False) -> list[ImageInfo]:
+        """The project's images in upload order: all of them, one class's (``class_id``),
+        or the unlabeled pool's (``pool=True``)."""
+        if pool and class_id is not None:
+            raise ValidationError("Ask for either one class's images or the unlabeled pool, not both.")
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            if pool:
+                rows = conn.execute("SELECT * FROM images WHERE project_id = ? AND class_id IS NULL ORDER BY id",
+                                    (pid,)).fetchall()
+            elif class_id is not None:
+                cid = self._class_row(conn, class_id, pid)["id"]
+                rows = conn.execute("SELECT * FROM images WHERE class_id = ? ORDER BY id", (cid,)).fetchall()
+            else:
+                rows = conn.execute("SELECT * FROM images WHERE project_id = ? ORDER BY id", (pid,)).fetchall()
+        return [self._image(r) for r in rows]
+
+    def move_images(self, assignments: Iterable[tuple[int, int | None]], labeled_by: str | None = "user"
+                    ) -> list[ImageInfo]:
+        """Relabel images in one transaction: each ``(image_id, class_id)`` puts the image in
+        that class (of the image's own project) or, for ``None``, back in the pool.  Use
+        ``labeled_by='accepted'``/``'corrected'`` when confirming predictions in bulk.  All or
+        nothing: one unknown id changes no image."""
+        pairs = [(_check_id(i, "image"), None if c is None else _check_id(c, "class")) for i, c in assignments]
+        if pairs and labeled_by is not None and labeled_by not in LABELED_BY:
+            raise ValidationError(f"labeled_by must be 'user', 'accepted' or 'corrected', not {labeled_by!r}.")
+        out: list[int] = []
+        with self._tx() as conn:
+            touched: set[int] = set()
+            for image_id, class_id in pairs:
+                row = self._image_row(conn, image_id)
+                if class_id is not None:
+                    self._class_row(conn, class_id, row["project_id"])
+                conn.execute("UPDATE images SET class_id = ?, labeled_by = ? WHERE id = ?",
+                             (class_id, self._labeled_by(class_id, labeled_by), image_id))
+                touched.add(row["project_id"])
+                out.append(image_id)
+            now = time.time()
+            for pid in touched:
+                self._touch(conn, pid, now)
+            rows = [self._image_row(conn, i) for i in out]
+        return [self._image(r) for r in rows]
+
+    def move_image(self, image_id: int, class_id: int | None, labeled_by: str | None = "user") -> ImageInfo:
+        """Put one image in a class of its project, or in the pool with ``class_id=None``."""
+        return self.move_images([(image_id, class_id)], labeled_by)[0]
+
+    def remove_images(self, image_ids: Iterable[int]) -> int:
+        """Delete image rows (all or nothing); files no other row uses are removed."""
+        ids = [_check_id(i, "image") for i in image_ids]
+        with self._lock:
+            with self._tx() as conn:
+                digests, touched = [], set()
+                for image_id in dict.fromkeys(ids):
+                    row = self._image_row(conn, image_id)
+                    digests.append(row["hash"])
+                    touched.add(row["project_id"])
+                    conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+                for pid in touched:
+                    self._touch(conn, pid)
+            self._release_blobs(digests)
+        return len(digests)
+
+    def remove_image(self, image_id: int) -> None:
+        self.remove_images([image_id])
+
+    def support_set(self, project_id: int) -> SupportSet:
+        """The labelled examples: classes in position order (label = index), their
+        descriptions, and every labelled image ordered by class then upload order.
+        Raises :class:`~fewshot_studio.errors.DataError` if the project has no class."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            classes = conn.execute("SELECT * FROM classes WHERE project_id = ? ORDER BY position, id",
+                                   (pid,)).fetchall()
+            rows = conn.execute(
+                "SELECT images.*, classes.position AS pos FROM images JOIN classes ON images.class_id = classes.id "
+                "WHERE images.project_id = ? ORDER BY classes.position, classes.id, images.id", (pid,)).fetchall()
+        index = {c["id"]: i for i, c in enumerate(classes)}
+        images = [self._image(r).ref() for r in rows]
+        labels = [index[r["class_id"]] for r in rows]
+        return SupportSet([c["name"] for c in classes], images, labels, [c["description"] for c in classes])
+
+    # ----------------------------------------------------------------- models
+
+    def register_model(self, project_id: int, method: str, backbone_id: str, config: Mapping | None,
+                       metrics: Mapping | None, source_dir: str | os.PathLike, status: str = "ready") -> ModelInfo:
+        """Move the finished model directory ``source_dir`` to ``root/models/<id>/`` and record it.
+
+        The directory is renamed into place (copied first only if it lives on another
+        filesystem) and the row committed in one transaction; if anything fails the row is
+        rolled back and the directory moved back to ``source_dir``, so neither a model row
+        without its directory nor a half-written directory is ever visible.
+        """
+        for value, what in ((method, "method"), (backbone_id, "backbone")):
+            if not isinstance(value, str) or not value.strip():
+                raise ValidationError(f"A model needs a {what} name.")
+        config_json, metrics_json = _to_json(config, "model config"), _to_json(metrics, "model metrics")
+        source = Path(source_dir)
+        if not source.is_dir():
+            raise NotFoundError(f"The model folder {source} does not exist or is not a folder.")
+        models_dir = self.root / "models"
+        with self._lock:
+            moved: tuple[Path, bool] | None = None  # (target, copied)
+            try:
+                with self._tx() as conn:
+                    pid = self._project_row(conn, project_id)["id"]
+                    cur = conn.execute(
+                        "INSERT INTO models (project_id, method, backbone_id, config, metrics, weights_path, status, "
+                        "created) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+                        (pid, method.strip(), backbone_id.strip(), config_json, metrics_json, status, time.time()))
+                    model_id = cur.lastrowid
+                    rel = f"models/{model_id}"
+                    target = self.root / rel
+                    if target.exists():  # left by a crash before a commit: no row can own it
+                        shutil.rmtree(target)
+                    moved = (target, self._move_dir(source, target, models_dir))
+                    conn.execute("UPDATE models SET weights_path = ? WHERE id = ?", (rel, model_id))
+                    self._touch(conn, pid)
+                    row = self._model_row(conn, model_id)
+            except BaseException:
+                if moved is not None:
+                    target, copied = moved
+                    try:
+                        if copied:
+                            shutil.rmtree(target)
+                        else:
+                            os.rename(target, source)
+                    except OSError:
+                        shutil.rmtree(target, ignore_errors=True)
+                raise
+            if moved[1]:
+                shutil.rmtree(source, ignore_errors=True)
+            _fsync_dir(models_dir)
+        return self._model(row)
+
+    @staticmethod
+    def _move_dir(source: Path, target: Path, models_dir: Path) -> bool:
+        """Rename ``source`` to ``target`` atomically; True if it had to be copied (another
+        filesystem: copied to a hidden staging folder, then renamed into place)."""
+        try:
+            os.rename(source, target)
+            return False
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise StoreError(f"The model folder {source} could not be moved into the data folder "
+                                 f"({e.strerror or type(e).__name__}).") from None
+        staging = models_dir / f".staging-{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(source, staging)
+            os.rename(staging, target)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"The model folder {source} could not be copied into the data folder "
+                             f"({e.strerror or type(e).__name__}).") from None
+        return True
+
+    def get_model(self, model_id: int) -> ModelInfo:
+        with self._read() as conn:
+            return self._model(self._model_row(conn, model_id))
+
+    def list_models(self, project_id: int) -> list[ModelInfo]:
+        """The project's models, newest first."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            rows = conn.execute("SELECT * FROM models WHERE project_id = ? ORDER BY id DESC", (pid,)).fetchall()
+        return [self._model(r) for r in rows]
+
+    def delete_model(self, model_id: int) -> None:
+        """Delete the model row, its predictions and its directory (jobs keep ``model_id=None``)."""
+        with self._lock:
+            with self._tx() as conn:
+                row = self._model_row(conn, model_id)
+                conn.execute("DELETE FROM models WHERE id = ?", (row["id"],))
+                self._touch(conn, row["project_id"])
+            self._remove_model_dir(row["weights_path"])
+
+    # ------------------------------------------------------------ predictions
+
+    def save_predictions(self, model_id: int,
+                         predictions: Iterable[tuple[int, int | None, float, Mapping[int, float] | Sequence[float]]]
+                         ) -> int:
+        """Store ``(image_id, label class id, confidence, probs)`` rows for a model,
+        replacing earlier predictions of that model for those images.  ``probs`` is
+        ``{class id: probability}`` (or a list).  All or nothing.  Returns the count."""
+        with self._tx() as conn:
+            model = self._model_row(conn, model_id)
+            pid = model["project_id"]
+            class_ids = {r[0] for r in conn.execute("SELECT id FROM classes WHERE project_id = ?", (pid,))}
+            now, rows = time.time(), []
+            for item in predictions:
+                try:
+                    image_id, label, confidence, probs = item
+                except (TypeError, ValueError):
+                    raise ValidationError("Each prediction must be (image id, class id, confidence, probabilities).") \
+                        from None
+                image_id = self._image_row(conn, image_id, pid)["id"]
+                if label is not None:
+                    label = _check_id(label, "class")
+                    if label not in class_ids:
+                        raise NotFoundError(f"There is no class with id {label} in this project.")
+                try:
+                    confidence = float(confidence)
+                except (TypeError, ValueError):
+                    confidence = math.nan
+                if not 0.0 <= confidence <= 1.0:
+                    raise ValidationError(f"A confidence must be between 0 and 1, not {confidence!r}.")
+                if isinstance(probs, Mapping):
+                    probs = {str(_check_id(k, "class")): float(v) for k, v in probs.items()}
+                elif probs is not None:
+                    probs = [float(v) for v in probs]
+                rows.append((image_id, model["id"], label, confidence, _to_json(probs, "probabilities"), now))
+            conn.executemany(
+                "INSERT OR REPLACE INTO predictions (image_id, model_id, label, confidence, probs, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def list_predictions(self, model_id: int, *, pool_only: bool = False) -> list[PredictionInfo]:
+        """A model's predictions, least confident first (active learning order);
+        ``pool_only`` keeps those of images still in the unlabeled pool."""
+        with self._read() as conn:
+            mid = self._model_row(conn, model_id)["id"]
+            sql = ("SELECT predictions.* FROM predictions JOIN images ON images.id = predictions.image_id "
+                   "WHERE predictions.model_id = ?")
+            if pool_only:
+                sql += " AND images.class_id IS NULL"
+            rows = conn.execute(sql + " ORDER BY predictions.confidence, predictions.image_id", (mid,)).fetchall()
+        return [self._prediction(r) for r in rows]
+
+    # ------------------------------------------------------------------- jobs
+
+    def create_job(self, project_id: int, kind: str, *, status: str = "queued", message: str = "",
+                   progress: Mapping | None = None, model_id: int | None = None) -> JobInfo:
+        if not isinstance(kind, str) or not kind.strip():
+            raise ValidationError("A job needs a kind (for example 'train').")
+        if status not in JOB_STATUSES:
+            raise ValidationError(f"A job status must be one of {', '.join(JOB_STATUSES)}, not {status!r}.")
+        progress_json = _to_json(progress, "job progress")
+        now = time.time()
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            if model_id is not None:
+                model_id = self._model_row(conn, model_id)["id"]
+            cur = conn.execute(
+                "INSERT INTO jobs (project_id, kind, status, message, progress, model_id, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (pid, kind.strip(), status, str(message or ""), progress_json, model_id, now, now))
+            row = self._job_row(conn, cur.lastrowid)
+        return self._job(row)
+
+    def update_job(self, job_id: int, *, status: str | None = None, message: str | None = None,
+                   progress: Mapping | None = None, model_id: int | None = None) -> JobInfo:
+        """Change what is given (``None`` leaves a field as it is; ``progress`` replaces the
+        whole dict).  A finished job (done/failed/cancelled) keeps its status:
+        changing it raises :class:`JobFinishedError`."""
+        if status is not None and status not in JOB_STATUSES:
+            raise ValidationError(f"A job status must be one of {', '.join(JOB_STATUSES)}, not {status!r}.")
+        progress_json = None if progress is None else _to_json(progress, "job progress")
+        with self._tx() as conn:
+            row = self._job_row(conn, job_id)
+            if status is not None and status != row["status"] and row["status"] in _JOB_FINISHED:
+                raise JobFinishedError(f"Job {row['id']} has already finished ({row['status']}); "
+                                       "its status cannot change.")
+            if model_id is not None:
+                model_id = self._model_row(conn, model_id)["id"]
+            conn.execute(
+                "UPDATE jobs SET status = COALESCE(?, status), message = COALESCE(?, message), "
+                "progress = COALESCE(?, progress), model_id = COALESCE(?, model_id), updated = ? WHERE id = ?",
+                (status, None if message is None else str(message), progress_json, model_id, time.time(), row["id"]))
+            row = self._job_row(conn, row["id"])
+        return self._job(row)
+
+    def get_job(self, job_id: int) -> JobInfo:
+        with self._read() as conn:
+            return self._job(self._job_row(conn, job_id))
+
+    def list_jobs(self, project_id: int | None = None, status: str | Iterable[str] | None = None) -> list[JobInfo]:
+        """Jobs, newest first; optionally one project's and/or with the given status(es)."""
+        sql, args = "SELECT * FROM jobs WHERE 1", []
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            bad = [s for s in statuses if s not in JOB_STATUSES]
+            if bad:
+                raise ValidationError(f"A job status must be one of {', '.join(JOB_STATUSES)}, not {bad[0]!r}.")
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            args += statuses
+        with self._read() as conn:
+            if project_id is not None:
+                sql += " AND project_id = ?"
+                args.append(self._project_row(conn, project_id)["id"])
+            rows = conn.execute(sql + " ORDER BY id DESC", args).fetchall()
+        return [self._job(r) for r in rows]
+
+    def mark_interrupted_jobs(self, reason: str = "the app stopped while this job was running") -> int:
+        """Mark every queued or running job failed with ``reason`` (call once on start-up,
+        before any job runs).  Returns how many jobs were marked."""
+        message = reason.strip()
+        if message:
+            message = message[0].upper() + message[1:]
+            if message[-1] not in ".!?":
+                message += "."
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? "
+                               "WHERE status IN ('queued', 'running')", (message, time.time()))
+            return cur.rowcount
+
+    # ------------------------------------------------------------ maintenance
+
+    def check_integrity(self) -> list[str]:
+        """Problems found (empty when healthy): SQLite's integrity and foreign-key checks,
+        image rows whose file is missing, and model rows whose directory is missing."""
+        problems: list[str] = []
+        with self._read() as conn:
+            problems += [r[0] for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
+            problems += [f"A row of {r[0]} points at a missing row of {r[2]}."
+                         for r in conn.execute("PRAGMA foreign_key_check")]
+            digests = [r[0] for r in conn.execute("SELECT DISTINCT hash FROM images")]
+            model_dirs = [(r[0], r[1]) for r in conn.execute("SELECT id, weights_path FROM models")]
+        problems += [f"The image file {d} is missing." for d in digests if not _blob_path(self.root, d).is_file()]
+        problems += [f"The directory of model {mid} is missing." for mid, rel in model_dirs
+                     if rel and not (self.root / rel).is_dir()]
+        return problems
+
+    def collect_garbage(self) -> dict[str, int]:
+        """Delete what a crash can leave behind: image files no row references, temporary
+        files, and model directories no row owns.  Run it only while no other process is
+        writing to this data folder.  Returns counts of what was removed."""
+        removed = {"images": 0, "temporary": 0, "models": 0}
+        staging = self.root / "staging"
+        with self._lock:
+            with self._read() as conn:
+                digests = {r[0] for r in conn.execute("SELECT DISTINCT hash FROM images")}
+                model_dirs = {r[0] for r in conn.execute("SELECT weights_path FROM models") if r[0]}
+            for sub in (self.root / "images").iterdir():
+                if not sub.is_dir():
+                    continue
+                for f in sub.iterdir():
+                    try:
+                        if f.name.startswith(".tmp-"):
+                            f.unlink()
+                            removed["temporary"] += 1
+                        elif f.name not in digests:
+                            f.unlink()
+                            removed["images"] += 1
+                    except OSError:
+                        pass
+            for d in (self.root / "models").iterdir():
+                if f"models/{d.name}" in model_dirs:
+                    continue
+                if d.name.startswith(".staging-"):
+                    removed["temporary"] += 1
+                elif d.name.isdigit():
+                    removed["models"] += 1
+                else:
+                    continue
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
+            for d in staging.iterdir() if staging.is_dir() else ():
+                removed["temporary"] += 1
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
+        return removed
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration script into complete statements (triggers' inner ';' included)."""
+    statements, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \t\r\n;"):
+                statements.append(buf.strip())
+            buf = ""
+    rest = buf.rstrip(";").strip()
+    if rest and not all(line.strip().startswith("--") or not line.strip() for line in rest.splitlines()):
+        raise StoreError("A schema migration script ends with an incomplete SQL statement.")
+    return statements
