@@ -286,6 +286,8 @@ class JobRunner:
             method.save(tmp / "model")
             info = self.store.register_model(project_id, method.name, backbone.id, method.config_dict(),
                                              method.metrics, tmp / "model")
+            with contextlib.suppress(Exception):
+                self.store.update_job(int(job.snapshot().id), model_id=info.id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return info

@@ -306,6 +306,17 @@ def test_class_without_images_base_to_novel(tiny, shared_extractor):
     assert g.counts[-1] == 0 and np.all(g.visual_edges[-1, :-1] == 0)
 
 
+def test_no_images_at_all_is_zero_shot_through_adapted_towers(tiny, shared_extractor):
+    names = ["red circle", "blue square", "green triangle"]
+    m = make_method("mma", tiny, names)
+    m.fit(SupportSet(names), shared_extractor)
+    assert m.metrics["steps"] == 0 and m.history == []
+    g = m.knowledge_graph()
+    assert g.visual_edges is None and g.text_edges.shape == (3, 3)
+    refs = make_refs("blue square", 3, np.random.default_rng(5))
+    assert m.predict_proba(refs, shared_extractor).argmax(1).tolist() == [1, 1, 1]
+
+
 def test_time_epoch_cached_vs_uncached(tiny, nato_task):
     support = _small_support(nato_task)
     m = make_method("mma", tiny, support.classnames, augment_views=2)

@@ -204,14 +204,20 @@ class Method(nn.Module):
         return directory
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load saved tensors; buffers sized by the data (e.g. Tip-Adapter's cache keys)
-        take the saved shape."""
-        own = dict(self.named_buffers())
+        """Load saved tensors; buffers and parameters sized by the data (e.g. Tip-Adapter's
+        cache keys) take the saved shape."""
+        buffers, params = dict(self.named_buffers()), dict(self.named_parameters())
         for k, v in tensors.items():
-            if k in own and own[k].shape != v.shape:
-                mod_name, _, buf = k.rpartition(".")
-                mod = self.get_submodule(mod_name) if mod_name else self
-                mod.register_buffer(buf, torch.empty_like(v, device=own[k].device))
+            old = buffers.get(k, params.get(k))
+            if old is None or old.shape == v.shape:
+                continue
+            mod_name, _, leaf = k.rpartition(".")
+            mod = self.get_submodule(mod_name) if mod_name else self
+            if k in params:
+                mod._parameters[leaf] = nn.Parameter(torch.empty_like(v, device=old.device),
+                                                     requires_grad=old.requires_grad)
+            else:
+                mod.register_buffer(leaf, torch.empty_like(v, device=old.device))
         missing, unexpected = self.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ModelFileError(

@@ -226,6 +226,7 @@ class MMA(Method):
     Config = MMAConfig
     needs_images = False  # image-less classes still work through the adapted text encoder
     feature_views = 1
+    GPU_CACHE_BYTES = 2 * 2**30  # largest lower-block cache kept in accelerator memory
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
@@ -389,10 +390,15 @@ class MMA(Method):
         with torch.no_grad(), autocast_for(dev):
             text, mask = self._lower_text(tokens)
             flat = pixels.flatten(0, 1)
+            v = self._visual_tower.model.visual
+            tokens_per_image = int(v.positional_embedding.shape[0])
+            nbytes = len(flat) * tokens_per_image * self._visual_tower.width * 4
+            # keep the cache on the accelerator when it is small; otherwise on the CPU (moved per batch)
+            store = dev if nbytes <= self.GPU_CACHE_BYTES else torch.device("cpu")
             outs, bs = [], 128
             for s in range(0, len(flat), bs):
                 check_cancel(cancel)
-                outs.append(self._lower_visual(flat[s:s + bs].to(dev)).float())
+                outs.append(self._lower_visual(flat[s:s + bs].to(dev)).float().to(store))
                 if progress:
                     progress(Progress(stage, min(len(flat), s + bs), len(flat)))
         lower = torch.cat(outs).view(n, len(views), *outs[0].shape[1:]) if outs else \

@@ -173,15 +173,6 @@ class TipAdapter(Method):
         self.beta = torch.tensor(result["beta"], device=aff.device)
         return result
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        # trainable keys are a data-sized Parameter: take the saved shape (base resizes buffers only)
-        for k, v in tensors.items():
-            p = self._parameters.get(k)
-            if p is not None and p.shape != v.shape:
-                self._parameters[k] = nn.Parameter(torch.empty_like(v, device=p.device),
-                                                   requires_grad=p.requires_grad)
-        super().load_tensors(tensors)
-
     def knowledge_graph(self) -> KnowledgeGraph:
         visual = None
         if len(self.cache_values):

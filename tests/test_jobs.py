@@ -1,0 +1,182 @@
+"""Background jobs against a real ProjectStore: progress, cancel, isolation, restarts, retraining."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_studio import shapes
+from fewshot_studio.cache import FeatureCache
+from fewshot_studio.features import FeatureExtractor
+from fewshot_studio.jobs import CANCELLED, DONE, FAILED, JobRunner
+from fewshot_studio.methods import load_model
+from fewshot_studio.store import ProjectStore
+
+
+def png(label: str, rng) -> bytes:
+    buf = io.BytesIO()
+    shapes.render(shapes.ShapeSpec(*label.split(" ", 1)), rng, 64).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_project(store: ProjectStore, labels: list[str], shots: int, seed: int, name="p"):
+    rng = np.random.default_rng(seed)
+    p = store.create_project(name)
+    for label in labels:
+        c = store.add_class(p.id, label)
+        store.add_images(p.id, [(f"{label}-{k}.png", png(label, rng)) for k in range(shots)], class_id=c.id)
+    return p
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ProjectStore(tmp_path / "data")
+    yield s
+    s.close()
+
+
+def test_training_job_reports_progress_and_registers_model(store, tiny, tmp_path):
+    p = make_project(store, ["red circle", "blue square", "green triangle"], shots=3, seed=1)
+    runner = JobRunner(store)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    seen = []
+    job_id = runner.submit_training(p.id, "graph", tiny, ex)
+    runner.subscribe(job_id, seen.append)
+    state = runner.wait(job_id, timeout=300)
+    assert state.status == DONE, state.message
+    assert state.history and state.history[-1]["step"] == state.total
+    models = store.list_models(p.id)
+    assert len(models) == 1 and models[0].method == "graph"
+    m = load_model(models[0].path, backbone=tiny)
+    assert m.classnames == ["red circle", "blue square", "green triangle"]
+    assert store.get_job(int(job_id)).status == DONE
+
+
+def test_cancel_during_mma_leaves_project_unchanged(store, tiny, tmp_path):
+    p = make_project(store, ["red circle", "blue square"], shots=4, seed=2)
+    runner = JobRunner(store)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    started = threading.Event()
+
+    job_id = runner.submit_training(p.id, "mma", tiny, ex, steps=100000)
+    runner.subscribe(job_id, lambda s: started.set() if s.stage.lower().startswith("train") and s.step >= 2 else None)
+    assert started.wait(120), "training never reached step 2"
+    before = (store.list_models(p.id), store.list_images(p.id), store.list_classes(p.id))
+    t0 = time.time()
+    assert runner.cancel(job_id)
+    state = runner.wait(job_id, timeout=60)
+    assert state.status == CANCELLED and time.time() - t0 < 30
+    assert state.step < 100000
+    assert (store.list_models(p.id), store.list_images(p.id), store.list_classes(p.id)) == before
+    assert store.list_models(p.id) == [] and not any(store.staging_dir().iterdir())
+    assert store.get_job(int(job_id)).status == CANCELLED
+
+
+def test_two_projects_train_concurrently_without_mixing(store, tiny, tmp_path):
+    a = make_project(store, ["red circle", "blue square"], shots=3, seed=3, name="a")
+    b = make_project(store, ["yellow star", "green cross", "white hexagon"], shots=3, seed=4, name="b")
+    runner = JobRunner(store, max_cpu_jobs=2)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    ja = runner.submit_training(a.id, "tip-f", tiny, ex)
+    jb = runner.submit_training(b.id, "graph", tiny, ex)
+    sa, sb = runner.wait(ja, 300), runner.wait(jb, 300)
+    assert sa.status == DONE and sb.status == DONE, (sa.message, sb.message)
+    (ma,), (mb,) = store.list_models(a.id), store.list_models(b.id)
+    assert load_model(ma.path, backbone=tiny).classnames == ["red circle", "blue square"]
+    assert load_model(mb.path, backbone=tiny).classnames == ["yellow star", "green cross", "white hexagon"]
+    assert sa.result.id == ma.id and sb.result.id == mb.id
+
+
+def test_failure_is_one_sentence_and_bad_request_refused_early(store, tiny, tmp_path):
+    from fewshot_studio.errors import DataError
+
+    p = store.create_project("empty class")
+    store.add_class(p.id, "red circle")
+    runner = JobRunner(store)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    with pytest.raises(DataError, match="needs at least one image"):
+        runner.submit_training(p.id, "graph", tiny, ex)
+
+    def broken(job):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    s = runner.wait(runner.submit("train", broken, p.id), 30)
+    assert s.status == FAILED and s.message.count("\n") == 0 and "disk on fire" in s.message
+
+
+def test_retrain_after_adding_one_image_encodes_one_image(store, tiny, tmp_path):
+    labels = ["red circle", "blue square", "green triangle", "yellow star", "purple cross"]
+    p = make_project(store, labels, shots=4, seed=5)
+    runner = JobRunner(store)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    assert runner.wait(runner.submit_training(p.id, "graph", tiny, ex), 300).status == DONE
+    first = set(ex.encoded_hashes)
+    assert len(first) == 20
+    c = store.list_classes(p.id)[0]
+    (img,), errors = store.add_images(p.id, [("new.png", png("red circle", np.random.default_rng(99)))],
+                                      class_id=c.id)
+    assert not errors
+    ex.encoded_hashes.clear()
+    assert runner.wait(runner.submit_training(p.id, "graph", tiny, ex), 300).status == DONE
+    assert ex.encoded_hashes == {img.hash}
+
+
+def test_interrupted_job_is_marked_failed_on_next_open(tmp_path):
+    """A process killed mid-training leaves a 'running' job; reopening the store marks it failed."""
+    root = tmp_path / "data"
+    script = textwrap.dedent(f"""
+        import os, sys, time, io
+        sys.path.insert(0, {os.getcwd()!r})
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import numpy as np
+        from fewshot_studio import shapes
+        from fewshot_studio.backbone import load_backbone
+        from fewshot_studio.cache import FeatureCache
+        from fewshot_studio.features import FeatureExtractor
+        from fewshot_studio.jobs import JobRunner
+        from fewshot_studio.store import ProjectStore
+        store = ProjectStore({str(root)!r})
+        p = store.create_project("p")
+        rng = np.random.default_rng(0)
+        for label in ["red circle", "blue square"]:
+            c = store.add_class(p.id, label)
+            items = []
+            for k in range(3):
+                b = io.BytesIO(); shapes.render(shapes.ShapeSpec(*label.split()), rng, 64).save(b, "PNG")
+                items.append((f"{{k}}.png", b.getvalue()))
+            store.add_images(p.id, items, class_id=c.id)
+        tiny = load_backbone("tiny", device="cpu")
+        runner = JobRunner(store)
+        jid = runner.submit_training(p.id, "mma", tiny, FeatureExtractor(tiny, FeatureCache({str(tmp_path / 'c')!r})), steps=100000)
+        while runner.get(jid).step < 3:
+            time.sleep(0.05)
+        time.sleep(0.6)  # let the throttled progress write land
+        print("RUNNING", jid, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("RUNNING"), line
+        job_id = int(line.split()[1])
+    finally:
+        proc.kill()
+        proc.wait()
+    store = ProjectStore(root)
+    try:
+        assert store.get_job(job_id).status == "running"
+        assert store.mark_interrupted_jobs() == 1
+        job = store.get_job(job_id)
+        assert job.status == "failed" and "stopped" in job.message
+        (p,) = store.list_projects()
+        assert store.list_models(p.id) == [] and len(store.list_images(p.id)) == 6
+    finally:
+        store.close()
