@@ -70,3 +70,22 @@ def test_user_errors_exit_2_with_one_line(folder, tmp_path):
 def test_help(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+@pytest.mark.parametrize("method", ["tip", "tip-f", "graph", "mma"])
+def test_every_method_trains_predicts_and_graphs(folder, tmp_path, method):
+    env = {"FEWSHOT_STUDIO_CACHE": str(tmp_path / "cache")}
+    extra = ["--steps", "40"] if method == "mma" else []
+    r = run("train", "--data", str(folder / "train"), "--method", method, "--backbone", "tiny",
+            "--out", str(tmp_path / "m"), "--quiet", *extra, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run("predict", "--model", str(tmp_path / "m"), "--json", str(folder / "test"), env=env)
+    assert r.returncode == 0, r.stderr
+    good = [x for x in json.loads(r.stdout) if "error" not in x]
+    assert len(good) == 12
+    assert sum(os.path.basename(os.path.dirname(x["path"])) == x["label"] for x in good) >= 9
+    r = run("graph", "--model", str(tmp_path / "m"), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    g = json.loads(r.stdout)
+    assert g["classes"] == ["blue square", "green triangle", "red_circle"]
+    assert len(g["text_edges"]) == 3 and len(g["visual_edges"]) == 3
