@@ -1,51 +1,583 @@
-"""UI-agnostic application service: what the page (or any other front end) asks of the core."""
+"""The application service: every action of the app as a plain function over the core.
+
+The Gradio UI (and tests, and any other front end) calls `Studio`; it holds no method
+logic itself. One Studio owns one ProjectStore, one JobRunner and the loaded backbones.
+Hosted mode (`FEWSHOT_STUDIO_HOSTED=1`) scopes projects to an owner token per session.
+"""
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
 import threading
+import time
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
+import torch
+from PIL import Image
+
+from . import imageio
 from .backbone import Backbone, BackboneSpec, load_backbone
 from .cache import FeatureCache
 from .data import ImageRef, SupportSet
-from .errors import DataError, FewShotError, WeightsUnavailableError
+from .errors import DataError, FewShotError, ModelFileError, WeightsUnavailableError
 from .features import FeatureExtractor
+from .methods import KnowledgeGraph, Method, get_method_class, load_model
+from .methods.base import CONFIG_FILE, WEIGHTS_FILE, cosine_matrix, read_model_config
+from .progress import Progress, ProgressFn
+from .store import ImageInfo, ModelInfo, NotFoundError, Project, ProjectStore
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+EXAMPLES: dict[str, dict] = {
+    "shapes": {
+        "title": "Coloured shapes (works offline with the tiny backbone)",
+        "project": "Example: coloured shapes",
+        "descriptions": {},
+    },
+    "textile": {
+        "title": "Textile defects (real photos; needs a real CLIP backbone)",
+        "project": "Example: textile defects",
+        "descriptions": {
+            "nominal": "a fabric surface with no defect.",
+            "local defect": "a fabric surface with a small local flaw.",
+            "global defect": "a fabric surface with a defect across the whole texture.",
+        },
+    },
+}
+
+METHOD_LABELS = {"graph": "GraphAdapter", "mma": "MMA", "tip": "Tip-Adapter", "tip-f": "Tip-Adapter-F",
+                 "zeroshot": "Zero-shot CLIP"}
+THUMB_SIZE = 160
+
+
+def _is_hosted() -> bool:
+    return os.environ.get("FEWSHOT_STUDIO_HOSTED", "").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class PoolRow:
+    image_id: int
+    name: str
+    label: str
+    confidence: float
+    top: str
 
 
 class Studio:
-    """Holds the loaded backbone (loaded lazily, once) and answers requests."""
+    """Everything the app does, UI-agnostic. Thread-safe for concurrent sessions."""
 
-    def __init__(self, spec: BackboneSpec | None = None):
-        self.spec = spec or BackboneSpec.from_env()
-        self._backbone: Backbone | None = None
-        self._error: str | None = None
-        self._lock = threading.Lock()
+    def __init__(self, data_dir: str | os.PathLike | None = None, spec: BackboneSpec | None = None,
+                 hosted: bool | None = None, max_cpu_jobs: int = 1):
+        from .jobs import JobRunner
+        from .paths import data_dir as default_data_dir
 
-    def backbone(self) -> Backbone:
+        self.root = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.default_spec = spec or BackboneSpec.from_env()
+        self.hosted = _is_hosted() if hosted is None else hosted
+        self.store = ProjectStore(self.root)
+        self.interrupted_jobs = self.store.mark_interrupted_jobs()
+        self.runner = JobRunner(self.store, max_cpu_jobs=max_cpu_jobs)
+        self.cache = FeatureCache(self.root / "features")
+        self._backbones: dict[tuple, Backbone] = {}
+        self._extractors: dict[str, FeatureExtractor] = {}
+        self._models: dict[int, Method] = {}
+        self._lock = threading.RLock()
+        self.exports_dir = self.root / "exports"
+        self.thumbs_dir = self.root / "thumbs"
+
+    # ---- backbones -------------------------------------------------------------------
+    def spec_for(self, name: str | None = None, pretrained: str | None = None,
+                 checkpoint: str | None = None) -> BackboneSpec:
+        name = (name or "").strip() or self.default_spec.name
+        if name == "tiny":
+            return BackboneSpec("tiny", None, (checkpoint or "").strip() or None, self.default_spec.device)
+        if "/" in name and not name.startswith(("hf-hub:", "local-dir:")) and not pretrained:
+            name, pretrained = name.split("/", 1)
+        return BackboneSpec(name, (pretrained or "").strip() or self.default_spec.pretrained or None,
+                            (checkpoint or "").strip() or None, self.default_spec.device)
+
+    def backbone(self, spec: BackboneSpec | None = None) -> Backbone:
+        spec = spec or self.default_spec
+        key = (spec.name, spec.pretrained, spec.checkpoint, spec.device)
         with self._lock:
-            if self._backbone is None:
-                try:
-                    self._backbone = load_backbone(self.spec)
-                    self._error = None
-                except WeightsUnavailableError as e:
-                    self._error = str(e)
-                    raise
-            return self._backbone
+            if key not in self._backbones:
+                self._backbones[key] = load_backbone(spec)
+            return self._backbones[key]
+
+    def extractor(self, backbone: Backbone) -> FeatureExtractor:
+        with self._lock:
+            if backbone.id not in self._extractors:
+                self._extractors[backbone.id] = FeatureExtractor(backbone, self.cache)
+            return self._extractors[backbone.id]
 
     def status_line(self) -> str:
         try:
             b = self.backbone()
             return f"**Backbone:** {b.spec.label} · **Device:** {b.device_label}"
         except FewShotError as e:
-            return f"⚠️ **Backbone unavailable:** {e}"
+            return (f"⚠️ **Backbone unavailable:** {e} Pick `tiny` or give a local checkpoint "
+                    "in the Train tab.")
 
-    def zero_shot(self, names: str, image) -> dict[str, float]:
-        from .methods import make_method
+    # ---- projects ----------------------------------------------------------------------
+    def _owner(self, owner: str | None) -> str | None:
+        return owner if self.hosted else None
 
-        classes = [n.strip() for n in (names or "").split(",") if n.strip()]
+    def project(self, project_id: int, owner: str | None = None) -> Project:
+        """The project, if this owner may see it (hosted mode); one sentence otherwise."""
+        if project_id is None:
+            raise DataError("Create or open a project first.")
+        p = self.store.get_project(int(project_id))
+        if self.hosted and p.owner != owner:
+            raise NotFoundError(f"There is no project with id {project_id}.")
+        return p
+
+    def create_project(self, name: str, owner: str | None = None) -> Project:
+        return self.store.create_project(name, owner=self._owner(owner))
+
+    def list_projects(self, owner: str | None = None) -> list[Project]:
+        if self.hosted:
+            return self.store.list_projects(owner=owner) if owner else []
+        return self.store.list_projects()
+
+    def rename_project(self, project_id: int, name: str, owner: str | None = None) -> Project:
+        self.project(project_id, owner)
+        return self.store.rename_project(int(project_id), name)
+
+    def delete_project(self, project_id: int, owner: str | None = None) -> None:
+        self.project(project_id, owner)
+        for m in self.store.list_models(int(project_id)):
+            self._models.pop(m.id, None)
+        self.store.delete_project(int(project_id))
+
+    def load_example(self, name: str, owner: str | None = None) -> Project:
+        """Create a project from a bundled example: classes from `train/`, unlabeled pool from `pool/`."""
+        if name not in EXAMPLES:
+            raise DataError(f"There is no example called {name!r}; choose {', '.join(EXAMPLES)}.")
+        ex = EXAMPLES[name]
+        base = ASSETS / name
+        existing = {p.name for p in self.list_projects(owner)}
+        title = ex["project"]
+        k = 2
+        while title in existing:
+            title, k = f"{ex['project']} ({k})", k + 1
+        p = self.create_project(title, owner)
+        for d in sorted(x for x in (base / "train").iterdir() if x.is_dir()):
+            c = self.store.add_class(p.id, d.name, ex["descriptions"].get(d.name, ""))
+            self.store.add_images(p.id, [(f.name, f) for f in sorted(d.iterdir()) if f.is_file()], class_id=c.id)
+        pool = base / "pool"
+        if pool.is_dir():
+            self.store.add_images(p.id, [(f.name, f) for f in sorted(pool.iterdir()) if f.is_file()], class_id=None)
+        return p
+
+    # ---- classes and images --------------------------------------------------------------
+    def add_class(self, project_id: int, name: str, description: str = "", owner: str | None = None):
+        self.project(project_id, owner)
+        return self.store.add_class(int(project_id), name, description or "")
+
+    def _class(self, project_id: int, class_id: int, owner: str | None):
+        self.project(project_id, owner)
+        c = self.store.get_class(int(class_id))
+        if c.project_id != int(project_id):
+            raise NotFoundError(f"There is no class with id {class_id} in this project.")
+        return c
+
+    def class_by_name(self, project_id: int, name: str, owner: str | None = None):
+        self.project(project_id, owner)
+        for c in self.store.list_classes(int(project_id)):
+            if c.name == name:
+                return c
+        raise NotFoundError(f"There is no class called {name!r} in this project.")
+
+    def rename_class(self, project_id: int, class_id: int, name: str, owner: str | None = None):
+        self._class(project_id, class_id, owner)
+        return self.store.rename_class(int(class_id), name)
+
+    def set_description(self, project_id: int, class_id: int, description: str, owner: str | None = None):
+        self._class(project_id, class_id, owner)
+        return self.store.set_class_description(int(class_id), description or "")
+
+    def delete_class(self, project_id: int, class_id: int, owner: str | None = None) -> int:
+        """Delete a class; its images move to the unlabeled pool (nothing is lost)."""
+        self._class(project_id, class_id, owner)
+        return self.store.delete_class(int(class_id), delete_images=False)
+
+    def add_images(self, project_id: int, files: Iterable[str | os.PathLike | tuple[str, bytes]],
+                   class_id: int | None = None, owner: str | None = None) -> tuple[list[ImageInfo], list[str]]:
+        """Upload files into a class (or the pool when class_id is None); bad files are reported."""
+        if class_id is not None:
+            self._class(project_id, class_id, owner)
+        else:
+            self.project(project_id, owner)
+        items = []
+        for f in files or []:
+            if isinstance(f, tuple):
+                items.append(f)
+            else:
+                items.append((Path(f).name, Path(f)))
+        if not items:
+            raise DataError("Choose at least one image to upload.")
+        return self.store.add_images(int(project_id), items, class_id=class_id,
+                                     labeled_by="user" if class_id is not None else None)
+
+    def add_zip(self, project_id: int, source: str | os.PathLike | bytes, owner: str | None = None,
+                pool: bool = False) -> tuple[int, list[str]]:
+        """A zip of `class_name/image` folders: classes are created as needed. Files at the top
+        level (or everything, with pool=True) go to the unlabeled pool."""
+        self.project(project_id, owner)
+        members, errors = imageio.read_zip(source)
+        errors = [str(e) for e in errors]
+        by_class: dict[str | None, list[tuple[str, bytes]]] = {}
+        for m in members:
+            cls = None if pool or len(m.path) < 2 else m.path[0]
+            by_class.setdefault(cls, []).append(("/".join(m.path), m.data))
+        added = 0
+        existing = {c.name.casefold(): c for c in self.store.list_classes(int(project_id))}
+        for cls, items in by_class.items():
+            class_id = None
+            if cls is not None:
+                c = existing.get(cls.strip().casefold())
+                if c is None:
+                    try:
+                        c = self.store.add_class(int(project_id), cls)
+                    except FewShotError as e:
+                        errors.append(f"{cls}/: {e}")
+                        continue
+                    existing[c.name.casefold()] = c
+                class_id = c.id
+            infos, errs = self.store.add_images(int(project_id), items, class_id=class_id,
+                                                labeled_by="user" if class_id else None)
+            added += len(infos)
+            errors += errs
+        return added, errors
+
+    def remove_image(self, project_id: int, image_id: int, owner: str | None = None) -> None:
+        self._image(project_id, image_id, owner)
+        self.store.remove_image(int(image_id))
+
+    def _image(self, project_id: int, image_id: int, owner: str | None) -> ImageInfo:
+        self.project(project_id, owner)
+        img = self.store.get_image(int(image_id))
+        if img.project_id != int(project_id):
+            raise NotFoundError(f"There is no image with id {image_id} in this project.")
+        return img
+
+    def class_rows(self, project_id: int, owner: str | None = None) -> list[list]:
+        """[class, description, images] per class, then the unlabeled pool."""
+        self.project(project_id, owner)
+        counts = self.store.class_counts(int(project_id))
+        rows = [[c.name, c.description, counts.get(c.id, 0)] for c in self.store.list_classes(int(project_id))]
+        return rows + [["(unlabeled pool)", "", counts.get(None, 0)]]
+
+    def thumbnail(self, img: ImageInfo) -> str:
+        """A small PNG for galleries, generated once per image content."""
+        path = self.thumbs_dir / img.hash[:2] / f"{img.hash}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
+            im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            im.save(tmp, "PNG")
+            os.replace(tmp, path)
+        return str(path)
+
+    def gallery(self, project_id: int, class_id: int | None, owner: str | None = None) -> list[tuple[str, str]]:
+        self.project(project_id, owner)
+        imgs = self.store.list_images(int(project_id), class_id=class_id, pool=class_id is None)
+        return [(self.thumbnail(i), f"#{i.id} {i.original_name}") for i in imgs]
+
+    # ---- training -------------------------------------------------------------------------
+    def start_training(self, project_id: int, method: str, spec: BackboneSpec | None = None,
+                       settings: dict | None = None, owner: str | None = None) -> str:
+        self.project(project_id, owner)
+        backbone = self.backbone(spec)
+        cls = get_method_class(method)
+        settings = {k: v for k, v in (settings or {}).items() if v is not None and v != ""}
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls.Config)}
+        settings = {k: v for k, v in settings.items() if k in known}
+        support = self.store.support_set(int(project_id))
+        if not support.images and cls.needs_images:
+            support.require_images(cls.label)
+        return self.runner.submit_training(int(project_id), method, backbone, self.extractor(backbone),
+                                           support=support, **settings)
+
+    def retrain(self, project_id: int, owner: str | None = None) -> str:
+        """Train again with the latest model's method, backbone and settings (cached features)."""
+        info, method = self.latest_model(project_id, owner)
+        from dataclasses import asdict
+
+        return self.start_training(project_id, info.method, method.backbone.spec,
+                                   asdict(method.config), owner)
+
+    def job(self, job_id: str):
+        return self.runner.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        return self.runner.cancel(job_id)
+
+    # ---- models ---------------------------------------------------------------------------
+    def load_method(self, model: ModelInfo) -> Method:
+        with self._lock:
+            if model.id not in self._models:
+                cfg = read_model_config(model.path)
+                bb = cfg.get("backbone") or {}
+                spec = BackboneSpec(bb.get("name", ""), bb.get("pretrained"), bb.get("checkpoint"),
+                                    self.default_spec.device)
+                self._models[model.id] = load_model(model.path, backbone=self.backbone(spec))
+            return self._models[model.id]
+
+    def models(self, project_id: int, owner: str | None = None) -> list[ModelInfo]:
+        self.project(project_id, owner)
+        return self.store.list_models(int(project_id))
+
+    def model(self, project_id: int, model_id: int | None = None, owner: str | None = None
+              ) -> tuple[ModelInfo, Method]:
+        if model_id in (None, ""):
+            return self.latest_model(project_id, owner)
+        self.project(project_id, owner)
+        info = self.store.get_model(int(model_id))
+        if info.project_id != int(project_id):
+            raise NotFoundError(f"There is no model with id {model_id} in this project.")
+        return info, self.load_method(info)
+
+    def latest_model(self, project_id: int, owner: str | None = None) -> tuple[ModelInfo, Method]:
+        models = self.models(project_id, owner)
+        if not models:
+            raise DataError("Train a model first (Train tab).")
+        return models[0], self.load_method(models[0])
+
+    # ---- knowledge graph ----------------------------------------------------------------------
+    def knowledge_graph(self, project_id: int, model_id: int | None = None, owner: str | None = None
+                        ) -> KnowledgeGraph:
+        """The model's class graph, with current example counts; when the method has no visual
+        sub-graph, visual edges come from the class prototypes of the current support set."""
+        info, method = self.model(project_id, model_id, owner)
+        g = method.knowledge_graph()
+        support = self.store.support_set(int(project_id))
+        counts = {n: c for n, c in zip(support.classnames, support.counts())}
+        g.counts = [counts.get(c, 0) for c in g.classes]
+        if g.visual_edges is None and support.images:
+            feats = self.extractor(method.backbone).image_features(support.images)[:, 0]
+            labels = support.labels_tensor()
+            proto = torch.zeros(len(support.classnames), feats.shape[1]).index_add_(0, labels, feats)
+            order = [support.classnames.index(c) if c in support.classnames else -1 for c in g.classes]
+            if all(i >= 0 for i in order):
+                g.visual_edges = cosine_matrix(proto[order])
+        return g
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, project_id: int, methods: Sequence[str], spec: BackboneSpec | None = None,
+                 owner: str | None = None, progress: ProgressFn | None = None, cancel=None,
+                 settings: dict[str, dict] | None = None):
+        from .evaluation import cross_validate
+
+        self.project(project_id, owner)
+        support = self.store.support_set(int(project_id))
+        if not methods:
+            raise DataError("Pick at least one method to compare.")
+        support.require_images("Cross-validation")
+        if min(support.counts()) < 2:
+            raise DataError("Cross-validation needs at least two images in every class.")
+        backbone = self.backbone(spec)
+        return cross_validate(support, list(methods), backbone, self.extractor(backbone), seed=0,
+                              overrides=settings, progress=progress, cancel=cancel)
+
+    # ---- prediction and labeling --------------------------------------------------------------
+    def predict(self, project_id: int, image: str | os.PathLike | bytes | Image.Image, k: int = 5,
+                owner: str | None = None, model_id: int | None = None) -> dict[str, float]:
+        """Top-k class probabilities for one image with the latest (or given) model."""
+        info, method = self.model(project_id, model_id, owner)
         if image is None:
-            raise DataError("Upload an image first.")
-        b = self.backbone()
-        method = make_method("zeroshot", b, classes)
-        extractor = FeatureExtractor(b, FeatureCache())
-        method.fit(SupportSet(classes), extractor)
-        probs = method.predict_proba([ImageRef.from_pil(image)], extractor)[0].tolist()
-        return dict(zip(classes, probs))
+            raise DataError("Upload an image to classify.")
+        if isinstance(image, Image.Image):
+            ref = ImageRef.from_pil(image)
+        elif isinstance(image, (bytes, bytearray)):
+            ref = ImageRef.from_bytes(bytes(image))
+        else:
+            ref = ImageRef.from_path(image)
+        ref.open(draft_size=method.backbone.image_size)  # one clear sentence for a bad file
+        probs = method.predict_proba([ref], self.extractor(method.backbone))[0]
+        top = torch.topk(probs, min(k, len(probs)))
+        return {method.classnames[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
+
+    def label_pool(self, project_id: int, owner: str | None = None, progress: ProgressFn | None = None,
+                   model_id: int | None = None) -> list[PoolRow]:
+        """Predict every unlabeled image with the latest model, store the predictions and return
+        rows sorted least confident first (active learning)."""
+        info, method = self.model(project_id, model_id, owner)
+        pool = self.store.list_images(int(project_id), pool=True)
+        if not pool:
+            return []
+        classes = {c.name: c.id for c in self.store.list_classes(int(project_id))}
+        missing = [c for c in method.classnames if c not in classes]
+        if missing:
+            raise DataError(f"The model's class {missing[0]!r} is no longer in the project; retrain first.")
+        extractor = self.extractor(method.backbone)
+        probs = []
+        bs = 256
+        for i in range(0, len(pool), bs):
+            chunk = pool[i:i + bs]
+            probs.append(method.predict_proba([p.ref() for p in chunk], extractor))
+            if progress:
+                progress(Progress("Labeling the pool", min(i + bs, len(pool)), len(pool)))
+        P = torch.cat(probs)
+        conf, idx = P.max(1)
+        self.store.save_predictions(info.id, [
+            (img.id, classes[method.classnames[j]], float(c), P[n].tolist())
+            for n, (img, c, j) in enumerate(zip(pool, conf.tolist(), idx.tolist()))])
+        top3 = torch.topk(P, min(3, P.shape[1]))
+        rows = []
+        for n, img in enumerate(pool):
+            top = ", ".join(f"{method.classnames[j]} {p:.0%}"
+                            for p, j in zip(top3.values[n].tolist(), top3.indices[n].tolist()))
+            rows.append(PoolRow(img.id, img.original_name, method.classnames[int(idx[n])], float(conf[n]), top))
+        rows.sort(key=lambda r: r.confidence)
+        return rows
+
+    def accept(self, project_id: int, image_ids: Sequence[int], owner: str | None = None) -> int:
+        """Accept the stored predictions of these pool images: they join the predicted class."""
+        info, _ = self.latest_model(project_id, owner)
+        preds = {p.image_id: p for p in self.store.list_predictions(info.id)}
+        moves = []
+        for i in image_ids:
+            img = self._image(project_id, i, owner)
+            if img.class_id is not None:
+                continue
+            if int(i) not in preds:
+                raise DataError(f"Image #{i} has no prediction yet; run 'Label the pool' first.")
+            moves.append((int(i), preds[int(i)].label))
+        if moves:
+            self.store.move_images(moves, labeled_by="accepted")
+        return len(moves)
+
+    def correct(self, project_id: int, image_ids: Sequence[int], class_name: str, owner: str | None = None) -> int:
+        """Label these images with `class_name` (a correction of the prediction)."""
+        c = self.class_by_name(project_id, class_name, owner)
+        ids = [int(i) for i in image_ids]
+        for i in ids:
+            self._image(project_id, i, owner)
+        if ids:
+            self.store.move_images([(i, c.id) for i in ids], labeled_by="corrected")
+        return len(ids)
+
+    # ---- export and import ---------------------------------------------------------------------
+    def _export_path(self, project_id: int, filename: str) -> Path:
+        d = self.exports_dir / str(project_id)
+        d.mkdir(parents=True, exist_ok=True)
+        return d / filename
+
+    def label_records(self, project_id: int, owner: str | None = None) -> list[dict]:
+        self.project(project_id, owner)
+        names = {c.id: c.name for c in self.store.list_classes(int(project_id))}
+        return [{"image_id": i.id, "file": i.original_name, "sha256": i.hash,
+                 "label": names.get(i.class_id) if i.class_id is not None else None,
+                 "labeled_by": i.labeled_by}
+                for i in self.store.list_images(int(project_id))]
+
+    def export_labels_csv(self, project_id: int, owner: str | None = None) -> Path:
+        rows = self.label_records(project_id, owner)
+        path = self._export_path(project_id, "labels.csv")
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["image_id", "file", "sha256", "label", "labeled_by"])
+            w.writeheader()
+            w.writerows(rows)
+        return path
+
+    def export_labels_json(self, project_id: int, owner: str | None = None) -> Path:
+        p = self.project(project_id, owner)
+        path = self._export_path(project_id, "labels.json")
+        classes = [{"name": c.name, "description": c.description} for c in self.store.list_classes(p.id)]
+        path.write_text(json.dumps({"project": p.name, "classes": classes,
+                                    "images": self.label_records(project_id, owner)}, indent=1, ensure_ascii=False),
+                        encoding="utf-8")
+        return path
+
+    def export_imagefolder(self, project_id: int, owner: str | None = None) -> Path:
+        """A zip of the labeled set as class_name/file folders."""
+        self.project(project_id, owner)
+        names = {c.id: c.name for c in self.store.list_classes(int(project_id))}
+        path = self._export_path(project_id, "imagefolder.zip")
+        used: set[str] = set()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for img in self.store.list_images(int(project_id)):
+                if img.class_id is None:
+                    continue
+                fmt = imageio.probe_image(img.path.read_bytes(), img.original_name)[0].lower()
+                ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
+                stem = Path(img.original_name).stem.replace("/", "_") or f"image_{img.id}"
+                arc = f"{_safe_part(names[img.class_id])}/{_safe_part(stem)}.{ext}"
+                if arc in used:
+                    arc = f"{_safe_part(names[img.class_id])}/{_safe_part(stem)}_{img.id}.{ext}"
+                used.add(arc)
+                z.write(img.path, arc)
+        return path
+
+    def export_model(self, project_id: int, model_id: int | None = None, owner: str | None = None) -> Path:
+        """The trained model directory (config.json + model.safetensors + USAGE.md) as a zip."""
+        info, method = self.model(project_id, model_id, owner)
+        path = self._export_path(project_id, f"model-{info.id}-{info.method}.zip")
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(info.path / CONFIG_FILE, f"model/{CONFIG_FILE}")
+            z.write(info.path / WEIGHTS_FILE, f"model/{WEIGHTS_FILE}")
+            z.writestr("model/USAGE.md", "```python\n" + usage_snippet(method) + "```\n")
+        return path
+
+    def import_model(self, project_id: int, source: str | os.PathLike | bytes, owner: str | None = None) -> ModelInfo:
+        """Import a model zip (safetensors + config.json only; never unpickles). Its backbone must
+        load and its classes must be this project's classes."""
+        self.project(project_id, owner)
+        members, errors = imageio.read_zip(source)
+        files = {m.path[-1]: m.data for m in members if m.path[-1] in (CONFIG_FILE, WEIGHTS_FILE)}
+        if set(files) != {CONFIG_FILE, WEIGHTS_FILE}:
+            raise ModelFileError("The zip must contain a model folder with config.json and model.safetensors.")
+        staging = Path(tempfile.mkdtemp(prefix="import-", dir=self.store.staging_dir()))
+        try:
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+            cfg = read_model_config(staging)
+            bb = cfg.get("backbone") or {}
+            spec = BackboneSpec(bb.get("name", ""), bb.get("pretrained"), bb.get("checkpoint"),
+                                self.default_spec.device)
+            method = load_model(staging, backbone=self.backbone(spec))
+            ours = [c.name for c in self.store.list_classes(int(project_id))]
+            if sorted(method.classnames) != sorted(ours):
+                raise ModelFileError(f"The model's classes ({', '.join(method.classnames)}) differ from this "
+                                     f"project's classes ({', '.join(ours) or 'none'}).")
+            info = self.store.register_model(int(project_id), method.name, method.backbone.id, cfg,
+                                             cfg.get("metrics") or {}, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return info
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _safe_part(name: str) -> str:
+    bad = '<>:"/\\|?*\x00'
+    s = "".join("_" if ch in bad or ord(ch) < 32 else ch for ch in name).strip(" .")
+    return s[:100] or "_"
+
+
+def usage_snippet(method: Method) -> str:
+    return (
+        "# pip install -r requirements.txt  (Few-Shot Studio)\n"
+        "from fewshot_studio.methods import load_model\n"
+        "from fewshot_studio.features import FeatureExtractor\n"
+        "from fewshot_studio.data import ImageRef\n\n"
+        "model = load_model(\"model\")  # the unzipped folder; loads its backbone "
+        f"({method.backbone.spec.label.split(' (')[0]})\n"
+        "extractor = FeatureExtractor(model.backbone)\n"
+        "probs = model.predict_proba([ImageRef.from_path(\"photo.jpg\")], extractor)[0]\n"
+        "print(dict(zip(model.classnames, probs.tolist())))\n"
+        f"# classes: {', '.join(method.classnames)}; method: {method.label}\n"
+    )
