@@ -118,6 +118,15 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _os_error_sentence(e: OSError) -> str:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("The disk is full, so the result could not be saved; free some space and try again "
+                "(nothing saved before was lost).")
+    return f"Could not write the result ({e.strerror or e}); nothing saved before was lost."
+
+
 def gpu_wrap(fn: Callable) -> Callable:
     """On Hugging Face ZeroGPU Spaces run the GPU step under `spaces.GPU`."""
     try:
@@ -184,6 +193,8 @@ class JobRunner:
                 job.update(status=CANCELLED, message=str(e), finished=time.time())
             except FewShotError as e:
                 job.update(status=FAILED, message=str(e), finished=time.time())
+            except OSError as e:
+                job.update(status=FAILED, message=_os_error_sentence(e), finished=time.time())
             except Exception as e:  # noqa: BLE001 - report any failure as one sentence
                 traceback.print_exc()
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -94,6 +94,9 @@ class Method(nn.Module):
     label: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
     needs_images: ClassVar[bool] = True  # every class needs at least one support image
+    # tensors whose first dimension is the number of support images (may differ per model);
+    # every other saved tensor must have exactly the shape the config and backbone imply
+    data_sized: ClassVar[tuple[str, ...]] = ()
     feature_views: ClassVar[int] = 1  # cached views per support image the method uses
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str],
@@ -211,6 +214,10 @@ class Method(nn.Module):
             old = buffers.get(k, params.get(k))
             if old is None or old.shape == v.shape:
                 continue
+            if k not in self.data_sized or v.shape[1:] != old.shape[1:]:
+                raise ModelFileError(
+                    f"The model weights do not match a {self.label} model for {self.num_classes} classes on "
+                    f"this backbone ('{k}' has shape {tuple(v.shape)}, expected {tuple(old.shape)}).")
             mod_name, _, leaf = k.rpartition(".")
             mod = self.get_submodule(mod_name) if mod_name else self
             if k in params:
@@ -223,6 +230,8 @@ class Method(nn.Module):
             raise ModelFileError(
                 f"The model weights do not match a {self.label} model for these classes "
                 f"(missing {len(missing)}, unexpected {len(unexpected)} tensors).")
+        if any(not torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
+            raise ModelFileError(f"The {self.label} model weights contain NaN or infinite values.")
 
 
 REGISTRY: dict[str, type[Method]] = {}

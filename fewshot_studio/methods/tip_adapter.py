@@ -75,6 +75,7 @@ class TipAdapter(Method):
     label = "Tip-Adapter"
     Config = TipAdapterConfig
     trainable_keys = False
+    data_sized = ("cache_keys", "cache_values")
     feature_views = 1 + TipAdapterConfig.augment_views  # plain view + augmented views (per instance too)
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):

@@ -1,0 +1,430 @@
+"""The plotting module: class knowledge graph, edge tables, training curve, evaluation plots."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from fewshot_studio import viz
+from fewshot_studio.methods.base import KnowledgeGraph
+
+CLASSES = ["cat", "dog", "lynx", "car"]
+# Pairs: cat–dog (t .8, v .7), cat–lynx (t .2, v .9: looks alike, named differently),
+# cat–car (.5/.3), dog–lynx (.3/.2), dog–car (.4/.35), lynx–car (.6/.5).
+TEXT = np.array([[1.0, 0.8, 0.2, 0.5],
+                 [0.8, 1.0, 0.3, 0.4],
+                 [0.2, 0.3, 1.0, 0.6],
+                 [0.5, 0.4, 0.6, 1.0]])
+VISUAL = np.array([[1.0, 0.7, 0.9, 0.3],
+                   [0.7, 1.0, 0.2, 0.35],
+                   [0.9, 0.2, 1.0, 0.5],
+                   [0.3, 0.35, 0.5, 1.0]])
+
+
+def make_kg(visual=True, fused=False, counts=(5, 0, 3, 10)) -> KnowledgeGraph:
+    return KnowledgeGraph(list(CLASSES), TEXT.astype(np.float32), VISUAL.astype(np.float32) if visual else None,
+                          ((TEXT + VISUAL) / 2).astype(np.float32) if fused else None,
+                          list(counts) if counts is not None else None)
+
+
+def traces(fig: go.Figure, name: str) -> list:
+    return [t for t in fig.data if t.name == name]
+
+
+def segments(fig: go.Figure, name: str) -> list[tuple]:
+    """The line segments of every trace called `name`, as ((x0, y0), (x1, y1))."""
+    segs = []
+    for t in traces(fig, name):
+        xs, ys = list(t.x), list(t.y)
+        assert len(xs) % 3 == 0 and all(x is None for x in xs[2::3]) and all(y is None for y in ys[2::3])
+        segs += [((xs[k], ys[k]), (xs[k + 1], ys[k + 1])) for k in range(0, len(xs), 3)]
+    return segs
+
+
+def legend_names(fig: go.Figure) -> set[str]:
+    return {t.name for t in fig.data if t.showlegend is not False}
+
+
+def edge_hover(fig: go.Figure) -> list[str]:
+    (t,) = traces(fig, viz.EDGE_HOVER_NAME)
+    return list(t.hovertext)
+
+
+def node_trace(fig: go.Figure):
+    (t,) = traces(fig, viz.NODES_NAME)
+    return t
+
+
+def annotations(fig: go.Figure) -> str:
+    return " | ".join(a.text for a in fig.layout.annotations)
+
+
+def count_pairs(m: np.ndarray, thr: float) -> int:
+    iu = np.triu_indices(len(m), k=1)
+    return int((m[iu] >= thr).sum())
+
+
+# ---------------------------------------------------------------- layout
+@pytest.mark.parametrize("mode", viz.MODES)
+def test_layout_deterministic_finite_and_bounded(mode):
+    kg = make_kg(fused=True)
+    a, b = viz.graph_layout(kg, mode), viz.graph_layout(make_kg(fused=True), mode)
+    assert a.shape == (4, 2) and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a).max() == pytest.approx(1.0)
+    # distinct classes get distinct positions
+    d = np.linalg.norm(a[:, None] - a[None], axis=-1)[np.triu_indices(4, 1)]
+    assert d.min() > 0.05
+
+
+def test_layout_places_similar_classes_closer():
+    kg = make_kg()
+    pos = viz.graph_layout(kg, "text")
+    dist = lambda i, j: np.linalg.norm(pos[i] - pos[j])  # noqa: E731
+    assert dist(0, 1) < dist(0, 2)  # cat–dog textually close, cat–lynx far
+    pos = viz.graph_layout(kg, "visual")
+    dist = lambda i, j: np.linalg.norm(pos[i] - pos[j])  # noqa: E731
+    assert dist(0, 2) < dist(0, 3)  # cat–lynx look alike, cat–car do not
+
+
+def test_layout_small_and_degenerate_cases():
+    assert viz.graph_layout(KnowledgeGraph([], np.zeros((0, 0))), "text").shape == (0, 2)
+    np.testing.assert_array_equal(viz.graph_layout(KnowledgeGraph(["a"], np.ones((1, 1))), "both"), [[0, 0]])
+    two = viz.graph_layout(KnowledgeGraph(["a", "b"], np.eye(2)), "text")
+    assert two.shape == (2, 2) and np.linalg.norm(two[0] - two[1]) > 1
+    same = viz.graph_layout(KnowledgeGraph(list("abcde"), np.ones((5, 5))), "text")  # no structure
+    assert np.all(np.isfinite(same)) and len({tuple(np.round(p, 6)) for p in same}) == 5
+    nan = np.full((3, 3), np.nan)
+    assert np.all(np.isfinite(viz.graph_layout(KnowledgeGraph(list("abc"), nan), "text")))
+    with pytest.raises(ValueError):
+        viz.graph_layout(make_kg(), "sideways")
+
+
+# ---------------------------------------------------------------- knowledge graph figure
+@pytest.mark.parametrize("thr", [0.0, 0.25, 0.45, 0.65, 0.85, 0.95])
+def test_threshold_filters_edges(thr):
+    fig = viz.knowledge_graph_figure(make_kg(), "both", threshold=thr, highlight=False)
+    assert len(segments(fig, viz.TEXT_NAME)) == count_pairs(TEXT, thr)
+    assert len(segments(fig, viz.VISUAL_NAME)) == count_pairs(VISUAL, thr)
+    shown = {h.split(":")[0] for h in edge_hover(fig)} if traces(fig, viz.EDGE_HOVER_NAME) else set()
+    both = np.maximum(TEXT, VISUAL)
+    assert len(shown) == count_pairs(both, thr)
+
+
+def test_single_mode_edges_follow_that_subgraph():
+    fig = viz.knowledge_graph_figure(make_kg(), "text", threshold=0.45, highlight=False)
+    pos = viz.graph_layout(make_kg(), "text")
+    want = {frozenset((i, j)) for i in range(4) for j in range(i + 1, 4) if TEXT[i, j] >= 0.45}
+    got = set()
+    for (a, b) in segments(fig, viz.TEXT_NAME):
+        ia = int(np.argmin(np.linalg.norm(pos - np.array(a), axis=1)))
+        ib = int(np.argmin(np.linalg.norm(pos - np.array(b), axis=1)))
+        assert np.allclose(pos[ia], a) and np.allclose(pos[ib], b)  # no offset in single mode
+        got.add(frozenset((ia, ib)))
+    assert got == want
+
+
+def test_heavier_edges_are_wider_and_more_opaque():
+    fig = viz.knowledge_graph_figure(make_kg(), "text", threshold=0.0, highlight=False)
+    ts = traces(fig, viz.TEXT_NAME)
+    assert len(ts) >= 2
+    assert sum(t.showlegend is not False for t in ts) == 1  # one legend entry for the group
+    assert {t.legendgroup for t in ts} == {viz.TEXT_NAME}
+    widths = [t.line.width for t in ts]
+    opac = [t.opacity for t in ts]
+    assert widths == sorted(widths, reverse=True) and opac == sorted(opac, reverse=True)
+    # the heaviest pair (cat–dog 0.8) sits in the widest trace
+    pos = viz.graph_layout(make_kg(), "text")
+    xs = [x for x in ts[0].x if x is not None]
+    assert any(np.isclose(x, pos[0, 0]) for x in xs) and any(np.isclose(x, pos[1, 0]) for x in xs)
+
+
+def test_hover_text_has_exact_weights():
+    kg = make_kg()
+    kg.text_edges = kg.text_edges.astype(np.float64)
+    kg.text_edges[0, 1] = kg.text_edges[1, 0] = 0.81234
+    kg.visual_edges = kg.visual_edges.astype(np.float64)
+    kg.visual_edges[0, 1] = kg.visual_edges[1, 0] = 0.60119
+    fig = viz.knowledge_graph_figure(kg, "both")
+    hov = edge_hover(fig)
+    assert "cat — dog: text 0.8123, visual 0.6012" in hov
+    assert any(h.startswith("lynx — car: text 0.6000, visual 0.5000") for h in hov)
+    # midpoint markers are invisible, sit at the pair's midpoint and carry only hover text
+    (t,) = traces(fig, viz.EDGE_HOVER_NAME)
+    assert t.showlegend is False and t.mode == "markers" and "rgba(0,0,0,0)" in t.marker.color.replace(" ", "")
+    pos = viz.graph_layout(kg, "both")
+    k = hov.index("cat — dog: text 0.8123, visual 0.6012")
+    assert np.allclose([t.x[k], t.y[k]], (pos[0] + pos[1]) / 2)
+    # nodes: class, count, strongest neighbours with exact weights
+    nodes = node_trace(fig)
+    cat = nodes.hovertext[0]
+    assert "<b>cat</b>" in cat and "5 support images" in cat
+    assert "dog: text 0.8123, visual 0.6012" in cat
+    assert "no support images" in nodes.hovertext[1]
+    assert list(nodes.text) == CLASSES and nodes.mode == "markers+text"
+
+
+def test_node_sizes_follow_counts():
+    sizes = list(node_trace(viz.knowledge_graph_figure(make_kg())).marker.size)
+    assert sizes[1] == viz.MIN_NODE_SIZE  # 0 images: the minimum size
+    assert sizes[3] == viz.MAX_NODE_SIZE  # the most images: the maximum
+    assert sizes[1] < sizes[2] < sizes[0] < sizes[3]
+    flat = list(node_trace(viz.knowledge_graph_figure(make_kg(counts=None))).marker.size)
+    assert len(set(flat)) == 1
+    none = list(node_trace(viz.knowledge_graph_figure(make_kg(counts=(0, 0, 0, 0)))).marker.size)
+    assert none == [viz.MIN_NODE_SIZE] * 4
+
+
+def test_modes_produce_the_right_traces_and_legend():
+    kg = make_kg(fused=True)
+    both = viz.knowledge_graph_figure(kg, "both", highlight=False)
+    assert legend_names(both) == {viz.TEXT_NAME, viz.VISUAL_NAME}
+    t_style = {t.line.dash for t in traces(both, viz.TEXT_NAME)}
+    v_style = {t.line.dash for t in traces(both, viz.VISUAL_NAME)}
+    t_col = {t.line.color for t in traces(both, viz.TEXT_NAME)}
+    v_col = {t.line.color for t in traces(both, viz.VISUAL_NAME)}
+    assert len(t_style) == len(v_style) == len(t_col) == len(v_col) == 1
+    assert t_style != v_style and t_col != v_col
+    # in "both" mode the two lines of one pair are drawn side by side, not on top of each other
+    ts, vs = segments(both, viz.TEXT_NAME), segments(both, viz.VISUAL_NAME)
+    assert not {tuple(map(tuple, s)) for s in ts} & {tuple(map(tuple, s)) for s in vs}
+
+    text = viz.knowledge_graph_figure(kg, "text", highlight=False)
+    assert legend_names(text) == {viz.TEXT_NAME} and not traces(text, viz.VISUAL_NAME)
+    visual = viz.knowledge_graph_figure(kg, "visual", highlight=False)
+    assert legend_names(visual) == {viz.VISUAL_NAME} and not traces(visual, viz.TEXT_NAME)
+    fused = viz.knowledge_graph_figure(kg, "fused", highlight=False)
+    assert legend_names(fused) == {viz.FUSED_NAME}
+    assert len(segments(fused, viz.FUSED_NAME)) == 6
+    assert any(", fused 0.7500" in h for h in edge_hover(fused))  # cat–dog (0.8 + 0.7) / 2
+    for fig in (both, text, visual, fused):
+        assert not annotations(fig)
+    with pytest.raises(ValueError):
+        viz.knowledge_graph_figure(kg, "nope")
+
+
+def test_highlight_only_for_high_visual_low_text_pair():
+    fig = viz.knowledge_graph_figure(make_kg(), "both")
+    assert viz.HIGHLIGHT_NAME in legend_names(fig)
+    (hl,) = traces(fig, viz.HIGHLIGHT_NAME)
+    assert hl.line.color == viz.WARN_COLOR
+    assert hl.line.color not in {t.line.color for t in fig.data if t.mode == "lines" and t.name != viz.HIGHLIGHT_NAME}
+    assert len(segments(fig, viz.HIGHLIGHT_NAME)) == 1
+    assert viz.confusable_pairs(make_kg()) == [(0, 2)]  # cat–lynx
+    # the highlighted pair's visual edge is the warning line, not also a plain visual line
+    assert len(segments(fig, viz.VISUAL_NAME)) == 5
+    flagged = [h for h in edge_hover(fig) if viz.HIGHLIGHT_NAME in h]
+    assert len(flagged) == 1 and flagged[0].startswith("cat — lynx: text 0.2000, visual 0.9000")
+    # the segment joins cat and lynx (allowing for the side-by-side offset)
+    pos = viz.graph_layout(make_kg(), "both")
+    (a, b), = segments(fig, viz.HIGHLIGHT_NAME)
+    assert np.linalg.norm(np.array(a) - pos[0]) < 0.05 and np.linalg.norm(np.array(b) - pos[2]) < 0.05
+    # also shown in single-sub-graph modes; off on request, or above the threshold
+    for mode in ("text", "visual"):
+        assert viz.HIGHLIGHT_NAME in legend_names(viz.knowledge_graph_figure(make_kg(), mode))
+    assert not traces(viz.knowledge_graph_figure(make_kg(), "both", highlight=False), viz.HIGHLIGHT_NAME)
+    assert not traces(viz.knowledge_graph_figure(make_kg(), "both", threshold=0.95), viz.HIGHLIGHT_NAME)
+
+
+def test_no_highlight_without_a_confusable_pair():
+    # visual tracks text (slightly lower everywhere): nothing looks alike but is named differently
+    kg = KnowledgeGraph(list(CLASSES), TEXT, TEXT - 0.05 + 0.05 * np.eye(4), None, [1, 1, 1, 1])
+    assert viz.confusable_pairs(kg) == []
+    assert not traces(viz.knowledge_graph_figure(kg, "both"), viz.HIGHLIGHT_NAME)
+    # high gap but low visual similarity (below the median) is not "looks alike"
+    t = np.full((4, 4), -0.5) + 1.5 * np.eye(4)
+    v = np.full((4, 4), 0.8) + 0.2 * np.eye(4)
+    t[0, 1] = t[1, 0] = -0.9
+    v[0, 1] = v[1, 0] = 0.1
+    kg = KnowledgeGraph(list(CLASSES), t, v)
+    assert (0, 1) not in viz.confusable_pairs(kg)
+
+
+def test_visual_none_falls_back_to_text_with_notice():
+    kg = make_kg(visual=False)
+    for mode in ("both", "visual"):
+        fig = viz.knowledge_graph_figure(kg, mode)
+        assert legend_names(fig) == {viz.TEXT_NAME}
+        assert len(segments(fig, viz.TEXT_NAME)) == 6
+        assert "no visual graph" in annotations(fig)
+        assert all(h.count(":") == 1 and "visual" not in h for h in edge_hover(fig))
+    fig = viz.knowledge_graph_figure(kg, "text")
+    assert not annotations(fig)
+    fig = viz.knowledge_graph_figure(make_kg(), "fused")  # visual but no fused graph
+    assert legend_names(fig) >= {viz.TEXT_NAME, viz.VISUAL_NAME} and "no fused graph" in annotations(fig)
+    assert viz.available_modes(kg) == ["text"]
+    assert viz.available_modes(make_kg()) == ["both", "text", "visual"]
+    assert viz.available_modes(make_kg(fused=True)) == ["both", "text", "visual", "fused"]
+
+
+def test_zero_and_one_class():
+    empty = viz.knowledge_graph_figure(KnowledgeGraph([], np.zeros((0, 0))))
+    assert len(empty.data) == 0 and "No classes" in annotations(empty)
+    one = viz.knowledge_graph_figure(KnowledgeGraph(["cat"], np.ones((1, 1)), np.ones((1, 1)), None, [3]))
+    nodes = node_trace(one)
+    assert list(nodes.text) == ["cat"] and "3 support images" in nodes.hovertext[0]
+    assert not [t for t in one.data if t.mode == "lines"]
+    assert "one class" in annotations(one)
+    for fig in (empty, one):
+        json.loads(fig.to_json())
+
+
+def test_threshold_above_everything_says_so():
+    fig = viz.knowledge_graph_figure(make_kg(), "both", threshold=0.99)
+    assert not [t for t in fig.data if t.mode == "lines"] and not traces(fig, viz.EDGE_HOVER_NAME)
+    assert "threshold" in annotations(fig)
+    assert len(node_trace(fig).x) == 4
+
+
+def test_graph_figure_is_clean_and_light():
+    fig = viz.knowledge_graph_figure(make_kg(), "both")
+    lay = fig.layout
+    assert lay.xaxis.visible is False and lay.yaxis.visible is False
+    assert lay.yaxis.scaleanchor == "x" and lay.yaxis.scaleratio == 1
+    assert lay.plot_bgcolor == "white" and lay.paper_bgcolor == "white"
+    assert "textual + visual" in lay.title.text
+    # a large graph still needs only a handful of traces
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x + 0.3 * rng.normal(size=x.shape)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    big = KnowledgeGraph([f"c{i}" for i in range(60)], x @ x.T, y @ y.T, None, list(range(60)))
+    fig = viz.knowledge_graph_figure(big, "both", threshold=-1.0)
+    assert len(fig.data) <= 2 * viz.EDGE_LEVELS + 3
+    assert len(segments(fig, viz.TEXT_NAME)) == 60 * 59 // 2
+    assert len(edge_hover(fig)) == 60 * 59 // 2
+    assert len(fig.to_json()) < 3_000_000
+
+
+def test_figures_are_deterministic():
+    a = viz.knowledge_graph_figure(make_kg(), "both", 0.3).to_json()
+    b = viz.knowledge_graph_figure(make_kg(), "both", 0.3).to_json()
+    assert a == b
+
+
+# ---------------------------------------------------------------- tables
+def test_edge_rows_sorted_and_complete():
+    rows = viz.edge_rows(make_kg())
+    assert len(rows) == 4 * 3 // 2 and all(len(r) == len(viz.EDGE_COLUMNS) for r in rows)
+    assert viz.EDGE_COLUMNS == ["class A", "class B", "textual", "visual", "visual − textual"]
+    gaps = [r[4] for r in rows]
+    assert gaps == sorted(gaps, reverse=True)
+    assert rows[0] == ["cat", "lynx", 0.2, 0.9, 0.7]
+    pairs = {frozenset(r[:2]) for r in rows}
+    assert len(pairs) == 6
+    for a, b, t, v, g in rows:
+        i, j = CLASSES.index(a), CLASSES.index(b)
+        assert i < j and t == pytest.approx(TEXT[i, j], abs=1e-4) and v == pytest.approx(VISUAL[i, j], abs=1e-4)
+        assert g == pytest.approx(v - t, abs=2e-4)
+    assert len(viz.edge_rows(make_kg(), threshold=0.55)) == count_pairs(np.maximum(TEXT, VISUAL), 0.55)
+    json.dumps(rows)
+
+
+def test_edge_rows_without_visual_and_tiny():
+    rows = viz.edge_rows(make_kg(visual=False))
+    assert len(rows) == 6 and all(r[3] is None and r[4] is None for r in rows)
+    assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
+    assert viz.edge_rows(KnowledgeGraph(["a"], np.ones((1, 1)))) == []
+    assert viz.edge_rows(KnowledgeGraph([], np.zeros((0, 0)))) == []
+
+
+def test_confusable_rows():
+    rows = viz.confusable_rows(make_kg())
+    assert viz.CONFUSABLE_COLUMNS[:2] == ["class A", "class B"] and len(viz.CONFUSABLE_COLUMNS) == 5
+    assert rows == [["cat", "lynx", 0.2, 0.9, 0.7]]
+    assert viz.confusable_rows(make_kg(visual=False)) == []
+    t = np.eye(5)
+    v = np.eye(5) + 0.1 * (1 - np.eye(5))  # every pair: visual − text = 0.1
+    assert len(viz.confusable_rows(KnowledgeGraph(list("abcde"), t, v), top=3)) == 3
+
+
+# ---------------------------------------------------------------- training curve
+def test_training_curve_two_axes_and_data():
+    hist = [{"step": s, "loss": 2.0 / s, "accuracy": min(1.0, 0.2 * s)} for s in range(1, 8)]
+    fig = viz.training_curve_figure(hist, title="GraphAdapter training")
+    (loss,) = traces(fig, "loss")
+    (acc,) = traces(fig, "train accuracy")
+    assert list(loss.x) == list(range(1, 8)) and list(loss.y) == pytest.approx([2.0 / s for s in range(1, 8)])
+    assert list(acc.y) == pytest.approx([min(1.0, 0.2 * s) for s in range(1, 8)])
+    assert loss.yaxis in (None, "y") and acc.yaxis == "y2"
+    lay = fig.layout
+    assert lay.yaxis2.overlaying == "y" and lay.yaxis2.side == "right"
+    assert lay.yaxis2.tickformat.endswith("%") and lay.yaxis2.range[0] == 0 and lay.yaxis2.range[1] >= 1
+    assert lay.title.text == "GraphAdapter training"
+    json.loads(fig.to_json())
+
+
+def test_training_curve_empty_and_partial():
+    fig = viz.training_curve_figure([])
+    assert len(fig.data) == 0 and "Training has not started" in annotations(fig)
+    fig = viz.training_curve_figure([{"step": 1, "loss": 1.5, "accuracy": None}, {"step": 2, "loss": 1.0}])
+    assert [t.name for t in fig.data] == ["loss"]
+
+
+# ---------------------------------------------------------------- evaluation
+def test_confusion_heatmap_row_normalised():
+    conf = np.array([[8, 2, 0], [1, 1, 2], [0, 0, 0]])
+    fig = viz.confusion_figure(conf, ["a", "b", "c"])
+    (hm,) = fig.data
+    assert isinstance(hm, go.Heatmap)
+    z = np.array(hm.z, dtype=float)
+    np.testing.assert_allclose(z[0], [0.8, 0.2, 0.0])
+    np.testing.assert_allclose(z[1], [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(z[2], [0, 0, 0])  # no images of c: no division by zero
+    assert [list(r) for r in hm.text] == [["8", "2", "0"], ["1", "1", "2"], ["0", "0", "0"]]
+    assert hm.texttemplate == "%{text}"
+    assert list(hm.x) == list(hm.y) == ["a", "b", "c"] and hm.zmin == 0 and hm.zmax == 1
+    assert fig.layout.yaxis.autorange == "reversed"  # first true class on top
+    assert "true" in fig.layout.yaxis.title.text and "predicted" in fig.layout.xaxis.title.text
+    json.loads(fig.to_json())
+    with pytest.raises(ValueError):
+        viz.confusion_figure(np.zeros((2, 2)), ["a", "b", "c"])
+    assert "No evaluation" in annotations(viz.confusion_figure(np.zeros((0, 0)), []))
+
+
+def test_per_class_bars():
+    fig = viz.per_class_figure({"a": 0.5, "b": 1.0, "c": None})
+    (bar,) = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert list(bar.x) == ["a", "b", "c"] and list(bar.y) == [0.5, 1.0, 0.0]
+    assert list(bar.text) == ["50.0%", "100.0%", "no test images"]
+    assert bar.marker.color[2] != bar.marker.color[0]
+    assert fig.layout.yaxis.tickformat.endswith("%")
+    json.loads(fig.to_json())
+    assert "No evaluation" in annotations(viz.per_class_figure({}))
+
+
+def test_comparison_bars_highlight_best():
+    fig = viz.comparison_figure({"Zero-shot CLIP": 0.61, "GraphAdapter": 0.83, "Tip-Adapter": 0.79, "MMA": None})
+    (bar,) = fig.data
+    assert list(bar.x) == ["Zero-shot CLIP", "GraphAdapter", "Tip-Adapter", "MMA"]
+    assert list(bar.y) == [0.61, 0.83, 0.79, 0.0]
+    colors = list(bar.marker.color)
+    assert colors[1] == viz.BEST_COLOR and colors.count(viz.BEST_COLOR) == 1
+    assert "best" in bar.text[1] and "83.0%" in bar.text[1] and bar.text[3] == "n/a"
+    tie = viz.comparison_figure({"x": 0.5, "y": 0.5})
+    assert list(tie.data[0].marker.color) == [viz.BEST_COLOR] * 2
+    json.loads(fig.to_json())
+    assert "No results" in annotations(viz.comparison_figure({}))
+
+
+def test_viz_imports_only_plotly_and_numpy():
+    src = Path(viz.__file__).read_text()
+    mods = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            mods.add(node.module.split(".")[0])
+    assert mods <= {"__future__", "typing", "numpy", "plotly"}
+    # at run time, importing viz pulls in neither torch nor gradio
+    code = "import sys, fewshot_studio.viz; print(sorted({'torch', 'gradio'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
