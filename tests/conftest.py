@@ -66,3 +66,26 @@ def nato_task():
 
 def accuracy(method, refs, labels, extractor) -> float:
     return float((method.predict_proba(refs, extractor).argmax(1) == labels).float().mean())
+
+
+class CancelAfter:
+    """A cancel flag that trips once `stage` has reported `steps` steps; also a progress callback."""
+
+    def __init__(self, stage: str, steps: int):
+        self.stage, self.steps, self.tripped, self.seen = stage, steps, False, []
+
+    def __call__(self, p):
+        self.seen.append(p)
+        if p.stage.startswith(self.stage) and p.step >= self.steps:
+            self.tripped = True
+
+    def is_set(self) -> bool:
+        return self.tripped
+
+
+def state_of(method) -> dict:
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)

@@ -8,34 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import accuracy
+from conftest import CancelAfter, accuracy, same_state, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.methods.graph_adapter import (graph_adapter_classifier, graph_adapter_loop_reference,
                                                   query_rows)
-
-
-class CancelAfter:
-    """A cancel flag that trips once `stage` has reported `steps` steps; also a progress callback."""
-
-    def __init__(self, stage: str, steps: int):
-        self.stage, self.steps, self.tripped, self.seen = stage, steps, False, []
-
-    def __call__(self, p):
-        self.seen.append(p)
-        if p.stage.startswith(self.stage) and p.step >= self.steps:
-            self.tripped = True
-
-    def is_set(self) -> bool:
-        return self.tripped
-
-
-def _state(method):
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
-
-
-def _same_state(a, b) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +140,14 @@ def test_grouped_option_trains(tiny, nato_task, shared_extractor, zeroshot):
 def test_cancel_keeps_previous_state(tiny, nato_task, shared_extractor):
     support, _, _ = nato_task
     m = make_method("graph", tiny, support.classnames, steps=10).fit(support, shared_extractor)
-    before, history = _state(m), list(m.history)
+    before, history = state_of(m), list(m.history)
     flag = CancelAfter("Training", 3)
     m.config.seed = 5  # a different run would change every trained tensor
     with pytest.raises(Cancelled):
         m.fit(support, shared_extractor, progress=flag, cancel=flag)
     train_steps = [p.step for p in flag.seen if p.stage.startswith("Training")]
     assert train_steps == [1, 2, 3]  # stopped within one step
-    assert _same_state(_state(m), before)
+    assert same_state(state_of(m), before)
     assert m.history == history
 
 

@@ -10,34 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import accuracy
+from conftest import CancelAfter, accuracy, same_state, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 
 METHODS = ("tip", "tip-f")
-
-
-class CancelAfter:
-    """A cancel flag that trips once `stage` has reported `steps` steps; also a progress callback."""
-
-    def __init__(self, stage: str, steps: int):
-        self.stage, self.steps, self.tripped, self.seen = stage, steps, False, []
-
-    def __call__(self, p):
-        self.seen.append(p)
-        if p.stage.startswith(self.stage) and p.step >= self.steps:
-            self.tripped = True
-
-    def is_set(self) -> bool:
-        return self.tripped
-
-
-def _state(method):
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
-
-
-def _same_state(a, b) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -199,21 +176,21 @@ def test_cancel_keeps_previous_state(tiny, nato_task, shared_extractor, support_
     support, _, _ = nato_task
     m = make_method(name, tiny, support.classnames, min_steps=10) if name == "tip-f" else \
         make_method(name, tiny, support.classnames)
-    fresh = _state(m)
+    fresh = state_of(m)
     flag = CancelAfter(stage, 3 if name == "tip-f" else 1)
     with pytest.raises(Cancelled):
         m.fit(support, shared_extractor, progress=flag, cancel=flag)
-    assert _same_state(_state(m), fresh)  # the empty cache is back, even though fit had resized it
+    assert same_state(state_of(m), fresh)  # the empty cache is back, even though fit had resized it
     assert m.cache_keys.shape[0] == 0
     if name == "tip-f":
         assert [p.step for p in flag.seen if p.stage.startswith("Training")] == [1, 2, 3]
     # and from a trained state: a cancelled re-fit leaves it exactly as it was
     m.fit(support.subset(range(0, 20, 2)), shared_extractor)
-    before, metrics = _state(m), dict(m.metrics)
+    before, metrics = state_of(m), dict(m.metrics)
     flag = CancelAfter(stage, 3 if name == "tip-f" else 1)
     with pytest.raises(Cancelled):
         m.fit(support, shared_extractor, progress=flag, cancel=flag)
-    assert _same_state(_state(m), before) and m.metrics == metrics
+    assert same_state(state_of(m), before) and m.metrics == metrics
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -118,6 +118,19 @@ class Method(nn.Module):
     def logit_scale(self) -> float:
         return self.backbone.logit_scale
 
+    def _support_features(self, support: SupportSet, extractor: FeatureExtractor, augment_views: int,
+                          progress: ProgressFn | None, cancel: CancelFlag | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached features of the support images, (N, 1 + augment_views, d) (view 0 plain, then
+        augmented views), and their labels, on this method's device."""
+        from ..training import check_cancel
+
+        dev = self._device()
+        feats = extractor.image_features(support.images, views=range(max(1, int(augment_views)) + 1),
+                                         progress=progress, cancel=cancel).to(dev)
+        check_cancel(cancel)
+        return feats, support.labels_tensor().to(dev)
+
     def _check_support(self, support: SupportSet) -> None:
         if support.classnames != self.classnames:
             raise ValueError("the support set's classes differ from the method's classes")

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training import autocast_for, check_cancel, cosine_schedule, run_steps, seed_everything
+from ..training import autocast_for, cosine_schedule, run_steps, seed_everything
 from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 
@@ -191,10 +191,7 @@ class GraphAdapter(Method):
         gen = seed_everything(cfg.seed)
         dev = self._device()
         n_aug = max(1, int(cfg.augment_views))
-        feats = extractor.image_features(support.images, views=range(n_aug + 1), progress=progress,
-                                         cancel=cancel).to(dev)  # (N, 1+n_aug, d)
-        check_cancel(cancel)
-        labels = support.labels_tensor().to(dev)
+        feats, labels = self._support_features(support, extractor, n_aug, progress, cancel)  # (N, 1+n_aug, d)
         C = self.num_classes
         # frozen graph inputs, built once per fit
         text = extractor.class_text_features(self.classnames, self.descriptions, cfg.templates).to(dev)

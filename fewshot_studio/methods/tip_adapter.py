@@ -106,10 +106,7 @@ class TipAdapter(Method):
         gen = seed_everything(cfg.seed)
         dev = self._device()
         n_aug = max(1, int(cfg.augment_views))
-        feats = extractor.image_features(support.images, views=range(n_aug + 1), progress=progress,
-                                         cancel=cancel).to(dev)  # (N, 1+n_aug, d)
-        check_cancel(cancel)
-        labels = support.labels_tensor().to(dev)
+        feats, labels = self._support_features(support, extractor, n_aug, progress, cancel)  # (N, 1+n_aug, d)
         self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
                                                           cfg.templates).to(dev).clone()
         keys = F.normalize(feats[:, 1:].mean(1), dim=-1)
