@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import imageio
-from .backbone import Backbone, BackboneSpec, load_backbone
+from .backbone import TINY, Backbone, BackboneSpec, device_name, load_backbone, resolve_device
 from .cache import FeatureCache
 from .data import ImageRef, SupportSet
 from .errors import DataError, FewShotError, ModelFileError, WeightsUnavailableError
@@ -54,7 +54,19 @@ EXAMPLES: dict[str, dict] = {
 
 METHOD_LABELS = {"graph": "GraphAdapter", "mma": "MMA", "tip": "Tip-Adapter", "tip-f": "Tip-Adapter-F",
                  "zeroshot": "Zero-shot CLIP"}
+METHOD_ORDER = ("graph", "mma", "tip", "tip-f", "zeroshot")
+
+# (value, label) of the backbone picker's presets; any open_clip "name/pretrained" also works.
+BACKBONE_PRESETS = (
+    ("ViT-B-32/openai", "ViT-B-32 / openai"),
+    ("ViT-B-16/openai", "ViT-B-16 / openai (MMA's paper setting)"),
+    ("RN50/openai", "RN50 / openai (GraphAdapter's paper setting; not for MMA)"),
+    ("ViT-L-14/openai", "ViT-L-14 / openai (large: slow on a CPU)"),
+    ("ViT-B-32/laion2b_s34b_b79k", "ViT-B-32 / laion2b_s34b_b79k"),
+    (TINY, "tiny — offline test backbone: it only knows coloured shapes"),
+)
 THUMB_SIZE = 160
+POOL = "(unlabeled pool)"  # the pseudo-class naming the unlabeled pool in pickers
 
 
 def _is_hosted() -> bool:
@@ -119,12 +131,39 @@ class Studio:
             return self._extractors[backbone.id]
 
     def status_line(self) -> str:
+        ok, line = self.backbone_status()
+        return line
+
+    def backbone_status(self) -> tuple[bool, str]:
+        """(whether the default backbone loads, a one-line markdown banner naming the backbone
+        and the device, or saying in one sentence why the weights are unavailable)."""
         try:
             b = self.backbone()
-            return f"**Backbone:** {b.spec.label} · **Device:** {b.device_label}"
+            return True, f"**Backbone:** {b.spec.label} · **Device:** {b.device_label}"
         except FewShotError as e:
-            return (f"⚠️ **Backbone unavailable:** {e} Pick `tiny` or give a local checkpoint "
-                    "in the Train tab.")
+            dev = device_name(resolve_device(self.default_spec.device))
+            how = ("Both are in the Train tab (Backbone, Local checkpoint); `tiny` only knows coloured shapes."
+                   if "tiny" in str(e) else
+                   "In the Train tab pick `tiny` (it only knows coloured shapes) or fill in Local checkpoint.")
+            return False, f"⚠️ **Backbone unavailable:** {e} {how} · **Device:** {dev}"
+
+    def backbone_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for a backbone picker: the default first, then the presets.
+        A value is "name/pretrained" or "tiny"; any open_clip "name/pretrained" works too."""
+        default = self.default_backbone_value()
+        out = [(label, value) for value, label in BACKBONE_PRESETS]
+        if default not in {v for _, v in out}:
+            out.insert(0, (f"{default} (default)", default))
+        else:
+            out.sort(key=lambda lv: lv[1] != default)
+            out[0] = (out[0][0] + ("" if "(default" in out[0][0] else "  · default"), default)
+        return out
+
+    def default_backbone_value(self) -> str:
+        s = self.default_spec
+        if s.name == TINY:
+            return TINY
+        return f"{s.name}/{s.pretrained}" if s.pretrained else s.name
 
     # ---- projects ----------------------------------------------------------------------
     def _owner(self, owner: str | None) -> str | None:
@@ -180,6 +219,7 @@ class Studio:
     # ---- classes and images --------------------------------------------------------------
     def add_class(self, project_id: int, name: str, description: str = "", owner: str | None = None):
         self.project(project_id, owner)
+        _not_reserved(name)
         return self.store.add_class(int(project_id), name, description or "")
 
     def _class(self, project_id: int, class_id: int, owner: str | None):
@@ -198,6 +238,7 @@ class Studio:
 
     def rename_class(self, project_id: int, class_id: int, name: str, owner: str | None = None):
         self._class(project_id, class_id, owner)
+        _not_reserved(name)
         return self.store.rename_class(int(class_id), name)
 
     def set_description(self, project_id: int, class_id: int, description: str, owner: str | None = None):
@@ -274,7 +315,7 @@ class Studio:
         self.project(project_id, owner)
         counts = self.store.class_counts(int(project_id))
         rows = [[c.name, c.description, counts.get(c.id, 0)] for c in self.store.list_classes(int(project_id))]
-        return rows + [["(unlabeled pool)", "", counts.get(None, 0)]]
+        return rows + [[POOL, "", counts.get(None, 0)]]
 
     def thumbnail(self, img: ImageInfo) -> str:
         """A small PNG for galleries, generated once per image content."""
@@ -470,9 +511,24 @@ class Studio:
         return len(ids)
 
     # ---- export and import ---------------------------------------------------------------------
+    EXPORT_TTL = 3600.0  # seconds an export stays on disk for downloading
+
     def _export_path(self, project_id: int, filename: str) -> Path:
-        d = self.exports_dir / str(project_id)
-        d.mkdir(parents=True, exist_ok=True)
+        """A fresh, unguessable folder per export (exports are served for download, so another
+        session must not be able to guess a path), named exports/<project>-<random>/filename;
+        the project's exports older than EXPORT_TTL are removed."""
+        import secrets
+
+        self.exports_dir.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in self.exports_dir.glob(f"{int(project_id)}-*"):
+            try:
+                if now - old.stat().st_mtime > self.EXPORT_TTL:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        d = self.exports_dir / f"{int(project_id)}-{secrets.token_urlsafe(12)}"
+        d.mkdir(parents=True)
         return d / filename
 
     def label_records(self, project_id: int, owner: str | None = None) -> list[dict]:
@@ -536,6 +592,9 @@ class Studio:
         load and its classes must be this project's classes."""
         self.project(project_id, owner)
         members, errors = imageio.read_zip(source)
+        if errors:
+            first = str(errors[0]).rstrip(".")
+            raise ModelFileError(f"The model zip has an unsafe or unreadable entry ({first}); nothing was imported.")
         files = {m.path[-1]: m.data for m in members if m.path[-1] in (CONFIG_FILE, WEIGHTS_FILE)}
         if set(files) != {CONFIG_FILE, WEIGHTS_FILE}:
             raise ModelFileError("The zip must contain a model folder with config.json and model.safetensors.")
@@ -558,8 +617,237 @@ class Studio:
             shutil.rmtree(staging, ignore_errors=True)
         return info
 
+    # ---- helpers for front ends (UI-agnostic) --------------------------------------------------
+    def last_project(self, owner: str | None = None, preferred: int | str | None = None) -> Project | None:
+        """The project to reopen: `preferred` (e.g. remembered by the browser) when this owner may
+        see it, else the most recently changed one, else None."""
+        if preferred not in (None, ""):
+            try:
+                return self.project(int(preferred), owner)
+            except (FewShotError, ValueError, TypeError):
+                pass
+        projects = self.list_projects(owner)
+        return projects[0] if projects else None
+
+    def class_choices(self, project_id: int, owner: str | None = None) -> list[tuple[str, str]]:
+        """(label with the image count, class name) per class, in class order."""
+        self.project(project_id, owner)
+        counts = self.store.class_counts(int(project_id))
+        return [(f"{c.name} ({counts.get(c.id, 0)})", c.name) for c in self.store.list_classes(int(project_id))]
+
+    def class_id_for(self, project_id: int, name: str | None, owner: str | None = None) -> int | None:
+        """A class's id from its name; None (the unlabeled pool) for an empty name or POOL."""
+        if name in (None, "", POOL):
+            self.project(project_id, owner)
+            return None
+        return self.class_by_name(project_id, name, owner).id
+
+    def add_uploads(self, project_id: int, files: Iterable[str | os.PathLike], class_name: str | None = None,
+                    owner: str | None = None) -> tuple[int, list[str]]:
+        """Add uploaded files. `class_name`: a class (every image, zipped or not, joins it), POOL
+        (everything goes to the unlabeled pool) or None (a zip's `class_name/image` folders make
+        classes as needed; loose files go to the pool). Zip archives are judged by content.
+        Returns (images added, one sentence per refused file)."""
+        class_id = self.class_id_for(project_id, class_name, owner)
+        paths = [Path(f) for f in files or []]
+        if not paths:
+            raise DataError("Choose at least one image to upload.")
+        added, errors, plain = 0, [], []
+        for path in paths:
+            if zipfile.is_zipfile(path):
+                if class_id is None:
+                    n, errs = self.add_zip(project_id, path, owner, pool=class_name == POOL)
+                else:
+                    members, zerrs = imageio.read_zip(path)
+                    infos, errs = self.store.add_images(int(project_id), [("/".join(m.path), m.data) for m in members],
+                                                        class_id=class_id, labeled_by="user")
+                    n, errs = len(infos), [str(e) for e in zerrs] + list(errs)
+                added += n
+                errors += errs
+            else:
+                plain.append(path)
+        if plain:
+            infos, errs = self.add_images(project_id, plain, class_id=class_id, owner=owner)
+            added += len(infos)
+            errors += errs
+        return added, [str(e) for e in errors]
+
+    def image_gallery(self, project_id: int, class_name: str | None, owner: str | None = None
+                      ) -> list[tuple[str, str]]:
+        """Thumbnails of a class (or of the pool for POOL/None) with "#id name" captions."""
+        return self.gallery(project_id, self.class_id_for(project_id, class_name, owner), owner)
+
+    def remove_images(self, project_id: int, image_ids: Sequence[int], owner: str | None = None) -> int:
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            raise DataError("Select an image first (click its thumbnail).")
+        for i in ids:
+            self._image(project_id, i, owner)
+        return self.store.remove_images(ids)
+
+    def pool_predictions(self, project_id: int, owner: str | None = None) -> list[PoolRow]:
+        """The latest model's stored predictions for the images still in the pool, least
+        confident first (no recomputation); empty when there is no model or no prediction."""
+        self.project(project_id, owner)
+        models = self.store.list_models(int(project_id))
+        if not models:
+            return []
+        names = {c.id: c.name for c in self.store.list_classes(int(project_id))}
+        pool = {i.id: i for i in self.store.list_images(int(project_id), pool=True)}
+        rows = []
+        for p in self.store.list_predictions(models[0].id, pool_only=True):
+            img = pool.get(p.image_id)
+            if img is None or p.label not in names:
+                continue
+            top = ""
+            if isinstance(p.probs, list) and len(p.probs) == len(models[0].config.get("classes", [])):
+                order = sorted(range(len(p.probs)), key=lambda j: -p.probs[j])[:3]
+                cls = models[0].config["classes"]
+                top = ", ".join(f"{cls[j]} {p.probs[j]:.0%}" for j in order)
+            rows.append(PoolRow(img.id, img.original_name, names[p.label], p.confidence, top))
+        return rows
+
+    def pool_gallery(self, project_id: int, rows: Sequence[PoolRow] | None = None, owner: str | None = None
+                     ) -> list[tuple[str, str]]:
+        """Pool thumbnails captioned "#id label 87%" in the rows' order (least confident first),
+        then the pool images without a prediction."""
+        self.project(project_id, owner)
+        pool = {i.id: i for i in self.store.list_images(int(project_id), pool=True)}
+        out, seen = [], set()
+        for r in rows or []:
+            if r.image_id in pool:
+                out.append((self.thumbnail(pool[r.image_id]), f"#{r.image_id} {r.label} {r.confidence:.0%}"))
+                seen.add(r.image_id)
+        for i, img in pool.items():
+            if i not in seen:
+                out.append((self.thumbnail(img), f"#{i} {img.original_name}"))
+        return out
+
+    def accept_confident(self, project_id: int, threshold: float, owner: str | None = None) -> int:
+        """Accept every stored pool prediction of the latest model with confidence ≥ threshold."""
+        ids = [r.image_id for r in self.pool_predictions(project_id, owner) if r.confidence >= float(threshold)]
+        if not ids:
+            if not self.pool_predictions(project_id, owner):
+                raise DataError("Label the pool first; there are no predictions to accept.")
+            return 0
+        return self.accept(project_id, ids, owner)
+
+    def model_summary(self, project_id: int, owner: str | None = None) -> str:
+        """One markdown line about the latest model, or how to get one."""
+        models = self.models(project_id, owner)
+        if not models:
+            return "No model yet: train one in the Train tab."
+        m = models[0]
+        label = METHOD_LABELS.get(m.method, m.method)
+        bb = (m.config.get("backbone") or {}) if isinstance(m.config, dict) else {}
+        bname = bb.get("name") or m.backbone_id
+        if bb.get("pretrained"):
+            bname += f"/{bb['pretrained']}"
+        parts = [f"**Model #{m.id}:** {label} on `{bname}`", f"{len(m.config.get('classes', []))} classes"]
+        acc = (m.metrics or {}).get("train_accuracy")
+        if isinstance(acc, (int, float)):
+            parts.append(f"train accuracy {acc:.0%}")
+        parts.append(time.strftime("trained %Y-%m-%d %H:%M", time.localtime(m.created)))
+        return " · ".join(parts)
+
+    def usage(self, project_id: int, owner: str | None = None) -> str:
+        """The Python snippet for the latest model."""
+        _, method = self.latest_model(project_id, owner)
+        return usage_snippet(method)
+
+    def model_history(self, project_id: int, owner: str | None = None) -> list[dict]:
+        """The latest model's training curve (step, loss, accuracy), or []."""
+        models = self.models(project_id, owner)
+        if not models:
+            return []
+        return list((models[0].config or {}).get("history") or [])
+
+    def active_job(self, project_id: int | None) -> Any:
+        """The newest unfinished training job of this project (to resume showing its progress)."""
+        from .jobs import FINISHED
+
+        if project_id in (None, ""):
+            return None
+        jobs = [j for j in self.runner.jobs(int(project_id)) if j.status not in FINISHED]
+        return max(jobs, key=lambda j: j.created) if jobs else None
+
+    def method_choices(self) -> list[tuple[str, str]]:
+        return [(METHOD_LABELS[m], m) for m in METHOD_ORDER]
+
+    @staticmethod
+    def method_settings(method: str) -> dict[str, Any]:
+        """A method's editable settings with the papers' defaults (numbers and switches; an
+        "auto" setting is None)."""
+        from dataclasses import MISSING, fields
+
+        cls = get_method_class(method)
+        out = {}
+        for f in fields(cls.Config):
+            v = f.default if f.default is not MISSING else None
+            t = str(f.type)
+            if isinstance(v, (bool, int, float)) or (v is None and t.split("|")[0].strip() in ("int", "float")):
+                out[f.name] = v
+        return out
+
+    @staticmethod
+    def coerce_settings(method: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """Form values to a method's settings: blanks dropped, ints kept whole, unknown names
+        ignored; one sentence for a value that does not fit."""
+        from dataclasses import fields
+
+        cls = get_method_class(method)
+        types = {f.name: f.type for f in fields(cls.Config)}
+        defaults = Studio.method_settings(method)
+        out: dict[str, Any] = {}
+        for k, v in (raw or {}).items():
+            if k not in types or v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            d, t = defaults.get(k), str(types[k])
+            try:
+                if isinstance(d, bool) or t.startswith("bool"):
+                    out[k] = bool(v)
+                elif isinstance(d, int) or t.startswith("int"):
+                    if float(v) != int(float(v)):
+                        raise ValueError
+                    out[k] = int(float(v))
+                elif isinstance(d, float) or t.startswith("float"):
+                    out[k] = float(v)
+                else:
+                    out[k] = v
+            except (TypeError, ValueError):
+                raise DataError(f"The {cls.label} setting '{k}' must be a "
+                                f"{'whole number' if 'int' in t else 'number'}, not {v!r}.") from None
+        return out
+
+    def browser_secret(self) -> str:
+        """A per-installation random secret (kept in the data dir) for encrypting what a
+        browser remembers, so that it survives restarts."""
+        path = self.root / "browser.secret"
+        with self._lock:
+            try:
+                s = path.read_text().strip()
+                if len(s) >= 16:
+                    return s
+            except OSError:
+                pass
+            import secrets
+
+            s = secrets.token_urlsafe(24)
+            try:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(s)
+                os.replace(tmp, path)
+            except OSError:
+                pass
+            return s
+
     def close(self) -> None:
         self.store.close()
+
+
+def _not_reserved(name) -> None:
+    if isinstance(name, str) and name.strip().casefold() == POOL.casefold():
+        raise DataError(f"{POOL!r} names the pool of unlabeled images; choose another class name.")
 
 
 def _safe_part(name: str) -> str:
@@ -581,3 +869,18 @@ def usage_snippet(method: Method) -> str:
         "print(dict(zip(model.classnames, probs.tolist())))\n"
         f"# classes: {', '.join(method.classnames)}; method: {method.label}\n"
     )
+
+
+def parse_image_ids(text: str | Iterable | None) -> list[int]:
+    """Image ids from free text ("#12, 15 16") or a list; order kept, duplicates dropped."""
+    import re
+
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        text = " ".join(str(t) for t in text)
+    out: list[int] = []
+    for tok in re.findall(r"\d+", text):
+        if int(tok) not in out:
+            out.append(int(tok))
+    return out

@@ -1,39 +1,292 @@
-"""The Gradio app starts and answers through its named API endpoints."""
+"""The Gradio app over HTTP: launched on a free loopback port with the tiny backbone and driven
+through its named endpoints with gradio_client (the flow of SPEC §2), plus `python app.py`."""
 from __future__ import annotations
+
+import csv
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fewshot_studio import shapes
 
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["red circle", "blue square", "green triangle", "yellow star"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(path: Path, label: str, seed: int) -> str:
+    shapes.render(shapes.ShapeSpec(*label.split(" ", 1)), np.random.default_rng(seed), 64).save(path)
+    return str(path)
+
 
 @pytest.fixture(scope="module")
-def running_app(tmp_path_factory):
+def app(tmp_path_factory):
     from fewshot_studio.backbone import BackboneSpec
     from fewshot_studio.service import Studio
     from fewshot_studio.ui.app import build_app
 
-    demo = build_app(Studio(BackboneSpec(name="tiny", pretrained=None, device="cpu")))
-    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    studio = Studio(tmp_path_factory.mktemp("data"), BackboneSpec("tiny", None, device="cpu"))
+    demo = build_app(studio)
+    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield demo
     demo.close()
+    studio.close()
 
 
-def test_zero_shot_prediction_endpoint(running_app, tmp_path):
-    from gradio_client import Client, handle_file
+@pytest.fixture
+def client(app):
+    from gradio_client import Client
 
-    img = tmp_path / "star.png"
-    shapes.render(shapes.ShapeSpec("yellow", "star"), np.random.default_rng(3), 96).save(img)
-    client = Client(running_app.local_url, verbose=False)
-    out = client.predict("red circle, yellow star, blue square", handle_file(str(img)), api_name="/predict")
-    assert out["label"] == "yellow star"
+    return Client(app.local_url, verbose=False)
 
 
-def test_status_banner_names_backbone_and_device():
+class Endpoint:
+    """Arguments of a named endpoint by label, starting from the components' defaults."""
+
+    def __init__(self, client, name: str):
+        info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][name]
+        self.client, self.name, self.params = client, name, info["parameters"]
+
+    def __call__(self, **by_label):
+        args = []
+        for p in self.params:
+            label = p["label"]
+            hit = [k for k in by_label if k in label]
+            args.append(by_label[hit[0]] if hit else p.get("parameter_default"))
+        return self.client.predict(*args, api_name=self.name)
+
+
+def wait_training(client, timeout: float = 180.0) -> str:
+    """Poll the progress endpoint (what the page's timer does) until the job finishes."""
+    seen = []
+    end = time.time() + timeout
+    while time.time() < end:
+        out = client.predict(api_name="/training_status")
+        html = next((o for o in out if isinstance(o, str) and "fs-progress" in o), "")
+        status = re.search(r'data-status="(\w+)"', html)
+        if status:
+            seen.append(status.group(1))
+            if status.group(1) in ("done", "failed", "cancelled"):
+                return html
+        time.sleep(0.3)
+    raise AssertionError(f"training did not finish; statuses seen: {seen[-5:]}")
+
+
+def test_full_flow_through_named_endpoints(app, client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    studio = app.studio
+    out = client.predict("Shapes via API", api_name="/create_project")
+    assert out[0].startswith("Created project")
+    pid = studio.list_projects()[0].id
+
+    for k, name in enumerate(CLASSES):
+        out = client.predict(name, "" if k else "a round red shape", api_name="/add_class")
+        assert name in out[0]
+        files = [handle_file(render(tmp_path / f"{name}-{i}.png", name, 100 * k + i)) for i in range(4)]
+        out = client.predict(name, files, api_name="/add_images")
+        assert out[0].startswith("Added 4 images"), out[0]
+    counts = {r[0]: r[2] for r in studio.class_rows(pid)}
+    assert all(counts[c] == 4 for c in CLASSES)
+    assert studio.class_by_name(pid, "red circle").description == "a round red shape"
+
+    train = Endpoint(client, "/train")
+    # MMA first with few steps (advanced settings), then GraphAdapter: the latest model
+    out = train(Method="mma", Backbone="tiny", **{"MMA · steps": "30"})
+    assert "Training MMA" in out[0]
+    html = wait_training(client)
+    assert 'data-status="done"' in html and "30 steps" in html
+    out = train(Method="graph", Backbone="tiny")
+    html = wait_training(client)
+    assert 'data-status="done"' in html
+    models = studio.models(pid)
+    assert [m.method for m in models] == ["graph", "mma"]
+    assert models[1].config["hyperparameters"]["steps"] == 30
+
+    plot, edges, confusable, info = Endpoint(client, "/graph")(**{"Sub-graph": "both", "threshold": -1.0})
+    assert plot and plot["type"] == "plotly" and all(c in plot["plot"] for c in CLASSES)
+    assert len(edges["data"]) == 6 and edges["headers"][:2] == ["class A", "class B"]
+    assert "GraphAdapter" in info
+
+    md, comparison, per_class, confusion, *_ = Endpoint(client, "/evaluate")(**{
+        "Methods to compare": ["graph", "zeroshot"], "Backbone": "tiny", "GraphAdapter · optimizer steps": 20})
+    assert "leave-one-out over 16 images" in md and "GraphAdapter" in md and "Zero-shot" in md
+    assert comparison["type"] == "plotly" and confusion["type"] == "plotly" and per_class["type"] == "plotly"
+    out = client.predict(api_name="/use_best")
+    method, notice = out[0], out[-1]
+    assert method in ("graph", "zeroshot") and "Train tab now uses" in notice
+
+    star = render(tmp_path / "star.png", "yellow star", 999)
+    label = client.predict(handle_file(star), api_name="/predict")
+    assert label["label"] == "yellow star"
+
+    pool_truth = {}
+    files = []
+    for k, name in enumerate(CLASSES):
+        for i in range(2):
+            f = render(tmp_path / f"pool-{k}-{i}.png", name, 5000 + 10 * k + i)
+            pool_truth[Path(f).name] = name
+            files.append(handle_file(f))
+    out = client.predict(files, api_name="/add_pool")
+    assert out[0].startswith("Added 8 images to the pool")
+    out = client.predict(api_name="/label_pool")
+    assert out[0].startswith("Labeled 8 pool images")
+    table = out[1]["data"]
+    assert len(table) == 8 and [r[3] for r in table] == sorted(r[3] for r in table)
+    assert np.mean([pool_truth[r[1]] == r[2] for r in table]) >= 0.75
+
+    first, second = table[0], table[1]
+    out = client.predict(f"{first[0]}", api_name="/accept")
+    assert out[0].startswith("Accepted 1 prediction")
+    img = studio.store.get_image(first[0])
+    assert img.labeled_by == "accepted" and img.class_id == studio.class_by_name(pid, first[2]).id
+    out = client.predict(f"#{second[0]}", pool_truth[second[1]], api_name="/correct")
+    assert out[0].startswith("Labeled 1 image as")
+    assert studio.store.get_image(second[0]).labeled_by == "corrected"
+    assert len(out[1]["data"]) == 6
+
+    out = client.predict(api_name="/retrain")
+    assert out[0].startswith("Retraining")
+    assert 'data-status="done"' in wait_training(client)
+    assert len(studio.models(pid)) == 3
+
+    notice, path = client.predict(api_name="/export_labels_csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24
+    by_id = {int(r["image_id"]): r for r in rows}
+    assert by_id[first[0]]["labeled_by"] == "accepted" and by_id[first[0]]["label"] == first[2]
+    notice, path = client.predict(api_name="/export_labels_json")
+    assert Path(path).read_text(encoding="utf-8").lstrip().startswith("{")
+    notice, path = client.predict(api_name="/export_imagefolder")
+    with zipfile.ZipFile(path) as z:
+        assert {n.split("/")[0] for n in z.namelist()} == set(CLASSES)
+    notice, path, snippet = client.predict(api_name="/export_model")
+    with zipfile.ZipFile(path) as z:
+        assert {"model/config.json", "model/model.safetensors"} <= set(z.namelist())
+    assert "load_model" in snippet
+
+    out = client.predict(handle_file(path), api_name="/import_model")
+    assert out[0].startswith("Imported the model")
+    assert len(studio.models(pid)) == 4
+
+    # a class without images: one sentence for a method that needs images
+    client.predict("purple cross", "", api_name="/add_class")
+    with pytest.raises(AppError) as e:
+        train(Method="graph", Backbone="tiny")
+    assert "purple cross" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_errors_without_a_project_are_one_sentence(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as e:
+        client.predict("x", "", api_name="/add_class")
+    assert "Create or open a project first" in str(e.value)
+    with pytest.raises(AppError) as e:
+        Endpoint(client, "/train")(Method="graph", Backbone="tiny")
+    assert "project" in str(e.value)
+
+
+def test_example_project_and_project_management(app, client):
+    studio = app.studio
+    out = client.predict("shapes", api_name="/load_example")
+    assert out[0].startswith("Loaded the example project")
+    pid = max(p.id for p in studio.list_projects())
+    assert {r[0]: r[2] for r in studio.class_rows(pid)}["(unlabeled pool)"] == 15
+    out = client.predict("Renamed shapes", api_name="/rename_project")
+    assert studio.project(pid).name == "Renamed shapes"
+    out = client.predict("red circle", "scarlet disc", api_name="/rename_class")
+    assert "scarlet disc" in [c for _, c in studio.class_choices(pid)]
+    out = client.predict(api_name="/delete_project")
+    assert out[0].startswith("Deleted")
+    assert pid not in [p.id for p in studio.list_projects()]
+
+
+def test_page_stays_responsive_during_training_and_cancel_works(app, client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    client.predict("shapes", api_name="/load_example")
+    Endpoint(client, "/train")(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 30000})
+    time.sleep(1.0)
+    t = time.perf_counter()
+    out = client.predict("red circle", api_name="/open_class")      # another action while training runs
+    assert len(out) > 0 and time.perf_counter() - t < 3.0
+    t = time.perf_counter()
+    status = client.predict(api_name="/training_status")
+    assert time.perf_counter() - t < 3.0
+    assert any(isinstance(o, str) and 'data-status="running"' in o for o in status)
+    assert "Cancelling" in client.predict(api_name="/cancel_training")
+    html = wait_training(client, timeout=60)
+    assert 'data-status="cancelled"' in html and "unchanged" in html
+
+    # weights that cannot be had offline: one sentence naming the way out
+    with pytest.raises(AppError) as e:
+        Endpoint(client, "/train")(Method="zeroshot", Backbone="ViT-B-32/openai",
+                                   **{"Local checkpoint": str(tmp_path / "missing.safetensors")})
+    assert "tiny" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hosted_sessions_see_only_their_own_projects(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
     from fewshot_studio.backbone import BackboneSpec
     from fewshot_studio.service import Studio
+    from fewshot_studio.ui.app import build_app
 
-    line = Studio(BackboneSpec(name="tiny", pretrained=None, device="cpu")).status_line()
-    assert "tiny" in line and "CPU" in line
-    bad = Studio(BackboneSpec(name="ViT-B-32", checkpoint="/no/such/file.pt", device="cpu")).status_line()
-    assert "unavailable" in bad and "does not exist" in bad
+    studio = Studio(tmp_path, BackboneSpec("tiny", None, device="cpu"), hosted=True)
+    demo = build_app(studio)
+    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        alice, bob = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+        out = alice.predict("Alice's secrets", api_name="/create_project")
+        assert out[1]["choices"] == [["Alice's secrets", 1]]
+        out = bob.predict("Bob's", api_name="/create_project")
+        assert [c[0] for c in out[1]["choices"]] == ["Bob's"]
+        with pytest.raises(AppError):  # refused: not among Bob's projects
+            bob.predict(1, api_name="/open_project")
+        assert studio.list_projects("nobody") == []
+        assert [p.name for p in studio.list_projects()] == []  # no owner: nothing
+    finally:
+        demo.close()
+        studio.close()
+
+
+def test_python_app_py_serves_the_page(tmp_path):
+    """`python app.py` honours FEWSHOT_STUDIO_* and GRADIO_SERVER_* and serves the app."""
+    port = free_port()
+    env = {**os.environ, "FEWSHOT_STUDIO_BACKBONE": "tiny", "FEWSHOT_STUDIO_DATA": str(tmp_path / "data"),
+           "FEWSHOT_STUDIO_DEVICE": "cpu", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        end, body = time.time() + 90, ""
+        while time.time() < end and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert "Few-Shot Studio" in body, proc.stdout.read().decode()[-2000:] if proc.poll() is not None else ""
+        assert (tmp_path / "data" / "studio.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,30 +1,83 @@
-"""The Few-Shot Studio page. Thin handlers: every decision lives in the core package."""
+"""The Few-Shot Studio page, assembled from small builder modules. Thin handlers: every
+decision lives in the core package (`fewshot_studio.service.Studio`).
+
+    demo = build_app()                 # a Studio from the environment
+    demo.queue().launch()              # serves the data dir's thumbnails and exports only
+"""
 from __future__ import annotations
 
 import gradio as gr
 
-from ..backbone import BackboneSpec, load_backbone
-from ..errors import FewShotError
 from ..service import Studio
+from . import classes, evaluate, export, graph, label, projects, train
+from .common import CSS, UI, theme
+
+DEFAULT_CONCURRENCY = 4
 
 
-def build_app(studio: Studio | None = None) -> gr.Blocks:
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose launch() defaults to the app's theme and CSS and serves exactly the
+    Studio's thumbnail and export folders (whoever calls launch: app.py, a Space, a test)."""
+
+    studio: Studio
+
+    def launch(self, *args, **kwargs):
+        st = self.studio
+        st.thumbs_dir.mkdir(parents=True, exist_ok=True)
+        st.exports_dir.mkdir(parents=True, exist_ok=True)
+        allowed = [str(st.thumbs_dir.resolve()), str(st.exports_dir.resolve())]
+        kwargs["allowed_paths"] = list(kwargs.get("allowed_paths") or []) + allowed
+        kwargs.setdefault("css", CSS)
+        kwargs.setdefault("theme", theme())
+        kwargs.setdefault("footer_links", ["api", "gradio"])
+        return super().launch(*args, **kwargs)
+
+    def queue(self, *args, **kwargs):
+        kwargs.setdefault("default_concurrency_limit", DEFAULT_CONCURRENCY)
+        return super().queue(*args, **kwargs)
+
+
+def build_app(studio: Studio | None = None) -> StudioBlocks:
+    """The whole page. One Studio serves every browser session; per-session state (owner
+    token, current project, current job) lives in gr.State, and the browser remembers the
+    last project (gr.BrowserState)."""
     studio = studio or Studio()
-    with gr.Blocks(title="Few-Shot Studio") as demo:
-        gr.Markdown("# Few-Shot Studio\nName a few classes, show an image, get a prediction.")
-        banner = gr.Markdown(studio.status_line())
-        with gr.Row():
-            classes = gr.Textbox(label="Classes (comma separated)", value="red circle, blue square, green triangle")
-            image = gr.Image(label="Image", type="pil")
-        go = gr.Button("Predict (zero-shot)", variant="primary")
-        out = gr.Label(label="Prediction", num_top_classes=5)
-
-        def predict(names: str, img):
-            try:
-                return studio.zero_shot(names, img)
-            except FewShotError as e:
-                raise gr.Error(str(e))
-
-        go.click(predict, [classes, image], out, api_name="predict")
-        demo.load(studio.status_line, None, banner)
+    ui = UI(studio)
+    with StudioBlocks(title="Few-Shot Studio") as demo:
+        demo.studio = studio
+        ui.owner = gr.State(None)
+        ui.project = gr.State(None)
+        ui.job = gr.State(None)
+        ui.remembered = gr.BrowserState({"owner": None, "project": None}, storage_key="fewshot-studio",
+                                        secret=studio.browser_secret())
+        projects.build_header(ui)
+        projects.build_bar(ui)
+        with gr.Tabs(selected="classes", elem_id="tabs") as ui.tabs:
+            with gr.Tab("1 · Classes & examples", id="classes", elem_id="tab-classes") as classes_tab:
+                classes.build(ui)
+            with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
+                train.build(ui)
+            with gr.Tab("3 · Knowledge graph", id="graph", elem_id="tab-graph") as graph_tab:
+                graph.build(ui)
+            with gr.Tab("4 · Evaluate", id="evaluate", elem_id="tab-evaluate"):
+                evaluate.build(ui)
+            with gr.Tab("5 · Predict & label", id="label", elem_id="tab-label") as label_tab:
+                label.build(ui)
+            with gr.Tab("6 · Export", id="export", elem_id="tab-export"):
+                export.build(ui)
+        # events that reach across tabs
+        train.wire(ui)
+        evaluate.wire(ui)
+        label.wire(ui)
+        export.wire(ui)
+        projects.wire(ui)
+        fn, ins, outs = ui.graph_fn
+        graph_tab.select(fn, ins, outs, api_visibility="private")
+        classes_tab.select(ui.classes_tab_fn, [ui.project, ui.class_dd, ui.owner], ui.class_outputs,
+                           api_visibility="private")
+        label_tab.select(ui.label_tab_fn, [ui.project, ui.owner], [ui.correct_dd, ui.label_model_md],
+                         api_visibility="private")
+        resume_outputs, resume = train.resume(ui)
+        projects.wire_session(ui, demo, resume_outputs, resume)
+    demo.ui = ui
     return demo

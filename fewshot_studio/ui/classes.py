@@ -1,0 +1,187 @@
+"""Classes & examples: add, rename, describe and delete classes; upload images (files, drag and
+drop, a zip of class folders, webcam); thumbnails with remove; counts."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..errors import DataError
+from ..service import POOL, parse_image_ids
+from .common import UI, files_of, friendly, need_project, refused_text, selected_caption, who
+
+
+def build(ui: UI) -> None:
+    s = ui.studio
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui.class_table = gr.Dataframe(headers=["class", "description", "images"], value=[],
+                                          datatype=["str", "str", "number"], interactive=False,
+                                          label="Classes (click one to open it)", elem_id="class-table",
+                                          column_widths=["35%", "50%", "15%"])
+            with gr.Group():
+                ui.new_class = gr.Textbox(label="New class", placeholder="e.g. scratch", elem_id="new-class-name")
+                ui.new_class_desc = gr.Textbox(label="Description (optional, used in the prompts)",
+                                               placeholder="e.g. a thin bright line across the surface",
+                                               elem_id="new-class-description")
+                ui.add_class_btn = gr.Button("Add class", variant="primary", elem_id="add-class")
+            gr.Markdown("A class may stay without images: zero-shot and MMA then classify it from its name "
+                        "(and description).", elem_classes="fs-hint")
+        with gr.Column(scale=3):
+            ui.class_dd = gr.Dropdown(label="Class", choices=[], value=None, elem_id="class-select",
+                                      info="The class whose images you see and add; or the unlabeled pool.")
+            with gr.Row(elem_classes="fs-inline"):
+                ui.rename_class_box = gr.Textbox(label="Name", scale=3, elem_id="rename-class-name")
+                ui.rename_class_btn = gr.Button("Rename", scale=1, elem_id="rename-class")
+                ui.delete_class_btn = gr.Button("Delete class", variant="stop", scale=1, elem_id="delete-class")
+            with gr.Row(elem_classes="fs-inline"):
+                ui.desc_box = gr.Textbox(label="Description", scale=4, elem_id="class-description")
+                ui.save_desc_btn = gr.Button("Save description", scale=1, elem_id="save-description")
+            with gr.Tabs():
+                with gr.Tab("Upload images"):
+                    ui.class_upload = gr.File(label="Drop images here (or click) — they join the class above",
+                                              file_count="multiple", file_types=["image", ".zip"], height=130,
+                                              elem_id="class-upload")
+                with gr.Tab("Zip of class folders"):
+                    ui.zip_upload = gr.File(label="A zip of class_name/image folders: classes are created as "
+                                                  "needed, loose files go to the pool", file_types=[".zip"],
+                                            height=130, elem_id="zip-upload")
+                with gr.Tab("Webcam"):
+                    with gr.Row(elem_classes="fs-inline"):
+                        ui.webcam = gr.Image(label="Snapshot", sources=["webcam"], type="filepath", height=240,
+                                             elem_id="webcam")
+                        ui.webcam_btn = gr.Button("Add snapshot to the class", scale=0, elem_id="add-webcam")
+            ui.class_gallery = gr.Gallery(label="Images (click one to select it)", columns=6, height=300,
+                                          allow_preview=False, object_fit="contain", elem_id="class-gallery")
+            with gr.Row(elem_classes="fs-inline"):
+                ui.class_selected = gr.Textbox(label="Selected image", placeholder="click a thumbnail", scale=3,
+                                               elem_id="class-selected-image")
+                ui.remove_btn = gr.Button("Remove selected image", variant="stop", scale=1, elem_id="remove-image")
+
+    def class_view(pid, owner, name=None):
+        """{component: value} showing the project's classes with `name` (else the first) opened."""
+        if pid is None:
+            return {ui.class_table: [], ui.class_dd: gr.Dropdown(choices=[], value=None), ui.class_gallery: [],
+                    ui.rename_class_box: "", ui.desc_box: "", ui.class_selected: ""}
+        choices = s.class_choices(pid, owner) + [(POOL, POOL)]
+        names = [v for _, v in choices]
+        if name not in names:
+            name = names[0]
+        desc = "" if name == POOL else s.class_by_name(pid, name, owner).description
+        return {ui.class_table: s.class_rows(pid, owner), ui.class_dd: gr.Dropdown(choices=choices, value=name),
+                ui.class_gallery: s.image_gallery(pid, name, owner),
+                ui.rename_class_box: "" if name == POOL else name, ui.desc_box: desc, ui.class_selected: ""}
+
+    outs = [ui.class_table, ui.class_dd, ui.class_gallery, ui.rename_class_box, ui.desc_box, ui.class_selected]
+    ui.add_view(lambda pid, owner: class_view(pid, owner), outs)
+    ui.class_view = class_view
+    ui.class_outputs = outs
+
+    def on_tab(pid, name, owner, request: gr.Request):
+        """Entering the tab: counts may have changed (accepted pool images, imports)."""
+        return class_view(pid, who(owner, request), name) if pid is not None else {}
+
+    ui.classes_tab_fn = on_tab
+    acts = [ui.notice, *outs]
+
+    @friendly
+    def add_class(pid, name, desc, owner, request: gr.Request):
+        owner = who(owner, request)
+        c = s.add_class(need_project(pid), name or "", desc or "", owner)
+        return {ui.notice: f"Added the class **{c.name}**; now drop a few images into it.",
+                **class_view(pid, owner, c.name), ui.new_class: "", ui.new_class_desc: ""}
+
+    @friendly
+    def open_class(pid, name, owner, request: gr.Request):
+        return class_view(need_project(pid), who(owner, request), name)
+
+    def table_select(pid, owner, evt: gr.SelectData, request: gr.Request):
+        row = evt.row_value or []
+        if pid is None or not row:
+            return {}
+        return class_view(pid, who(owner, request), row[0])
+
+    def _real_class(name):
+        if name in (None, "", POOL):
+            raise DataError("Pick a class first (the Class menu).")
+        return name
+
+    @friendly
+    def rename_class(pid, name, new_name, owner, request: gr.Request):
+        owner = who(owner, request)
+        c = s.class_by_name(need_project(pid), _real_class(name), owner)
+        c2 = s.rename_class(pid, c.id, new_name or "", owner)
+        return {ui.notice: f"Renamed **{c.name}** to **{c2.name}**.", **class_view(pid, owner, c2.name)}
+
+    @friendly
+    def set_description(pid, name, desc, owner, request: gr.Request):
+        owner = who(owner, request)
+        c = s.class_by_name(need_project(pid), _real_class(name), owner)
+        s.set_description(pid, c.id, desc or "", owner)
+        return {ui.notice: f"Saved the description of **{c.name}**.", **class_view(pid, owner, c.name)}
+
+    @friendly
+    def delete_class(pid, name, owner, request: gr.Request):
+        owner = who(owner, request)
+        c = s.class_by_name(need_project(pid), _real_class(name), owner)
+        moved = s.delete_class(pid, c.id, owner)
+        extra = f" Its {moved} image{'s' if moved != 1 else ''} moved to the unlabeled pool." if moved else ""
+        return {ui.notice: f"Deleted the class **{c.name}**.{extra}", **class_view(pid, owner)}
+
+    @friendly
+    def add_images(pid, name, files, owner, request: gr.Request):
+        owner = who(owner, request)
+        need_project(pid)
+        if name in (None, ""):
+            raise DataError("Pick a class first (the Class menu), then drop the images.")
+        added, errors = s.add_uploads(pid, files_of(files), name, owner)
+        where = "the unlabeled pool" if name == POOL else f"**{name}**"
+        if errors:
+            gr.Warning(refused_text(errors).strip())
+        return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to {where}.{refused_text(errors)}",
+                **class_view(pid, owner, name), ui.class_upload: None}
+
+    @friendly
+    def add_zip(pid, name, file, owner, request: gr.Request):
+        owner = who(owner, request)
+        need_project(pid)
+        added, errors = s.add_uploads(pid, files_of(file), None, owner)
+        if errors:
+            gr.Warning(refused_text(errors).strip())
+        return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} from the zip.{refused_text(errors)}",
+                **class_view(pid, owner, name), ui.zip_upload: None}
+
+    @friendly
+    def add_webcam(pid, name, image, owner, request: gr.Request):
+        if image is None:
+            raise DataError("Take a snapshot first (the camera button), then add it.")
+        return add_images.__wrapped__(pid, name, [image], owner, request) | {ui.webcam: None}
+
+    def gallery_select(evt: gr.SelectData):
+        return selected_caption(evt) or ""
+
+    @friendly
+    def remove_image(pid, name, selected, owner, request: gr.Request):
+        owner = who(owner, request)
+        ids = parse_image_ids(selected)
+        n = s.remove_images(need_project(pid), ids, owner)
+        return {ui.notice: f"Removed {n} image{'s' if n != 1 else ''}.", **class_view(pid, owner, name)}
+
+    ui.add_class_btn.click(add_class, [ui.project, ui.new_class, ui.new_class_desc, ui.owner],
+                           acts + [ui.new_class, ui.new_class_desc], api_name="add_class")
+    ui.new_class.submit(add_class, [ui.project, ui.new_class, ui.new_class_desc, ui.owner],
+                        acts + [ui.new_class, ui.new_class_desc], api_visibility="private")
+    ui.class_dd.input(open_class, [ui.project, ui.class_dd, ui.owner], outs, api_name="open_class")
+    ui.class_table.select(table_select, [ui.project, ui.owner], outs, api_visibility="private")
+    ui.rename_class_btn.click(rename_class, [ui.project, ui.class_dd, ui.rename_class_box, ui.owner], acts,
+                              api_name="rename_class")
+    ui.save_desc_btn.click(set_description, [ui.project, ui.class_dd, ui.desc_box, ui.owner], acts,
+                           api_name="set_description")
+    ui.delete_class_btn.click(delete_class, [ui.project, ui.class_dd, ui.owner], acts, api_name="delete_class")
+    ui.class_upload.upload(add_images, [ui.project, ui.class_dd, ui.class_upload, ui.owner],
+                           acts + [ui.class_upload], api_name="add_images")
+    ui.zip_upload.upload(add_zip, [ui.project, ui.class_dd, ui.zip_upload, ui.owner], acts + [ui.zip_upload],
+                         api_name="add_zip")
+    ui.webcam_btn.click(add_webcam, [ui.project, ui.class_dd, ui.webcam, ui.owner],
+                        acts + [ui.class_upload, ui.webcam], api_name="add_webcam")
+    ui.class_gallery.select(gallery_select, None, ui.class_selected, api_visibility="private")
+    ui.remove_btn.click(remove_image, [ui.project, ui.class_dd, ui.class_selected, ui.owner], acts,
+                        api_name="remove_image")

@@ -1,0 +1,96 @@
+"""Evaluate: cross-validated accuracy on the user's own examples, per-class accuracy, a
+confusion matrix, and methods side by side on the same folds with a "use the best" button."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import viz
+from ..progress import Progress
+from ..service import METHOD_LABELS
+from .common import UI, friendly, need_project, who
+from .train import settings_from
+
+
+def build(ui: UI) -> None:
+    s = ui.studio
+    with gr.Row(elem_classes="fs-inline"):
+        ui.eval_methods = gr.CheckboxGroup(s.method_choices(), value=["graph", "tip", "zeroshot"], scale=4,
+                                           label="Methods to compare (same folds; the Train tab's backbone and "
+                                                 "advanced settings)", elem_id="eval-methods")
+        ui.eval_btn = gr.Button("Cross-validate", variant="primary", scale=1, elem_id="eval-btn")
+        ui.use_best_btn = gr.Button("Use the best in Train", scale=1, interactive=False, elem_id="use-best")
+    ui.eval_md = gr.Markdown("Cross-validation trains each method on part of your examples and tests it on "
+                             "the rest: leave-one-out with few images, else 5-fold.", elem_id="eval-summary")
+    with gr.Row():
+        ui.comparison_plot = gr.Plot(label="Methods compared", elem_id="comparison-plot")
+        ui.per_class_plot = gr.Plot(label="Accuracy per class", elem_id="per-class-plot")
+    with gr.Row(elem_classes="fs-inline"):
+        ui.eval_detail = gr.Dropdown(label="Details for", choices=[], value=None, scale=1, elem_id="eval-detail")
+    ui.confusion_plot = gr.Plot(label="Confusion matrix", elem_id="confusion-plot")
+    ui.eval_state = gr.State(None)
+
+    outs = [ui.eval_md, ui.comparison_plot, ui.per_class_plot, ui.confusion_plot, ui.eval_detail, ui.use_best_btn,
+            ui.eval_state]
+
+    def cleared(pid, owner):
+        return {ui.comparison_plot: None, ui.per_class_plot: None, ui.confusion_plot: None, ui.eval_state: None,
+                ui.eval_detail: gr.Dropdown(choices=[], value=None), ui.use_best_btn: gr.Button(interactive=False)}
+
+    ui.add_view(cleared, [o for o in outs if o is not ui.eval_md])
+    ui.eval_outs = outs
+
+
+def details(comp, method):
+    r = comp.results[method]
+    label = METHOD_LABELS.get(method, method)
+    return (viz.per_class_figure(r.per_class_accuracy, f"{label}: accuracy per class"),
+            viz.confusion_figure(r.confusion, comp.classnames, f"{label}: confusion matrix"))
+
+
+def wire(ui: UI) -> None:
+    s = ui.studio
+    adv = [c for _, _, c in ui.adv]
+
+    @friendly
+    def evaluate(pid, methods, backbone, checkpoint, owner, request: gr.Request, progress=gr.Progress(), *values):
+        # (gr.Request and gr.Progress are injected at their positions; the advanced settings follow)
+        owner = who(owner, request)
+        pid = need_project(pid)
+        settings = settings_from(ui, values)
+        spec = s.spec_for(backbone, None, checkpoint)
+
+        def report(p: Progress):
+            progress((p.step, p.total) if p.total else None, desc=p.stage)
+
+        comp = s.evaluate(pid, list(methods or []), spec, owner, progress=report,
+                          settings={m: settings.get(m, {}) for m in methods or []})
+        best = comp.best
+        md = comp.to_markdown()
+        if best:
+            md += f"\n\n**Best on your examples: {METHOD_LABELS.get(best, best)}.**"
+        results = {METHOD_LABELS.get(m, m): r.accuracy for m, r in comp.results.items()}
+        first = best or next(iter(comp.results), None)
+        per_class, confusion = details(comp, first) if first else (None, None)
+        return {ui.eval_md: md, ui.comparison_plot: viz.comparison_figure(results),
+                ui.per_class_plot: per_class, ui.confusion_plot: confusion,
+                ui.eval_detail: gr.Dropdown(choices=[(METHOD_LABELS.get(m, m), m) for m in comp.results],
+                                            value=first),
+                ui.use_best_btn: gr.Button(interactive=best is not None), ui.eval_state: comp}
+
+    def show_detail(comp, method):
+        if comp is None or method not in getattr(comp, "results", {}):
+            return gr.skip(), gr.skip()
+        return details(comp, method)
+
+    def use_best(comp):
+        best = getattr(comp, "best", None)
+        if not best:
+            return {ui.notice: "Run a cross-validation first."}
+        return {ui.method: best, ui.tabs: gr.Tabs(selected="train"),
+                ui.notice: f"The Train tab now uses **{METHOD_LABELS.get(best, best)}**, the best on your examples."}
+
+    ui.eval_btn.click(evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv],
+                      ui.eval_outs, api_name="evaluate")
+    ui.eval_detail.input(show_detail, [ui.eval_state, ui.eval_detail], [ui.per_class_plot, ui.confusion_plot],
+                         api_visibility="private")
+    ui.use_best_btn.click(use_best, [ui.eval_state], [ui.method, ui.tabs, ui.notice], api_name="use_best")

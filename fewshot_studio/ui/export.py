@@ -1,0 +1,72 @@
+"""Export and import: labels (CSV, JSON), the labeled set as an ImageFolder zip, the trained
+model as a zip (safetensors + config.json) with a Python usage snippet; import a model zip."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..errors import DataError
+from .common import UI, files_of, friendly, need_project, who
+
+
+def build(ui: UI) -> None:
+    with gr.Row():
+        with gr.Column(scale=2):
+            gr.Markdown("**Labels** of every image (yours, accepted and corrected) and the **model**.")
+            with gr.Row():
+                ui.export_csv_btn = gr.Button("Labels CSV", elem_id="export-csv-btn")
+                ui.export_json_btn = gr.Button("Labels JSON", elem_id="export-json-btn")
+            with gr.Row():
+                ui.export_folder_btn = gr.Button("Labeled set (ImageFolder zip)", elem_id="export-imagefolder-btn")
+                ui.export_model_btn = gr.Button("Trained model (zip)", variant="primary", elem_id="export-model-btn")
+            ui.export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+            gr.Markdown("---\n**Import a model** exported by Few-Shot Studio (a zip with config.json and "
+                        "model.safetensors; its classes must be this project's classes).")
+            ui.import_file = gr.File(label="Model zip", file_types=[".zip"], height=110, elem_id="import-model-file")
+            ui.import_btn = gr.Button("Import model", elem_id="import-model-btn")
+        with gr.Column(scale=3):
+            ui.usage = gr.Code(label="Use the exported model in Python", language="python", interactive=False,
+                               value="# Export a trained model to see how to use it.", elem_id="usage-snippet")
+
+    ui.add_view(lambda pid, owner: {ui.export_file: None}, [ui.export_file])
+
+
+def wire(ui: UI) -> None:
+    s = ui.studio
+
+    def exporter(kind):
+        @friendly
+        def run(pid, owner, request: gr.Request):
+            owner = who(owner, request)
+            pid = need_project(pid)
+            out = {}
+            if kind == "csv":
+                path, what = s.export_labels_csv(pid, owner), "the labels as CSV"
+            elif kind == "json":
+                path, what = s.export_labels_json(pid, owner), "the labels as JSON"
+            elif kind == "imagefolder":
+                path, what = s.export_imagefolder(pid, owner), "the labeled images as class folders"
+            else:
+                path, what = s.export_model(pid, owner=owner), "the trained model"
+                out[ui.usage] = s.usage(pid, owner)
+            return {ui.export_file: str(path), ui.notice: f"Exported {what}: download it below.", **out}
+        return run
+
+    outs = [ui.notice, ui.export_file]
+    ui.export_csv_btn.click(exporter("csv"), [ui.project, ui.owner], outs, api_name="export_labels_csv")
+    ui.export_json_btn.click(exporter("json"), [ui.project, ui.owner], outs, api_name="export_labels_json")
+    ui.export_folder_btn.click(exporter("imagefolder"), [ui.project, ui.owner], outs, api_name="export_imagefolder")
+    ui.export_model_btn.click(exporter("model"), [ui.project, ui.owner], outs + [ui.usage], api_name="export_model")
+
+    @friendly
+    def import_model(pid, file, owner, request: gr.Request):
+        owner = who(owner, request)
+        paths = files_of(file)
+        if not paths:
+            raise DataError("Choose a model zip to import.")
+        info = s.import_model(need_project(pid), paths[0], owner)
+        summary = s.model_summary(pid, owner)
+        return {ui.notice: f"Imported the model as #{info.id}; it is now the project's current model.",
+                ui.model_md: summary, ui.label_model_md: summary, ui.import_file: None, ui.usage: s.usage(pid, owner)}
+
+    ui.import_btn.click(import_model, [ui.project, ui.import_file, ui.owner],
+                        [ui.notice, ui.model_md, ui.label_model_md, ui.import_file, ui.usage], api_name="import_model")

@@ -1,0 +1,189 @@
+"""Predict & label: one image -> top-k bars; a pool (files or a zip) -> predictions, least
+confident first; accept or correct one or many; accepted images join their class, and
+Retrain reuses the cached features."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..errors import DataError
+from ..service import POOL, parse_image_ids
+from .common import UI, files_of, friendly, need_project, progress_html, refused_text, selected_caption, who
+
+POOL_COLUMNS = ["id", "file", "prediction", "confidence", "top 3"]
+
+
+def build(ui: UI) -> None:
+    s = ui.studio
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui.predict_image = gr.Image(label="An image to classify", type="filepath", height=260,
+                                        sources=["upload", "webcam", "clipboard"], elem_id="predict-image")
+            ui.predict_btn = gr.Button("Predict", variant="primary", elem_id="predict-btn")
+            ui.prediction = gr.Label(label="Prediction (top 5)", num_top_classes=5, elem_id="predict-label")
+            ui.label_model_md = gr.Markdown("", elem_id="label-model-summary")
+        with gr.Column(scale=3):
+            ui.pool_upload = gr.File(label="Add unlabeled images to the pool (files or a zip)", file_count="multiple",
+                                     file_types=["image", ".zip"], height=110, elem_id="pool-upload")
+            with gr.Row():
+                ui.label_pool_btn = gr.Button("Label the pool", variant="primary", elem_id="label-pool-btn")
+                ui.retrain_btn = gr.Button("Retrain with the accepted images (cached features)", elem_id="retrain-btn")
+            ui.label_progress = gr.HTML(progress_html(None, idle=""), elem_id="label-progress")
+            ui.pool_table = gr.Dataframe(headers=POOL_COLUMNS, value=[], interactive=False, max_height=300,
+                                         datatype=["number", "str", "str", "number", "str"], elem_id="pool-table",
+                                         label="Predictions, least confident first (click rows to select)")
+            ui.pool_gallery = gr.Gallery(label="Pool (click thumbnails to select)", columns=8, height=230,
+                                         allow_preview=False, object_fit="contain", elem_id="pool-gallery")
+            ui.pool_selection = gr.Textbox(label="Selected image ids", placeholder="e.g. 12, 15 — or click above",
+                                           elem_id="pool-selection")
+            with gr.Row(elem_classes="fs-inline"):
+                ui.accept_btn = gr.Button("Accept selected", variant="primary", elem_id="accept-btn")
+                ui.correct_dd = gr.Dropdown(label="Correct to class", choices=[], value=None,
+                                            elem_id="correct-class")
+                ui.correct_btn = gr.Button("Correct selected", elem_id="correct-btn")
+            with gr.Row(elem_classes="fs-inline"):
+                ui.accept_threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.01, elem_id="accept-threshold",
+                                                label="Confidence to accept automatically")
+                ui.accept_conf_btn = gr.Button("Accept confident", elem_id="accept-confident-btn")
+
+    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_selection, ui.correct_dd]
+
+    def pool_view(pid, owner, rows=None):
+        if pid is None:
+            return {ui.pool_table: [], ui.pool_gallery: [], ui.pool_selection: "",
+                    ui.correct_dd: gr.Dropdown(choices=[], value=None)}
+        rows = s.pool_predictions(pid, owner) if rows is None else rows
+        table = [[r.image_id, r.name, r.label, round(r.confidence, 4), r.top] for r in rows]
+        choices = [v for _, v in s.class_choices(pid, owner)]
+        return {ui.pool_table: table, ui.pool_gallery: s.pool_gallery(pid, rows, owner), ui.pool_selection: "",
+                ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None)}
+
+    ui.pool_view = pool_view
+
+    def on_tab(pid, owner, request: gr.Request):
+        """Entering the tab: the class list and model line may have changed elsewhere."""
+        owner = who(owner, request)
+        if pid is None:
+            return {}
+        choices = [v for _, v in s.class_choices(pid, owner)]
+        return {ui.correct_dd: gr.Dropdown(choices=choices), ui.label_model_md: s.model_summary(pid, owner)}
+
+    ui.label_tab_fn = on_tab
+
+    def view(pid, owner):
+        out = pool_view(pid, owner)
+        out[ui.label_model_md] = s.model_summary(pid, owner) if pid is not None else ""
+        out[ui.prediction] = None
+        return out
+
+    ui.add_view(view, [*pool_outs, ui.label_model_md, ui.prediction])
+    ui.pool_outs = pool_outs
+
+
+def wire(ui: UI) -> None:
+    s = ui.studio
+    acts = [ui.notice, *ui.pool_outs, ui.label_model_md]
+
+    @friendly
+    def predict(pid, image, owner, request: gr.Request):
+        if image is None:
+            raise DataError("Upload an image to classify.")
+        return s.predict(need_project(pid), image, k=5, owner=who(owner, request))
+
+    @friendly
+    def add_pool(pid, files, owner, request: gr.Request):
+        owner = who(owner, request)
+        added, errors = s.add_uploads(need_project(pid), files_of(files), POOL, owner)
+        if errors:
+            gr.Warning(refused_text(errors).strip())
+        return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to the pool; press Label the pool."
+                           f"{refused_text(errors)}", **ui.pool_view(pid, owner), ui.pool_upload: None}
+
+    @friendly
+    def label_pool(pid, owner, request: gr.Request, progress=gr.Progress()):
+        owner = who(owner, request)
+        rows = s.label_pool(need_project(pid), owner,
+                            progress=lambda p: progress((p.step, p.total) if p.total else None, desc=p.stage))
+        if not rows:
+            msg = "The pool is empty: add unlabeled images first."
+        else:
+            low = sum(r.confidence < 0.5 for r in rows)
+            msg = (f"Labeled {len(rows)} pool image{'s' if len(rows) != 1 else ''}, least confident first "
+                   f"({low} below 50%). Select and accept, or correct.")
+        return {ui.notice: msg, **ui.pool_view(pid, owner, rows), ui.label_model_md: s.model_summary(pid, owner)}
+
+    def toggle(selection, image_id):
+        ids = parse_image_ids(selection)
+        if image_id is None:
+            return selection
+        ids = [i for i in ids if i != image_id] if image_id in ids else ids + [image_id]
+        return ", ".join(str(i) for i in ids)
+
+    def table_select(selection, evt: gr.SelectData):
+        row = evt.row_value or []
+        try:
+            return toggle(selection, int(row[0]))
+        except (IndexError, TypeError, ValueError):
+            return selection
+
+    def gallery_select(selection, evt: gr.SelectData):
+        ids = parse_image_ids(selected_caption(evt) or "")  # "#12 red circle 97%"
+        return toggle(selection, ids[0] if ids else None)
+
+    def after_change(pid, owner, message):
+        return {ui.notice: message, **ui.pool_view(pid, owner), ui.label_model_md: s.model_summary(pid, owner)}
+
+    @friendly
+    def accept(pid, selection, owner, request: gr.Request):
+        owner = who(owner, request)
+        ids = parse_image_ids(selection)
+        if not ids:
+            raise DataError("Select images first: click their rows or thumbnails, or type their ids.")
+        n = s.accept(need_project(pid), ids, owner)
+        return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''}: "
+                                        f"{'they join' if n != 1 else 'it joins'} the predicted class. "
+                                        "Retrain to use them.")
+
+    @friendly
+    def correct(pid, selection, class_name, owner, request: gr.Request):
+        owner = who(owner, request)
+        ids = parse_image_ids(selection)
+        if not ids:
+            raise DataError("Select images first: click their rows or thumbnails, or type their ids.")
+        if not class_name:
+            raise DataError("Pick the class to label them with.")
+        n = s.correct(need_project(pid), ids, class_name, owner)
+        return after_change(pid, owner, f"Labeled {n} image{'s' if n != 1 else ''} as **{class_name}**. "
+                                        "Retrain to use them.")
+
+    @friendly
+    def accept_confident(pid, threshold, owner, request: gr.Request):
+        owner = who(owner, request)
+        n = s.accept_confident(need_project(pid), threshold, owner)
+        return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''} at or above "
+                                        f"{float(threshold):.0%} confidence.")
+
+    @friendly
+    def retrain(pid, owner, request: gr.Request):
+        from .train import start_outputs
+
+        owner = who(owner, request)
+        job_id = s.retrain(need_project(pid), owner)
+        return start_outputs(ui, job_id, "Retraining with the same method and settings; features of images "
+                                         "seen before come from the cache.")
+
+    ui.predict_btn.click(predict, [ui.project, ui.predict_image, ui.owner], ui.prediction, api_name="predict")
+    ui.predict_image.upload(predict, [ui.project, ui.predict_image, ui.owner], ui.prediction,
+                            api_visibility="private")
+    ui.pool_upload.upload(add_pool, [ui.project, ui.pool_upload, ui.owner], acts + [ui.pool_upload],
+                          api_name="add_pool")
+    ui.label_pool_btn.click(label_pool, [ui.project, ui.owner], acts, api_name="label_pool")
+    ui.pool_table.select(table_select, [ui.pool_selection], ui.pool_selection, api_visibility="private")
+    ui.pool_gallery.select(gallery_select, [ui.pool_selection], ui.pool_selection, api_visibility="private")
+    ui.accept_btn.click(accept, [ui.project, ui.pool_selection, ui.owner], acts, api_name="accept")
+    ui.correct_btn.click(correct, [ui.project, ui.pool_selection, ui.correct_dd, ui.owner], acts,
+                         api_name="correct")
+    ui.accept_conf_btn.click(accept_confident, [ui.project, ui.accept_threshold, ui.owner], acts,
+                             api_name="accept_confident")
+    ui.retrain_btn.click(retrain, [ui.project, ui.owner],
+                         [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve],
+                         api_name="retrain", concurrency_limit=None, show_progress="hidden")

@@ -1,0 +1,132 @@
+"""Header (backbone and device banner) and the project bar: create, open, rename, delete,
+load an example; the last project reopens (remembered by the browser)."""
+from __future__ import annotations
+
+import secrets
+
+import gradio as gr
+
+from ..service import EXAMPLES
+from .common import UI, friendly, need_project, who
+
+
+def build_header(ui: UI) -> None:
+    with gr.Row(elem_id="fs-header"):
+        gr.HTML("<h1>Few-Shot Studio</h1><p class='fs-tagline'>Name a few classes, drop a few images "
+                "in each, train an adapter on a frozen CLIP, label the rest.</p>")
+        ui.banner = gr.Markdown("Loading the backbone…", elem_id="status-banner")
+
+
+def build_bar(ui: UI) -> None:
+    with gr.Row(elem_classes="fs-inline fs-bar-row", variant="panel"):
+        ui.project_dd = gr.Dropdown(label="Project", choices=[], value=None, scale=3, elem_id="project-select",
+                                    info="Your projects, most recent first.")
+        ui.new_project = gr.Textbox(label="New project", placeholder="Name, then press Create", scale=2,
+                                    elem_id="new-project-name")
+        ui.create_btn = gr.Button("Create", scale=1, elem_id="create-project")
+        ui.example_dd = gr.Dropdown(label="Example project", scale=3, elem_id="example-select",
+                                    choices=[(e["title"], k) for k, e in EXAMPLES.items()], value="shapes")
+        ui.example_btn = gr.Button("Load example", scale=1, variant="secondary", elem_id="load-example")
+    with gr.Accordion("Rename or delete this project", open=False):
+        with gr.Row(elem_classes="fs-inline"):
+            ui.rename_project_box = gr.Textbox(label="Project name", scale=3, elem_id="rename-project-name")
+            ui.rename_project_btn = gr.Button("Rename", scale=1, elem_id="rename-project")
+            ui.delete_project_btn = gr.Button("Delete project…", variant="stop", scale=1, elem_id="delete-project")
+            ui.confirm_delete_btn = gr.Button("Yes, delete it and all its images and models", variant="stop",
+                                              visible=False, scale=2, elem_id="confirm-delete-project")
+    ui.notice = gr.Markdown("", elem_id="notice")
+
+    def view(pid, owner):
+        projects = ui.studio.list_projects(owner)
+        name = next((p.name for p in projects if p.id == pid), "")
+        return {ui.project_dd: gr.Dropdown(choices=[(p.name, p.id) for p in projects], value=pid),
+                ui.rename_project_box: name, ui.confirm_delete_btn: gr.Button(visible=False)}
+
+    ui.add_view(view, [ui.project_dd, ui.rename_project_box, ui.confirm_delete_btn])
+
+
+def wire(ui: UI) -> None:
+    """Project events; registered after every tab so they can refresh all of them."""
+    s = ui.studio
+    outs = [ui.notice, ui.project, *ui.view_outputs]
+
+    def show(pid, owner, message=""):
+        return {ui.notice: message, ui.project: pid, **ui.project_views(pid, owner)}
+
+    @friendly
+    def create(name, owner, request: gr.Request):
+        owner = who(owner, request)
+        p = s.create_project(name or "", owner)
+        return {**show(p.id, owner, f"Created project **{p.name}**. Add classes below."), ui.new_project: ""}
+
+    @friendly
+    def open_project(pid, owner, request: gr.Request):
+        owner = who(owner, request)
+        p = s.project(need_project(pid), owner)
+        return show(p.id, owner, f"Opened **{p.name}**.")
+
+    @friendly
+    def load_example(name, owner, request: gr.Request):
+        owner = who(owner, request)
+        p = s.load_example(name or "shapes", owner)
+        return show(p.id, owner, f"Loaded the example project **{p.name}**: its classes and images are below, "
+                                 "and its unlabeled pool waits in Predict & label.")
+
+    @friendly
+    def rename(pid, name, owner, request: gr.Request):
+        owner = who(owner, request)
+        p = s.rename_project(need_project(pid), name or "", owner)
+        return show(p.id, owner, f"Renamed the project to **{p.name}**.")
+
+    def ask_delete(pid):
+        return gr.Button(visible=pid is not None)
+
+    @friendly
+    def delete(pid, owner, request: gr.Request):
+        owner = who(owner, request)
+        name = s.project(need_project(pid), owner).name
+        s.delete_project(int(pid), owner)
+        nxt = s.last_project(owner)
+        return show(nxt.id if nxt else None, owner, f"Deleted **{name}**.")
+
+    ui.create_btn.click(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_name="create_project")
+    ui.new_project.submit(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_visibility="private")
+    ui.project_dd.input(open_project, [ui.project_dd, ui.owner], outs, api_name="open_project")
+    ui.example_btn.click(load_example, [ui.example_dd, ui.owner], outs, api_name="load_example")
+    ui.rename_project_btn.click(rename, [ui.project, ui.rename_project_box, ui.owner], outs,
+                                api_name="rename_project")
+    ui.delete_project_btn.click(ask_delete, [ui.project], ui.confirm_delete_btn, api_visibility="private")
+    ui.confirm_delete_btn.click(delete, [ui.project, ui.owner], outs, api_name="delete_project")
+
+
+def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
+    """On page load: restore the owner token and reopen the last project (remembered by the
+    browser, else the most recent one); remember the project whenever it changes."""
+    s = ui.studio
+
+    def restore(remembered, request: gr.Request):
+        remembered = remembered if isinstance(remembered, dict) else {}
+        owner = remembered.get("owner") or secrets.token_urlsafe(16)
+        p = s.last_project(owner, remembered.get("project"))
+        pid = p.id if p else None
+        out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
+               ui.remembered: {"owner": owner, "project": pid}}
+        out.update(resume(pid))
+        return out
+
+    def banner():
+        # separate from restore: loading the backbone may take a while (a download, the first time)
+        return s.backbone_status()[1]
+
+    demo.load(restore, [ui.remembered], [ui.owner, ui.project, ui.remembered, *ui.view_outputs, *resume_outputs],
+              api_visibility="private", concurrency_limit=None)
+    demo.load(banner, None, ui.banner, api_visibility="private", concurrency_limit=None)
+
+    def remember(pid, owner, remembered):
+        remembered = dict(remembered) if isinstance(remembered, dict) else {}
+        if owner:
+            remembered["owner"] = owner
+        remembered["project"] = pid
+        return remembered
+
+    ui.project.change(remember, [ui.project, ui.owner, ui.remembered], ui.remembered, api_visibility="private")

@@ -1,0 +1,196 @@
+"""Train: method and backbone, advanced settings (papers' defaults), Train / Cancel, a live
+progress bar and loss/accuracy curve polled by a timer while the job runs in the background."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import viz
+from ..jobs import DONE, FINISHED
+from ..service import METHOD_LABELS, METHOD_ORDER
+from .common import UI, friendly, need_project, progress_html, who
+
+POLL_SECONDS = 0.5
+
+# Labels of the advanced settings: (method, key) first, then key alone.
+HINTS = {
+    ("graph", "alpha"): "α: textual vs visual sub-graph fusion",
+    ("graph", "beta"): "β: weight of the zero-shot classifier",
+    ("graph", "steps"): "optimizer steps",
+    ("graph", "groups"): "node groups (4 = official code)",
+    ("mma", "steps"): "steps (blank: max(epochs, minimum))",
+    ("mma", "start_block"): "first adapted block (blank: top ⅔)",
+    ("mma", "end_block"): "last adapted block (blank: last)",
+    ("tip", "alpha"): "α: weight of the cache logits",
+    ("tip", "beta"): "β: sharpness of the affinity",
+    ("tip-f", "alpha"): "α: weight of the cache logits",
+    ("tip-f", "beta"): "β: sharpness of the affinity",
+    "seed": "seed", "lr": "learning rate", "weight_decay": "weight decay", "augment_views": "augmented views per image",
+    "rank": "adapter width r", "scale": "adapter scale", "epochs": "epochs", "min_steps": "minimum steps",
+    "batch_size": "batch size", "momentum": "SGD momentum", "warmup": "warm-up steps",
+    "cache_lower": "cache the lower blocks", "search": "search α and β on the support set", "eps": "AdamW ε",
+}
+
+PAPER_NOTES = {
+    "graph": "GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph, α = 0.7 as in the official code.",
+    "mma": "MMA (Yang et al., CVPR 2024): adapters in the top two-thirds of both towers, r = 32, scale 0.001, "
+           "SGD lr 0.0015; at least 300 steps however few images you have.",
+    "tip": "Tip-Adapter (Zhang et al., ECCV 2022), training-free: α = 1, β = 5.5, then a search on the support set.",
+    "tip-f": "Tip-Adapter-F: fine-tunes the cache keys (AdamW lr 1e-3, 20 epochs, at least 200 steps).",
+    "zeroshot": "Zero-shot CLIP: nothing trains; class names (and descriptions) become the classifier.",
+}
+
+
+def label_for(method: str, key: str) -> str:
+    return f"{METHOD_LABELS[method]} · {HINTS.get((method, key)) or HINTS.get(key) or key}"
+
+
+def build(ui: UI) -> None:
+    s = ui.studio
+    ui.adv = []  # (method, key, component), in input order
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui.method = gr.Radio(s.method_choices(), value="graph", label="Method", elem_id="method")
+            ui.method_note = gr.Markdown(PAPER_NOTES["graph"], elem_classes="fs-hint")
+            ui.backbone = gr.Dropdown(s.backbone_choices(), value=s.default_backbone_value(), label="Backbone",
+                                      allow_custom_value=True, elem_id="backbone",
+                                      info="An open_clip model/pretrained tag, or tiny (offline; it only knows "
+                                           "coloured shapes).")
+            ui.checkpoint = gr.Textbox(label="Local checkpoint (optional)", elem_id="checkpoint",
+                                       placeholder="/path/to/weights.safetensors or an open_clip folder",
+                                       info="For offline machines: used instead of downloading the weights.")
+            with gr.Accordion("Advanced settings (the papers' defaults)", open=False, elem_id="advanced"):
+                ui.adv_groups = {}
+                for m in METHOD_ORDER:
+                    with gr.Group(visible=m == "graph") as grp:
+                        defaults = s.method_settings(m)
+                        keys = list(defaults)
+                        for i in range(0, len(keys), 3):
+                            with gr.Row():
+                                for k in keys[i:i + 3]:
+                                    v = defaults[k]
+                                    if isinstance(v, bool):
+                                        c = gr.Checkbox(value=v, label=label_for(m, k))
+                                    elif v is None:  # "auto": a blank box (a Number cannot be blank)
+                                        c = gr.Textbox(value="", label=label_for(m, k), placeholder="auto")
+                                    else:
+                                        c = gr.Number(value=v, label=label_for(m, k),
+                                                      precision=0 if isinstance(v, int) else None, minimum=0)
+                                    ui.adv.append((m, k, c))
+                    ui.adv_groups[m] = grp
+            with gr.Row():
+                ui.train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
+                ui.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+        with gr.Column(scale=3):
+            ui.progress = gr.HTML(progress_html(None), elem_id="train-progress")
+            ui.curve = gr.Plot(viz.training_curve_figure([]), label="Training curve", elem_id="train-curve")
+            ui.model_md = gr.Markdown("", elem_id="model-summary")
+    ui.timer = gr.Timer(POLL_SECONDS, active=False)
+
+    def view(pid, owner):
+        if pid is None:
+            return {ui.model_md: "", ui.curve: viz.training_curve_figure([]), ui.progress: progress_html(None)}
+        return {ui.model_md: s.model_summary(pid, owner), ui.progress: progress_html(None),
+                ui.curve: viz.training_curve_figure(s.model_history(pid, owner), "Latest model's training")}
+
+    ui.add_view(view, [ui.model_md, ui.curve, ui.progress])
+
+    def on_method(m):
+        return {ui.method_note: PAPER_NOTES.get(m, ""),
+                **{g: gr.Group(visible=k == m) for k, g in ui.adv_groups.items()}}
+
+    ui.method.change(on_method, ui.method, [ui.method_note, *ui.adv_groups.values()], api_visibility="private")
+
+
+def settings_from(ui: UI, values) -> dict[str, dict]:
+    """{method: coerced settings} from the advanced inputs' values (in ui.adv order)."""
+    raw: dict[str, dict] = {}
+    for (m, k, _), v in zip(ui.adv, values):
+        raw.setdefault(m, {})[k] = v
+    return {m: ui.studio.coerce_settings(m, d) for m, d in raw.items()}
+
+
+def start_outputs(ui: UI, job_id: str, notice: str) -> dict:
+    st = ui.studio.job(job_id)
+    return {ui.notice: notice, ui.job: {"id": job_id, "seen": -1, "status": st.status},
+            ui.timer: gr.Timer(active=True), ui.progress: progress_html(st),
+            ui.label_progress: progress_html(st), ui.curve: viz.training_curve_figure([], _title(st))}
+
+
+def _title(st) -> str:
+    return "Training: loss and train accuracy"
+
+
+def wire(ui: UI) -> None:
+    """Train, cancel and poll (registered after the label tab, which shows the progress too)."""
+    s = ui.studio
+    adv = [c for _, _, c in ui.adv]
+    outs = [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve]
+
+    @friendly
+    def train(pid, method, backbone, checkpoint, owner, request: gr.Request, *values):
+        owner = who(owner, request)
+        pid = need_project(pid)
+        settings = settings_from(ui, values).get(method, {})
+        spec = s.spec_for(backbone, None, checkpoint)
+        job_id = s.start_training(pid, method, spec, settings, owner)
+        return start_outputs(ui, job_id, f"Training {METHOD_LABELS.get(method, method)} on `{spec.label}`: "
+                                          "the page stays usable meanwhile.")
+
+    @friendly
+    def cancel(job):
+        if not job or not s.cancel(job["id"]):
+            return {ui.notice: "No training is running."}
+        return {ui.notice: "Cancelling: the job stops within one step and the project stays as it was."}
+
+    def poll(job, pid, owner, request: gr.Request):
+        """One timer tick: progress, stage text and curve of the current job; stops the timer
+        when it finishes."""
+        if not job:
+            return {ui.timer: gr.Timer(active=False)}
+        try:
+            st = s.job(job["id"])
+        except KeyError:
+            return {ui.timer: gr.Timer(active=False), ui.job: None}
+        bar = progress_html(st)
+        out = {ui.progress: bar, ui.label_progress: bar}
+        n = len(st.history)
+        if n != job.get("seen") or st.status != job.get("status"):
+            out[ui.curve] = viz.training_curve_figure(st.history, "Training: loss and train accuracy")
+            out[ui.job] = {**job, "seen": n, "status": st.status}
+        if st.status in FINISHED:
+            out[ui.timer] = gr.Timer(active=False)
+            out[ui.job] = None
+            owner = who(owner, request)
+            if pid is not None and st.project_id == pid:
+                try:
+                    summary = s.model_summary(pid, owner)
+                    out[ui.model_md] = summary
+                    out[ui.label_model_md] = summary
+                except Exception:  # noqa: BLE001 - a deleted project: nothing to show
+                    pass
+            out[ui.notice] = ("Training finished: try the Knowledge graph, Evaluate or Predict & label tabs."
+                              if st.status == DONE else st.message)
+        return out
+
+    train_inputs = [ui.project, ui.method, ui.backbone, ui.checkpoint, ui.owner, *adv]
+    ui.train_btn.click(train, train_inputs, outs, api_name="train", concurrency_limit=None, show_progress="hidden")
+    ui.cancel_btn.click(cancel, [ui.job], [ui.notice], api_name="cancel_training", concurrency_limit=None)
+    ui.timer.tick(poll, [ui.job, ui.project, ui.owner],
+                  [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve, ui.model_md,
+                   ui.label_model_md],
+                  api_name="training_status", show_progress="hidden", concurrency_limit=None,
+                  trigger_mode="always_last")
+
+
+def resume(ui: UI):
+    """Outputs and function for page load: keep showing a job still running for the project."""
+    s = ui.studio
+
+    def fn(pid):
+        st = s.active_job(pid)
+        if st is None:
+            return {ui.job: None, ui.timer: gr.Timer(active=False)}
+        return {ui.job: {"id": st.id, "seen": -1, "status": st.status}, ui.timer: gr.Timer(active=True),
+                ui.progress: progress_html(st), ui.label_progress: progress_html(st)}
+
+    return [ui.job, ui.timer, ui.progress, ui.label_progress], fn

@@ -1,0 +1,143 @@
+"""The whole flow through the real page in Debian's Chromium (Playwright): load the shapes
+example, train GraphAdapter with the tiny backbone, watch the progress finish, see the graph
+plot render, predict an image, accept a pool prediction, download the labels CSV; the page
+reopens the last project after a reload. Saves docs/screenshot.png (used by the README)."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewshot_studio import shapes
+
+CHROMIUM = os.environ.get("FEWSHOT_STUDIO_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"Chromium is not installed at {CHROMIUM} "
+                                       "(CI installs it with apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from fewshot_studio.backbone import BackboneSpec
+    from fewshot_studio.service import Studio
+    from fewshot_studio.ui.app import build_app
+
+    studio = Studio(tmp_path_factory.mktemp("data"), BackboneSpec("tiny", None, device="cpu"))
+    demo = build_app(studio)
+    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo
+    demo.close()
+    studio.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright  # requirements-dev.txt
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM,
+                              args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+def test_whole_flow_in_the_browser(app, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    star = tmp_path / "star.png"
+    shapes.render(shapes.ShapeSpec("yellow", "star"), np.random.default_rng(5), 96).save(star)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    t0 = time.perf_counter()
+
+    page.goto(app.local_url)
+    expect(page.locator("#status-banner")).to_contain_text("tiny", timeout=60_000)
+    expect(page.locator("#status-banner")).to_contain_text("CPU")
+
+    # 1. the shapes example project
+    page.click("#load-example")
+    expect(page.locator("#notice")).to_contain_text("Loaded the example project", timeout=30_000)
+    expect(page.locator("#class-table")).to_contain_text("purple hexagon")
+    expect(page.locator("#class-gallery img").first).to_be_visible()
+
+    # 2. train GraphAdapter (the default method) with tiny (the app's default backbone here)
+    page.get_by_role("tab", name="2 · Train").click()
+    expect(page.locator("#method")).to_contain_text("GraphAdapter")
+    page.click("#train-btn")
+    page.wait_for_selector("#train-progress [data-status=done]", timeout=120_000)
+    expect(page.locator("#train-progress")).to_contain_text("Finished")
+    expect(page.locator("#train-curve .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#model-summary")).to_contain_text("GraphAdapter")
+
+    # 3. the knowledge graph renders
+    page.get_by_role("tab", name="3 · Knowledge graph").click()
+    plot = page.locator("#graph-plot .js-plotly-plot")
+    expect(plot).to_be_visible(timeout=30_000)
+    expect(plot).to_contain_text("yellow star")
+    expect(page.locator("#edge-table")).to_contain_text("red circle")
+    page.wait_for_timeout(500)  # let plotly finish drawing
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+
+    # 4. predict one image: the right class on top
+    page.get_by_role("tab", name="5 · Predict & label").click()
+    page.locator("#predict-image input[type=file]").set_input_files(str(star))
+    expect(page.locator("#predict-label h2")).to_have_text("yellow star", timeout=30_000)
+
+    # 5. label the pool and accept the least confident prediction
+    page.click("#label-pool-btn")
+    expect(page.locator("#notice")).to_contain_text("Labeled 15 pool images", timeout=30_000)
+    expect(page.locator("#pool-table")).to_contain_text("pool_0")
+    pid = app.studio.list_projects()[0].id
+    least = app.studio.pool_predictions(pid)[0]  # the least confident comes first
+    page.locator("#pool-gallery .thumbnail-item").first.click()
+    first_id = str(least.image_id)
+    expect(page.locator("#pool-selection textarea")).to_have_value(first_id, timeout=10_000)
+    page.click("#accept-btn")
+    expect(page.locator("#notice")).to_contain_text("Accepted 1 prediction", timeout=30_000)
+    img = app.studio.store.get_image(int(first_id))
+    assert img.labeled_by == "accepted"
+
+    # 6. download the labels CSV
+    page.get_by_role("tab", name="6 · Export").click()
+    page.click("#export-csv-btn")
+    link = page.locator("#export-file a").first
+    link.wait_for(timeout=30_000)
+    with page.expect_download() as dl:
+        link.click()
+    path = tmp_path / "labels.csv"
+    dl.value.save_as(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 35
+    assert [r["labeled_by"] for r in rows if r["image_id"] == first_id] == ["accepted"]
+    elapsed = time.perf_counter() - t0
+
+    # the last project reopens after a reload
+    page.reload()
+    expect(page.locator("#project-select input")).to_have_value("Example: coloured shapes", timeout=30_000)
+    expect(page.locator("#class-table")).to_contain_text("yellow star")
+    page.close()
+
+    shutil.copyfile(shot, SCREENSHOT)
+    print(f"\nbrowser flow: {elapsed:.1f} s; screenshot: {SCREENSHOT}")
+    (tmp_path / "flow_seconds.txt").write_text(f"{elapsed:.2f}\n")
+    assert not errors, errors
