@@ -132,7 +132,7 @@ def files_of(value) -> list[str]:
     return out
 
 
-def refused_text(errors: list[str], limit: int = 5) -> str:
+def refused_text(errors: list[str], limit: int = 20) -> str:
     if not errors:
         return ""
     shown = "; ".join(errors[:limit])
