@@ -66,6 +66,7 @@ BACKBONE_PRESETS = (
     (TINY, "tiny — offline test backbone: it only knows coloured shapes"),
 )
 THUMB_SIZE = 160
+MAX_UPLOAD_FILES = 1000  # loose files per upload; zips have their own limits (imageio.MAX_ZIP_*)
 POOL = "(unlabeled pool)"  # the pseudo-class naming the unlabeled pool in pickers
 
 
@@ -265,6 +266,9 @@ class Studio:
                 items.append((Path(f).name, Path(f)))
         if not items:
             raise DataError("Choose at least one image to upload.")
+        if len(items) > MAX_UPLOAD_FILES:
+            raise DataError(f"That is {len(items)} files at once; upload at most {MAX_UPLOAD_FILES} per batch "
+                            "(or a zip).")
         return self.store.add_images(int(project_id), items, class_id=class_id,
                                      labeled_by="user" if class_id is not None else None)
 
@@ -425,9 +429,7 @@ class Studio:
         support = self.store.support_set(int(project_id))
         if not methods:
             raise DataError("Pick at least one method to compare.")
-        support.require_images("Cross-validation")
-        if min(support.counts()) < 2:
-            raise DataError("Cross-validation needs at least two images in every class.")
+        support.require_images("Cross-validation")  # classes with one image stay in training
         backbone = self.backbone(spec)
         return cross_validate(support, list(methods), backbone, self.extractor(backbone), seed=0,
                               overrides=settings, progress=progress, cancel=cancel)

@@ -308,3 +308,18 @@ def test_status_banner_when_weights_are_missing(tmp_path):
     assert not ok and "unavailable" in line and "does not exist" in line and "tiny" in line and "Device" in line
     assert s.default_backbone_value() == "ViT-B-32/openai"
     assert s.backbone_choices()[0][1] == "ViT-B-32/openai"
+
+
+def test_too_many_loose_files_is_one_sentence(tmp_path):
+    from fewshot_studio.backbone import BackboneSpec
+    from fewshot_studio.errors import DataError
+    from fewshot_studio.service import MAX_UPLOAD_FILES, Studio
+
+    studio = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
+    try:
+        p = studio.create_project("p")
+        with pytest.raises(DataError, match=f"at most {MAX_UPLOAD_FILES}"):
+            studio.add_images(p.id, [("x.png", b"x")] * (MAX_UPLOAD_FILES + 1))
+        assert studio.store.list_images(p.id) == []
+    finally:
+        studio.close()

@@ -27,6 +27,7 @@ class StudioBlocks(gr.Blocks):
         st.exports_dir.mkdir(parents=True, exist_ok=True)
         allowed = [str(st.thumbs_dir.resolve()), str(st.exports_dir.resolve())]
         kwargs["allowed_paths"] = list(kwargs.get("allowed_paths") or []) + allowed
+        kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)  # Gradio refuses bigger uploads with a message
         kwargs.setdefault("css", CSS)
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("footer_links", ["api", "gradio"])
@@ -35,6 +36,9 @@ class StudioBlocks(gr.Blocks):
     def queue(self, *args, **kwargs):
         kwargs.setdefault("default_concurrency_limit", DEFAULT_CONCURRENCY)
         return super().queue(*args, **kwargs)
+
+
+MAX_UPLOAD_BYTES = 512 * 2**20  # one uploaded file (a zip of many images included)
 
 
 def build_app(studio: Studio | None = None) -> StudioBlocks:
