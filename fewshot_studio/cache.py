@@ -1,14 +1,16 @@
 """On-disk feature cache keyed by (backbone id, image content hash, view index) (SPEC §3).
 
-One small `.npy` file per entry, written atomically (temp file + rename) so a crash
-never leaves a half-written feature; an in-process dictionary sits in front of the disk.
+One small file of raw little-endian float32 per entry (no header to parse, so a hit is a
+single read), written atomically (temp file + rename) so a crash never leaves a half-written
+feature; an in-process dictionary sits in front of the disk. An entry whose size is not a
+whole number of floats (or not the expected dimension) counts as missing and is recomputed.
 """
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,6 +19,7 @@ import numpy as np
 from .paths import cache_dir
 
 Key = tuple[str, int]  # (content hash, view)
+_F32 = np.dtype("<f4")
 
 
 def _safe(backbone_id: str) -> str:
@@ -30,38 +33,45 @@ class FeatureCache:
         self.root = Path(root) if root is not None else cache_dir()
         self._mem: dict[tuple[str, str, int], np.ndarray] | None = {} if memory else None
         self._lock = threading.Lock()
+        self._dirs: set[Path] = set()  # directories known to exist
 
     def _path(self, backbone_id: str, h: str, view: int) -> Path:
-        return self.root / _safe(backbone_id) / h[:2] / f"{h}_{view}.npy"
+        return self.root / _safe(backbone_id) / h[:2] / f"{h}_{view}.f32"
 
-    def get(self, backbone_id: str, h: str, view: int) -> np.ndarray | None:
+    def get(self, backbone_id: str, h: str, view: int, dim: int | None = None) -> np.ndarray | None:
         k = (backbone_id, h, view)
         if self._mem is not None and (v := self._mem.get(k)) is not None:
             return v
         try:
-            v = np.load(self._path(backbone_id, h, view), allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError, EOFError):
+            with open(self._path(backbone_id, h, view), "rb") as f:
+                raw = f.read()
+        except OSError:
             return None
+        if not raw or len(raw) % 4 or (dim is not None and len(raw) != 4 * dim):
+            return None
+        v = np.frombuffer(raw, dtype=_F32)
         if self._mem is not None:
             with self._lock:
                 self._mem[k] = v
         return v
 
-    def get_many(self, backbone_id: str, keys: Iterable[Key]) -> list[np.ndarray | None]:
-        return [self.get(backbone_id, h, v) for h, v in keys]
+    def get_many(self, backbone_id: str, keys: Iterable[Key], dim: int | None = None) -> list[np.ndarray | None]:
+        return [self.get(backbone_id, h, v, dim) for h, v in keys]
 
     def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
         for (h, view), f in zip(keys, features):
             path = self._path(backbone_id, h, view)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            arr = np.ascontiguousarray(f, dtype=np.float32)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            if path.parent not in self._dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._dirs.add(path.parent)
+            arr = np.ascontiguousarray(f, dtype=_F32)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, arr, allow_pickle=False)
+                with open(tmp, "xb") as fh:
+                    fh.write(arr.tobytes())
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
             if self._mem is not None:
                 with self._lock:

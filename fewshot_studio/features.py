@@ -2,9 +2,18 @@
 
 Decoding and preprocessing run in a small thread pool (PIL releases the GIL) so they
 overlap with encoding; anything already in the FeatureCache is never re-encoded.
+
+How the encoding thread is kept busy (a cheap encoder on a CPU notices every detail):
+  * a chunk's images are decoded as a few tasks of several images, not one task per image, so
+    submitting and collecting them costs the encoding thread little;
+  * when the pool has not finished the next chunk, the encoding thread decodes the not-yet-started
+    tasks itself (from the back, while the pool works from the front) instead of waiting;
+  * cache writes run on a thread of their own, so the encoder never waits for the file system;
+    they have all finished (or raised) before `image_features` returns or raises.
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -48,7 +57,7 @@ class FeatureExtractor:
         todo: dict[int, list[int]] = {}
         for i, ref in enumerate(refs):
             for j, v in enumerate(views):
-                hit = self.cache.get(bid, ref.hash, v) if self.cache is not None else None
+                hit = self.cache.get(bid, ref.hash, v, d) if self.cache is not None else None
                 if hit is None:
                     todo.setdefault(i, []).append(j)
                 else:
@@ -64,42 +73,84 @@ class FeatureExtractor:
         bid = self.backbone.id
         done = 0
 
-        def load(item):
-            i, js = item
-            return i, js, self._pixels(refs[i], [views[j] for j in js])
+        def load(group):
+            return [(i, js, self._pixels(refs[i], [views[j] for j in js])) for i, js in group]
 
-        chunks = [items[s:s + bs] for s in range(0, total, bs)]
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
-            pending = [pool.submit(load, it) for it in chunks[0]] if chunks else []
-            for c in range(len(chunks)):
-                if cancel is not None and cancel.is_set():
-                    for f in pending:
-                        f.cancel()
-                    raise Cancelled()
-                chunk = [f.result() for f in pending]
-                pending = [pool.submit(load, it) for it in chunks[c + 1]] if c + 1 < len(chunks) else []
-                pixels = torch.stack([p for _, _, ps in chunk for p in ps])
-                feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
-                self.encoded_images += len(pixels)
-                self.encoded_hashes.update(refs[i].hash for i, _, _ in chunk)
-                keys, k = [], 0
-                for i, js, _ in chunk:
-                    for j in js:
-                        out[i, j] = feats[k]
-                        keys.append((refs[i].hash, views[j]))
-                        k += 1
-                if self.cache is not None:
-                    self.cache.put_many(bid, keys, feats)
-                done += len(chunk)
-                if progress is not None:
-                    progress(Progress(stage, done, total))
+        def split(chunk):
+            # a few tasks per chunk, not one per image: each task costs the encoding thread a
+            # submit and a result, and the thread pool's bookkeeping holds the GIL
+            n = max(1, math.ceil(len(chunk) / (4 * (self.workers + 1))))
+            return [chunk[s:s + n] for s in range(0, len(chunk), n)]
+
+        chunks = [split(items[s:s + bs]) for s in range(0, total, bs)]
+        # Cache writes (a few file-system calls per entry) run on their own thread so the encoder
+        # never waits for the disk; every write has finished (or raised) before this returns.
+        writer = ThreadPoolExecutor(max_workers=1) if self.cache is not None else None
+        writes: list = []
+        try:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
+                pending = [pool.submit(load, it) for it in chunks[0]] if chunks else []
+                for c in range(len(chunks)):
+                    if cancel is not None and cancel.is_set():
+                        for f in pending:
+                            f.cancel()
+                        raise Cancelled()
+                    _raise_failed(writes)
+                    chunk = [r for group in _collect(pending, chunks[c], load) for r in group]
+                    pending = [pool.submit(load, it) for it in chunks[c + 1]] if c + 1 < len(chunks) else []
+                    pixels = torch.stack([p for _, _, ps in chunk for p in ps])
+                    feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
+                    self.encoded_images += len(pixels)
+                    self.encoded_hashes.update(refs[i].hash for i, _, _ in chunk)
+                    keys, k = [], 0
+                    for i, js, _ in chunk:
+                        for j in js:
+                            out[i, j] = feats[k]
+                            keys.append((refs[i].hash, views[j]))
+                            k += 1
+                    if writer is not None:
+                        writes.append(writer.submit(self.cache.put_many, bid, keys, feats))
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(Progress(stage, done, total))
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True)
+        _raise_failed(writes)
 
     def class_text_features(self, classnames: Sequence[str], descriptions: Sequence[str] | None = None,
                             templates: Sequence[str] | None = None) -> torch.Tensor:
         """(C, d) zero-shot class weights: the normalised mean of the normalised features of the
         class's prompts over the template ensemble, description appended (SPEC §5.1)."""
         return class_text_features(self.backbone, classnames, descriptions, templates, self._text_memo)
+
+
+def _collect(futures: list, items: list, fn: Callable) -> list:
+    """Results of `futures` (fn(item) submitted to a pool) in order. Instead of idling while the
+    pool catches up, the calling thread runs the not-yet-started items itself, from the back, while
+    the pool works from the front. An error surfaces in item order, as `f.result()` would raise it."""
+    results: list = [None] * len(futures)
+    stolen: dict[int, BaseException] = {}
+    for n in range(len(futures) - 1, -1, -1):
+        if futures[n].cancel():
+            try:
+                results[n] = fn(items[n])
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in order
+                stolen[n] = e
+    for n, f in enumerate(futures):
+        if n in stolen:
+            raise stolen[n]
+        if results[n] is None:
+            results[n] = f.result()
+    return results
+
+
+def _raise_failed(futures: list) -> None:
+    """Re-raise the first error of the finished background cache writes."""
+    for f in futures:
+        if f.done() and f.exception() is not None:
+            raise f.exception()
 
 
 def class_prompts(classname: str, description: str | None, templates: Sequence[str]) -> list[str]:

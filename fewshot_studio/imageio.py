@@ -333,7 +333,10 @@ def read_bytes(source: Source, name: str | None = None) -> tuple[bytes, str]:
             raise ImageError(display, "this is not a regular file.")
         _check_byte_count(st.st_size, display)
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            # read what stat promised (plus one byte to notice growth), not a 100 MB buffer per file
+            data = f.read(min(st.st_size, MAX_FILE_BYTES) + 1)
+            if len(data) > st.st_size:  # the file grew since stat: read on, still bounded
+                data += f.read(MAX_FILE_BYTES + 1 - len(data))
     except ImageError:
         raise
     except FileNotFoundError:

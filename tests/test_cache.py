@@ -45,7 +45,7 @@ def test_cache_matches_direct_encoding_and_keys_by_backbone(tiny, tmp_path, refs
     feats = ex.image_features(refs, views=(0,))[:, 0]
     direct = tiny.encode_images(torch.stack([tiny.preprocess(r.open()) for r in refs]))
     assert torch.allclose(feats, direct, atol=1e-6)
-    files = list(tmp_path.rglob("*.npy"))
+    files = list(tmp_path.rglob("*.f32"))
     assert len(files) == 6 and all(tiny.id in str(f) for f in files)
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -61,7 +61,7 @@ def test_cache_dir_from_env(monkeypatch, tmp_path):
 def test_corrupt_cache_entry_is_recomputed(tiny, tmp_path, refs):
     ex = FeatureExtractor(tiny, FeatureCache(tmp_path))
     good = ex.image_features(refs[:1])
-    f = next(tmp_path.rglob("*.npy"))
+    f = next(tmp_path.rglob("*.f32"))
     f.write_bytes(b"garbage")
     ex2 = FeatureExtractor(tiny, FeatureCache(tmp_path, memory=False))
     assert torch.equal(ex2.image_features(refs[:1]), good) and ex2.encoded_images == 1

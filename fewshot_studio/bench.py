@@ -1,0 +1,835 @@
+"""`python -m fewshot_studio bench`: the speed targets, each measured as a ratio of two timings
+taken side by side in one run.
+
+    python -m fewshot_studio bench [--backbone NAME] [--random-weights] [--device cpu|cuda]
+                                   [--classes C] [--shots K] [--json FILE]
+
+prints a markdown table (key | value | target | met | absolute figures), writes the same results as
+JSON with --json, and exits 1 naming every missed target (2 for a usage error, 0 when all are met).
+
+Workload. Synthetic coloured-shape images (`shapes.render`) at realistic upload sizes: 224-256 px
+squares, alternately JPEG (quality 90) and PNG, written to files in a temporary folder and used
+as `ImageRef.from_path` refs, as the app and the CLI do (a ref hashes its file when it is added,
+so hashing is outside every timing). A pool of `--images` such images feeds the pipeline,
+cache and labeling measurements; `--classes` × `--shots` more form the support set of the training
+measurements. Each measurement works on an empty feature cache of its own (a fresh folder)
+unless it says otherwise.
+
+Statistics. Every ratio has two sides measured alternately within each of R rounds (their
+order flips every round), so slow drifts and bursts of load hit both. Each side's figure is its
+fastest round: other processes on a shared machine can only add time, so the fastest of R
+repeats is the best estimate of the uncontended figure (timeit's rule); the key is the ratio of
+the two sides' fastest times. The median over rounds of the per-round ratio is reported next to
+it as `<key>_median`, and the CPU time other processes used meanwhile as `background_cpu_cores`.
+
+Threads. On a CPU the run uses `--threads` torch intra-op threads (default: cores - 1) and
+`--workers` decode threads (default: the remaining cores), so the encoder and the decoding each
+have a core; every measurement, both sides of every ratio, runs with that same setting. On
+CUDA, torch's own thread setting and the extractor's default workers are kept.
+
+Definitions (one line each, as the README quotes them):
+
+* `pipeline_vs_raw_encode` = images/s of the full feature pipeline ÷ images/s of the bare encoder.
+  Pipeline: `FeatureExtractor.image_features` on the pool's file refs with an empty cache -
+  read, decode, preprocess, batch, encode, cache write. Bare encoder: the same images already
+  decoded and preprocessed to one tensor, `backbone.encode_images` looped over it in the
+  pipeline's batch size, with the same torch threads. It measures how well the pipeline keeps
+  its encoder busy (decode overlapped with encoding). `raw_encode_all_cores_images_per_s` is the
+  bare encoder on every core and `pipeline_vs_raw_encode_all_cores` the pipeline against that.
+* `cache_hit_speedup` = pipeline time ÷ cache-hit time for the same images: a fresh FeatureCache
+  object (empty memory, reading the entries the pipeline just wrote from disk; the OS file cache
+  is warm, as right after an extraction), checked to encode nothing and return the same features.
+* `graph_retrain_ratio` = GraphAdapter refit time after adding one image ÷ first training time.
+  First: `fit` on the C×K support set with an empty cache and a new extractor, as a user's first
+  training (feature extraction of 1 + augment_views views per image, class text features, the
+  300 steps). Refit: `fit` again with one more image through the same extractor (warm cache:
+  only the new image's views are encoded; the 300 steps run in full).
+* `mma_cached_speedup` = MMA epoch time without ÷ with the lower-block cache (default MMA
+  settings, ceil(C·K / batch) steps of the method's own training step). With the cache
+  (`cache_lower=True`, `MMA.time_epoch`): steps run only the adapted blocks on cached outputs of
+  the frozen lower blocks per (image, view) and prompt; building the cache is a one-time cost,
+  reported as `mma_prepare_seconds_cached`. Without it, as the official pipeline trains: every
+  step reads, decodes and augments its batch's images (same images and views) and runs both
+  towers in full, forward and backward. mma.py's own uncached path keeps pre-decoded pixels and
+  so times the blocks alone; that figure is reported as `mma_blocks_only_speedup`.
+* `graph_batched_speedup` = time of one GraphAdapter training step (forward + backward) written
+  as the per-class loop (`graph_adapter_loop_reference`) ÷ the batched step, at C = 100 classes,
+  d = the backbone's embedding width, K shots of features per class. The batched step uses the
+  graph rows that `fit` computes once per training; `graph_step_ms_batched_with_rows` adds them.
+* `labeling_vs_extraction` = pool-labeling images/s ÷ feature-extraction images/s over the same
+  pool, each with an empty cache: labeling is what `Studio.label_pool` runs per chunk of 256
+  images (`predict_proba` of the trained GraphAdapter: decode, features, logits, probabilities,
+  then the best class and its confidence); extraction is `FeatureExtractor.image_features`.
+
+Absolute figures behind each ratio (images/s, seconds, ms per step), the peak resident memory of
+the process and, on CUDA, the peak GPU memory of each section go under `absolute`; the device,
+the torch and open_clip versions, the backbone, the targets and the missed keys sit beside them.
+
+Later: `bench --load` (issue 7) will add the keys `load_p50_ms`, `load_p95_ms` and `load_errors`
+as a suite of its own (a function like `_suite_speed` returning its keys and absolute figures,
+plus entries in TARGETS); nothing in the speed suite depends on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import FewShotError
+
+# key -> (comparison, target); ">=" means higher is better
+TARGETS: dict[str, tuple[str, float]] = {
+    "pipeline_vs_raw_encode": (">=", 0.9),
+    "cache_hit_speedup": (">=", 20.0),
+    "graph_retrain_ratio": ("<=", 0.1),
+    "mma_cached_speedup": (">=", 1.5),
+    "graph_batched_speedup": (">=", 10.0),
+    "labeling_vs_extraction": (">=", 0.9),
+}
+KEYS = tuple(TARGETS)
+
+IMAGE_SIZES = (224, 256)  # inclusive range of the square test images' sides, in pixels
+LABEL_CHUNK = 256  # images per predict_proba call when labeling a pool (as Studio.label_pool)
+GRAPH_CLASSES = 100  # C of the batched-vs-loop GraphAdapter step
+
+
+class BenchError(FewShotError):
+    """A benchmark setting that cannot be run."""
+
+
+@dataclass
+class BenchConfig:
+    classes: int = 20
+    shots: int = 16
+    images: int = 512
+    repeats: int = 5
+    batch_size: int = 64
+    threads: int | None = None  # None: cores - 1 on CPU, torch's setting on CUDA
+    workers: int | None = None  # None: the remaining cores on CPU (at least 1), 2 on CUDA
+    graph_classes: int = GRAPH_CLASSES
+    work_dir: str | None = None  # where the images and caches go (default: the system temp dir)
+
+    def validate(self) -> None:
+        for name in ("classes", "shots", "images", "repeats", "batch_size", "graph_classes"):
+            if int(getattr(self, name)) < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.classes < 2:
+            raise BenchError("--classes must be at least 2 (a classifier needs two classes).")
+        for name in ("threads", "workers"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise BenchError(f"--{name} must be at least 1.")
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+class _LoadMeter:
+    """CPU time used by other processes (Linux /proc/stat minus this process), in cores."""
+
+    def __init__(self):
+        self.ok = os.path.exists("/proc/stat")
+
+    def snap(self):
+        if not self.ok:
+            return None
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system
+
+    @staticmethod
+    def others(a, b) -> float | None:
+        if a is None or b is None or b[0] <= a[0]:
+            return None
+        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]))
+
+
+@dataclass
+class _Sides:
+    """Timings of the two (or more) sides of some ratios, one list entry per round."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, s: float) -> None:
+        self.seconds.setdefault(name, []).append(float(s))
+
+    def best(self, name: str) -> float:
+        return min(self.seconds[name])
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.seconds[name])
+
+    def ratio(self, num: str, den: str) -> tuple[float, float]:
+        """(ratio of the fastest rounds, median of the per-round ratios) of num/den seconds."""
+        per_round = [a / b for a, b in zip(self.seconds[num], self.seconds[den]) if b > 0]
+        return self.best(num) / self.best(den), statistics.median(per_round)
+
+
+def _interleave(rounds: int, sides: list[tuple[str, Callable[[int], float]]], result: _Sides,
+                meter: _LoadMeter, load: list[float]) -> None:
+    """Run each side once per round, the order reversed every other round; each side returns its
+    own measured seconds (set-up outside its clock)."""
+    for r in range(rounds):
+        order = sides if r % 2 == 0 else sides[::-1]
+        a = meter.snap()
+        for name, fn in order:
+            result.add(name, fn(r))
+        o = _LoadMeter.others(a, meter.snap())
+        if o is not None:
+            load.append(o)
+
+
+# ---- the workload ------------------------------------------------------------------------------
+
+def class_names(n: int) -> list[tuple[str, str]]:
+    """(class name, colour-shape label it depicts) for n classes; beyond the 48 shape classes the
+    names repeat with a number (timing only: such classes look alike)."""
+    from .shapes import CLASSES
+
+    out = []
+    for c in range(n):
+        label = CLASSES[c % len(CLASSES)]
+        out.append((label if c < len(CLASSES) else f"{label} {c // len(CLASSES) + 1}", label))
+    return out
+
+
+def write_images(folder: Path, labels: list[str], seed: int) -> list:
+    """One image file per label: 224-256 px, JPEG (even positions) or PNG (odd). Returns refs."""
+    from .data import ImageRef
+    from .shapes import ShapeSpec, render
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for n, label in enumerate(labels):
+        size = int(rng.integers(IMAGE_SIZES[0], IMAGE_SIZES[1] + 1))
+        img = render(ShapeSpec(*label.split(" ", 1)), rng, size=size, supersample=2)
+        if n % 2 == 0:
+            path = folder / f"{n:05d}.jpg"
+            img.save(path, "JPEG", quality=90)
+        else:
+            path = folder / f"{n:05d}.png"
+            img.save(path, "PNG")
+        refs.append(ImageRef.from_path(path))
+    return refs
+
+
+class _DecodeOnAccess:
+    """Stands in for `MMATrainData.images` without the lower-block cache: indexing it with
+    [image indices, view indices] reads, decodes and augments those images then and there, as a
+    data loader does for every batch of the official training."""
+
+    device = torch.device("cpu")
+    ndim = 5
+
+    def __init__(self, refs, views: int, backbone):
+        self.refs = list(refs)
+        self.backbone = backbone
+        s = backbone.image_size
+        self.shape = (len(self.refs), views, 3, s, s)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        idx, views = key
+        bb = self.backbone
+        out = []
+        for i, v in zip(idx.tolist(), views.tolist()):
+            ref = self.refs[i]
+            out.append(bb.augment(ref.open(draft_size=bb.image_size), ref.hash, int(v)))
+        return torch.stack(out)
+
+
+def random_weights_backbone(name: str, device: str | None):
+    """The open_clip architecture `name` (or 'tiny') with random weights: speed figures of a big
+    backbone without downloading it."""
+    import open_clip
+
+    from . import shapes, tiny
+    from .backbone import GENERIC_TEMPLATES, TINY, Backbone, BackboneSpec, resolve_device
+
+    tiny.register()
+    arch = tiny.MODEL_NAME if name == TINY else name
+    if arch not in open_clip.list_models():
+        raise BenchError(f"'{name}' is not an open_clip model name; pick one of open_clip.list_models() "
+                         f"(e.g. ViT-B-32) or 'tiny'.")
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded: that is the point
+    try:
+        model = open_clip.create_model(arch, pretrained=None)
+    finally:
+        logging.disable(previous)
+    templates = shapes.CAPTION_TEMPLATES if name == TINY else GENERIC_TEMPLATES
+    spec = BackboneSpec(name, None, None, device)
+    return Backbone(model, open_clip.get_tokenizer(arch), spec, f"{arch}@random-weights", dev, templates)
+
+
+# ---- the speed suite -----------------------------------------------------------------------------
+
+@dataclass
+class _Ctx:
+    backbone: object
+    cfg: BenchConfig
+    work: Path
+    workers: int
+    log: Callable[[str], None]
+    meter: _LoadMeter = field(default_factory=_LoadMeter)
+    results: dict = field(default_factory=dict)
+    absolute: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def extractor(self, cache_dir: Path | None):
+        from .cache import FeatureCache
+        from .features import FeatureExtractor
+
+        cache = FeatureCache(cache_dir) if cache_dir is not None else None
+        return FeatureExtractor(self.backbone, cache, batch_size=self.cfg.batch_size, workers=self.workers)
+
+    def fresh_dir(self, name: str) -> Path:
+        d = self.work / name
+        shutil.rmtree(d, ignore_errors=True)
+        return d
+
+    def timed(self, fn: Callable[[], object]) -> tuple[float, object]:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(self.device)
+        return time.perf_counter() - t0, out
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.log(f"bench: {name}...")
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            self.absolute[f"peak_gpu_mb_{name.split(' ')[0]}"] = round(
+                torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        self.absolute.setdefault("section_seconds", {})[name.split(" ")[0]] = round(time.perf_counter() - t0, 2)
+
+    def put(self, key: str, best: float, median: float) -> None:
+        self.results[key] = best
+        self.absolute[f"{key}_median"] = median
+
+
+def _section_pipeline(ctx: _Ctx, pool: list) -> None:
+    """pipeline_vs_raw_encode and cache_hit_speedup."""
+    bb, cfg = ctx.backbone, ctx.cfg
+    n, bs = len(pool), cfg.batch_size
+    pixels = torch.stack([bb.preprocess(r.open(draft_size=bb.image_size)) for r in pool])
+    reference = torch.cat([bb.encode_images(pixels[s:s + bs], batch_size=bs) for s in range(0, n, bs)])
+    # warm-up: first calls allocate
+    ctx.extractor(ctx.fresh_dir("cache-warmup")).image_features(pool[:min(n, 2 * bs)])
+
+    def raw(_r: int) -> float:
+        return ctx.timed(lambda: [bb.encode_images(pixels[s:s + bs], batch_size=bs) for s in range(0, n, bs)])[0]
+
+    hit_seconds: list[float] = []
+
+    def pipeline(r: int) -> float:
+        d = ctx.fresh_dir(f"cache-pipeline-{r}")
+        ex = ctx.extractor(d)
+        seconds, feats = ctx.timed(lambda: ex.image_features(pool))
+        if ex.encoded_images != n or not torch.allclose(feats[:, 0], reference, atol=1e-5):
+            raise RuntimeError("the pipeline's features differ from the bare encoder's")
+        cold = ctx.extractor(d)  # a fresh FeatureCache object: empty memory, entries on disk
+        hit, again = ctx.timed(lambda: cold.image_features(pool))
+        if cold.encoded_images != 0 or not torch.equal(again, feats):
+            raise RuntimeError("the cache hit re-encoded images or returned different features")
+        hit_seconds.append(hit)
+        shutil.rmtree(d, ignore_errors=True)
+        return seconds
+
+    sides, load = _Sides(), []
+    _interleave(cfg.repeats, [("raw", raw), ("pipeline", pipeline)], sides, ctx.meter, load)
+    sides.seconds["hit"] = hit_seconds
+    ctx.put("pipeline_vs_raw_encode", *sides.ratio("raw", "pipeline"))
+    ctx.put("cache_hit_speedup", *sides.ratio("pipeline", "hit"))
+    a = ctx.absolute
+    a["raw_encode_images_per_s"] = round(n / sides.best("raw"), 1)
+    a["pipeline_images_per_s"] = round(n / sides.best("pipeline"), 1)
+    a["cache_hit_images_per_s"] = round(n / sides.best("hit"), 1)
+    a["raw_encode_seconds"] = round(sides.best("raw"), 4)
+    a["pipeline_seconds"] = round(sides.best("pipeline"), 4)
+    a["cache_hit_seconds"] = round(sides.best("hit"), 5)
+    ctx.load["pipeline"] = load
+
+    # the bare encoder on every core (informative: the pipeline's encoder leaves cores to decoding)
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu" and threads < _cores():
+        m = min(n, 4 * bs)
+        times = []
+        torch.set_num_threads(_cores())
+        try:
+            for _ in range(min(cfg.repeats, 3)):
+                times.append(ctx.timed(lambda: [bb.encode_images(pixels[s:s + bs], batch_size=bs)
+                                                for s in range(0, m, bs)])[0])
+        finally:
+            torch.set_num_threads(threads)
+        a["raw_encode_all_cores_images_per_s"] = round(m / min(times), 1)
+        a["pipeline_vs_raw_encode_all_cores"] = round(
+            a["pipeline_images_per_s"] / a["raw_encode_all_cores_images_per_s"], 3)
+
+
+def _section_graph_retrain(ctx: _Ctx, support, extra: list):
+    """graph_retrain_ratio; returns the last trained GraphAdapter (for labeling)."""
+    from .methods import make_method
+
+    bb = ctx.backbone
+    rounds = max(1, min(ctx.cfg.repeats, 3))
+    first, refit = [], []
+    method = None
+    load: list[float] = []
+    for r in range(rounds):
+        a = ctx.meter.snap()
+        d = ctx.fresh_dir(f"cache-graph-{r}")
+        ex = ctx.extractor(d)
+        method = make_method("graph", bb, support.classnames)
+        t_first, _ = ctx.timed(lambda: method.fit(support, ex))
+        before = ex.encoded_images
+        bigger = support.add(extra[r], 0)
+        t_refit, _ = ctx.timed(lambda: method.fit(bigger, ex))
+        if ex.encoded_images - before != method.feature_views:
+            raise RuntimeError("the refit encoded more than the new image's views")
+        first.append(t_first)
+        refit.append(t_refit)
+        shutil.rmtree(d, ignore_errors=True)
+        o = _LoadMeter.others(a, ctx.meter.snap())
+        if o is not None:
+            load.append(o)
+    sides = _Sides({"refit": refit, "first": first})
+    ctx.put("graph_retrain_ratio", *sides.ratio("refit", "first"))
+    ctx.absolute.update({
+        "graph_first_fit_seconds": round(min(first), 3),
+        "graph_refit_seconds": round(min(refit), 3),
+        "graph_support_images": len(support),
+        "graph_views_per_image": method.feature_views,
+        "graph_steps": method.config.steps,
+    })
+    ctx.load["graph_retrain"] = load
+    return method
+
+
+def _mma_epoch_decoding(method, support) -> float:
+    """Seconds of one epoch the official way: each step decodes and augments its batch's images
+    and runs both towers in full (the method's own training step on undecoded images)."""
+    from .methods.mma import MMATrainData
+    from .training import seed_everything
+
+    bb = method.backbone
+    dev = bb.device
+    snapshot = {k: v.detach().clone() for k, v in method.state_dict().items()}
+    try:
+        gen = seed_everything(method.config.seed)
+        views = 1 + max(0, int(method.config.augment_views))
+        tokens = method._token_ids()
+        data = MMATrainData(False, _DecodeOnAccess(support.images, views, bb),  # type: ignore[arg-type]
+                            support.labels_tensor().to(dev), tokens, None, tokens)
+        steps = max(1, math.ceil(len(support) / method.config.batch_size))
+        step = method._make_step(data, steps, gen)
+        method.train()
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        _sync(dev)
+        return time.perf_counter() - t0
+    finally:
+        method.load_tensors(snapshot)
+        method.eval()
+
+
+def _section_mma(ctx: _Ctx, support) -> None:
+    from .errors import BackboneError
+    from .methods import make_method
+
+    try:
+        method = make_method("mma", ctx.backbone, support.classnames)
+    except BackboneError as e:
+        ctx.skipped["mma_cached_speedup"] = str(e)
+        return
+    prepare: list[float] = []
+    steps: list[int] = []
+
+    def cached(_r: int) -> float:
+        res = method.time_epoch(support, cached=True, epochs=1)
+        prepare.append(res["prepare_seconds"])
+        steps.append(res["steps_per_epoch"])
+        return res["epoch_seconds"]
+
+    def uncached(_r: int) -> float:
+        return _mma_epoch_decoding(method, support)
+
+    def blocks_only(_r: int) -> float:
+        return method.time_epoch(support, cached=False, epochs=1)["epoch_seconds"]
+
+    sides, load = _Sides(), []
+    rounds = max(1, min(ctx.cfg.repeats, 3))
+    _interleave(rounds, [("cached", cached), ("uncached", uncached), ("blocks_only", blocks_only)],
+                sides, ctx.meter, load)
+    ctx.put("mma_cached_speedup", *sides.ratio("uncached", "cached"))
+    ctx.absolute.update({
+        "mma_epoch_seconds_cached": round(sides.best("cached"), 4),
+        "mma_epoch_seconds_uncached": round(sides.best("uncached"), 4),
+        "mma_prepare_seconds_cached": round(min(prepare), 3),
+        "mma_epoch_seconds_blocks_only": round(sides.best("blocks_only"), 4),
+        "mma_blocks_only_speedup": round(sides.ratio("blocks_only", "cached")[0], 3),
+        "mma_steps_per_epoch": steps[0],
+        "mma_adapted_blocks": list(method.block_range),
+    })
+    ctx.load["mma"] = load
+
+
+def _section_graph_step(ctx: _Ctx) -> None:
+    import torch.nn.functional as F
+
+    from .methods.graph_adapter import (GraphAdapterConfig, graph_adapter_classifier,
+                                        graph_adapter_loop_reference, graph_rows)
+    from .training import autocast_for
+
+    bb, dev = ctx.backbone, ctx.device
+    C, d, k = ctx.cfg.graph_classes, bb.embed_dim, ctx.cfg.shots
+    cfg = GraphAdapterConfig()
+    g = torch.Generator().manual_seed(0)
+    T = F.normalize(torch.randn(C, d, generator=g), dim=-1).to(dev)
+    V = F.normalize(torch.randn(C, d, generator=g), dim=-1).to(dev)
+    bound = 1 / math.sqrt(d)
+    W_t = ((torch.rand(d, d, generator=g) * 2 - 1) * bound).to(dev).requires_grad_()
+    W_v = ((torch.rand(d, d, generator=g) * 2 - 1) * bound).to(dev).requires_grad_()
+    b_t = torch.zeros(C, d, device=dev, requires_grad=True)
+    b_v = torch.zeros(C, d, device=dev, requires_grad=True)
+    x = F.normalize(torch.randn(C * k, d, generator=g), dim=-1).to(dev)
+    y = torch.arange(C).repeat_interleave(k).to(dev)
+    params = (W_t, b_t, W_v, b_v)
+    rows = graph_rows(T, V, cfg.groups)
+
+    def batched(with_rows: bool = False):
+        r = graph_rows(T, V, cfg.groups) if with_rows else rows
+        return graph_adapter_classifier(T, V, W_t, b_t, W_v, b_v, cfg.alpha, cfg.beta, cfg.groups, r)
+
+    def loop():
+        return graph_adapter_loop_reference(T, V, W_t, b_t, W_v, b_v, cfg.alpha, cfg.beta, cfg.groups)
+
+    with torch.no_grad():
+        if not torch.allclose(batched(), loop(), atol=1e-5):
+            raise RuntimeError("the batched GraphAdapter differs from the per-class loop")
+
+    def step(classifier) -> None:
+        for p in params:
+            p.grad = None
+        with autocast_for(dev):
+            loss = F.cross_entropy((bb.logit_scale * x @ classifier().T).float(), y)
+        loss.backward()
+
+    def per_step(classifier, min_seconds: float = 0.05, max_steps: int = 200) -> Callable[[int], float]:
+        def run(_r: int) -> float:
+            s1, _ = ctx.timed(lambda: step(classifier))
+            reps = max(1, min(max_steps, int(min_seconds / max(s1, 1e-6))))
+            total, _ = ctx.timed(lambda: [step(classifier) for _ in range(reps)])
+            return total / reps
+        return run
+
+    step(batched)  # warm-up
+    sides, load = _Sides(), []
+    _interleave(ctx.cfg.repeats, [("loop", per_step(loop, 0.0, 1)), ("batched", per_step(batched)),
+                                  ("batched_rows", per_step(lambda: batched(True)))], sides, ctx.meter, load)
+    ctx.put("graph_batched_speedup", *sides.ratio("loop", "batched"))
+    ctx.absolute.update({
+        "graph_step_ms_loop": round(1000 * sides.best("loop"), 3),
+        "graph_step_ms_batched": round(1000 * sides.best("batched"), 4),
+        "graph_step_ms_batched_with_rows": round(1000 * sides.best("batched_rows"), 4),
+        "graph_step_classes": C,
+        "graph_step_features": C * k,
+    })
+    ctx.load["graph_step"] = load
+
+
+def _section_labeling(ctx: _Ctx, method, pool: list) -> None:
+    n = len(pool)
+
+    def labeling(r: int) -> float:
+        d = ctx.fresh_dir(f"cache-label-{r}")
+        ex = ctx.extractor(d)
+
+        def run():
+            probs = torch.cat([method.predict_proba(pool[i:i + LABEL_CHUNK], ex) for i in range(0, n, LABEL_CHUNK)])
+            return probs.max(1)
+
+        seconds, _ = ctx.timed(run)
+        shutil.rmtree(d, ignore_errors=True)
+        return seconds
+
+    def extraction(r: int) -> float:
+        d = ctx.fresh_dir(f"cache-extract-{r}")
+        ex = ctx.extractor(d)
+        seconds, _ = ctx.timed(lambda: ex.image_features(pool))
+        shutil.rmtree(d, ignore_errors=True)
+        return seconds
+
+    sides, load = _Sides(), []
+    _interleave(ctx.cfg.repeats, [("extraction", extraction), ("labeling", labeling)], sides, ctx.meter, load)
+    ctx.put("labeling_vs_extraction", *sides.ratio("extraction", "labeling"))
+    ctx.absolute["labeling_images_per_s"] = round(n / sides.best("labeling"), 1)
+    ctx.absolute["extraction_images_per_s"] = round(n / sides.best("extraction"), 1)
+    ctx.load["labeling"] = load
+
+
+def _suite_speed(ctx: _Ctx) -> None:
+    from .data import SupportSet
+
+    cfg = ctx.cfg
+    names = class_names(cfg.classes)
+    ctx.log(f"bench: writing {cfg.images + cfg.classes * cfg.shots + 3} test images...")
+    pool = write_images(ctx.work / "pool", [names[i % len(names)][1] for i in range(cfg.images)], seed=1)
+    support_refs = write_images(ctx.work / "support", [label for _, label in names for _ in range(cfg.shots)], seed=2)
+    extra = write_images(ctx.work / "extra", [names[0][1]] * 3, seed=3)
+    support = SupportSet([c for c, _ in names], support_refs, [c for c in range(cfg.classes) for _ in range(cfg.shots)])
+
+    with ctx.section(f"pipeline ({len(pool)} images, {cfg.repeats} rounds)"):
+        _section_pipeline(ctx, pool)
+    with ctx.section(f"graph_retrain ({len(support)} support images)"):
+        method = _section_graph_retrain(ctx, support, extra)
+    with ctx.section(f"labeling ({len(pool)} pool images)"):
+        _section_labeling(ctx, method, pool)
+    with ctx.section(f"mma ({len(support)} support images)"):
+        _section_mma(ctx, support)
+    with ctx.section(f"graph_step (C={cfg.graph_classes})"):
+        _section_graph_step(ctx)
+
+
+def run_bench(backbone, cfg: BenchConfig | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Run the speed suite on `backbone` and return the results dict (the JSON the CLI writes)."""
+    import open_clip
+
+    cfg = cfg or BenchConfig()
+    cfg.validate()
+    log = log or (lambda s: None)
+    cpu = backbone.device.type == "cpu"
+    old_threads = torch.get_num_threads()
+    threads = cfg.threads or (max(1, _cores() - 1) if cpu else old_threads)
+    workers = cfg.workers or (max(1, _cores() - threads) if cpu else 2)
+    root = Path(tempfile.mkdtemp(prefix="fewshot-bench-", dir=cfg.work_dir))
+    torch.set_num_threads(threads)
+    ctx = _Ctx(backbone, cfg, root, workers, log)
+    t0 = time.perf_counter()
+    try:
+        _suite_speed(ctx)
+    finally:
+        torch.set_num_threads(old_threads)
+        shutil.rmtree(root, ignore_errors=True)
+    ctx.absolute["peak_rss_mb"] = _peak_rss_mb()
+    loads = [x for v in ctx.load.values() for x in v]
+    ctx.absolute["background_cpu_cores"] = round(statistics.mean(loads), 2) if loads else None
+    ctx.absolute["background_cpu_cores_by_section"] = {k: round(max(v), 2) for k, v in ctx.load.items() if v}
+    ctx.absolute["total_seconds"] = round(time.perf_counter() - t0, 1)
+    results = {k: (round(ctx.results[k], 4) if k in ctx.results else None) for k in KEYS}
+    results.update({
+        "absolute": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ctx.absolute.items()},
+        "device": backbone.device_label,
+        "torch": torch.__version__,
+        "open_clip": getattr(open_clip, "__version__", "unknown"),
+        "backbone": backbone.id,
+        "config": {"classes": cfg.classes, "shots": cfg.shots, "images": cfg.images, "repeats": cfg.repeats,
+                   "batch_size": cfg.batch_size, "threads": threads, "workers": workers, "cores": _cores(),
+                   "graph_classes": cfg.graph_classes, "image_px": list(IMAGE_SIZES),
+                   "image_formats": "JPEG q90 and PNG, alternating"},
+        "statistic": "fastest of R interleaved rounds per side; <key>_median = median per-round ratio",
+        "targets": {k: {"min" if op == ">=" else "max": v} for k, (op, v) in TARGETS.items()},
+        "skipped": dict(ctx.skipped),
+    })
+    missed = missed_targets(results)
+    results["missed"], results["missed_reasons"] = sorted(missed), missed
+    return results
+
+
+# ---- judging and reporting ----------------------------------------------------------------------
+
+def missed_targets(results: dict) -> dict[str, str]:
+    """key -> one sentence, for each target not met (a missing or non-finite value is a miss,
+    unless the key was skipped for a stated reason)."""
+    missed = {}
+    skipped = results.get("skipped") or {}
+    for key, (op, target) in TARGETS.items():
+        v = results.get(key)
+        if key in skipped:
+            continue
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            missed[key] = f"{key} was not measured"
+            continue
+        ok = v >= target if op == ">=" else v <= target
+        if not ok:
+            missed[key] = f"{key} = {v:.3g}, target {op} {target:g} ({_figures(key, results.get('absolute') or {})})"
+    return missed
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "?"
+    if isinstance(v, float):
+        v = f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return f"{v}{unit}"
+
+
+def _figures(key: str, a: dict) -> str:
+    """The absolute figures behind one key, as a short phrase."""
+    g = a.get
+    if key == "pipeline_vs_raw_encode":
+        s = (f"pipeline {_fmt(g('pipeline_images_per_s'))} img/s vs bare encoder "
+             f"{_fmt(g('raw_encode_images_per_s'))} img/s")
+        if g("raw_encode_all_cores_images_per_s"):
+            s += f"; bare encoder on all cores {_fmt(g('raw_encode_all_cores_images_per_s'))} img/s"
+        return s
+    if key == "cache_hit_speedup":
+        return f"pipeline {_fmt(g('pipeline_seconds'), ' s')} vs cache hit {_fmt(g('cache_hit_seconds'), ' s')}"
+    if key == "graph_retrain_ratio":
+        return (f"refit {_fmt(g('graph_refit_seconds'), ' s')} vs first fit "
+                f"{_fmt(g('graph_first_fit_seconds'), ' s')} ({_fmt(g('graph_support_images'))} images × "
+                f"{_fmt(g('graph_views_per_image'))} views, {_fmt(g('graph_steps'))} steps)")
+    if key == "mma_cached_speedup":
+        return (f"epoch {_fmt(g('mma_epoch_seconds_uncached'), ' s')} decoding vs "
+                f"{_fmt(g('mma_epoch_seconds_cached'), ' s')} cached ({_fmt(g('mma_steps_per_epoch'))} steps; "
+                f"cache built once in {_fmt(g('mma_prepare_seconds_cached'), ' s')}; "
+                f"blocks alone {_fmt(g('mma_blocks_only_speedup'), '×')})")
+    if key == "graph_batched_speedup":
+        return (f"step {_fmt(g('graph_step_ms_loop'), ' ms')} loop vs "
+                f"{_fmt(g('graph_step_ms_batched'), ' ms')} batched (C={_fmt(g('graph_step_classes'))})")
+    if key == "labeling_vs_extraction":
+        return (f"labeling {_fmt(g('labeling_images_per_s'))} img/s vs extraction "
+                f"{_fmt(g('extraction_images_per_s'))} img/s")
+    return ""
+
+
+def markdown_table(results: dict) -> str:
+    a = results.get("absolute") or {}
+    missed = missed_targets(results)
+    skipped = results.get("skipped") or {}
+    lines = [f"Backbone {results.get('backbone')} on {results.get('device')} "
+             f"(torch {results.get('torch')}, open_clip {results.get('open_clip')})", "",
+             "| key | value | target | met | absolute figures |", "|---|---|---|---|---|"]
+    for key, (op, target) in TARGETS.items():
+        v = results.get(key)
+        met = "n/a" if key in skipped else ("no" if key in missed else "yes")
+        figures = skipped.get(key) or _figures(key, a)
+        lines.append(f"| {key} | {_fmt(v)} | {op} {target:g} | {met} | {figures} |")
+    extra = []
+    if a.get("peak_rss_mb") is not None:
+        extra.append(f"peak RSS {a['peak_rss_mb']:.0f} MB")
+    gpu = {k: v for k, v in a.items() if k.startswith("peak_gpu_mb_")}
+    if gpu:
+        extra.append("peak GPU memory " + ", ".join(f"{k[12:]} {v:.0f} MB" for k, v in gpu.items()))
+    if a.get("background_cpu_cores") is not None:
+        extra.append(f"other processes used {a['background_cpu_cores']:.2f} CPU cores on average meanwhile")
+    cfg = results.get("config") or {}
+    if cfg:
+        extra.append(f"{cfg.get('threads')} torch threads, {cfg.get('workers')} decode workers, "
+                     f"{cfg.get('cores')} cores")
+    if extra:
+        lines += ["", "; ".join(extra) + "."]
+    return "\n".join(lines)
+
+
+def report(results: dict, json_path: str | os.PathLike | None = None, out=None, err=None) -> int:
+    """Print the table, write the JSON, and return the exit code: 0 all met, 1 some missed."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    missed = missed_targets(results)
+    results = {**results, "missed": sorted(missed), "missed_reasons": missed}
+    print(markdown_table(results), file=out)
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    for reason in missed.values():
+        print(f"bench: target missed: {reason}", file=err)
+    return 1 if missed else 0
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def add_bench_parser(sub) -> None:
+    from .cli import _add_backbone_args
+
+    p = sub.add_parser("bench", help="measure the speed targets (pipeline, cache, retrain, MMA, graph, labeling)",
+                       description="Measure the speed targets side by side in one run; exit 1 if one is missed.")
+    _add_backbone_args(p)
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the architecture with random weights instead of loading them (speed only)")
+    p.add_argument("--classes", type=int, default=BenchConfig.classes, help="C of the training measurements")
+    p.add_argument("--shots", type=int, default=BenchConfig.shots, help="K images per class")
+    p.add_argument("--images", type=int, default=BenchConfig.images, help="pool size of the pipeline measurements")
+    p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="interleaved rounds per ratio")
+    p.add_argument("--batch-size", type=int, default=BenchConfig.batch_size, help="encoder batch size")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1 on CPU)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: the remaining cores)")
+    p.add_argument("--work-dir", default=None, help="folder for the temporary images and caches")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    cfg = BenchConfig(classes=args.classes, shots=args.shots, images=args.images, repeats=args.repeats,
+                      batch_size=args.batch_size, threads=args.threads, workers=args.workers,
+                      work_dir=args.work_dir)
+    cfg.validate()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu.")
+    if args.work_dir and not Path(args.work_dir).is_dir():
+        raise BenchError(f"--work-dir {args.work_dir} is not a folder.")
+    if args.random_weights:
+        if args.pretrained or args.checkpoint:
+            raise BenchError("--random-weights builds the model without weights; drop --pretrained/--checkpoint.")
+        from .backbone import DEFAULT_NAME
+
+        backbone = random_weights_backbone(args.backbone or os.environ.get("FEWSHOT_STUDIO_BACKBONE")
+                                           or DEFAULT_NAME, args.device)
+    else:
+        from .cli import _backbone
+
+        backbone = _backbone(args)
+    results = run_bench(backbone, cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return report(results, args.json)

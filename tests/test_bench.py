@@ -1,0 +1,173 @@
+"""`bench`: every key measured and reported, the exit code judged from the targets.
+
+Timing targets are the benchmark's business, not the tests': these tests run the real suite at
+toy sizes and check its shape, and check the pass/fail logic on injected results.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_studio import bench
+from fewshot_studio.bench import TARGETS, BenchConfig, BenchError, report, run_bench
+from fewshot_studio.cache import FeatureCache
+from fewshot_studio.cli import main
+from fewshot_studio.data import ImageRef
+from fewshot_studio.features import FeatureExtractor
+from fewshot_studio.imageio import ImageError
+
+from conftest import make_refs
+
+
+@pytest.fixture(scope="module")
+def small_results(tiny):
+    threads = torch.get_num_threads()
+    results = run_bench(tiny, BenchConfig(classes=3, shots=2, images=40, repeats=1, batch_size=16))
+    assert torch.get_num_threads() == threads  # the run sets its own, then restores them
+    return results
+
+
+def test_every_key_is_measured_and_positive(small_results):
+    r = small_results
+    for key in TARGETS:
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+        assert f"{key}_median" in r["absolute"], key
+    a = r["absolute"]
+    for k in ("raw_encode_images_per_s", "pipeline_images_per_s", "cache_hit_images_per_s",
+              "graph_first_fit_seconds", "graph_refit_seconds", "mma_epoch_seconds_cached",
+              "mma_epoch_seconds_uncached", "mma_prepare_seconds_cached", "mma_blocks_only_speedup",
+              "graph_step_ms_loop", "graph_step_ms_batched", "labeling_images_per_s",
+              "extraction_images_per_s"):
+        assert isinstance(a[k], (int, float)) and math.isfinite(a[k]) and a[k] > 0, k
+    assert a["graph_step_classes"] == 100
+    assert a["peak_rss_mb"] is None or a["peak_rss_mb"] > 0
+    assert r["backbone"].startswith("tiny-") and r["device"].startswith("CPU")
+    assert r["torch"] == torch.__version__ and r["open_clip"]
+    assert set(r["targets"]) == set(TARGETS) and isinstance(r["missed"], list)
+    assert r["config"]["classes"] == 3 and r["config"]["threads"] >= 1 and r["config"]["workers"] >= 1
+
+
+def test_report_prints_the_table_and_writes_json(small_results, tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    code = report(small_results, tmp_path / "sub" / "out.json", out, err)
+    table = out.getvalue()
+    assert "| key | value | target | met | absolute figures |" in table
+    for key in TARGETS:
+        assert f"| {key} |" in table
+    data = json.loads((tmp_path / "sub" / "out.json").read_text())
+    assert all(isinstance(data[k], float) for k in TARGETS)
+    assert {"absolute", "device", "torch", "open_clip", "backbone", "targets", "missed"} <= set(data)
+    assert code == (1 if data["missed"] else 0)  # whatever the timings were on this machine
+    assert err.getvalue().count("target missed") == len(data["missed"])
+
+
+def _fake(**overrides) -> dict:
+    good = {"pipeline_vs_raw_encode": 0.95, "cache_hit_speedup": 40.0, "graph_retrain_ratio": 0.05,
+            "mma_cached_speedup": 2.0, "graph_batched_speedup": 30.0, "labeling_vs_extraction": 0.99}
+    return {**good, "absolute": {"pipeline_images_per_s": 900.0, "raw_encode_images_per_s": 1000.0},
+            "backbone": "fake", "device": "CPU", "torch": "x", "open_clip": "y", **overrides}
+
+
+def test_all_targets_met_exits_0(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    assert report(_fake(), tmp_path / "o.json", out, err) == 0
+    assert err.getvalue() == "" and json.loads((tmp_path / "o.json").read_text())["missed"] == []
+    assert out.getvalue().count("| yes |") == len(TARGETS)
+
+
+def test_a_missed_target_exits_1_with_the_reason(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    code = report(_fake(pipeline_vs_raw_encode=0.5, graph_retrain_ratio=0.3), tmp_path / "o.json", out, err)
+    assert code == 1
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "pipeline_vs_raw_encode = 0.5, target >= 0.9" in lines[0] and "900 img/s" in lines[0]
+    assert "graph_retrain_ratio = 0.3, target <= 0.1" in lines[1]
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert data["missed"] == ["graph_retrain_ratio", "pipeline_vs_raw_encode"]
+    assert data["missed_reasons"]["graph_retrain_ratio"] in lines[1]
+    assert "| pipeline_vs_raw_encode | 0.5 | >= 0.9 | no |" in out.getvalue()
+
+
+def test_a_missing_or_broken_value_is_a_miss_unless_skipped_with_a_reason():
+    err = io.StringIO()
+    assert report(_fake(mma_cached_speedup=None), None, io.StringIO(), err) == 1
+    assert "mma_cached_speedup was not measured" in err.getvalue()
+    assert report(_fake(cache_hit_speedup=float("nan")), None, io.StringIO(), io.StringIO()) == 1
+    out = io.StringIO()
+    skipped = _fake(mma_cached_speedup=None, skipped={"mma_cached_speedup": "MMA needs a transformer."})
+    assert report(skipped, None, out, io.StringIO()) == 0
+    assert "| mma_cached_speedup | ? | >= 1.5 | n/a | MMA needs a transformer. |" in out.getvalue()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--classes", "1"], "--classes must be at least 2"),
+    (["--shots", "0"], "--shots must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_usage_errors_exit_2_with_one_line(args, words, capsys):
+    assert main(["bench", "--backbone", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_usage_error(capsys):
+    assert main(["bench", "--backbone", "tiny", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_random_weights_backbone(capsys):
+    bb = bench.random_weights_backbone("tiny", "cpu")
+    assert bb.id.endswith("@random-weights") and bb.spec.pretrained is None
+    assert bb.encode_images(torch.zeros(2, 3, bb.image_size, bb.image_size)).shape == (2, bb.embed_dim)
+    with pytest.raises(BenchError, match="not an open_clip model name"):
+        bench.random_weights_backbone("no-such-model", "cpu")
+
+
+def test_decode_on_access_matches_the_prepared_pixels(tiny):
+    refs = make_refs("red circle", 3, np.random.default_rng(0))
+    lazy = bench._DecodeOnAccess(refs, 3, tiny)
+    assert lazy.shape == (3, 3, 3, tiny.image_size, tiny.image_size) and lazy.ndim == 5
+    got = lazy[torch.tensor([2, 0]), torch.tensor([1, 0])]
+    want = torch.stack([tiny.augment(refs[2].open(draft_size=tiny.image_size), refs[2].hash, 1),
+                        tiny.preprocess(refs[0].open(draft_size=tiny.image_size))])
+    assert torch.equal(got, want)
+
+
+# ---- the feature pipeline's behaviour under the changes made for speed ---------------------------
+
+def test_pipeline_matches_encoding_image_by_image_for_many_chunks(tiny, tmp_path):
+    refs = make_refs("blue star", 21, np.random.default_rng(3)) + make_refs("green cross", 20, np.random.default_rng(4))
+    for workers in (1, 3):
+        ex = FeatureExtractor(tiny, FeatureCache(tmp_path / f"c{workers}"), batch_size=8, workers=workers)
+        feats = ex.image_features(refs, views=(0, 2))
+        pixels = torch.stack([tiny.augment(r.open(draft_size=tiny.image_size), r.hash, v)
+                              for r in refs for v in (0, 2)])
+        assert torch.allclose(feats.flatten(0, 1), tiny.encode_images(pixels), atol=1e-6)
+        assert ex.encoded_images == 82 and len(list((tmp_path / f"c{workers}").rglob("*.f32"))) == 82
+
+
+def test_first_bad_image_in_order_is_the_one_reported(tiny, tmp_path):
+    refs = make_refs("red circle", 30, np.random.default_rng(5))
+    refs[7] = ImageRef.from_bytes(b"<html>first</html>", "first.jpg")
+    refs[25] = ImageRef.from_bytes(b"<html>second</html>", "second.jpg")
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path), batch_size=32, workers=1)
+    with pytest.raises(ImageError, match="first.jpg"):
+        ex.image_features(refs)
+
+
+def test_a_failed_cache_write_is_raised(tiny, tmp_path, monkeypatch):
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FeatureCache, "put_many", no_space)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path), batch_size=4)
+    with pytest.raises(OSError, match="No space"):
+        ex.image_features(make_refs("red circle", 10, np.random.default_rng(6)))
