@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import socket
 import threading
@@ -160,6 +159,9 @@ class Backbone:
                              and isinstance(model.text_projection, torch.Tensor)
                              else self.encode_texts(["x"]).shape[1])
         self.logit_scale = float(model.logit_scale.detach().exp().item())
+        from .preprocess import Cropper
+
+        self.cropper = Cropper(self.image_size)
         self._mean_t = torch.tensor(self.mean).view(3, 1, 1)
         self._std_t = torch.tensor(self.std).view(3, 1, 1)
 
@@ -180,46 +182,20 @@ class Backbone:
         return contextlib.nullcontext()
 
     # ---- preprocessing -------------------------------------------------------
-    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self._mean_t) / self._std_t
-
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """Plain view: shortest side resized to image_size (bicubic), centre crop, normalise
         (open_clip's eval transform)."""
-        s = self.image_size
-        w, h = img.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        return self._to_tensor(img.crop((left, top, left + s, top + s)))
+        return self.normalize(self.cropper.plain(img)[None])[0]
 
     def augment(self, img: Image.Image, key: str, view: int) -> torch.Tensor:
-        """Augmented view `view` (>=1) of an image: random resized crop (scale 0.5-1, ratio 3/4-4/3)
-        and horizontal flip, seeded by (key, view) so the view is reproducible and cacheable."""
-        if view == 0:
-            return self.preprocess(img)
-        seed = int.from_bytes(hashlib.sha256(f"{key}:{view}".encode()).digest()[:8], "little")
-        rng = np.random.default_rng(seed)
-        w, h = img.size
-        area = w * h
-        for _ in range(10):
-            target = area * rng.uniform(0.5, 1.0)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-            if 0 < cw <= w and 0 < ch <= h:
-                break
-        else:
-            cw, ch = min(w, h), min(w, h)
-        left = int(rng.integers(0, w - cw + 1))
-        top = int(rng.integers(0, h - ch + 1))
-        s = self.image_size
-        crop = img.resize((s, s), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self._to_tensor(crop)
+        """View `view` of an image (0 plain; k >= 1 a seeded random resized crop + flip, see
+        preprocess.Cropper), normalised."""
+        return self.normalize(self.cropper.view(img, key, view)[None])[0]
+
+    def normalize(self, crops: np.ndarray) -> torch.Tensor:
+        """(N,s,s,3) uint8 crops -> (N,3,s,s) normalised float pixels, in one vectorised op."""
+        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div_(255)
+        return (x - self._mean_t) / self._std_t
 
     # ---- encoding --------------------------------------------------------------
     @torch.inference_mode()

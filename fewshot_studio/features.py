@@ -1,11 +1,12 @@
 """The feature pipeline: decode -> preprocess (plain or augmented view) -> batch -> encode -> cache.
 
-Decoding and preprocessing run in a small thread pool (PIL releases the GIL) so they
-overlap with encoding; anything already in the FeatureCache is never re-encoded.
+Decoding and cropping run in a small thread pool (PIL releases the GIL) so they overlap with
+encoding; anything already in the FeatureCache is never re-encoded.
 
 How the encoding thread is kept busy (a cheap encoder on a CPU notices every detail):
-  * a chunk's images are decoded as a few tasks of several images, not one task per image, so
-    submitting and collecting them costs the encoding thread little;
+  * a chunk's images are decoded as a few tasks of several images, not one task per image;
+  * workers return uint8 crops (preprocess.decode_views); the encoding thread normalises a whole
+    batch in one vectorised op;
   * when the pool has not finished the next chunk, the encoding thread decodes the not-yet-started
     tasks itself (from the back, while the pool works from the front) instead of waiting;
   * cache writes run on a thread of their own, so the encoder never waits for the file system;
@@ -13,6 +14,7 @@ How the encoding thread is kept busy (a cheap encoder on a CPU notices every det
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -24,6 +26,7 @@ from .backbone import Backbone
 from .cache import FeatureCache
 from .data import ImageRef, prompt_name
 from .errors import Cancelled
+from .preprocess import decode_views
 from .progress import CancelFlag, Progress, ProgressFn
 
 
@@ -39,10 +42,6 @@ class FeatureExtractor:
         self.encoded_images = 0  # how many (image, view) pairs went through the encoder
         self.encoded_hashes: set[str] = set()  # which distinct images did
         self._text_memo: dict[tuple[str, ...], torch.Tensor] = {}
-
-    def _pixels(self, ref: ImageRef, views: Sequence[int]) -> list[torch.Tensor]:
-        img = ref.open(draft_size=self.backbone.image_size)
-        return [self.backbone.augment(img, ref.hash, v) for v in views]
 
     def image_features(self, refs: Sequence[ImageRef], views: Sequence[int] = (0,),
                        progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
@@ -67,54 +66,54 @@ class FeatureExtractor:
         return torch.from_numpy(out)
 
     def _encode_missing(self, refs, views, todo, out, progress, cancel, stage) -> None:
-        items = list(todo.items())
-        total = len(items)
+        tasks = [(i, js, refs[i].data if refs[i].data is not None else str(refs[i].path),
+                  refs[i].name or str(refs[i].path), refs[i].hash, [views[j] for j in js])
+                 for i, js in todo.items()]
+        total = len(tasks)
         bs = max(1, self.batch_size // max(1, len(views)))
         bid = self.backbone.id
         done = 0
-
-        def load(group):
-            return [(i, js, self._pixels(refs[i], [views[j] for j in js])) for i, js in group]
+        load = functools.partial(decode_views, self.backbone.image_size)
+        hash_of = {t[0]: t[4] for t in tasks}
 
         def split(chunk):
             # a few tasks per chunk, not one per image: each task costs the encoding thread a
-            # submit and a result, and the thread pool's bookkeeping holds the GIL
+            # submit and a result
             n = max(1, math.ceil(len(chunk) / (4 * (self.workers + 1))))
             return [chunk[s:s + n] for s in range(0, len(chunk), n)]
 
-        chunks = [split(items[s:s + bs]) for s in range(0, total, bs)]
-        # Cache writes (a few file-system calls per entry) run on their own thread so the encoder
-        # never waits for the disk; every write has finished (or raised) before this returns.
+        chunks = [split(tasks[s:s + bs]) for s in range(0, total, bs)]
         writer = ThreadPoolExecutor(max_workers=1) if self.cache is not None else None
         writes: list = []
+        pool = ThreadPoolExecutor(max_workers=max(1, self.workers))
         try:
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
-                pending = [pool.submit(load, it) for it in chunks[0]] if chunks else []
-                for c in range(len(chunks)):
-                    if cancel is not None and cancel.is_set():
-                        for f in pending:
-                            f.cancel()
-                        raise Cancelled()
-                    _raise_failed(writes)
-                    chunk = [r for group in _collect(pending, chunks[c], load) for r in group]
-                    pending = [pool.submit(load, it) for it in chunks[c + 1]] if c + 1 < len(chunks) else []
-                    pixels = torch.stack([p for _, _, ps in chunk for p in ps])
-                    feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
-                    self.encoded_images += len(pixels)
-                    self.encoded_hashes.update(refs[i].hash for i, _, _ in chunk)
-                    keys, k = [], 0
-                    for i, js, _ in chunk:
-                        for j in js:
-                            out[i, j] = feats[k]
-                            keys.append((refs[i].hash, views[j]))
-                            k += 1
-                    if writer is not None:
-                        writes.append(writer.submit(self.cache.put_many, bid, keys, feats))
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(Progress(stage, done, total))
+            # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
+            pending = [pool.submit(load, it) for it in chunks[0]] if chunks else []
+            for c in range(len(chunks)):
+                if cancel is not None and cancel.is_set():
+                    for f in pending:
+                        f.cancel()
+                    raise Cancelled()
+                _raise_failed(writes)
+                chunk = [r for group in _collect(pending, chunks[c], load) for r in group]
+                pending = [pool.submit(load, it) for it in chunks[c + 1]] if c + 1 < len(chunks) else []
+                pixels = self.backbone.normalize(np.concatenate([crops for _, _, crops in chunk]))
+                feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
+                self.encoded_images += len(pixels)
+                self.encoded_hashes.update(hash_of[i] for i, _, _ in chunk)
+                keys, k = [], 0
+                for i, js, _ in chunk:
+                    for j in js:
+                        out[i, j] = feats[k]
+                        keys.append((hash_of[i], views[j]))
+                        k += 1
+                if writer is not None:
+                    writes.append(writer.submit(self.cache.put_many, bid, keys, feats))
+                done += len(chunk)
+                if progress is not None:
+                    progress(Progress(stage, done, total))
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             if writer is not None:
                 writer.shutdown(wait=True)
         _raise_failed(writes)
