@@ -808,10 +808,47 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: the remaining cores)")
     p.add_argument("--work-dir", default=None, help="folder for the temporary images and caches")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--load", action="store_true",
+                   help="instead: launch the app on loopback and measure prediction latency under load "
+                        "(--clients sessions x --requests predictions while a training job runs)")
+    p.add_argument("--clients", type=int, default=8, help="with --load: concurrent sessions")
+    p.add_argument("--requests", type=int, default=25, help="with --load: predictions per session")
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_bench_load(args) -> int:
+    """`bench --load`: p50/p95 latency and errors of the real app under a bounded loopback load."""
+    from .ui.loadtest import run_load
+
+    if args.clients < 1 or args.requests < 1:
+        raise BenchError("--clients and --requests must be at least 1.")
+    r = run_load(clients=args.clients, requests=args.requests, backbone=args.backbone or "tiny",
+                 device=args.device or "cpu")
+    r.update({"device": _device_label(args.device), "torch": torch.__version__})
+    print("| key | value | target | met |\n|---|---|---|---|")
+    print(f"| load_p50_ms | {r['load_p50_ms']:.1f} | (reported) | - |")
+    print(f"| load_p95_ms | {r['load_p95_ms']:.1f} | (reported) | - |")
+    ok = r["load_errors"] == 0
+    print(f"| load_errors | {r['load_errors']} | == 0 | {'yes' if ok else 'no'} |")
+    print(f"\n{r['load_clients']} sessions x {r['load_requests'] // r['load_clients']} predictions while a training "
+          f"job was {r['load_training_status_during']}; {r['load_throughput_rps']:.1f} predictions/s; {r['device']}.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    if not ok:
+        print(f"bench: target missed: load_errors = {r['load_errors']} ({'; '.join(r['load_error_samples'])})",
+              file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _device_label(device: str | None) -> str:
+    from .backbone import device_name, resolve_device
+
+    return device_name(resolve_device(device or "cpu"))
+
+
 def cmd_bench(args) -> int:
+    if args.load:
+        return cmd_bench_load(args)
     cfg = BenchConfig(classes=args.classes, shots=args.shots, images=args.images, repeats=args.repeats,
                       batch_size=args.batch_size, threads=args.threads, workers=args.workers,
                       work_dir=args.work_dir)

@@ -67,3 +67,14 @@ def test_overload_gets_a_clear_busy_message(tmp_path):
     finally:
         demo.close()
         studio.close()
+
+
+def test_bench_load_command_writes_its_keys(tmp_path, capsys):
+    import json
+
+    from fewshot_studio.cli import main
+
+    assert main(["bench", "--load", "--clients", "2", "--requests", "3", "--json", str(tmp_path / "l.json")]) == 0
+    r = json.loads((tmp_path / "l.json").read_text())
+    assert r["load_errors"] == 0 and r["load_p50_ms"] > 0 and r["load_p95_ms"] >= r["load_p50_ms"]
+    assert "load_p95_ms" in capsys.readouterr().out
