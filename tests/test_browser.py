@@ -7,12 +7,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from test_app import app, free_port  # noqa: F401  (the launched app fixture)
 
 from fewshot_studio import shapes
 
@@ -23,26 +24,6 @@ SCREENSHOT = ROOT / "docs" / "screenshot.png"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"Chromium is not installed at {CHROMIUM} "
                                        "(CI installs it with apt-get install chromium)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
-    from fewshot_studio.ui.app import build_app
-
-    studio = Studio(tmp_path_factory.mktemp("data"), BackboneSpec("tiny", None, device="cpu"))
-    demo = build_app(studio)
-    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo
-    demo.close()
-    studio.close()
 
 
 @pytest.fixture(scope="module")

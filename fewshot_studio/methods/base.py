@@ -97,7 +97,6 @@ class Method(nn.Module):
     # tensors whose first dimension is the number of support images (may differ per model);
     # every other saved tensor must have exactly the shape the config and backbone imply
     data_sized: ClassVar[tuple[str, ...]] = ()
-    feature_views: ClassVar[int] = 1  # cached views per support image the method uses
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str],
                  descriptions: Sequence[str] | None = None, config: Any = None):
@@ -109,6 +108,13 @@ class Method(nn.Module):
         self.history: list[dict] = []
         self.metrics: dict = {}
         self.support_counts: list[int] | None = None
+
+    @property
+    def feature_views(self) -> int:
+        """Cached views per support image the method reads from the FeatureExtractor: the plain
+        view plus `augment_views` augmented ones where the config has them."""
+        aug = getattr(self.config, "augment_views", None)
+        return 1 + max(1, int(aug)) if aug is not None else 1
 
     @property
     def num_classes(self) -> int:

@@ -153,12 +153,10 @@ class GraphAdapter(Method):
     name = "graph"
     label = "GraphAdapter"
     Config = GraphAdapterConfig
-    feature_views = 1 + GraphAdapterConfig.augment_views  # plain view + augmented views (per instance too)
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
         C, d = len(self.classnames), backbone.embed_dim
-        self.feature_views = 1 + max(1, int(self.config.augment_views))
         self.register_buffer("text_features", torch.zeros(C, d))
         self.register_buffer("visual_prototypes", torch.zeros(C, d))
         self.W_text = nn.Parameter(torch.empty(d, d))

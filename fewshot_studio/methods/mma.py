@@ -257,7 +257,7 @@ class MMA(Method):
     label = "MMA"
     Config = MMAConfig
     needs_images = False  # image-less classes still work through the adapted text encoder
-    feature_views = 1
+    feature_views = 1  # MMA keeps its own lower-block cache; it reads only plain views from the extractor
     GPU_CACHE_BYTES = 2 * 2**30  # largest lower-block cache kept in accelerator memory
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):

@@ -76,12 +76,10 @@ class TipAdapter(Method):
     Config = TipAdapterConfig
     trainable_keys = False
     data_sized = ("cache_keys", "cache_values")
-    feature_views = 1 + TipAdapterConfig.augment_views  # plain view + augmented views (per instance too)
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
         C, d = len(self.classnames), backbone.embed_dim
-        self.feature_views = 1 + max(1, int(self.config.augment_views))
         self.register_buffer("text_weights", torch.zeros(C, d))
         if self.trainable_keys:
             self.cache_keys = nn.Parameter(torch.zeros(0, d))
