@@ -40,7 +40,6 @@ tables show percentages. The spread over seeds is the population standard deviat
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -367,7 +366,6 @@ def cross_validate(support: SupportSet, methods: Sequence[str], backbone, extrac
     folds = cv_folds(labels, seed=seed, max_folds=max_folds, loo_max=loo_max)
     if not folds:
         raise DataError("Cross-validation needs at least two images in some class; add more examples.")
-    C = support.num_classes
     desc = describe_folds(folds, len(labels))
     skipped: dict[str, str] = {}
     empty = [c for c, k in zip(support.classnames, support.counts()) if k == 0]

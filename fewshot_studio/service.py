@@ -7,7 +7,6 @@ Hosted mode (`FEWSHOT_STUDIO_HOSTED=1`) scopes projects to an owner token per se
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -15,9 +14,9 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -25,8 +24,8 @@ from PIL import Image
 from . import imageio
 from .backbone import TINY, Backbone, BackboneSpec, device_name, load_backbone, resolve_device
 from .cache import FeatureCache
-from .data import ImageRef, SupportSet
-from .errors import DataError, FewShotError, ModelFileError, WeightsUnavailableError
+from .data import ImageRef
+from .errors import DataError, FewShotError, ModelFileError
 from .features import FeatureExtractor
 from .methods import KnowledgeGraph, Method, get_method_class, load_model
 from .methods.base import CONFIG_FILE, WEIGHTS_FILE, cosine_matrix, read_model_config

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fewshot_studio import shapes, tiny as tiny_mod
 from fewshot_studio.backbone import BackboneSpec, load_backbone

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_app import app, free_port  # noqa: F401  (the launched app fixture)
+from test_app import app  # noqa: F401  (the launched app fixture, reused)
 
 from fewshot_studio import shapes
 

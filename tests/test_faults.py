@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from fewshot_studio import shapes
 from fewshot_studio.cache import FeatureCache

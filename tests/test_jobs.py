@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from fewshot_studio import shapes
 from fewshot_studio.cache import FeatureCache

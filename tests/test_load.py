@@ -5,7 +5,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from fewshot_studio import shapes
 from fewshot_studio.ui.loadtest import run_load
