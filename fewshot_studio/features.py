@@ -82,7 +82,10 @@ class FeatureExtractor:
             n = max(1, math.ceil(len(chunk) / (4 * (self.workers + 1))))
             return [chunk[s:s + n] for s in range(0, len(chunk), n)]
 
-        chunks = [split(tasks[s:s + bs]) for s in range(0, total, bs)]
+        # a small first chunk: the encoder starts after a short decode instead of a full batch's
+        first = min(total, max(1, bs // 4))
+        bounds = [0, first] + list(range(first + bs, total, bs)) + [total]
+        chunks = [split(tasks[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
         writer = ThreadPoolExecutor(max_workers=1) if self.cache is not None else None
         writes: list = []
         pool = ThreadPoolExecutor(max_workers=max(1, self.workers))
