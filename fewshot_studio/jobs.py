@@ -64,14 +64,7 @@ class JobState:
     def describe(self) -> str:
         if self.status in (FAILED, CANCELLED) or (self.status == DONE and self.message):
             return self.message
-        s = self.stage
-        if self.total:
-            s += f" {self.step}/{self.total}"
-        if self.loss is not None:
-            s += f" · loss {self.loss:.4f}"
-        if self.accuracy is not None:
-            s += f" · train acc {self.accuracy:.0%}"
-        return s
+        return str(Progress(self.stage, self.step, self.total, self.loss, self.accuracy))
 
 
 class Job:
