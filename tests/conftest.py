@@ -89,3 +89,39 @@ def state_of(method) -> dict:
 
 def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def training_script(root, cache, before: str = "", then: str = "") -> str:
+    """Python source for a subprocess that builds a project (2 classes x 3 shape images) in a
+    ProjectStore at `root`, loads `tiny`, and runs `then` with `store`, `p`, `tiny`, `runner`
+    and `ex` defined; `before` runs first (e.g. to patch something). For kill/restart tests."""
+    import textwrap
+
+    head = textwrap.dedent(f"""
+        import io, os, sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import numpy as np
+        from fewshot_studio import shapes
+        from fewshot_studio.backbone import load_backbone
+        from fewshot_studio.cache import FeatureCache
+        from fewshot_studio.features import FeatureExtractor
+        from fewshot_studio.jobs import JobRunner
+        from fewshot_studio.store import ProjectStore
+    """)
+    body = textwrap.dedent(f"""
+        store = ProjectStore({str(root)!r})
+        p = store.create_project("p")
+        rng = np.random.default_rng(0)
+        for label in ["red circle", "blue square"]:
+            c = store.add_class(p.id, label)
+            items = []
+            for k in range(3):
+                b = io.BytesIO(); shapes.render(shapes.ShapeSpec(*label.split()), rng, 64).save(b, "PNG")
+                items.append((f"{{k}}.png", b.getvalue()))
+            store.add_images(p.id, items, class_id=c.id)
+        tiny = load_backbone("tiny", device="cpu")
+        runner = JobRunner(store)
+        ex = FeatureExtractor(tiny, FeatureCache({str(cache)!r}))
+    """)
+    return head + textwrap.dedent(before) + body + textwrap.dedent(then)

@@ -6,7 +6,6 @@ import io
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from fewshot_studio.jobs import DONE, FAILED, JobRunner
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.store import ProjectStore, StoreError
 
-from conftest import make_task
+from conftest import make_task, training_script
 
 
 def png(label: str, rng) -> bytes:
@@ -80,36 +79,15 @@ def test_full_disk_during_upload_loses_nothing(project, monkeypatch):
 
 def test_killed_while_writing_model_leaves_no_partial_model(tmp_path):
     root = tmp_path / "data"
-    script = textwrap.dedent(f"""
-        import io, os, sys, time
-        sys.path.insert(0, {os.getcwd()!r})
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        import numpy as np
-        from fewshot_studio import shapes
-        from fewshot_studio.backbone import load_backbone
-        from fewshot_studio.cache import FeatureCache
-        from fewshot_studio.features import FeatureExtractor
-        from fewshot_studio.jobs import JobRunner
+    script = training_script(root, tmp_path / "c", before="""
         from fewshot_studio.methods import base
-        from fewshot_studio.store import ProjectStore
-        real_save = base.Method.save
         def slow_save(self, directory):
             (base.Path(directory).parent / "partial.bin").write_bytes(b"x" * 1000)
             print("WRITING", flush=True)
             time.sleep(600)
         base.Method.save = slow_save
-        store = ProjectStore({str(root)!r})
-        p = store.create_project("p")
-        rng = np.random.default_rng(1)
-        for label in ["red circle", "blue square"]:
-            c = store.add_class(p.id, label)
-            items = []
-            for k in range(3):
-                b = io.BytesIO(); shapes.render(shapes.ShapeSpec(*label.split()), rng, 64).save(b, "PNG")
-                items.append((f"{{k}}.png", b.getvalue()))
-            store.add_images(p.id, items, class_id=c.id)
-        tiny = load_backbone("tiny", device="cpu")
-        JobRunner(store).submit_training(p.id, "graph", tiny, FeatureExtractor(tiny, FeatureCache({str(tmp_path / 'c')!r})))
+    """, then="""
+        runner.submit_training(p.id, "graph", tiny, ex)
         time.sleep(600)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -18,6 +16,8 @@ from fewshot_studio.features import FeatureExtractor
 from fewshot_studio.jobs import CANCELLED, DONE, FAILED, JobRunner
 from fewshot_studio.methods import load_model
 from fewshot_studio.store import ProjectStore
+
+from conftest import training_script
 
 
 def png(label: str, rng) -> bytes:
@@ -131,30 +131,8 @@ def test_retrain_after_adding_one_image_encodes_one_image(store, tiny, tmp_path)
 def test_interrupted_job_is_marked_failed_on_next_open(tmp_path):
     """A process killed mid-training leaves a 'running' job; reopening the store marks it failed."""
     root = tmp_path / "data"
-    script = textwrap.dedent(f"""
-        import os, sys, time, io
-        sys.path.insert(0, {os.getcwd()!r})
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        import numpy as np
-        from fewshot_studio import shapes
-        from fewshot_studio.backbone import load_backbone
-        from fewshot_studio.cache import FeatureCache
-        from fewshot_studio.features import FeatureExtractor
-        from fewshot_studio.jobs import JobRunner
-        from fewshot_studio.store import ProjectStore
-        store = ProjectStore({str(root)!r})
-        p = store.create_project("p")
-        rng = np.random.default_rng(0)
-        for label in ["red circle", "blue square"]:
-            c = store.add_class(p.id, label)
-            items = []
-            for k in range(3):
-                b = io.BytesIO(); shapes.render(shapes.ShapeSpec(*label.split()), rng, 64).save(b, "PNG")
-                items.append((f"{{k}}.png", b.getvalue()))
-            store.add_images(p.id, items, class_id=c.id)
-        tiny = load_backbone("tiny", device="cpu")
-        runner = JobRunner(store)
-        jid = runner.submit_training(p.id, "mma", tiny, FeatureExtractor(tiny, FeatureCache({str(tmp_path / 'c')!r})), steps=100000)
+    script = training_script(root, tmp_path / "c", then="""
+        jid = runner.submit_training(p.id, "mma", tiny, ex, steps=100000)
         while runner.get(jid).step < 3:
             time.sleep(0.05)
         time.sleep(0.6)  # let the throttled progress write land
