@@ -272,12 +272,17 @@ class Studio:
                                      labeled_by="user" if class_id is not None else None)
 
     def add_zip(self, project_id: int, source: str | os.PathLike | bytes, owner: str | None = None,
-                pool: bool = False) -> tuple[int, list[str]]:
+                pool: bool = False, class_id: int | None = None) -> tuple[int, list[str]]:
         """A zip of `class_name/image` folders: classes are created as needed. Files at the top
-        level (or everything, with pool=True) go to the unlabeled pool."""
+        level (or everything, with pool=True) go to the unlabeled pool; with `class_id`, every
+        image joins that class whatever its folder."""
         self.project(project_id, owner)
         members, errors = imageio.read_zip(source)
         errors = [str(e) for e in errors]
+        if class_id is not None:
+            infos, errs = self.store.add_images(int(project_id), [("/".join(m.path), m.data) for m in members],
+                                                class_id=class_id, labeled_by="user")
+            return len(infos), errors + list(errs)
         by_class: dict[str | None, list[tuple[str, bytes]]] = {}
         for m in members:
             cls = None if pool or len(m.path) < 2 else m.path[0]
@@ -476,12 +481,9 @@ class Studio:
         self.store.save_predictions(info.id, [
             (img.id, classes[method.classnames[j]], float(c), P[n].tolist())
             for n, (img, c, j) in enumerate(zip(pool, conf.tolist(), idx.tolist()))])
-        top3 = torch.topk(P, min(3, P.shape[1]))
-        rows = []
-        for n, img in enumerate(pool):
-            top = ", ".join(f"{method.classnames[j]} {p:.0%}"
-                            for p, j in zip(top3.values[n].tolist(), top3.indices[n].tolist()))
-            rows.append(PoolRow(img.id, img.original_name, method.classnames[int(idx[n])], float(conf[n]), top))
+        rows = [PoolRow(img.id, img.original_name, method.classnames[int(idx[n])], float(conf[n]),
+                        top_text(method.classnames, P[n].tolist()))
+                for n, img in enumerate(pool)]
         rows.sort(key=lambda r: r.confidence)
         return rows
 
@@ -656,13 +658,7 @@ class Studio:
         added, errors, plain = 0, [], []
         for path in paths:
             if zipfile.is_zipfile(path):
-                if class_id is None:
-                    n, errs = self.add_zip(project_id, path, owner, pool=class_name == POOL)
-                else:
-                    members, zerrs = imageio.read_zip(path)
-                    infos, errs = self.store.add_images(int(project_id), [("/".join(m.path), m.data) for m in members],
-                                                        class_id=class_id, labeled_by="user")
-                    n, errs = len(infos), [str(e) for e in zerrs] + list(errs)
+                n, errs = self.add_zip(project_id, path, owner, pool=class_name == POOL, class_id=class_id)
                 added += n
                 errors += errs
             else:
@@ -702,9 +698,7 @@ class Studio:
                 continue
             top = ""
             if isinstance(p.probs, list) and len(p.probs) == len(models[0].config.get("classes", [])):
-                order = sorted(range(len(p.probs)), key=lambda j: -p.probs[j])[:3]
-                cls = models[0].config["classes"]
-                top = ", ".join(f"{cls[j]} {p.probs[j]:.0%}" for j in order)
+                top = top_text(models[0].config["classes"], p.probs)
             rows.append(PoolRow(img.id, img.original_name, names[p.label], p.confidence, top))
         return rows
 
@@ -726,10 +720,11 @@ class Studio:
 
     def accept_confident(self, project_id: int, threshold: float, owner: str | None = None) -> int:
         """Accept every stored pool prediction of the latest model with confidence ≥ threshold."""
-        ids = [r.image_id for r in self.pool_predictions(project_id, owner) if r.confidence >= float(threshold)]
+        rows = self.pool_predictions(project_id, owner)
+        if not rows:
+            raise DataError("Label the pool first; there are no predictions to accept.")
+        ids = [r.image_id for r in rows if r.confidence >= float(threshold)]
         if not ids:
-            if not self.pool_predictions(project_id, owner):
-                raise DataError("Label the pool first; there are no predictions to accept.")
             return 0
         return self.accept(project_id, ids, owner)
 
@@ -849,6 +844,12 @@ class Studio:
 def _not_reserved(name) -> None:
     if isinstance(name, str) and name.strip().casefold() == POOL.casefold():
         raise DataError(f"{POOL!r} names the pool of unlabeled images; choose another class name.")
+
+
+def top_text(classnames: Sequence[str], probs: Sequence[float], k: int = 3) -> str:
+    """"red circle 97%, blue square 2%, ..." for the k most probable classes."""
+    order = sorted(range(len(probs)), key=lambda j: -probs[j])[:k]
+    return ", ".join(f"{classnames[j]} {probs[j]:.0%}" for j in order)
 
 
 def _safe_part(name: str) -> str:
