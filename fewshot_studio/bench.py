@@ -55,7 +55,8 @@ Definitions (one line each, as the README quotes them):
 * `graph_batched_speedup` = time of one GraphAdapter training step (forward + backward) written
   as the per-class loop (`graph_adapter_loop_reference`) ÷ the batched step, at C = 100 classes,
   d = the backbone's embedding width, K shots of features per class. The batched step uses the
-  graph rows that `fit` computes once per training; `graph_step_ms_batched_with_rows` adds them.
+  aggregated graph neighbourhoods that `fit` computes once per training
+  (`graph_messages`); `graph_step_ms_batched_with_messages` adds computing them.
 * `labeling_vs_extraction` = pool-labeling images/s ÷ feature-extraction images/s over the same
   pool, each with an empty cache: labeling is what `Studio.label_pool` runs per chunk of 256
   images (`predict_proba` of the trained GraphAdapter: decode, features, logits, probabilities,
@@ -529,7 +530,7 @@ def _section_graph_step(ctx: _Ctx) -> None:
     import torch.nn.functional as F
 
     from .methods.graph_adapter import (GraphAdapterConfig, graph_adapter_classifier,
-                                        graph_adapter_loop_reference, graph_rows)
+                                        graph_adapter_loop_reference, graph_messages)
     from .training import autocast_for
 
     bb, dev = ctx.backbone, ctx.device
@@ -546,11 +547,11 @@ def _section_graph_step(ctx: _Ctx) -> None:
     x = F.normalize(torch.randn(C * k, d, generator=g), dim=-1).to(dev)
     y = torch.arange(C).repeat_interleave(k).to(dev)
     params = (W_t, b_t, W_v, b_v)
-    rows = graph_rows(T, V, cfg.groups)
+    messages = graph_messages(T, V, cfg.groups)
 
-    def batched(with_rows: bool = False):
-        r = graph_rows(T, V, cfg.groups) if with_rows else rows
-        return graph_adapter_classifier(T, V, W_t, b_t, W_v, b_v, cfg.alpha, cfg.beta, cfg.groups, r)
+    def batched(with_messages: bool = False):
+        m = graph_messages(T, V, cfg.groups) if with_messages else messages
+        return graph_adapter_classifier(T, V, W_t, b_t, W_v, b_v, cfg.alpha, cfg.beta, cfg.groups, m)
 
     def loop():
         return graph_adapter_loop_reference(T, V, W_t, b_t, W_v, b_v, cfg.alpha, cfg.beta, cfg.groups)
@@ -577,12 +578,12 @@ def _section_graph_step(ctx: _Ctx) -> None:
     step(batched)  # warm-up
     sides, load = _Sides(), []
     _interleave(ctx.cfg.repeats, [("loop", per_step(loop, 0.0, 1)), ("batched", per_step(batched)),
-                                  ("batched_rows", per_step(lambda: batched(True)))], sides, ctx.meter, load)
+                                  ("batched_messages", per_step(lambda: batched(True)))], sides, ctx.meter, load)
     ctx.put("graph_batched_speedup", *sides.ratio("loop", "batched"))
     ctx.absolute.update({
         "graph_step_ms_loop": round(1000 * sides.best("loop"), 3),
         "graph_step_ms_batched": round(1000 * sides.best("batched"), 4),
-        "graph_step_ms_batched_with_rows": round(1000 * sides.best("batched_rows"), 4),
+        "graph_step_ms_batched_with_messages": round(1000 * sides.best("batched_messages"), 4),
         "graph_step_classes": C,
         "graph_step_features": C * k,
     })

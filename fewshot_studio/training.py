@@ -36,6 +36,16 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel for all parameters where this torch build has that for the
+    parameters' device and dtype (a small adapter's step is otherwise mostly per-op overhead),
+    else the multi-tensor (foreach) form; both compute the same update."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def autocast_for(device: torch.device):
     """Mixed precision on CUDA (bf16 when supported, else fp16); exact fp32 on CPU."""
     if device.type == "cuda":

@@ -176,3 +176,27 @@ def test_knowledge_graph(trained):
     assert not np.allclose(kg.fused_edges, kg.text_edges, atol=1e-3)  # training changed the classifier
     d = kg.to_dict()
     assert len(d["visual_edges"]) == C and len(d["fused_edges"][0]) == C
+
+
+def test_fused_adamw_takes_the_same_steps_as_foreach():
+    """training.adamw (fused where torch has it) must train exactly as the multi-tensor AdamW."""
+    from fewshot_studio.training import adamw
+
+    g = torch.Generator().manual_seed(1)
+    start = [torch.randn(8, 8, generator=g), torch.randn(3, 8, generator=g)]
+    target = torch.randn(3, 8, generator=g)
+
+    def train(make):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        for _ in range(20):
+            loss = ((params[1] @ params[0] - target) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return params
+
+    fused = train(lambda ps: adamw(ps, lr=1e-2, weight_decay=1e-2))
+    ref = train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2, foreach=True))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused, ref))
+    assert not torch.allclose(fused[0], start[0])  # it did train
