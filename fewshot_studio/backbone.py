@@ -162,8 +162,6 @@ class Backbone:
         from .preprocess import Cropper
 
         self.cropper = Cropper(self.image_size)
-        self._mean_t = torch.tensor(self.mean).view(3, 1, 1)
-        self._std_t = torch.tensor(self.std).view(3, 1, 1)
 
     # ---- facts -----------------------------------------------------------
     @property
@@ -193,9 +191,10 @@ class Backbone:
         return self.normalize(self.cropper.view(img, key, view)[None])[0]
 
     def normalize(self, crops: np.ndarray) -> torch.Tensor:
-        """(N,s,s,3) uint8 crops -> (N,3,s,s) normalised float pixels, in one vectorised op."""
-        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div_(255)
-        return (x - self._mean_t) / self._std_t
+        """(N,s,s,3) uint8 crops -> (N,3,s,s) normalised float pixels (preprocess.normalize)."""
+        from .preprocess import normalize
+
+        return torch.from_numpy(normalize(crops, self.mean, self.std))
 
     # ---- encoding --------------------------------------------------------------
     @torch.inference_mode()

@@ -7,6 +7,7 @@ whole number of floats (or not the expected dimension) counts as missing and is 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -33,10 +34,15 @@ class FeatureCache:
         self.root = Path(root) if root is not None else cache_dir()
         self._mem: dict[tuple[str, str, int], np.ndarray] | None = {} if memory else None
         self._lock = threading.Lock()
-        self._dirs: set[Path] = set()  # directories known to exist
+        self._dirs: set[str] = set()  # directories known to exist
+        self._bases: dict[str, str] = {}
 
-    def _path(self, backbone_id: str, h: str, view: int) -> Path:
-        return self.root / _safe(backbone_id) / h[:2] / f"{h}_{view}.f32"
+    def _path(self, backbone_id: str, h: str, view: int) -> str:
+        # plain strings, the backbone's folder computed once: a lookup per (image, view) is hot
+        base = self._bases.get(backbone_id)
+        if base is None:
+            base = self._bases.setdefault(backbone_id, os.path.join(self.root, _safe(backbone_id)))
+        return os.path.join(base, h[:2], f"{h}_{view}.f32")
 
     def get(self, backbone_id: str, h: str, view: int, dim: int | None = None) -> np.ndarray | None:
         k = (backbone_id, h, view)
@@ -61,21 +67,30 @@ class FeatureCache:
     def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
         for (h, view), f in zip(keys, features):
             path = self._path(backbone_id, h, view)
-            if path.parent not in self._dirs:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._dirs.add(path.parent)
+            folder, name = os.path.split(path)
+            if folder not in self._dirs:
+                os.makedirs(folder, exist_ok=True)
+                self._dirs.add(folder)
             arr = np.ascontiguousarray(f, dtype=_F32)
-            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
             try:
                 with open(tmp, "xb") as fh:
                     fh.write(arr.tobytes())
                 os.replace(tmp, path)
             except BaseException:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
                 raise
-            if self._mem is not None:
-                with self._lock:
-                    self._mem[(backbone_id, h, view)] = arr
+        self.remember(backbone_id, keys, features)
+
+    def remember(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
+        """Put entries in the in-process layer only (their files are written elsewhere, e.g. by
+        a helper process: workers.WorkerPool.submit_put)."""
+        if self._mem is not None:
+            rows = np.array(features, dtype=_F32)  # a copy: the caller may reuse its buffer
+            with self._lock:
+                for (h, view), row in zip(keys, rows):
+                    self._mem[(backbone_id, h, view)] = row
 
     def clear_memory(self) -> None:
         if self._mem is not None:

@@ -1,22 +1,27 @@
 """The feature pipeline: decode -> preprocess (plain or augmented view) -> batch -> encode -> cache.
 
-Decoding and cropping run in a small thread pool (PIL releases the GIL) so they overlap with
-encoding; anything already in the FeatureCache is never re-encoded.
+Anything already in the FeatureCache is never re-encoded. Decoding, cropping, normalising and
+cache writes run in helper processes (workers.shared_pool; threads where processes cannot be
+started, or with decode="thread") so they overlap with encoding.
 
 How the encoding thread is kept busy (a cheap encoder on a CPU notices every detail):
-  * a chunk's images are decoded as a few tasks of several images, not one task per image;
-  * workers return uint8 crops (preprocess.decode_views); the encoding thread normalises a whole
-    batch in one vectorised op;
-  * when the pool has not finished the next chunk, the encoding thread decodes the not-yet-started
-    tasks itself (from the back, while the pool works from the front) instead of waiting;
-  * cache writes run on a thread of their own, so the encoder never waits for the file system;
-    they have all finished (or raised) before `image_features` returns or raises.
+  * the helpers are processes, so their Python never holds the encoder's GIL;
+  * they return normalised pixels (preprocess.decode_views), so the encoding thread only
+    concatenates them, and they write the cache files, so it never waits for the file system;
+  * chunks ramp up: the first is batch_size/16 images, each next one 1.5× the last (up to
+    batch_size), so the encoder starts after a few images are decoded and the next chunk's
+    decoding fits inside the current one's encoding (small batches encode less efficiently, so
+    starting with a full batch would idle the encoder while it decodes);
+  * a chunk goes out as one job per helper process (each message costs this process time);
+  * where no helper process is running (still starting, or threads), the encoding thread decodes
+    the not-yet-started jobs itself, from the back, instead of waiting;
+  * every cache write has finished (or raised) before `image_features` returns or raises.
 """
 from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,17 +33,25 @@ from .data import ImageRef, prompt_name
 from .errors import Cancelled
 from .preprocess import decode_views
 from .progress import CancelFlag, Progress, ProgressFn
+from .workers import shared_pool
+
+
+RAMP_START = 16  # the first chunk is batch_size / RAMP_START images
+RAMP_GROWTH = 1.5  # each next chunk this many times the previous one
 
 
 class FeatureExtractor:
     """Image and class-text features for one backbone, through an optional FeatureCache."""
 
     def __init__(self, backbone: Backbone, cache: FeatureCache | None = None, batch_size: int = 64,
-                 workers: int = 2):
+                 workers: int = 2, decode: str = "process"):
+        if decode not in ("process", "thread"):
+            raise ValueError(f"decode must be 'process' or 'thread', not {decode!r}")
         self.backbone = backbone
         self.cache = cache
         self.batch_size = batch_size
-        self.workers = workers
+        self.workers = workers  # decode workers: processes (decode="process") or threads
+        self.decode = decode
         self.encoded_images = 0  # how many (image, view) pairs went through the encoder
         self.encoded_hashes: set[str] = set()  # which distinct images did
         self._text_memo: dict[tuple[str, ...], torch.Tensor] = {}
@@ -70,38 +83,39 @@ class FeatureExtractor:
                   refs[i].name or str(refs[i].path), refs[i].hash, [views[j] for j in js])
                  for i, js in todo.items()]
         total = len(tasks)
-        bs = max(1, self.batch_size // max(1, len(views)))
-        bid = self.backbone.id
-        done = 0
-        load = functools.partial(decode_views, self.backbone.image_size)
+        bb, bid = self.backbone, self.backbone.id
+        load = functools.partial(decode_views, bb.image_size, mean=bb.mean, std=bb.std)
         hash_of = {t[0]: t[4] for t in tasks}
+        procs = shared_pool(max(1, self.workers)) if self.decode == "process" else None
+        threads = None if procs is not None else ThreadPoolExecutor(max_workers=max(1, self.workers))
+        writer = ThreadPoolExecutor(max_workers=1) if self.cache is not None and procs is None else None
+        if procs is not None:
+            submit = functools.partial(procs.submit_decode, bb.image_size, mean=bb.mean, std=bb.std)
+        else:
+            submit = functools.partial(threads.submit, load)
 
-        def split(chunk):
-            # a few tasks per chunk, not one per image: each task costs the encoding thread a
-            # submit and a result
-            n = max(1, math.ceil(len(chunk) / (4 * (self.workers + 1))))
-            return [chunk[s:s + n] for s in range(0, len(chunk), n)]
+        def steal() -> bool:  # decode in this thread only where no helper process would
+            return procs is None or procs.alive == 0
 
-        # a small first chunk: the encoder starts after a short decode instead of a full batch's
-        first = min(total, max(1, bs // 4))
-        bounds = [0, first] + list(range(first + bs, total, bs)) + [total]
-        chunks = [split(tasks[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
-        writer = ThreadPoolExecutor(max_workers=1) if self.cache is not None else None
+        # processes: one job per worker per chunk (fewer messages, less of this process's time);
+        # threads: smaller jobs, so that this thread can take some over
+        per_chunk = procs.size if procs is not None else 4 * (self.workers + 1)
+        chunks = [_split(tasks[a:b], per_chunk)
+                  for a, b in _ramp(total, max(1, self.batch_size // max(1, len(views))))]
         writes: list = []
-        pool = ThreadPoolExecutor(max_workers=max(1, self.workers))
+        pending: list = []
+        done = 0
         try:
             # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
-            pending = [pool.submit(load, it) for it in chunks[0]] if chunks else []
+            pending = [submit(job) for job in chunks[0]] if chunks else []
             for c in range(len(chunks)):
                 if cancel is not None and cancel.is_set():
-                    for f in pending:
-                        f.cancel()
                     raise Cancelled()
                 _raise_failed(writes)
-                chunk = [r for group in _collect(pending, chunks[c], load) for r in group]
-                pending = [pool.submit(load, it) for it in chunks[c + 1]] if c + 1 < len(chunks) else []
-                pixels = self.backbone.normalize(np.concatenate([crops for _, _, crops in chunk]))
-                feats = self.backbone.encode_images(pixels, batch_size=len(pixels)).numpy()
+                chunk = [r for group in _collect(pending, chunks[c], load, steal) for r in group]
+                pending = [submit(job) for job in chunks[c + 1]] if c + 1 < len(chunks) else []
+                pixels = torch.from_numpy(np.concatenate([px for _, _, px in chunk]))
+                feats = bb.encode_images(pixels, batch_size=len(pixels)).numpy()
                 self.encoded_images += len(pixels)
                 self.encoded_hashes.update(hash_of[i] for i, _, _ in chunk)
                 keys, k = [], 0
@@ -110,15 +124,22 @@ class FeatureExtractor:
                         out[i, j] = feats[k]
                         keys.append((hash_of[i], views[j]))
                         k += 1
-                if writer is not None:
+                if procs is not None and self.cache is not None:
+                    writes.append(procs.submit_put(self.cache.root, bid, keys, feats))
+                    self.cache.remember(bid, keys, feats)
+                elif writer is not None:
                     writes.append(writer.submit(self.cache.put_many, bid, keys, feats))
                 done += len(chunk)
                 if progress is not None:
                     progress(Progress(stage, done, total))
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for f in pending:  # this call's decode jobs still queued (after an error or cancel)
+                f.cancel()
+            if threads is not None:
+                threads.shutdown(wait=True, cancel_futures=True)
             if writer is not None:
                 writer.shutdown(wait=True)
+            wait(writes)  # features already computed are still written
         _raise_failed(writes)
 
     def class_text_features(self, classnames: Sequence[str], descriptions: Sequence[str] | None = None,
@@ -128,14 +149,30 @@ class FeatureExtractor:
         return class_text_features(self.backbone, classnames, descriptions, templates, self._text_memo)
 
 
-def _collect(futures: list, items: list, fn: Callable) -> list:
-    """Results of `futures` (fn(item) submitted to a pool) in order. Instead of idling while the
-    pool catches up, the calling thread runs the not-yet-started items itself, from the back, while
+def _split(chunk: list, jobs: int) -> list[list]:
+    """A chunk's images as at most `jobs` jobs of consecutive images."""
+    n = max(1, math.ceil(len(chunk) / max(1, jobs)))
+    return [chunk[s:s + n] for s in range(0, len(chunk), n)]
+
+
+def _ramp(total: int, batch: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk: batch/16 images first, then 1.5× the previous, up to `batch`."""
+    bounds, size, start = [], max(1, batch // RAMP_START), 0
+    while start < total:
+        end = min(total, start + size)
+        bounds.append((start, end))
+        start, size = end, min(batch, math.ceil(size * RAMP_GROWTH))
+    return bounds
+
+
+def _collect(futures: list, items: list, fn: Callable, steal: Callable[[], bool]) -> list:
+    """Results of `futures` (fn(item) submitted to a pool) in order. While `steal()` says so, the
+    calling thread runs the not-yet-started items itself, from the back, instead of idling while
     the pool works from the front. An error surfaces in item order, as `f.result()` would raise it."""
     results: list = [None] * len(futures)
     stolen: dict[int, BaseException] = {}
     for n in range(len(futures) - 1, -1, -1):
-        if futures[n].cancel():
+        if steal() and futures[n].cancel():
             try:
                 results[n] = fn(items[n])
             except BaseException as e:  # noqa: BLE001 - re-raised below, in order

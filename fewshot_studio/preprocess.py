@@ -1,7 +1,8 @@
 """Torch-free image preprocessing: the plain and augmented crops of a decoded image, as uint8.
 
-Kept free of torch so that decode worker processes start fast and never touch the encoder's
-threads; `Backbone` turns the crops into normalised tensors (one vectorised op per batch).
+Kept free of torch so that decode worker processes (decoding.py) start fast and never touch the
+encoder's threads. `normalize` is the one implementation of open_clip's pixel normalisation:
+`Backbone.normalize` and the decode workers both use it, so every path gives identical pixels.
 """
 from __future__ import annotations
 
@@ -59,17 +60,33 @@ class Cropper:
         return np.array(crop, dtype=np.uint8)
 
 
+def normalize(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(N,s,s,3) uint8 crops -> (N,3,s,s) float32 pixels (x/255 - mean) / std per channel
+    (open_clip's Normalize after ToTensor), as one multiply and one add over the batch."""
+    std32 = np.asarray(std, dtype=np.float32)
+    scale = (1 / (255 * std32)).astype(np.float32)[:, None, None]
+    offset = (-np.asarray(mean, dtype=np.float32) / std32)[:, None, None]
+    n, h, w, _ = crops.shape
+    x = np.empty((n, 3, h, w), dtype=np.float32)
+    np.multiply(crops.transpose(0, 3, 1, 2), scale, out=x)
+    x += offset
+    return x
+
+
 # (index, view positions, file path or bytes, display name, content hash, views)
 Task = tuple[int, list[int], object, str, str, Sequence[int]]
 
 
-def decode_views(image_size: int, tasks: list[Task]) -> list[tuple[int, list[int], np.ndarray]]:
-    """Decode each task's image once and crop its views: [(index, view positions, (V,s,s,3) uint8)].
+def decode_views(image_size: int, tasks: list[Task], mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> list[tuple[int, list[int], np.ndarray]]:
+    """Decode each task's image once and crop its views: [(index, view positions, crops)], crops
+    (V,s,s,3) uint8, or (V,3,s,s) float32 normalised pixels when `mean` and `std` are given.
     Runs in a worker process or thread; a bad file raises imageio.ImageError (picklable)."""
     cropper = Cropper(image_size)
     out = []
     for i, js, source, name, key, views in tasks:
         data = source if isinstance(source, (bytes, bytearray)) else imageio.read_bytes(source, name)[0]
         img = imageio.decode_image(data, name, draft_size=image_size)
-        out.append((i, js, np.stack([cropper.view(img, key, v) for v in views])))
+        crops = np.stack([cropper.view(img, key, v) for v in views])
+        out.append((i, js, crops if mean is None else normalize(crops, mean, std)))
     return out

@@ -21,6 +21,7 @@ from fewshot_studio.cli import main
 from fewshot_studio.data import ImageRef
 from fewshot_studio.features import FeatureExtractor
 from fewshot_studio.imageio import ImageError
+from fewshot_studio.workers import shared_pool
 
 from conftest import make_refs
 
@@ -168,6 +169,14 @@ def test_a_failed_cache_write_is_raised(tiny, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(FeatureCache, "put_many", no_space)
-    ex = FeatureExtractor(tiny, FeatureCache(tmp_path), batch_size=4)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path), batch_size=4, decode="thread")
     with pytest.raises(OSError, match="No space"):
         ex.image_features(make_refs("red circle", 10, np.random.default_rng(6)))
+
+
+def test_a_cache_write_failing_in_a_helper_process_keeps_its_errno(tiny, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "file" / "cache"), batch_size=4)
+    with pytest.raises(OSError) as e:
+        ex.image_features(make_refs("red circle", 10, np.random.default_rng(6)))
+    assert e.value.errno == errno.ENOTDIR and shared_pool(1).alive >= 1  # raised from the helper

@@ -1,0 +1,140 @@
+"""The helper processes of the feature pipeline (fewshot_studio.workers): same results as decoding
+in this process, errors that keep their meaning, and survival of a worker that dies."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_studio.cache import FeatureCache
+from fewshot_studio.data import ImageRef
+from fewshot_studio.features import FeatureExtractor, _ramp
+from fewshot_studio.imageio import ImageError
+from fewshot_studio.preprocess import decode_views
+from fewshot_studio.workers import WorkerPool, read_message, serve, write_message
+
+from conftest import make_refs
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _tasks(refs, views=(0, 3)):
+    # (index, view positions, source, name, key, views); bytes and a file path both travel
+    return [(i, list(range(len(views))), r.data if r.data is not None else str(r.path), r.name, r.hash, list(views))
+            for i, r in enumerate(refs)]
+
+
+@pytest.fixture
+def pool():
+    p = WorkerPool(1)
+    yield p
+    p.close()
+
+
+def test_worker_decodes_exactly_as_this_process(pool, tmp_path):
+    refs = make_refs("red circle", 3, np.random.default_rng(0))
+    path = tmp_path / "on-disk.png"
+    path.write_bytes(refs[2].data)
+    refs[2] = ImageRef.from_path(path)
+    tasks = _tasks(refs)
+    for mean, std in ((None, None), (MEAN, STD)):
+        here = decode_views(48, tasks, mean, std)
+        there = pool.submit_decode(48, tasks, mean, std).result(timeout=30)
+        assert [(i, js) for i, js, _ in there] == [(i, js) for i, js, _ in here]
+        for (_, _, a), (_, _, b) in zip(here, there):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert here[0][2].shape == (2, 3, 48, 48) and here[0][2].dtype == np.float32
+
+
+def test_a_bad_image_fails_with_its_name_and_the_worker_goes_on(pool):
+    refs = make_refs("blue star", 2, np.random.default_rng(1))
+    bad = ImageRef.from_bytes(b"<html>nope</html>", "page.jpg")
+    with pytest.raises(ImageError, match="page.jpg"):
+        pool.submit_decode(48, _tasks([refs[0], bad]), MEAN, STD).result(timeout=30)
+    assert len(pool.submit_decode(48, _tasks(refs), MEAN, STD).result(timeout=30)) == 2
+    assert pool.restarts == 0
+
+
+def test_a_killed_worker_is_replaced_and_its_job_finished(pool):
+    refs = make_refs("green cross", 12, np.random.default_rng(2))
+    pool.submit_decode(48, _tasks(refs[:1]), MEAN, STD).result(timeout=30)  # the worker is up
+    (pid,) = pool.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    out = pool.submit_decode(48, _tasks(refs), MEAN, STD).result(timeout=60)
+    assert sorted(i for i, _, _ in out) == list(range(12))
+    assert pool.restarts >= 1 and pool.worker_pids() != [pid] and pool.alive == 1
+    assert len(pool.submit_decode(48, _tasks(refs[:2]), MEAN, STD).result(timeout=30)) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_with_their_parent():
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys, os; sys.path.insert(0, sys.argv[1]); from fewshot_studio.workers import WorkerPool; "
+              "import time; p = WorkerPool(2); t = time.time() + 30\n"
+              "while p.alive < 2 and time.time() < t: time.sleep(0.05)\n"
+              "print(' '.join(map(str, p.worker_pids())), flush=True); os._exit(0)")
+    r = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pids = [int(x) for x in r.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_running(p) for p in pids)  # each saw its input close and exited
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_errors_travel_as_data():
+    """serve() answers an image error, an OS error and a bug each with a header, never a pickle."""
+    def ask(header, blobs):
+        inp, out = io.BytesIO(), io.BytesIO()
+        write_message(inp, header, blobs)
+        inp.seek(0)
+        serve(inp, out)
+        out.seek(1)  # past the ready byte
+        return read_message(out)[0]
+
+    bad = {"op": "decode", "size": 48, "tasks": [{"i": 0, "js": [0], "name": "x.png", "key": "k", "views": [0],
+                                                   "blob": 0}]}
+    assert ask(bad, [b"not an image"])["image_error"][0] == "x.png"
+    put = {"op": "put", "root": "/proc/version/cache", "backbone": "b", "keys": [["ab" * 32, 0]], "shape": [1, 4]}
+    assert ask(put, [np.zeros((1, 4), np.float32)])["os_error"][0] in (errno.ENOTDIR, errno.ENOENT, errno.EACCES)
+    assert "unknown request" in ask({"op": "nope"}, [])["error"]
+
+
+def test_threads_and_processes_give_identical_features(tiny, tmp_path):
+    refs = make_refs("yellow square", 30, np.random.default_rng(4))
+    a = FeatureExtractor(tiny, FeatureCache(tmp_path / "p"), batch_size=16, decode="process").image_features(
+        refs, views=(0, 1))
+    b = FeatureExtractor(tiny, FeatureCache(tmp_path / "t"), batch_size=16, decode="thread").image_features(
+        refs, views=(0, 1))
+    assert torch.equal(a, b)
+    # and the helper process wrote the cache files this process reads back
+    cold = FeatureExtractor(tiny, FeatureCache(tmp_path / "p", memory=False))
+    assert torch.equal(cold.image_features(refs, views=(0, 1)), a) and cold.encoded_images == 0
+
+
+def test_chunks_ramp_up_to_the_batch_and_cover_everything():
+    bounds = _ramp(500, 64)
+    assert bounds[0] == (0, 4) and bounds[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) == 64 and sizes == sorted(sizes[:-1]) + sizes[-1:]
+    assert _ramp(0, 64) == [] and _ramp(3, 64) == [(0, 3)]
