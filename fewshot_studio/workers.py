@@ -88,7 +88,7 @@ def decode_request(image_size: int, tasks: list[Task], mean=None, std=None) -> t
             item["blob"] = len(blobs)
             blobs.append(source)
         else:
-            item["path"] = os.fspath(source)
+            item["path"] = os.path.abspath(source)  # the worker runs in another directory
         items.append(item)
     norm = {} if mean is None else {"mean": [float(m) for m in mean], "std": [float(v) for v in std]}
     return {"op": "decode", "size": int(image_size), "tasks": items, **norm}, blobs

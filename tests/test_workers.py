@@ -38,11 +38,11 @@ def pool():
     p.close()
 
 
-def test_worker_decodes_exactly_as_this_process(pool, tmp_path):
+def test_worker_decodes_exactly_as_this_process(pool, tmp_path, monkeypatch):
     refs = make_refs("red circle", 3, np.random.default_rng(0))
-    path = tmp_path / "on-disk.png"
-    path.write_bytes(refs[2].data)
-    refs[2] = ImageRef.from_path(path)
+    (tmp_path / "on-disk.png").write_bytes(refs[2].data)
+    monkeypatch.chdir(tmp_path)
+    refs[2] = ImageRef.from_path("on-disk.png")  # relative to this process's directory
     tasks = _tasks(refs)
     for mean, std in ((None, None), (MEAN, STD)):
         here = decode_views(48, tasks, mean, std)
