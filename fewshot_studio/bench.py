@@ -58,8 +58,8 @@ Definitions (one line each, as the README quotes them):
   aggregated graph neighbourhoods that `fit` computes once per training
   (`graph_messages`); `graph_step_ms_batched_with_messages` adds computing them.
 * `labeling_vs_extraction` = pool-labeling images/s ÷ feature-extraction images/s over the same
-  pool, each with an empty cache: labeling is what `Studio.label_pool` runs per chunk of 256
-  images (`predict_proba` of the trained GraphAdapter: decode, features, logits, probabilities,
+  pool, each with an empty cache: labeling is what `Studio.label_pool` runs (one `predict_proba`
+  call of the trained GraphAdapter over the whole pool: decode, features, logits, probabilities,
   then the best class and its confidence); extraction is `FeatureExtractor.image_features`.
 
 Absolute figures behind each ratio (images/s, seconds, ms per step), the peak resident memory of
@@ -90,6 +90,7 @@ import numpy as np
 import torch
 
 from .errors import FewShotError
+from .workers import helper_cpu_seconds
 
 # key -> (comparison, target); ">=" means higher is better
 TARGETS: dict[str, tuple[str, float]] = {
@@ -103,7 +104,6 @@ TARGETS: dict[str, tuple[str, float]] = {
 KEYS = tuple(TARGETS)
 
 IMAGE_SIZES = (224, 256)  # inclusive range of the square test images' sides, in pixels
-LABEL_CHUNK = 256  # images per predict_proba call when labeling a pool (as Studio.label_pool)
 GRAPH_CLASSES = 100  # C of the batched-vs-loop GraphAdapter step
 
 
@@ -116,7 +116,7 @@ class BenchConfig:
     classes: int = 20
     shots: int = 16
     images: int = 512
-    repeats: int = 5
+    repeats: int = 9  # rounds per ratio (retraining and MMA: at most 3, each round is seconds long)
     batch_size: int = 64
     threads: int | None = None  # None: cores - 1 on CPU, torch's setting on CUDA
     workers: int | None = None  # None: the remaining cores on CPU (at least 1), 2 on CUDA
@@ -159,7 +159,8 @@ def _peak_rss_mb() -> float | None:
 
 
 class _LoadMeter:
-    """CPU time used by other processes (Linux /proc/stat minus this process), in cores."""
+    """CPU time used by other processes (Linux /proc/stat minus this process and its helper
+    processes), in cores."""
 
     def __init__(self):
         self.ok = os.path.exists("/proc/stat")
@@ -174,7 +175,7 @@ class _LoadMeter:
             return None
         busy = (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
         t = os.times()
-        return time.perf_counter(), busy, t.user + t.system
+        return time.perf_counter(), busy, t.user + t.system + helper_cpu_seconds()
 
     @staticmethod
     def others(a, b) -> float | None:
@@ -598,8 +599,7 @@ def _section_labeling(ctx: _Ctx, method, pool: list) -> None:
         ex = ctx.extractor(d)
 
         def run():
-            probs = torch.cat([method.predict_proba(pool[i:i + LABEL_CHUNK], ex) for i in range(0, n, LABEL_CHUNK)])
-            return probs.max(1)
+            return method.predict_proba(pool, ex).max(1)
 
         seconds, _ = ctx.timed(run)
         shutil.rmtree(d, ignore_errors=True)

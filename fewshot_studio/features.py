@@ -6,16 +6,19 @@ started, or with decode="thread") so they overlap with encoding.
 
 How the encoding thread is kept busy (a cheap encoder on a CPU notices every detail):
   * the helpers are processes, so their Python never holds the encoder's GIL;
-  * they return normalised pixels (preprocess.decode_views), so the encoding thread only
-    concatenates them, and they write the cache files, so it never waits for the file system;
-  * chunks ramp up: the first is batch_size/16 images, each next one 1.5× the last (up to
-    batch_size), so the encoder starts after a few images are decoded and the next chunk's
+  * they return one buffer of normalised pixels per job (preprocess.decode_batch), which the
+    encoding thread encodes as it is, and they write the cache files, so it never waits for the file system;
+  * chunks ramp up: the first is batch_size/8 images, decoded by the encoding thread itself
+    while the helpers decode the second (2.5× as large); each later chunk is 1.35× the last (up
+    to batch_size), so the encoder starts after a few images are decoded and the next chunk's
     decoding fits inside the current one's encoding (small batches encode less efficiently, so
     starting with a full batch would idle the encoder while it decodes);
   * a chunk goes out as one job per helper process (each message costs this process time);
   * where no helper process is running (still starting, or threads), the encoding thread decodes
     the not-yet-started jobs itself, from the back, instead of waiting;
-  * every cache write has finished (or raised) before `image_features` returns or raises.
+  * the last chunk's cache entries are written by the encoding thread itself (it has nothing
+    left to encode); every cache write has finished (or raised) before `image_features` returns
+    or raises.
 """
 from __future__ import annotations
 
@@ -31,13 +34,17 @@ from .backbone import Backbone
 from .cache import FeatureCache
 from .data import ImageRef, prompt_name
 from .errors import Cancelled
-from .preprocess import decode_views
+from .preprocess import Task, decode_batch
 from .progress import CancelFlag, Progress, ProgressFn
-from .workers import shared_pool
+from .workers import join_batches, shared_pool
 
 
-RAMP_START = 16  # the first chunk is batch_size / RAMP_START images
-RAMP_GROWTH = 1.5  # each next chunk this many times the previous one
+# Chunk sizes (see _ramp). Measured with the tiny backbone on 2 CPU cores: decoding takes about
+# 0.5 ms per image and encoding 0.66 ms in full batches but 0.8 ms in batches of 8, so each chunk
+# may be about 1.35× the last one and still be decoded before the encoder needs it.
+RAMP_START = 8  # the first chunk is batch_size / RAMP_START images
+RAMP_SECOND = 2.5  # the second is decoded from the start, while the first is decoded and encoded
+RAMP_GROWTH = 1.35  # each later chunk this many times the previous one
 
 
 class FeatureExtractor:
@@ -79,12 +86,10 @@ class FeatureExtractor:
         return torch.from_numpy(out)
 
     def _encode_missing(self, refs, views, todo, out, progress, cancel, stage) -> None:
-        tasks = [(i, js, refs[i].data if refs[i].data is not None else str(refs[i].path),
-                  refs[i].name or str(refs[i].path), refs[i].hash, [views[j] for j in js])
-                 for i, js in todo.items()]
+        tasks = _tasks(refs, views, todo)
         total = len(tasks)
         bb, bid = self.backbone, self.backbone.id
-        load = functools.partial(decode_views, bb.image_size, mean=bb.mean, std=bb.std)
+        load = functools.partial(decode_batch, bb.image_size, mean=bb.mean, std=bb.std)
         hash_of = {t[0]: t[4] for t in tasks}
         procs = shared_pool(max(1, self.workers)) if self.decode == "process" else None
         threads = None if procs is not None else ThreadPoolExecutor(max_workers=max(1, self.workers))
@@ -106,30 +111,35 @@ class FeatureExtractor:
         pending: list = []
         done = 0
         try:
-            # decode chunk k+1 while chunk k is encoded; at most two chunks in flight
-            pending = [submit(job) for job in chunks[0]] if chunks else []
+            # chunk 0 is decoded right here while the helpers start on chunk 1; from then on chunk
+            # k+1 is decoded while chunk k is encoded (at most two chunks in flight)
+            pending = [submit(job) for job in chunks[1]] if len(chunks) > 1 else []
             for c in range(len(chunks)):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
                 _raise_failed(writes)
-                chunk = [r for group in _collect(pending, chunks[c], load, steal) for r in group]
-                pending = [submit(job) for job in chunks[c + 1]] if c + 1 < len(chunks) else []
-                pixels = torch.from_numpy(np.concatenate([px for _, _, px in chunk]))
-                feats = bb.encode_images(pixels, batch_size=len(pixels)).numpy()
+                if c == 0:
+                    entries, pixels = join_batches([load(job) for job in chunks[0]])
+                else:
+                    entries, pixels = join_batches(_collect(pending, chunks[c], load, steal))
+                    pending = [submit(job) for job in chunks[c + 1]] if c + 1 < len(chunks) else []
+                feats = bb.encode_images(torch.from_numpy(pixels), batch_size=len(pixels)).numpy()
                 self.encoded_images += len(pixels)
-                self.encoded_hashes.update(hash_of[i] for i, _, _ in chunk)
+                self.encoded_hashes.update(hash_of[i] for i, _ in entries)
                 keys, k = [], 0
-                for i, js, _ in chunk:
+                for i, js in entries:
                     for j in js:
                         out[i, j] = feats[k]
                         keys.append((hash_of[i], views[j]))
                         k += 1
-                if procs is not None and self.cache is not None:
+                if procs is not None and self.cache is not None and c == len(chunks) - 1:
+                    self.cache.put_many(bid, keys, feats)  # nothing left to encode: no need to wait for a helper
+                elif procs is not None and self.cache is not None:
                     writes.append(procs.submit_put(self.cache.root, bid, keys, feats))
                     self.cache.remember(bid, keys, feats)
                 elif writer is not None:
                     writes.append(writer.submit(self.cache.put_many, bid, keys, feats))
-                done += len(chunk)
+                done += len(entries)
                 if progress is not None:
                     progress(Progress(stage, done, total))
         finally:
@@ -149,6 +159,45 @@ class FeatureExtractor:
         return class_text_features(self.backbone, classnames, descriptions, templates, self._text_memo)
 
 
+def load_pixels(backbone: Backbone, refs: Sequence[ImageRef], views: Sequence[int] = (0,), workers: int = 2,
+                decode: str = "process") -> torch.Tensor:
+    """(N, V, 3, s, s) normalised pixels of `refs` under `views` (0 plain, k > 0 augmented), decoded
+    in the helper processes (threads where they cannot run), for methods that run the image
+    encoder themselves (MMA)."""
+    views = list(views)
+    s = backbone.image_size
+    out = np.empty((len(refs), len(views), 3, s, s), dtype=np.float32)
+    if not len(refs):
+        return torch.from_numpy(out)
+    tasks = _tasks(refs, views, {i: list(range(len(views))) for i in range(len(refs))})
+    load = functools.partial(decode_batch, s, mean=backbone.mean, std=backbone.std)
+    procs = shared_pool(max(1, workers)) if decode == "process" else None
+    if procs is None:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            parts = list(pool.map(load, _split(tasks, 4 * max(1, workers))))
+    else:
+        jobs = _split(tasks, procs.size)
+        futures = [procs.submit_decode(s, job, backbone.mean, backbone.std) for job in jobs]
+        try:
+            parts = _collect(futures, jobs, load, lambda: procs.alive == 0)
+        finally:
+            for f in futures:
+                f.cancel()
+    entries, pixels = join_batches(parts)
+    k = 0
+    for i, js in entries:
+        out[i, js] = pixels[k:k + len(js)]
+        k += len(js)
+    return torch.from_numpy(out)
+
+
+def _tasks(refs: Sequence[ImageRef], views: Sequence[int], todo: dict[int, list[int]]) -> list[Task]:
+    """Decode tasks: for image i (todo's key) the views at positions todo[i] of `views`."""
+    return [(i, js, refs[i].data if refs[i].data is not None else str(refs[i].path),
+             refs[i].name or str(refs[i].path), refs[i].hash, [views[j] for j in js])
+            for i, js in todo.items()]
+
+
 def _split(chunk: list, jobs: int) -> list[list]:
     """A chunk's images as at most `jobs` jobs of consecutive images."""
     n = max(1, math.ceil(len(chunk) / max(1, jobs)))
@@ -156,12 +205,15 @@ def _split(chunk: list, jobs: int) -> list[list]:
 
 
 def _ramp(total: int, batch: int) -> list[tuple[int, int]]:
-    """(start, end) of each chunk: batch/16 images first, then 1.5× the previous, up to `batch`."""
+    """(start, end) of each chunk: batch/RAMP_START images first (decoded by the encoding thread
+    while the helpers decode the second chunk, hence the second is RAMP_SECOND× as large), then
+    RAMP_GROWTH× the previous, up to `batch`."""
     bounds, size, start = [], max(1, batch // RAMP_START), 0
+    growth = RAMP_SECOND
     while start < total:
         end = min(total, start + size)
         bounds.append((start, end))
-        start, size = end, min(batch, math.ceil(size * RAMP_GROWTH))
+        start, size, growth = end, min(batch, math.ceil(size * growth)), RAMP_GROWTH
     return bounds
 
 

@@ -90,3 +90,16 @@ def decode_views(image_size: int, tasks: list[Task], mean: Sequence[float] | Non
         crops = np.stack([cropper.view(img, key, v) for v in views])
         out.append((i, js, crops if mean is None else normalize(crops, mean, std)))
     return out
+
+
+Entries = list[tuple[int, list[int]]]  # (index, view positions) of each task, in order
+
+
+def decode_batch(image_size: int, tasks: list[Task], mean: Sequence[float], std: Sequence[float]
+                 ) -> tuple[Entries, np.ndarray]:
+    """`decode_views` as one array: ([(index, view positions)], (ΣV,3,s,s) float32 normalised
+    pixels, each task's views in order) - one buffer to send and to encode."""
+    out = decode_views(image_size, tasks, mean, std)
+    if not out:
+        return [], np.empty((0, 3, image_size, image_size), dtype=np.float32)
+    return [(i, js) for i, js, _ in out], np.concatenate([px for _, _, px in out])

@@ -469,14 +469,8 @@ class Studio:
         if missing:
             raise DataError(f"The model's class {missing[0]!r} is no longer in the project; retrain first.")
         extractor = self.extractor(method.backbone)
-        probs = []
-        bs = 256
-        for i in range(0, len(pool), bs):
-            chunk = pool[i:i + bs]
-            probs.append(method.predict_proba([p.ref() for p in chunk], extractor))
-            if progress:
-                progress(Progress("Labeling the pool", min(i + bs, len(pool)), len(pool)))
-        P = torch.cat(probs)
+        report = (lambda p: progress(Progress("Labeling the pool", p.step, p.total))) if progress else None
+        P = method.predict_proba([p.ref() for p in pool], extractor, report)  # one streaming pass
         conf, idx = P.max(1)
         self.store.save_predictions(info.id, [
             (img.id, classes[method.classnames[j]], float(c), P[n].tolist())

@@ -1,5 +1,5 @@
 """Helper processes for the feature pipeline: they read, decode and crop images
-(preprocess.decode_views) and write feature-cache entries (FeatureCache.put_many), so that none
+(preprocess.decode_batch) and write feature-cache entries (FeatureCache.put_many), so that none
 of that Python competes with the encoder for this process's GIL.
 
 Why processes and not threads: Pillow releases the GIL while it decodes, but the Python around
@@ -22,7 +22,11 @@ How:
     alone, with an ImageError naming it;
   * errors travel as data: ImageError keeps its file name and reason, OSError its errno (a full
     disk stays recognisable), anything else becomes a WorkerError with the original text;
-  * a worker exits when its input pipe closes, so none outlives this process.
+  * a worker exits when its input pipe closes, so none outlives this process;
+  * a worker keeps the memory it freed (glibc's trim and mmap thresholds raised in its
+    environment): it allocates the same few buffers for every job, and on virtual machines that
+    hand freed pages back to the host, touching fresh pages again measurably slowed decoding
+    after each idle moment.
 
 `shared_pool(n)` is the process-wide pool, started on first use; where no worker can be started
 (`sys.executable` missing, a sandbox without subprocesses), it returns None and callers use
@@ -45,7 +49,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from .imageio import ImageError
-from .preprocess import Task, decode_views
+from .preprocess import Entries, Task, decode_batch
 
 _LEN = struct.Struct("<Q")
 READY = b"R"
@@ -57,10 +61,15 @@ class WorkerError(RuntimeError):
 
 # ---- the wire format: a length-prefixed JSON header, then the raw blobs it lists ----------------
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    buf = f.read(n)
-    if buf is None or len(buf) != n:
-        raise EOFError("a helper process's pipe closed")
+def _read_exact(f: BinaryIO, n: int) -> bytearray:
+    """n bytes, into a writable buffer (numpy arrays on it can be handed to torch as they are)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise EOFError("a helper process's pipe closed")
+        got += k
     return buf
 
 
@@ -74,13 +83,13 @@ def write_message(f: BinaryIO, header: dict, blobs: list) -> None:
     f.flush()
 
 
-def read_message(f: BinaryIO) -> tuple[dict, list[bytes]]:
+def read_message(f: BinaryIO) -> tuple[dict, list[bytearray]]:
     (n,) = _LEN.unpack(_read_exact(f, _LEN.size))
     header = json.loads(_read_exact(f, n))
     return header, [_read_exact(f, int(k)) for k in header.get("blobs", [])]
 
 
-def decode_request(image_size: int, tasks: list[Task], mean=None, std=None) -> tuple[dict, list]:
+def decode_request(image_size: int, tasks: list[Task], mean, std) -> tuple[dict, list]:
     items, blobs = [], []
     for i, js, source, name, key, views in tasks:
         item = {"i": i, "js": list(js), "name": name, "key": key, "views": list(views)}
@@ -90,8 +99,8 @@ def decode_request(image_size: int, tasks: list[Task], mean=None, std=None) -> t
         else:
             item["path"] = os.path.abspath(source)  # the worker runs in another directory
         items.append(item)
-    norm = {} if mean is None else {"mean": [float(m) for m in mean], "std": [float(v) for v in std]}
-    return {"op": "decode", "size": int(image_size), "tasks": items, **norm}, blobs
+    return ({"op": "decode", "size": int(image_size), "tasks": items, "mean": [float(m) for m in mean],
+             "std": [float(v) for v in std]}, blobs)
 
 
 def put_request(root, backbone_id: str, keys, features: np.ndarray) -> tuple[dict, list]:
@@ -100,9 +109,16 @@ def put_request(root, backbone_id: str, keys, features: np.ndarray) -> tuple[dic
              "shape": list(feats.shape)}, [feats])
 
 
-def _arrays(header: dict, blobs: list[bytes]) -> list:
-    return [(i, js, np.frombuffer(b, dtype=np.dtype(dtype)).reshape(shape))
-            for (i, js, shape, dtype), b in zip(header["items"], blobs)]
+def _batch(header: dict, blobs: list[bytes]) -> tuple[Entries, np.ndarray]:
+    return ([(i, js) for i, js in header["entries"]],
+            np.frombuffer(blobs[0], dtype=np.float32).reshape(header["shape"]))
+
+
+def join_batches(parts: list[tuple[Entries, np.ndarray]]) -> tuple[Entries, np.ndarray]:
+    """Several decode results as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return [e for entries, _ in parts for e in entries], np.concatenate([px for _, px in parts])
 
 
 # ---- the worker process ---------------------------------------------------------------------------
@@ -112,9 +128,9 @@ def handle(header: dict, blobs: list[bytes]) -> tuple[dict, list]:
     if header["op"] == "decode":
         tasks = [(t["i"], t["js"], blobs[t["blob"]] if "blob" in t else t["path"], t["name"], t["key"],
                   t["views"]) for t in header["tasks"]]
-        result = decode_views(int(header["size"]), tasks, header.get("mean"), header.get("std"))
-        items = [[i, list(js), list(a.shape), a.dtype.str] for i, js, a in result]
-        return {"ok": True, "items": items}, [np.ascontiguousarray(a) for _, _, a in result]
+        entries, pixels = decode_batch(int(header["size"]), tasks, header["mean"], header["std"])
+        return ({"ok": True, "entries": [[i, list(js)] for i, js in entries], "shape": list(pixels.shape)},
+                [np.ascontiguousarray(pixels, dtype=np.float32)])
     if header["op"] == "put":
         from .cache import FeatureCache
 
@@ -167,6 +183,17 @@ def _raise_error(header: dict) -> None:
     raise WorkerError(header.get("error", "a helper process failed"))
 
 
+def _widen(pipe) -> None:
+    """Linux: a 1 MiB pipe instead of 64 KiB, so a chunk's pixels cross in a few reads, not dozens
+    (each read is a GIL hand-over in this process). Elsewhere, or when refused, nothing changes."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 class _Worker:
     """One child process and its pipes; used by exactly one dispatcher thread."""
 
@@ -174,15 +201,19 @@ class _Worker:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)  # so `-m fewshot_studio...` imports this copy
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 26))
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "fewshot_studio.workers"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, env=env, cwd=root)
         except (OSError, ValueError) as e:
             raise WorkerError(f"could not start a helper process ({e})") from None
+        _widen(self.proc.stdout)
+        _widen(self.proc.stdin)
 
     def wait_ready(self) -> None:
         try:
-            if _read_exact(self.proc.stdout, 1) != READY:
+            if bytes(_read_exact(self.proc.stdout, 1)) != READY:
                 raise WorkerError("a helper process sent an unexpected greeting")
         except EOFError:
             raise WorkerError(f"a helper process exited on start (code {self.proc.wait()})") from None
@@ -254,9 +285,9 @@ class WorkerPool:
             else:
                 self._pids[threading.get_ident()] = worker.proc.pid
 
-    def submit_decode(self, image_size: int, tasks: list[Task], mean=None, std=None) -> Future:
-        """Future of `decode_views(image_size, tasks, mean, std)`."""
-        return self._submit(decode_request(image_size, tasks, mean, std), _arrays, tasks)
+    def submit_decode(self, image_size: int, tasks: list[Task], mean, std) -> Future:
+        """Future of `preprocess.decode_batch(image_size, tasks, mean, std)`."""
+        return self._submit(decode_request(image_size, tasks, mean, std), _batch, tasks)
 
     def submit_put(self, root, backbone_id: str, keys, features: np.ndarray) -> Future:
         """Future of `FeatureCache(root).put_many(backbone_id, keys, features)` (None)."""
@@ -310,8 +341,10 @@ class WorkerPool:
         so an image that crashes the decoder fails alone (as an ImageError naming it). Returns the
         worker to go on with, or None where none can be started (this thread then stops)."""
         header, _ = request
-        singles = ([decode_request(header["size"], [t], header.get("mean"), header.get("std")) for t in tasks]
-                   if tasks is not None else [request])
+        if tasks is not None and len(tasks) > 1:
+            singles = [decode_request(header["size"], [t], header["mean"], header["std"]) for t in tasks]
+        else:
+            singles, tasks = [request], (tasks or None)
         results, error, worker = [], None, None
         for n, single in enumerate(singles):
             worker = worker or self._fresh()
@@ -331,7 +364,7 @@ class WorkerPool:
         if error is not None:
             f.set_exception(error)
         else:
-            f.set_result([r for part in results for r in part] if tasks is not None else results[0])
+            f.set_result(join_batches(results) if len(results) > 1 else results[0])
         return worker or self._fresh()
 
     def _fresh(self) -> _Worker | None:
@@ -370,6 +403,23 @@ def shared_pool(processes: int) -> WorkerPool | None:
             _unavailable = True
             return None
         return _shared
+
+
+def helper_cpu_seconds() -> float:
+    """CPU seconds used so far by the shared pool's live workers (Linux /proc; 0 elsewhere), so a
+    measurement of "other processes' load" can leave this process's own helpers out."""
+    pool = _shared
+    if pool is None:
+        return 0.0
+    total = 0.0
+    for pid in pool.worker_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 if __name__ == "__main__":

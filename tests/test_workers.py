@@ -17,7 +17,7 @@ from fewshot_studio.cache import FeatureCache
 from fewshot_studio.data import ImageRef
 from fewshot_studio.features import FeatureExtractor, _ramp
 from fewshot_studio.imageio import ImageError
-from fewshot_studio.preprocess import decode_views
+from fewshot_studio.preprocess import decode_batch
 from fewshot_studio.workers import WorkerPool, read_message, serve, write_message
 
 from conftest import make_refs
@@ -44,13 +44,11 @@ def test_worker_decodes_exactly_as_this_process(pool, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     refs[2] = ImageRef.from_path("on-disk.png")  # relative to this process's directory
     tasks = _tasks(refs)
-    for mean, std in ((None, None), (MEAN, STD)):
-        here = decode_views(48, tasks, mean, std)
-        there = pool.submit_decode(48, tasks, mean, std).result(timeout=30)
-        assert [(i, js) for i, js, _ in there] == [(i, js) for i, js, _ in here]
-        for (_, _, a), (_, _, b) in zip(here, there):
-            assert a.dtype == b.dtype and np.array_equal(a, b)
-    assert here[0][2].shape == (2, 3, 48, 48) and here[0][2].dtype == np.float32
+    here = decode_batch(48, tasks, MEAN, STD)
+    there = pool.submit_decode(48, tasks, MEAN, STD).result(timeout=30)
+    assert there[0] == here[0] == [(0, [0, 1]), (1, [0, 1]), (2, [0, 1])]
+    assert there[1].dtype == np.float32 and there[1].shape == (6, 3, 48, 48)
+    assert np.array_equal(here[1], there[1])
 
 
 def test_a_bad_image_fails_with_its_name_and_the_worker_goes_on(pool):
@@ -58,7 +56,7 @@ def test_a_bad_image_fails_with_its_name_and_the_worker_goes_on(pool):
     bad = ImageRef.from_bytes(b"<html>nope</html>", "page.jpg")
     with pytest.raises(ImageError, match="page.jpg"):
         pool.submit_decode(48, _tasks([refs[0], bad]), MEAN, STD).result(timeout=30)
-    assert len(pool.submit_decode(48, _tasks(refs), MEAN, STD).result(timeout=30)) == 2
+    assert len(pool.submit_decode(48, _tasks(refs), MEAN, STD).result(timeout=30)[0]) == 2
     assert pool.restarts == 0
 
 
@@ -69,9 +67,9 @@ def test_a_killed_worker_is_replaced_and_its_job_finished(pool):
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     out = pool.submit_decode(48, _tasks(refs), MEAN, STD).result(timeout=60)
-    assert sorted(i for i, _, _ in out) == list(range(12))
+    assert [i for i, _ in out[0]] == list(range(12)) and len(out[1]) == 24
     assert pool.restarts >= 1 and pool.worker_pids() != [pid] and pool.alive == 1
-    assert len(pool.submit_decode(48, _tasks(refs[:2]), MEAN, STD).result(timeout=30)) == 2
+    assert len(pool.submit_decode(48, _tasks(refs[:2]), MEAN, STD).result(timeout=30)[0]) == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -111,8 +109,8 @@ def test_errors_travel_as_data():
         out.seek(1)  # past the ready byte
         return read_message(out)[0]
 
-    bad = {"op": "decode", "size": 48, "tasks": [{"i": 0, "js": [0], "name": "x.png", "key": "k", "views": [0],
-                                                   "blob": 0}]}
+    bad = {"op": "decode", "size": 48, "mean": MEAN, "std": STD,
+           "tasks": [{"i": 0, "js": [0], "name": "x.png", "key": "k", "views": [0], "blob": 0}]}
     assert ask(bad, [b"not an image"])["image_error"][0] == "x.png"
     put = {"op": "put", "root": "/proc/version/cache", "backbone": "b", "keys": [["ab" * 32, 0]], "shape": [1, 4]}
     assert ask(put, [np.zeros((1, 4), np.float32)])["os_error"][0] in (errno.ENOTDIR, errno.ENOENT, errno.EACCES)
@@ -133,8 +131,19 @@ def test_threads_and_processes_give_identical_features(tiny, tmp_path):
 
 def test_chunks_ramp_up_to_the_batch_and_cover_everything():
     bounds = _ramp(500, 64)
-    assert bounds[0] == (0, 4) and bounds[-1][1] == 500
+    assert bounds[:2] == [(0, 8), (8, 28)] and bounds[-1][1] == 500
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     sizes = [b - a for a, b in bounds]
     assert max(sizes) == 64 and sizes == sorted(sizes[:-1]) + sizes[-1:]
     assert _ramp(0, 64) == [] and _ramp(3, 64) == [(0, 3)]
+
+
+def test_load_pixels_matches_the_backbones_own_views(tiny):
+    from fewshot_studio.features import load_pixels
+
+    refs = make_refs("purple triangle", 5, np.random.default_rng(5))
+    want = torch.stack([torch.stack([tiny.augment(r.open(draft_size=tiny.image_size), r.hash, v) for v in (0, 2)])
+                        for r in refs])
+    for decode in ("process", "thread"):
+        assert torch.equal(load_pixels(tiny, refs, (0, 2), decode=decode), want)
+    assert load_pixels(tiny, [], (0,)).shape == (0, 1, 3, tiny.image_size, tiny.image_size)

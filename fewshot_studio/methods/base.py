@@ -168,15 +168,18 @@ class Method(nn.Module):
         """(N,d) normalised frozen image features -> (N,C) logits."""
         raise NotImplementedError
 
-    def image_logits(self, refs: Sequence[ImageRef], extractor: FeatureExtractor) -> torch.Tensor:
-        feats = extractor.image_features(refs, views=(0,))[:, 0]
+    def image_logits(self, refs: Sequence[ImageRef], extractor: FeatureExtractor,
+                     progress: ProgressFn | None = None) -> torch.Tensor:
+        feats = extractor.image_features(refs, views=(0,), progress=progress, stage="Predicting")[:, 0]
         with torch.no_grad():
             return self.logits_from_features(feats.to(self._device()))
 
-    def predict_proba(self, refs: Sequence[ImageRef], extractor: FeatureExtractor) -> torch.Tensor:
-        """(N,C) class probabilities on the CPU."""
+    def predict_proba(self, refs: Sequence[ImageRef], extractor: FeatureExtractor,
+                      progress: ProgressFn | None = None) -> torch.Tensor:
+        """(N,C) class probabilities on the CPU; `progress` hears about the images done. One call
+        for many images keeps the feature pipeline streaming (no restart per chunk)."""
         self.eval()
-        return self.image_logits(refs, extractor).float().softmax(-1).cpu()
+        return self.image_logits(refs, extractor, progress).float().softmax(-1).cpu()
 
     def knowledge_graph(self) -> KnowledgeGraph:
         raise NotImplementedError

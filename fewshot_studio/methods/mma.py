@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,6 +51,7 @@ from torch import nn
 
 from ..data import ImageRef, SupportSet, prompt_name
 from ..errors import BackboneError, DataError
+from ..features import load_pixels
 from ..progress import Progress
 from ..training import autocast_for, check_cancel, cosine_schedule, minibatches, run_steps, seed_everything
 from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
@@ -389,16 +389,7 @@ class MMA(Method):
     # ---- training ------------------------------------------------------------------------------
     def _load_pixels(self, refs: Sequence[ImageRef], views: Sequence[int], workers: int = 2) -> torch.Tensor:
         """(N, V, 3, H, W) preprocessed pixels: view 0 plain, view k>0 augmented (seeded by image)."""
-        bb = self.backbone
-
-        def load(ref: ImageRef) -> torch.Tensor:
-            img = ref.open(draft_size=bb.image_size)
-            return torch.stack([bb.augment(img, ref.hash, v) for v in views])
-
-        if not refs:
-            return torch.empty(0, len(views), 3, bb.image_size, bb.image_size)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return torch.stack(list(pool.map(load, refs)))
+        return load_pixels(self.backbone, refs, views, workers)
 
     def prepare_training(self, support: SupportSet, cached: bool | None = None, progress=None,
                          cancel=None, workers: int = 2) -> MMATrainData:
@@ -584,27 +575,26 @@ class MMA(Method):
             self._text_cache = F.normalize(f.float(), dim=-1)
         return self._text_cache
 
-    def image_features(self, refs: Sequence[ImageRef], batch_size: int = 64, workers: int = 2) -> torch.Tensor:
+    def image_features(self, refs: Sequence[ImageRef], batch_size: int = 64, workers: int = 2,
+                       progress=None) -> torch.Tensor:
         """(N, d) normalised adapted image features of the plain view of `refs`."""
         bb = self.backbone
         dev = bb.device
         out = []
-
-        def load(ref: ImageRef) -> torch.Tensor:
-            return bb.preprocess(ref.open(draft_size=bb.image_size))
-
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for s in range(0, len(refs), batch_size):
-                pixels = torch.stack(list(pool.map(load, refs[s:s + batch_size]))).to(dev)
-                with torch.no_grad(), autocast_for(dev):
-                    f = self.encode_image(pixels)
-                out.append(F.normalize(f.float(), dim=-1))
+        for s in range(0, len(refs), batch_size):
+            pixels = load_pixels(bb, refs[s:s + batch_size], (0,), workers)[:, 0].to(dev)
+            with torch.no_grad(), autocast_for(dev):
+                f = self.encode_image(pixels)
+            out.append(F.normalize(f.float(), dim=-1))
+            if progress is not None:
+                progress(Progress("Predicting", min(len(refs), s + batch_size), len(refs)))
         return torch.cat(out) if out else torch.empty(0, bb.embed_dim, device=dev)
 
-    def image_logits(self, refs: Sequence[ImageRef], extractor=None) -> torch.Tensor:
+    def image_logits(self, refs: Sequence[ImageRef], extractor=None, progress=None) -> torch.Tensor:
         workers = getattr(extractor, "workers", 2) if extractor is not None else 2
         with torch.no_grad():
-            return self.logit_scale * self.image_features(refs, workers=workers) @ self.text_features().T
+            feats = self.image_features(refs, workers=workers, progress=progress)
+            return self.logit_scale * feats @ self.text_features().T
 
     def knowledge_graph(self) -> KnowledgeGraph:
         text_edges = cosine_matrix(self.text_features())
