@@ -8,6 +8,7 @@ whole number of floats (or not the expected dimension) counts as missing and is 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
@@ -36,6 +37,9 @@ class FeatureCache:
         self._lock = threading.Lock()
         self._dirs: set[str] = set()  # directories known to exist
         self._bases: dict[str, str] = {}
+        # temp-file names unique per process and instance without a random-number syscall per file
+        self._tmp_tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._tmp_count = itertools.count()
 
     def _path(self, backbone_id: str, h: str, view: int) -> str:
         # plain strings, the backbone's folder computed once: a lookup per (image, view) is hot
@@ -71,17 +75,24 @@ class FeatureCache:
             if folder not in self._dirs:
                 os.makedirs(folder, exist_ok=True)
                 self._dirs.add(folder)
-            arr = np.ascontiguousarray(f, dtype=_F32)
-            tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+            data = np.ascontiguousarray(f, dtype=_F32).tobytes()
             try:
-                with open(tmp, "xb") as fh:
-                    fh.write(arr.tobytes())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+                self._write(folder, name, path, data)
+            except FileNotFoundError:  # the folder was deleted behind this instance's back
+                os.makedirs(folder, exist_ok=True)
+                self._write(folder, name, path, data)
         self.remember(backbone_id, keys, features)
+
+    def _write(self, folder: str, name: str, path: str, data: bytes) -> None:
+        tmp = os.path.join(folder, f".{name}.{self._tmp_tag}{next(self._tmp_count)}.tmp")
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def remember(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
         """Put entries in the in-process layer only (their files are written elsewhere, e.g. by

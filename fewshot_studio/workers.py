@@ -123,6 +123,9 @@ def join_batches(parts: list[tuple[Entries, np.ndarray]]) -> tuple[Entries, np.n
 
 # ---- the worker process ---------------------------------------------------------------------------
 
+_caches: dict = {}  # cache folder -> FeatureCache, in the worker
+
+
 def handle(header: dict, blobs: list[bytes]) -> tuple[dict, list]:
     """One request, in the worker: (response header, blobs)."""
     if header["op"] == "decode":
@@ -135,8 +138,10 @@ def handle(header: dict, blobs: list[bytes]) -> tuple[dict, list]:
         from .cache import FeatureCache
 
         feats = np.frombuffer(blobs[0], dtype=np.float32).reshape(header["shape"])
-        FeatureCache(header["root"], memory=False).put_many(header["backbone"], [tuple(k) for k in header["keys"]],
-                                                            feats)
+        cache = _caches.get(header["root"])
+        if cache is None:  # one per folder: it remembers which sub-folders exist
+            cache = _caches[header["root"]] = FeatureCache(header["root"], memory=False)
+        cache.put_many(header["backbone"], [tuple(k) for k in header["keys"]], feats)
         return {"ok": True}, []
     raise ValueError(f"unknown request {header['op']!r}")
 

@@ -65,3 +65,20 @@ def test_corrupt_cache_entry_is_recomputed(tiny, tmp_path, refs):
     f.write_bytes(b"garbage")
     ex2 = FeatureExtractor(tiny, FeatureCache(tmp_path, memory=False))
     assert torch.equal(ex2.image_features(refs[:1]), good) and ex2.encoded_images == 1
+
+
+def test_a_cache_folder_deleted_while_in_use_is_recreated(tiny, tmp_path):
+    import shutil
+
+    many = make_refs("green cross", 40, np.random.default_rng(7))
+    cache = FeatureCache(tmp_path / "c")
+    for decode in ("process", "thread"):
+        # small batches: several chunks, so the helper process writes entries too
+        FeatureExtractor(tiny, cache, batch_size=8, decode=decode).image_features(many)
+        shutil.rmtree(tmp_path / "c")  # e.g. the user cleared the cache while the app runs
+        cache.clear_memory()
+        ex = FeatureExtractor(tiny, cache, batch_size=8, decode=decode)
+        ex.image_features(many)
+        assert ex.encoded_images == 40 and len(list((tmp_path / "c").rglob("*.f32"))) == 40
+        shutil.rmtree(tmp_path / "c")
+        cache.clear_memory()
