@@ -8,6 +8,7 @@ whole number of floats (or not the expected dimension) counts as missing and is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
@@ -86,8 +87,12 @@ class FeatureCache:
     def _write(self, folder: str, name: str, path: str, data: bytes) -> None:
         tmp = os.path.join(folder, f".{name}.{self._tmp_tag}{next(self._tmp_count)}.tmp")
         try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.EIO, "short write to the feature cache", tmp)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
