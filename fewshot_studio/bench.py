@@ -24,9 +24,10 @@ the two sides' fastest times. The median over rounds of the per-round ratio is r
 it as `<key>_median`, and the CPU time other processes used meanwhile as `background_cpu_cores`.
 
 Threads. On a CPU the run uses `--threads` torch intra-op threads (default: cores - 1) and
-`--workers` decode threads (default: the remaining cores), so the encoder and the decoding each
-have a core; every measurement, both sides of every ratio, runs with that same setting. On
-CUDA, torch's own thread setting and the extractor's default workers are kept.
+`--workers` helper processes (default: the remaining cores; they decode and write the cache, see
+workers.py), so the encoder and the decoding each have a core; every measurement, both sides
+of every ratio, runs with that same setting. On CUDA, torch's own thread setting and the
+extractor's default workers are kept.
 
 Definitions (one line each, as the README quotes them):
 
@@ -773,8 +774,8 @@ def markdown_table(results: dict) -> str:
         extra.append(f"other processes used {a['background_cpu_cores']:.2f} CPU cores on average meanwhile")
     cfg = results.get("config") or {}
     if cfg:
-        extra.append(f"{cfg.get('threads')} torch threads, {cfg.get('workers')} decode workers, "
-                     f"{cfg.get('cores')} cores")
+        extra.append(f"torch threads {cfg.get('threads')}, helper processes {cfg.get('workers')}, "
+                     f"cores {cfg.get('cores')}")
     if extra:
         lines += ["", "; ".join(extra) + "."]
     return "\n".join(lines)
@@ -812,7 +813,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="interleaved rounds per ratio")
     p.add_argument("--batch-size", type=int, default=BenchConfig.batch_size, help="encoder batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1 on CPU)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: the remaining cores)")
+    p.add_argument("--workers", type=int, default=None, help="helper processes that decode and write the cache (default: the remaining cores)")
     p.add_argument("--work-dir", default=None, help="folder for the temporary images and caches")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--load", action="store_true",
