@@ -14,8 +14,9 @@ How:
     process owns its pipes;
   * messages are a JSON header plus raw byte blobs (image bytes in, pixels out) - nothing from a
     process that parses untrusted images is ever unpickled here;
-  * `submit_decode` / `submit_put` return `concurrent.futures.Future`s; a job waits in the queue
-    until a worker is ready, so a caller can still take it back (`Future.cancel`) and do it
+  * `submit_decode` / `submit_put` return `concurrent.futures.Future`s; decode jobs go before
+    cache writes (the encoder waits for the former only); a job waits in the queue until a
+    worker is ready, so a caller can still take it back (`Future.cancel`) and do it
     itself, as `features._collect` does while the workers are starting;
   * a worker that dies (a crash inside a native decoder, a kill) is replaced and its decode job
     retried one image at a time in fresh workers; an image that kills a worker again fails
@@ -35,6 +36,7 @@ threads instead.
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import queue
@@ -250,13 +252,17 @@ class _Worker:
 
 
 _Parse = Callable[[dict, list], object]
+DECODE, PUT, STOP = 0, 1, 2  # job priorities: lower first
 
 
 class WorkerPool:
     """`processes` helper processes behind one queue."""
 
     def __init__(self, processes: int):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # decode jobs before cache writes (an encoder waits for the former, nobody for the latter),
+        # first come first served within each kind
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._lock = threading.Lock()
@@ -292,23 +298,23 @@ class WorkerPool:
 
     def submit_decode(self, image_size: int, tasks: list[Task], mean, std) -> Future:
         """Future of `preprocess.decode_batch(image_size, tasks, mean, std)`."""
-        return self._submit(decode_request(image_size, tasks, mean, std), _batch, tasks)
+        return self._submit(DECODE, decode_request(image_size, tasks, mean, std), _batch, tasks)
 
     def submit_put(self, root, backbone_id: str, keys, features: np.ndarray) -> Future:
         """Future of `FeatureCache(root).put_many(backbone_id, keys, features)` (None)."""
-        return self._submit(put_request(root, backbone_id, keys, features), lambda h, b: None, None)
+        return self._submit(PUT, put_request(root, backbone_id, keys, features), lambda h, b: None, None)
 
-    def _submit(self, request: tuple[dict, list], parse: _Parse, tasks: list[Task] | None) -> Future:
+    def _submit(self, priority: int, request: tuple[dict, list], parse: _Parse, tasks: list[Task] | None) -> Future:
         if self._closed:
             raise WorkerError("the helper processes have been shut down")
         f: Future = Future()
-        self._jobs.put((f, request, parse, tasks))
+        self._jobs.put((priority, next(self._order), (f, request, parse, tasks)))
         return f
 
     def close(self) -> None:
         self._closed = True
         for _ in self._threads:
-            self._jobs.put(None)
+            self._jobs.put((STOP, next(self._order), None))
         for t in self._threads:
             t.join(timeout=5)
 
@@ -322,7 +328,7 @@ class WorkerPool:
             self.alive += 1
         self._own(worker)
         while worker is not None:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             if job is None:
                 break
             f, request, parse, tasks = job
