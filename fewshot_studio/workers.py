@@ -107,8 +107,9 @@ def decode_request(image_size: int, tasks: list[Task], mean, std) -> tuple[dict,
 
 def put_request(root, backbone_id: str, keys, features: np.ndarray) -> tuple[dict, list]:
     feats = np.ascontiguousarray(features, dtype=np.float32)
-    return ({"op": "put", "root": os.fspath(root), "backbone": backbone_id, "keys": [[h, int(v)] for h, v in keys],
-             "shape": list(feats.shape)}, [feats])
+    # an absolute root: the worker runs in another directory
+    return ({"op": "put", "root": os.path.abspath(root), "backbone": backbone_id,
+             "keys": [[h, int(v)] for h, v in keys], "shape": list(feats.shape)}, [feats])
 
 
 def _batch(header: dict, blobs: list[bytes]) -> tuple[Entries, np.ndarray]:

@@ -147,3 +147,12 @@ def test_load_pixels_matches_the_backbones_own_views(tiny):
     for decode in ("process", "thread"):
         assert torch.equal(load_pixels(tiny, refs, (0, 2), decode=decode), want)
     assert load_pixels(tiny, [], (0,)).shape == (0, 1, 3, tiny.image_size, tiny.image_size)
+
+
+def test_a_relative_cache_folder_means_this_process_folder(tiny, tmp_path, monkeypatch):
+    """The helper runs in another directory: a relative cache root must still land here."""
+    monkeypatch.chdir(tmp_path)
+    refs = make_refs("red circle", 40, np.random.default_rng(8))
+    ex = FeatureExtractor(tiny, FeatureCache("rel-cache"), batch_size=8)  # several chunks: the helper writes
+    ex.image_features(refs)
+    assert len(list((tmp_path / "rel-cache").rglob("*.f32"))) == 40
