@@ -61,13 +61,20 @@ class Endpoint:
         info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][name]
         self.client, self.name, self.params = client, name, info["parameters"]
 
-    def __call__(self, **by_label):
-        args = []
+    def args(self, by_label: dict) -> list:
+        out = []
         for p in self.params:
             label = p["label"]
             hit = [k for k in by_label if k in label]
-            args.append(by_label[hit[0]] if hit else p.get("parameter_default"))
-        return self.client.predict(*args, api_name=self.name)
+            out.append(by_label[hit[0]] if hit else p.get("parameter_default"))
+        return out
+
+    def __call__(self, **by_label):
+        return self.client.predict(*self.args(by_label), api_name=self.name)
+
+    def submit(self, **by_label):
+        """Start the call without waiting: a gradio_client Job."""
+        return self.client.submit(*self.args(by_label), api_name=self.name)
 
 
 def wait_training(client, timeout: float = 180.0) -> str:
@@ -240,6 +247,21 @@ def test_page_stays_responsive_during_training_and_cancel_works(app, client, tmp
         Endpoint(client, "/train")(Method="zeroshot", Backbone="ViT-B-32/openai",
                                    **{"Local checkpoint": str(tmp_path / "missing.safetensors")})
     assert "tiny" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cross_validation_can_be_cancelled(app, client):
+    from gradio_client.exceptions import AppError
+
+    client.predict("shapes", api_name="/load_example")
+    assert "No cross-validation" in client.predict(api_name="/cancel_evaluation")
+    job = Endpoint(client, "/evaluate").submit(**{"Methods to compare": ["mma"], "Backbone": "tiny"})
+    time.sleep(1.5)  # MMA trains 300 steps per fold: this runs for many seconds
+    assert "Cancelling" in client.predict(api_name="/cancel_evaluation")
+    t = time.perf_counter()
+    with pytest.raises(AppError, match="cancelled"):
+        job.result(timeout=120)
+    assert time.perf_counter() - t < 15
+    assert "No cross-validation" in client.predict(api_name="/cancel_evaluation")
 
 
 def test_hosted_sessions_see_only_their_own_projects(tmp_path):

@@ -2,6 +2,8 @@
 confusion matrix, and methods side by side on the same folds with a "use the best" button."""
 from __future__ import annotations
 
+import threading
+
 import gradio as gr
 
 from .. import viz
@@ -18,6 +20,7 @@ def build(ui: UI) -> None:
                                            label="Methods to compare (same folds; the Train tab's backbone and "
                                                  "advanced settings)", elem_id="eval-methods")
         ui.eval_btn = gr.Button("Cross-validate", variant="primary", scale=1, elem_id="eval-btn")
+        ui.eval_cancel_btn = gr.Button("Cancel", variant="stop", scale=1, elem_id="eval-cancel-btn")
         ui.use_best_btn = gr.Button("Use the best in Train", scale=1, interactive=False, elem_id="use-best")
     ui.eval_md = gr.Markdown("Cross-validation trains each method on part of your examples and tests it on "
                              "the rest: leave-one-out with few images, else 5-fold.", elem_id="eval-summary")
@@ -50,6 +53,7 @@ def details(comp, method):
 def wire(ui: UI) -> None:
     s = ui.studio
     adv = [c for _, _, c in ui.adv]
+    running: dict[str | None, threading.Event] = {}  # session -> cancel flag of its evaluation
 
     @friendly
     def evaluate(pid, methods, backbone, checkpoint, owner, request: gr.Request, progress=gr.Progress(), *values):
@@ -62,8 +66,13 @@ def wire(ui: UI) -> None:
         def report(p: Progress):
             progress((p.step, p.total) if p.total else None, desc=p.stage)
 
-        comp = s.evaluate(pid, list(methods or []), spec, owner, progress=report,
-                          settings={m: settings.get(m, {}) for m in methods or []})
+        flag = running[owner] = threading.Event()
+        try:
+            comp = s.evaluate(pid, list(methods or []), spec, owner, progress=report, cancel=flag,
+                              settings={m: settings.get(m, {}) for m in methods or []})
+        finally:
+            if running.get(owner) is flag:
+                del running[owner]
         best = comp.best
         md = comp.to_markdown()
         if best:
@@ -76,6 +85,13 @@ def wire(ui: UI) -> None:
                 ui.eval_detail: gr.Dropdown(choices=[(METHOD_LABELS.get(m, m), m) for m in comp.results],
                                             value=first),
                 ui.use_best_btn: gr.Button(interactive=best is not None), ui.eval_state: comp}
+
+    def cancel(owner, request: gr.Request):
+        flag = running.get(who(owner, request))
+        if flag is None:
+            return {ui.notice: "No cross-validation is running."}
+        flag.set()
+        return {ui.notice: "Cancelling the cross-validation (it stops within one training step)."}
 
     def show_detail(comp, method):
         if comp is None or method not in getattr(comp, "results", {}):
@@ -91,6 +107,7 @@ def wire(ui: UI) -> None:
 
     ui.eval_btn.click(evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv],
                       ui.eval_outs, api_name="evaluate")
+    ui.eval_cancel_btn.click(cancel, [ui.owner], [ui.notice], api_name="cancel_evaluation", concurrency_limit=None)
     ui.eval_detail.input(show_detail, [ui.eval_state, ui.eval_detail], [ui.per_class_plot, ui.confusion_plot],
                          api_visibility="private")
     ui.use_best_btn.click(use_best, [ui.eval_state], [ui.method, ui.tabs, ui.notice], api_name="use_best")
