@@ -33,7 +33,9 @@ def browser():
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM,
                               args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-dev-shm-usage"])
+                                    "--disable-dev-shm-usage",
+                                    # a synthetic camera, granted without a prompt (the webcam test)
+                                    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
         yield b
         b.close()
 
@@ -122,3 +124,31 @@ def test_whole_flow_in_the_browser(app, browser, tmp_path):
     print(f"\nbrowser flow: {elapsed:.1f} s; screenshot: {SCREENSHOT}")
     (tmp_path / "flow_seconds.txt").write_text(f"{elapsed:.2f}\n")
     assert not errors, errors
+
+
+def test_webcam_snapshot_joins_the_selected_class(app, browser):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"])
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(app.local_url)
+        expect(page.locator("#status-banner")).to_contain_text("tiny", timeout=60_000)
+        page.click("#load-example")
+        expect(page.locator("#notice")).to_contain_text("Loaded the example project", timeout=30_000)
+        expect(page.locator("#class-gallery img").first).to_be_visible()
+        before = page.locator("#class-gallery img").count()
+
+        page.get_by_role("tab", name="Webcam").click()
+        page.get_by_text("Click to Access Webcam").click()
+        page.locator("#webcam button[aria-label='capture photo']").click(timeout=30_000)
+        expect(page.locator("#webcam img").first).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(500)  # the snapshot uploads to the server
+        page.click("#add-webcam")
+        expect(page.locator("#notice")).to_contain_text("Added 1 image to", timeout=30_000)
+        expect(page.locator("#class-gallery img")).to_have_count(before + 1, timeout=30_000)
+        assert not errors, errors
+    finally:
+        context.close()

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..errors import DataError
 from ..service import POOL, parse_image_ids
-from .common import UI, files_of, friendly, need_project, refused_text, selected_caption, who
+from .common import UI, files_of, friendly, need_project, refused_text, selected_caption, unchanged, who
 
 
 def build(ui: UI) -> None:
@@ -77,7 +77,7 @@ def build(ui: UI) -> None:
 
     def on_tab(pid, name, owner, request: gr.Request):
         """Entering the tab: counts may have changed (accepted pool images, imports)."""
-        return class_view(pid, who(owner, request), name) if pid is not None else {}
+        return class_view(pid, who(owner, request), name) if pid is not None else unchanged(outs)
 
     ui.classes_tab_fn = on_tab
     acts = [ui.notice, *outs]
@@ -96,7 +96,7 @@ def build(ui: UI) -> None:
     def table_select(pid, owner, evt: gr.SelectData, request: gr.Request):
         row = evt.row_value or []
         if pid is None or not row:
-            return {}
+            return unchanged(outs)
         return class_view(pid, who(owner, request), row[0])
 
     def _real_class(name):

@@ -40,6 +40,11 @@ class UI:
         return out
 
 
+def unchanged(outputs: list) -> dict:
+    """An update that leaves every output as it is (an empty dict would count as one value)."""
+    return {o: gr.skip() for o in outputs}
+
+
 def who(owner: str | None, request: gr.Request | None) -> str | None:
     """The session's owner token: remembered by the browser, else this connection's session."""
     if owner:

@@ -7,7 +7,7 @@ import gradio as gr
 
 from ..errors import DataError
 from ..service import POOL, parse_image_ids
-from .common import UI, files_of, friendly, need_project, progress_html, refused_text, selected_caption, who
+from .common import UI, files_of, friendly, need_project, progress_html, refused_text, selected_caption, unchanged, who
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence", "top 3"]
 
@@ -63,7 +63,7 @@ def build(ui: UI) -> None:
         """Entering the tab: the class list and model line may have changed elsewhere."""
         owner = who(owner, request)
         if pid is None:
-            return {}
+            return unchanged([ui.correct_dd, ui.label_model_md])
         choices = [v for _, v in s.class_choices(pid, owner)]
         return {ui.correct_dd: gr.Dropdown(choices=choices), ui.label_model_md: s.model_summary(pid, owner)}
 
