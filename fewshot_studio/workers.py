@@ -345,6 +345,7 @@ class WorkerPool:
                 f.set_exception(e)
         if worker is not None:
             worker.close()
+        self._own(None)
         with self._lock:
             self.alive -= 1
 
