@@ -354,10 +354,10 @@ class WorkerPool:
         so an image that crashes the decoder fails alone (as an ImageError naming it). Returns the
         worker to go on with, or None where none can be started (this thread then stops)."""
         header, _ = request
-        if tasks is not None and len(tasks) > 1:
+        if tasks:  # a decode job: one image per request
             singles = [decode_request(header["size"], [t], header["mean"], header["std"]) for t in tasks]
         else:
-            singles, tasks = [request], (tasks or None)
+            singles = [request]
         results, error, worker = [], None, None
         for n, single in enumerate(singles):
             worker = worker or self._fresh()
@@ -369,15 +369,14 @@ class WorkerPool:
             except (EOFError, BrokenPipeError, ConnectionError):
                 worker.kill()
                 worker = None
-                name = tasks[n][3] if tasks is not None else None
-                error = error or (ImageError(name, "the image decoder crashed on this file") if name is not None
-                                  else WorkerError("a helper process died while writing the feature cache"))
+                error = error or (ImageError(tasks[n][3], "the image decoder crashed on this file") if tasks
+                                  else WorkerError(f"a helper process died twice on a {header['op']} request"))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 error = error or e
         if error is not None:
             f.set_exception(error)
         else:
-            f.set_result(join_batches(results) if len(results) > 1 else results[0])
+            f.set_result(join_batches(results))  # a single result as it is
         return worker or self._fresh()
 
     def _fresh(self) -> _Worker | None:
