@@ -53,6 +53,13 @@ def test_train_then_predict_zeroshot(folder, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and len(lines) == 4 and all(len(l.split("\t")) == 3 for l in lines)
 
+    # a reader that stops early (`predict ... | head`): no traceback
+    p = subprocess.Popen([sys.executable, "-m", "fewshot_studio", "predict", "--model", str(tmp_path / "m"),
+                          "--json", str(folder / "test")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**ENV, **env})
+    p.stdout.close()  # the reader is gone before the first line (loading the model takes seconds)
+    assert p.wait(timeout=300) == 141 and "Traceback" not in p.stderr.read().decode()
+
 
 def test_user_errors_exit_2_with_one_line(folder, tmp_path):
     r = run("train", "--data", str(tmp_path / "missing"), "--method", "zeroshot", "--backbone", "tiny",
