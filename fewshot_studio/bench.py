@@ -14,7 +14,7 @@ so hashing is outside every timing). A pool of `--images` such images feeds the 
 cache and labeling measurements; `--classes` × `--shots` more form the support set of the training
 measurements. Each measurement works on an empty feature cache of its own unless it says
 otherwise: a cache folder whose entries from earlier rounds are deleted before each round, its
-hash-prefix sub-folders kept, as in any cache after its first use.
+backbone folder kept, as in any cache after its first use.
 
 Statistics. Every ratio has two sides measured alternately within each of R rounds (their
 order flips every round), so slow drifts and bursts of load hit both. Each side's figure is its
@@ -333,9 +333,9 @@ class _Ctx:
         return FeatureExtractor(self.backbone, cache, batch_size=self.cfg.batch_size, workers=self.workers)
 
     def emptied_cache(self, name: str) -> Path:
-        """The cache folder `name` with every entry deleted but its sub-folders kept: an empty
-        cache as after its first use (creating the 256 hash-prefix folders of a brand-new cache
-        is a one-time cost that this file system charges unevenly, up to 30 ms a round)."""
+        """The cache folder `name` with every pack deleted but its backbone folder kept: an
+        empty cache as after its first use (creating a brand-new cache's folders is a one-time
+        cost that this file system charges unevenly)."""
         d = self.work / name
         for folder, _, files in os.walk(d):
             for f in files:

@@ -1,17 +1,33 @@
-"""On-disk feature cache keyed by (backbone id, image content hash, view index) (SPEC §3).
+"""On-disk feature cache keyed by (backbone id, image content hash, view index) (SPEC §3, §7).
 
-One small file of raw little-endian float32 per entry (no header to parse, so a hit is a
-single read), written atomically (temp file + rename) so a crash never leaves a half-written
-feature; an in-process dictionary sits in front of the disk. An entry whose size is not a
-whole number of floats (or not the expected dimension) counts as missing and is recomputed.
+Entries are stored in packs: one file per `put_many` call, holding that call's keys and
+features, written atomically (temp file + rename) and never modified afterwards. Why packs and
+not a file per entry: creating a file costs far more than writing a few hundred bytes into one
+(about 0.24 ms per file on the project's CI disk, a third of the tiny encoder's time per image),
+so a file per entry made the cache writes the slowest stage of the feature pipeline.
+
+Pack layout (`<root>/<backbone>/<unique name>.pack`):
+
+    b"FSFEAT01" | uint32 count | uint32 dim | uint32 key_bytes      (little-endian)
+    key_bytes of UTF-8 JSON [[content hash, view], ...]             (count keys, in row order)
+    zero padding to a multiple of 4 bytes
+    count x dim little-endian float32 rows
+
+A cache object indexes a backbone's packs lazily (key -> pack, row): it lists the folder again
+only when a lookup misses (another process may have written since) and reads the headers of
+packs it has not seen before; a hit reads its pack's rows with one read. A pack whose size does
+not match its header (truncated, corrupt) or whose dimension is not the expected one counts as
+missing, so its entries are recomputed. An in-process dictionary sits in front of the disk.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import itertools
+import json
 import os
 import re
+import struct
 import threading
 import uuid
 from pathlib import Path
@@ -23,10 +39,59 @@ from .paths import cache_dir
 
 Key = tuple[str, int]  # (content hash, view)
 _F32 = np.dtype("<f4")
+MAGIC = b"FSFEAT01"
+_HEADER = struct.Struct("<8sIII")  # magic, count, dim, key_bytes
+PACK_SUFFIX = ".pack"
 
 
 def _safe(backbone_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_id)[:120]
+
+
+def encode_pack(keys: Sequence[Key], features: np.ndarray) -> bytes:
+    """The bytes of one pack (layout in the module docstring)."""
+    rows = np.ascontiguousarray(features, dtype=_F32)
+    if rows.ndim != 2 or rows.shape[0] != len(keys):
+        raise ValueError(f"{len(keys)} keys need a 2-D array of as many rows, not shape {rows.shape}")
+    blob = json.dumps([[h, int(v)] for h, v in keys], separators=(",", ":")).encode()
+    head = _HEADER.pack(MAGIC, len(keys), rows.shape[1], len(blob))
+    pad = b"\0" * (-(len(head) + len(blob)) % 4)
+    return b"".join((head, blob, pad, rows.tobytes()))
+
+
+class _Pack:
+    """What the index knows of one pack file: its keys (in row order), where the rows start, and
+    their width."""
+
+    __slots__ = ("path", "keys", "offset", "dim")
+
+    def __init__(self, path: str, keys: list[Key], offset: int, dim: int):
+        self.path, self.keys, self.offset, self.dim = path, keys, offset, dim
+
+
+def read_pack_index(path: str) -> _Pack | None:
+    """A pack's header and keys, or None where the file is not a whole, well-formed pack."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            if len(head) != _HEADER.size:
+                return None
+            magic, count, dim, key_bytes = _HEADER.unpack(head)
+            if magic != MAGIC or dim == 0:
+                return None
+            offset = _HEADER.size + key_bytes + (-(_HEADER.size + key_bytes) % 4)
+            if os.fstat(f.fileno()).st_size != offset + 4 * count * dim:
+                return None  # truncated or padded: not written by put_many
+            keys = json.loads(f.read(key_bytes))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(keys, list) or len(keys) != count:
+        return None
+    try:
+        parsed = [(str(h), int(v)) for h, v in keys]
+    except (TypeError, ValueError):
+        return None
+    return _Pack(path, parsed, offset, dim)
 
 
 class FeatureCache:
@@ -37,60 +102,147 @@ class FeatureCache:
         self._mem: dict[tuple[str, str, int], np.ndarray] | None = {} if memory else None
         self._lock = threading.Lock()
         self._dirs: set[str] = set()  # directories known to exist
-        self._bases: dict[str, str] = {}
-        # temp-file names unique per process and instance without a random-number syscall per file
-        self._tmp_tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
-        self._tmp_count = itertools.count()
+        self._folders: dict[str, str] = {}
+        # per backbone: key -> (pack, row), and each pack file name already read (None: not a pack)
+        self._index: dict[str, dict[Key, tuple[_Pack, int]]] = {}
+        self._packs: dict[str, dict[str, _Pack | None]] = {}
+        # file names unique per process and instance without a random-number syscall per file
+        self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._count = itertools.count()
 
-    def _path(self, backbone_id: str, h: str, view: int) -> str:
-        # plain strings, the backbone's folder computed once: a lookup per (image, view) is hot
-        base = self._bases.get(backbone_id)
-        if base is None:
-            base = self._bases.setdefault(backbone_id, os.path.join(self.root, _safe(backbone_id)))
-        return os.path.join(base, h[:2], f"{h}_{view}.f32")
+    def folder(self, backbone_id: str) -> str:
+        """The folder holding `backbone_id`'s packs."""
+        f = self._folders.get(backbone_id)
+        if f is None:
+            f = self._folders.setdefault(backbone_id, os.path.join(self.root, _safe(backbone_id)))
+        return f
+
+    # ---- reading ------------------------------------------------------------------------------
 
     def get(self, backbone_id: str, h: str, view: int, dim: int | None = None) -> np.ndarray | None:
-        k = (backbone_id, h, view)
-        if self._mem is not None and (v := self._mem.get(k)) is not None:
-            return v
-        try:
-            with open(self._path(backbone_id, h, view), "rb") as f:
-                raw = f.read()
-        except OSError:
-            return None
-        if not raw or len(raw) % 4 or (dim is not None and len(raw) != 4 * dim):
-            return None
-        v = np.frombuffer(raw, dtype=_F32)
-        if self._mem is not None:
-            with self._lock:
-                self._mem[k] = v
-        return v
+        return self.get_many(backbone_id, [(h, view)], dim)[0]
 
     def get_many(self, backbone_id: str, keys: Iterable[Key], dim: int | None = None) -> list[np.ndarray | None]:
-        return [self.get(backbone_id, h, v, dim) for h, v in keys]
+        """The cached feature row of each key, None where missing (or of another dimension)."""
+        keys = [(h, int(v)) for h, v in keys]
+        out: list[np.ndarray | None] = [None] * len(keys)
+        mem = self._mem
+        missing = []
+        for n, (h, v) in enumerate(keys):
+            row = mem.get((backbone_id, h, v)) if mem is not None else None
+            if row is not None and (dim is None or len(row) == dim):
+                out[n] = row
+            else:
+                missing.append(n)
+        if not missing:
+            return out
+        index = self._index.get(backbone_id)
+        if index is None or any(keys[n] not in index for n in missing):
+            index = self._refresh(backbone_id)  # other processes may have written packs since
+        by_pack: dict[str, tuple[_Pack, list[tuple[int, int]]]] = {}
+        for n in missing:
+            loc = index.get(keys[n])
+            if loc is not None and (dim is None or loc[0].dim == dim):
+                by_pack.setdefault(loc[0].path, (loc[0], []))[1].append((n, loc[1]))
+        for pack, wanted in by_pack.values():
+            rows = self._read_rows(backbone_id, pack)
+            for n, r in wanted:
+                out[n] = rows[r] if rows is not None else None
+        return out
+
+    def _read_rows(self, backbone_id: str, pack: _Pack) -> np.ndarray | None:
+        """All rows of `pack` (one read), remembered in memory; None if the file has gone."""
+        size = 4 * len(pack.keys) * pack.dim
+        try:
+            with open(pack.path, "rb") as f:
+                f.seek(pack.offset)
+                raw = f.read(size)
+        except OSError:
+            raw = b""
+        if len(raw) != size:  # deleted or truncated behind this instance's back
+            with self._lock:
+                self._forget(backbone_id, pack)
+            return None
+        rows = np.frombuffer(raw, dtype=_F32).reshape(len(pack.keys), pack.dim)
+        if self._mem is not None:
+            with self._lock:
+                for (h, v), row in zip(pack.keys, rows):
+                    self._mem[(backbone_id, h, v)] = row
+        return rows
+
+    def _refresh(self, backbone_id: str) -> dict[Key, tuple[_Pack, int]]:
+        """Index the packs of the backbone's folder that this instance has not read yet."""
+        folder = self.folder(backbone_id)
+        try:
+            names = {e.name for e in os.scandir(folder) if e.name.endswith(PACK_SUFFIX)}
+        except OSError:
+            names = set()
+        with self._lock:
+            index = self._index.setdefault(backbone_id, {})
+            packs = self._packs.setdefault(backbone_id, {})
+            for name in [n for n in packs if n not in names]:  # deleted since
+                if packs[name] is not None:
+                    self._forget(backbone_id, packs[name])
+                del packs[name]
+            new = sorted(names.difference(packs))
+        found = {name: read_pack_index(os.path.join(folder, name)) for name in new}
+        with self._lock:
+            for name, pack in found.items():
+                packs[name] = pack
+                if pack is not None:
+                    index.update((key, (pack, r)) for r, key in enumerate(pack.keys))
+        return index
+
+    def _forget(self, backbone_id: str, pack: _Pack) -> None:
+        """Drop the index entries that point into `pack` (called with the lock held)."""
+        index = self._index.get(backbone_id, {})
+        for key in pack.keys:
+            if key in index and index[key][0] is pack:
+                del index[key]
+
+    def keys(self, backbone_id: str) -> set[Key]:
+        """Every key with an entry on disk for `backbone_id` (as of now)."""
+        return set(self._refresh(backbone_id))
+
+    # ---- writing ------------------------------------------------------------------------------
 
     def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
-        for (h, view), f in zip(keys, features):
-            path = self._path(backbone_id, h, view)
-            folder, name = os.path.split(path)
-            if folder not in self._dirs:
-                os.makedirs(folder, exist_ok=True)
-                self._dirs.add(folder)
-            data = np.ascontiguousarray(f, dtype=_F32).tobytes()
-            try:
-                self._write(folder, name, path, data)
-            except FileNotFoundError:  # the folder was deleted behind this instance's back
-                os.makedirs(folder, exist_ok=True)
-                self._write(folder, name, path, data)
+        """Write the entries as one pack (atomically), and remember them in memory."""
+        keys = [(h, int(v)) for h, v in keys]
+        if not keys:
+            return
+        data = encode_pack(keys, features)
+        folder = self.folder(backbone_id)
+        name = f"{self._tag}{next(self._count)}{PACK_SUFFIX}"
+        if folder not in self._dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+        try:
+            self._write(folder, name, data)
+        except FileNotFoundError:  # the folder was deleted behind this instance's back
+            os.makedirs(folder, exist_ok=True)
+            self._write(folder, name, data)
+        dim = int(np.shape(features)[1])
+        pack = _Pack(os.path.join(folder, name), keys, len(data) - 4 * len(keys) * dim, dim)
+        with self._lock:
+            index = self._index.get(backbone_id)
+            if index is not None:  # an instance that has listed the folder learns its own pack
+                self._packs.setdefault(backbone_id, {})[name] = pack
+                index.update((key, (pack, r)) for r, key in enumerate(keys))
         self.remember(backbone_id, keys, features)
 
-    def _write(self, folder: str, name: str, path: str, data: bytes) -> None:
-        tmp = os.path.join(folder, f".{name}.{self._tmp_tag}{next(self._tmp_count)}.tmp")
+    def _write(self, folder: str, name: str, data: bytes) -> None:
+        path = os.path.join(folder, name)
+        tmp = os.path.join(folder, f".{name}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
             try:
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.EIO, "short write to the feature cache", tmp)
+                view = memoryview(data)
+                while view:  # a large pack may take several writes
+                    written = os.write(fd, view)
+                    if written <= 0:
+                        raise OSError(errno.EIO, "short write to the feature cache", tmp)
+                    view = view[written:]
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -100,15 +252,18 @@ class FeatureCache:
             raise
 
     def remember(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
-        """Put entries in the in-process layer only (their files are written elsewhere, e.g. by
+        """Put entries in the in-process layer only (their pack is written elsewhere, e.g. by
         a helper process: workers.WorkerPool.submit_put)."""
         if self._mem is not None:
             rows = np.array(features, dtype=_F32)  # a copy: the caller may reuse its buffer
             with self._lock:
                 for (h, view), row in zip(keys, rows):
-                    self._mem[(backbone_id, h, view)] = row
+                    self._mem[(backbone_id, h, int(view))] = row
 
     def clear_memory(self) -> None:
-        if self._mem is not None:
-            with self._lock:
+        """Forget everything held in this process (entries and the index of packs)."""
+        with self._lock:
+            if self._mem is not None:
                 self._mem.clear()
+            self._index.clear()
+            self._packs.clear()

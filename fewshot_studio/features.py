@@ -74,13 +74,14 @@ class FeatureExtractor:
         bid = self.backbone.id
         # which images still need any view encoded
         todo: dict[int, list[int]] = {}
-        for i, ref in enumerate(refs):
-            for j, v in enumerate(views):
-                hit = self.cache.get(bid, ref.hash, v, d) if self.cache is not None else None
-                if hit is None:
-                    todo.setdefault(i, []).append(j)
-                else:
-                    out[i, j] = hit
+        keys = [(ref.hash, v) for ref in refs for v in views]
+        hits = self.cache.get_many(bid, keys, d) if self.cache is not None else [None] * len(keys)
+        for k, hit in enumerate(hits):
+            i, j = divmod(k, nv)
+            if hit is None:
+                todo.setdefault(i, []).append(j)
+            else:
+                out[i, j] = hit
         if todo:
             self._encode_missing(refs, views, todo, out, progress, cancel, stage)
         return torch.from_numpy(out)
