@@ -17,7 +17,10 @@ A cache object indexes a backbone's packs lazily (key -> pack, row): it lists th
 only when a lookup misses (another process may have written since) and reads the headers of
 packs it has not seen before; a hit reads its pack's rows with one read. A pack whose size does
 not match its header (truncated, corrupt) or whose dimension is not the expected one counts as
-missing, so its entries are recomputed. An in-process dictionary sits in front of the disk.
+missing, so its entries are recomputed. When a folder holds more than COMPACT_AT packs, the
+lookup that notices merges the small ones into one (`compact`). An in-process dictionary sits in
+front of the disk. Files of the older one-file-per-entry layout (`<hash prefix>/<hash>_<view>.f32`)
+are ignored: those images are encoded again once.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ _F32 = np.dtype("<f4")
 MAGIC = b"FSFEAT01"
 _HEADER = struct.Struct("<8sIII")  # magic, count, dim, key_bytes
 PACK_SUFFIX = ".pack"
+COMPACT_AT = 512  # packs in a backbone's folder before a lookup merges the small ones
+SMALL_PACK = 4096  # entries: larger packs are left as they are
 
 
 def _safe(backbone_id: str) -> str:
@@ -109,6 +114,7 @@ class FeatureCache:
         # file names unique per process and instance without a random-number syscall per file
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
+        self._compacting = False
 
     def folder(self, backbone_id: str) -> str:
         """The folder holding `backbone_id`'s packs."""
@@ -134,23 +140,27 @@ class FeatureCache:
                 out[n] = row
             else:
                 missing.append(n)
-        if not missing:
-            return out
-        index = self._index.get(backbone_id)
-        if index is None or any(keys[n] not in index for n in missing):
-            index = self._refresh(backbone_id)  # other processes may have written packs since
-        by_pack: dict[str, tuple[_Pack, list[tuple[int, int]]]] = {}
-        for n in missing:
-            loc = index.get(keys[n])
-            if loc is not None and (dim is None or loc[0].dim == dim):
-                by_pack.setdefault(loc[0].path, (loc[0], []))[1].append((n, loc[1]))
-        for pack, wanted in by_pack.values():
-            rows = self._read_rows(backbone_id, pack)
-            for n, r in wanted:
-                out[n] = rows[r] if rows is not None else None
+        for attempt in range(2):  # a pack that vanished (merged by another process): list again, once
+            index = self._index.get(backbone_id)
+            if attempt or index is None or any(keys[n] not in index for n in missing):
+                index = self._refresh(backbone_id)  # other processes may have written packs since
+            by_pack: dict[str, tuple[_Pack, list[tuple[int, int]]]] = {}
+            for n in missing:
+                loc = index.get(keys[n])
+                if loc is not None and (dim is None or loc[0].dim == dim):
+                    by_pack.setdefault(loc[0].path, (loc[0], []))[1].append((n, loc[1]))
+            missing = []
+            for pack, wanted in by_pack.values():
+                rows = self._read_rows(backbone_id, pack)
+                if rows is None:
+                    missing += [n for n, _ in wanted]
+                for n, r in wanted if rows is not None else ():
+                    out[n] = rows[r]
+            if not missing:
+                break
         return out
 
-    def _read_rows(self, backbone_id: str, pack: _Pack) -> np.ndarray | None:
+    def _read_rows(self, backbone_id: str, pack: _Pack, remember: bool = True) -> np.ndarray | None:
         """All rows of `pack` (one read), remembered in memory; None if the file has gone."""
         size = 4 * len(pack.keys) * pack.dim
         try:
@@ -164,7 +174,7 @@ class FeatureCache:
                 self._forget(backbone_id, pack)
             return None
         rows = np.frombuffer(raw, dtype=_F32).reshape(len(pack.keys), pack.dim)
-        if self._mem is not None:
+        if self._mem is not None and remember:
             with self._lock:
                 for (h, v), row in zip(pack.keys, rows):
                     self._mem[(backbone_id, h, v)] = row
@@ -191,7 +201,44 @@ class FeatureCache:
                 packs[name] = pack
                 if pack is not None:
                     index.update((key, (pack, r)) for r, key in enumerate(pack.keys))
+            crowded = not self._compacting and sum(p is not None for p in packs.values()) > COMPACT_AT
+        if crowded:
+            self.compact(backbone_id)
         return index
+
+    def compact(self, backbone_id: str) -> int:
+        """Merge the backbone's small packs (fewer than SMALL_PACK entries each) into one, so that
+        a cache written in many small batches stays quick to index; returns how many packs were
+        merged. Safe while other processes read and write: the merged pack is complete before the
+        small ones are deleted, and a reader that misses a deleted pack lists the folder again."""
+        with self._lock:
+            if self._compacting:
+                return 0
+            self._compacting = True
+        try:
+            self._refresh(backbone_id)
+            small = [p for p in self._packs.get(backbone_id, {}).values() if p is not None and len(p.keys) < SMALL_PACK]
+            dims = [p.dim for p in small]
+            small = [p for p in small if p.dim == max(set(dims), key=dims.count)] if dims else []
+            if len(small) < 2:
+                return 0
+            merged: dict[Key, np.ndarray] = {}
+            done = []
+            for p in small:
+                rows = self._read_rows(backbone_id, p, remember=False)
+                if rows is not None:  # one that vanished was merged by another process
+                    merged.update(zip(p.keys, rows))
+                    done.append(p)
+            if len(done) < 2:
+                return 0
+            self.put_many(backbone_id, list(merged), np.stack(list(merged.values())), remember=False)
+            for p in done:
+                with contextlib.suppress(OSError):
+                    os.unlink(p.path)
+            self._refresh(backbone_id)  # forget the deleted packs
+            return len(done)
+        finally:
+            self._compacting = False
 
     def _forget(self, backbone_id: str, pack: _Pack) -> None:
         """Drop the index entries that point into `pack` (called with the lock held)."""
@@ -206,7 +253,7 @@ class FeatureCache:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray) -> None:
+    def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray, remember: bool = True) -> None:
         """Write the entries as one pack (atomically), and remember them in memory."""
         keys = [(h, int(v)) for h, v in keys]
         if not keys:
@@ -229,7 +276,8 @@ class FeatureCache:
             if index is not None:  # an instance that has listed the folder learns its own pack
                 self._packs.setdefault(backbone_id, {})[name] = pack
                 index.update((key, (pack, r)) for r, key in enumerate(keys))
-        self.remember(backbone_id, keys, features)
+        if remember:
+            self.remember(backbone_id, keys, features)
 
     def _write(self, folder: str, name: str, data: bytes) -> None:
         path = os.path.join(folder, name)

@@ -128,3 +128,22 @@ def test_one_pack_per_write_and_a_large_pack_round_trips(tmp_path):
     assert len(list((tmp_path / "bb").glob("*.pack"))) == 1 and not list(tmp_path.rglob("*.tmp"))
     got = FeatureCache(tmp_path, memory=False).get_many("bb", keys[::-1], dim=512)
     assert np.array_equal(np.stack(got), feats[::-1])
+
+
+def test_many_small_packs_are_merged_and_readers_follow(tmp_path, monkeypatch):
+    import fewshot_studio.cache as cache_module
+
+    writer = FeatureCache(tmp_path)
+    keys = [(f"{i:064x}", 0) for i in range(12)]
+    rows = _rows(12)
+    early = FeatureCache(tmp_path, memory=False)
+    for k in range(6):  # one pack per write, as when images are added one at a time
+        writer.put_many("bb", keys[2 * k:2 * k + 2], rows[2 * k:2 * k + 2])
+    assert np.array_equal(early.get("bb", *keys[0]), rows[0])  # `early` has indexed all six packs
+    writer.put_many("bb", keys[:1], rows[:1])  # an entry written twice stays one entry
+    monkeypatch.setattr(cache_module, "COMPACT_AT", 4)
+    assert FeatureCache(tmp_path).get_many("bb", keys[:1])[0] is not None  # this lookup merges
+    assert len(list((tmp_path / "bb").glob("*.pack"))) == 1
+    for reader in (FeatureCache(tmp_path, memory=False), early):  # `early` finds its packs gone
+        assert np.array_equal(np.stack(reader.get_many("bb", keys)), rows)
+    assert FeatureCache(tmp_path).keys("bb") == set(keys)
