@@ -165,10 +165,9 @@ class _Tower:
             mask = mask[:n, :n]
         return x, mask
 
-    def truncation_length(self, tokens: torch.Tensor) -> int | None:
-        """With a causal mask and end-of-text pooling, positions after the last end-of-text token
-        cannot influence the pooled feature, so the towers may run on tokens[:, :length] and give
-        the same result (77 -> ~10 positions for CLIP prompts). None when that is not safe."""
+    def _eot_positions(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The end-of-text position of each prompt that end-of-text pooling reads, under a causal
+        mask; None for any other text tower (class token, padding mask, other pooling)."""
         m = self.model
         if hasattr(m, "text") and hasattr(m.text, "_embeds"):
             t = m.text
@@ -180,12 +179,28 @@ class _Tower:
                 return None
             pool, eos = m.text_pool_type, getattr(m, "text_eos_id", None)
         if pool == "argmax":
-            idx = tokens.argmax(dim=-1)
-        elif pool == "eos" and eos is not None:
-            idx = (tokens == eos).int().argmax(dim=-1)
-        else:
+            return tokens.argmax(dim=-1)
+        if pool == "eos" and eos is not None:
+            return (tokens == eos).int().argmax(dim=-1)
+        return None
+
+    def truncation_length(self, tokens: torch.Tensor) -> int | None:
+        """With a causal mask and end-of-text pooling, positions after the last end-of-text token
+        cannot influence the pooled feature, so the towers may run on tokens[:, :length] and give
+        the same result (77 -> ~10 positions for CLIP prompts). None when that is not safe."""
+        idx = self._eot_positions(tokens)
+        return int(idx.max()) + 1 if idx is not None and tokens.numel() else None
+
+    def pooled_rows(self, n: int, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(n,) the one position per input of the last block's output that `head` reads (the
+        class token of a ViT, the end-of-text token of a prompt), or None where the head reads
+        more than one (average or attention pooling)."""
+        if self.kind == "visual":
+            v = self.model.visual
+            if getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", None) == "tok":
+                return torch.zeros(n, dtype=torch.long)
             return None
-        return int(idx.max()) + 1 if tokens.numel() else None
+        return self._eot_positions(tokens) if tokens is not None else None
 
     def head(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Output of the last block (N,L,D) -> unnormalised embedding."""
@@ -212,6 +227,27 @@ class _Tower:
         if proj is not None:
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         return pooled
+
+
+def _plain_block(blk: nn.Module) -> bool:
+    """An open_clip self-attention block whose forward `_block_rows` reproduces."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    return type(blk) is ResidualAttentionBlock and not hasattr(blk, "ln_1_kv") \
+        and isinstance(getattr(blk, "attn", None), nn.MultiheadAttention) and blk.attn.batch_first
+
+
+def _block_rows(blk: nn.Module, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None,
+                rows: torch.Tensor) -> torch.Tensor:
+    """ResidualAttentionBlock.forward for one query row per input: q (N,1,D) = x[n, rows[n]],
+    attending to every position of x (N,L,D) under row rows[n] of the (L,L) attention mask."""
+    if mask is not None:
+        heads = blk.attn.num_heads
+        mask = mask.to(q.dtype)[rows].unsqueeze(1)  # (N,1,L): each query row's own mask row
+        mask = mask.repeat_interleave(heads, dim=0)  # (N*heads,1,L), as nn.MultiheadAttention wants
+    kv = blk.ln_1(x)
+    h = q + blk.ls_1(blk.attn(blk.ln_1(q), kv, kv, need_weights=False, attn_mask=mask)[0])
+    return h + blk.ls_2(blk.mlp(blk.ln_2(h)))
 
 
 def _check_transformer(backbone) -> None:
@@ -330,23 +366,30 @@ class MMA(Method):
 
     # ---- running the towers --------------------------------------------------------------------
     def _run_blocks(self, tower: _Tower, x: torch.Tensor, mask: torch.Tensor | None, lo: int, hi: int,
-                    adapted: bool = True) -> torch.Tensor:
-        """Run blocks [lo, hi) of `tower` on x (N,L,D), adding each adapted block's adapter."""
+                    adapted: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run blocks [lo, hi) of `tower` on x (N,L,D), adding each adapted block's adapter.
+        With `rows` (the head's pooled position per input, _Tower.pooled_rows), the last block
+        computes those rows only (their attention still reads every position): the head reads
+        nothing else, so the embedding is the same and that block costs about 1/L as much.
+        The other rows of the result then hold the last block's input."""
         index = {b: k for k, b in enumerate(self.text_blocks if tower.kind == "text" else self.visual_blocks)}
         scale = float(self.config.scale)
         if not tower.batch_first:
             x = x.transpose(0, 1)
         for j in range(lo, hi):
             blk = tower.blocks[j]
-            out = blk(x, attn_mask=mask)
+            last = rows is not None and j == len(tower.blocks) - 1 and _plain_block(blk)
+            at = (torch.arange(len(x), device=x.device), rows.to(x.device)) if last else None
+            inp = x[at].unsqueeze(1) if last else x
+            out = _block_rows(blk, inp, x, mask, at[1]) if last else blk(x, attn_mask=mask)
             k = index.get(j)
             if adapted and k is not None and scale != 0.0:
                 down, shared, up = self.adapters[k].branch(tower.kind)
-                y = grad_scale(x, scale)
+                y = grad_scale(inp, scale)
                 y = up(shared(down(blk.ln_1(y)))) * scale
                 y = grad_scale(y, 1.0 / scale)
                 out = out + y
-            x = out
+            x = x.index_put(at, out.squeeze(1)) if last else out
         if not tower.batch_first:
             x = x.transpose(0, 1)
         return x
@@ -358,14 +401,14 @@ class MMA(Method):
         """Tokens -> unnormalised text embeddings through the adapted text tower (full path)."""
         t = self._text_tower
         x, mask = t.embed(tokens)
-        x = self._run_blocks(t, x, mask, 0, len(t.blocks), adapted)
+        x = self._run_blocks(t, x, mask, 0, len(t.blocks), adapted, t.pooled_rows(len(tokens), tokens))
         return t.head(x, tokens)
 
     def encode_image(self, pixels: torch.Tensor, adapted: bool = True) -> torch.Tensor:
         """Normalised pixels -> unnormalised image embeddings through the adapted visual tower."""
         v = self._visual_tower
         x, _ = v.embed(pixels)
-        x = self._run_blocks(v, x, None, 0, len(v.blocks), adapted)
+        x = self._run_blocks(v, x, None, 0, len(v.blocks), adapted, v.pooled_rows(len(pixels)))
         return v.head(x)
 
     def _lower_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -380,11 +423,13 @@ class MMA(Method):
 
     def _upper_text(self, lower: torch.Tensor, mask, tokens: torch.Tensor) -> torch.Tensor:
         t = self._text_tower
-        return t.head(self._run_blocks(t, lower, mask, self._first("text"), len(t.blocks)), tokens)
+        rows = t.pooled_rows(len(tokens), tokens)
+        return t.head(self._run_blocks(t, lower, mask, self._first("text"), len(t.blocks), rows=rows), tokens)
 
     def _upper_visual(self, lower: torch.Tensor) -> torch.Tensor:
         v = self._visual_tower
-        return v.head(self._run_blocks(v, lower, None, self._first("visual"), len(v.blocks)))
+        rows = v.pooled_rows(len(lower))
+        return v.head(self._run_blocks(v, lower, None, self._first("visual"), len(v.blocks), rows=rows))
 
     # ---- training ------------------------------------------------------------------------------
     def _load_pixels(self, refs: Sequence[ImageRef], views: Sequence[int], workers: int = 2) -> torch.Tensor:
