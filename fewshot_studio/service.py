@@ -30,7 +30,7 @@ from .features import FeatureExtractor
 from .methods import KnowledgeGraph, Method, get_method_class, load_model
 from .methods.base import CONFIG_FILE, WEIGHTS_FILE, cosine_matrix, read_model_config
 from .progress import Progress, ProgressFn
-from .store import ImageInfo, ModelInfo, NotFoundError, Project, ProjectStore
+from .store import ImageInfo, ModelInfo, NotFoundError, Project, ProjectStore, ValidationError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -174,8 +174,22 @@ class Studio:
         if project_id is None:
             raise DataError("Create or open a project first.")
         p = self.store.get_project(int(project_id))
-        if self.hosted and p.owner != owner:
+        if self.hosted and p.owner != owner and not self.store.is_member(p.id, owner):
             raise NotFoundError(f"There is no project with id {project_id}.")
+        return p
+
+    def project_link(self, project_id: int, owner: str | None = None, renew: bool = False) -> str:
+        """The token of the project's link (`?project=<token>` on the app's address): whoever
+        opens it sees the project next to their own (hosted mode). `renew`: a new token, and
+        the old link stops working (who already opened it keeps the project)."""
+        self.project(project_id, owner)
+        return self.store.project_link(int(project_id), renew=renew)
+
+    def open_link(self, token: str, owner: str | None = None) -> Project:
+        """The project a link opens; in hosted mode this session may see it from now on."""
+        p = self.store.project_by_link(token)
+        if self.hosted and owner and p.owner != owner:
+            self.store.add_member(p.id, owner)
         return p
 
     def create_project(self, name: str, owner: str | None = None) -> Project:
@@ -191,7 +205,10 @@ class Studio:
         return self.store.rename_project(int(project_id), name)
 
     def delete_project(self, project_id: int, owner: str | None = None) -> None:
-        self.project(project_id, owner)
+        p = self.project(project_id, owner)
+        if self.hosted and p.owner != owner:
+            raise ValidationError("Only the session that created this project can delete it; "
+                                  "you opened it through its link.")
         for m in self.store.list_models(int(project_id)):
             self._models.pop(m.id, None)
         self.store.delete_project(int(project_id))

@@ -42,6 +42,7 @@ import math
 import operator
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import threading
@@ -185,7 +186,24 @@ CREATE INDEX jobs_status ON jobs(status);
 
 #: Numbered schema migrations: entry ``i`` takes the database from version ``i`` to
 #: ``i + 1``.  Append new entries; never edit or reorder applied ones.
-MIGRATIONS: list[Migration] = [_SCHEMA_V1]
+_SCHEMA_V2_LINKS = """
+-- project links (SPEC §7): a secret token per project; a hosted session that opens the link
+-- becomes a member and sees the project next to its own
+CREATE TABLE project_links (
+    project_id  INTEGER PRIMARY KEY REFERENCES projects(id) ON DELETE CASCADE,
+    token       TEXT    NOT NULL UNIQUE,
+    created     REAL    NOT NULL
+);
+CREATE TABLE project_members (
+    project_id  INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    owner       TEXT    NOT NULL,
+    joined      REAL    NOT NULL,
+    PRIMARY KEY (project_id, owner)
+);
+CREATE INDEX project_members_owner ON project_members(owner);
+"""
+
+MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS]
 #: The schema version this code writes (``PRAGMA user_version`` after opening).
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -715,14 +733,58 @@ class ProjectStore:
 
     def list_projects(self, owner: str | None = None) -> list[Project]:
         """Projects, most recently changed first.  ``owner=None``: every project (local
-        single-user mode); otherwise only that owner's projects."""
+        single-user mode); otherwise that owner's projects and those it joined by a link."""
         with self._read() as conn:
             if owner is None:
                 rows = conn.execute("SELECT * FROM projects ORDER BY updated DESC, id DESC").fetchall()
             else:
-                rows = conn.execute("SELECT * FROM projects WHERE owner = ? ORDER BY updated DESC, id DESC",
-                                    (owner,)).fetchall()
+                rows = conn.execute(
+                    "SELECT * FROM projects WHERE owner = ? OR id IN "
+                    "(SELECT project_id FROM project_members WHERE owner = ?) ORDER BY updated DESC, id DESC",
+                    (owner, owner)).fetchall()
         return [self._project(r) for r in rows]
+
+    # ------------------------------------------------------------ project links
+
+    def project_link(self, project_id: int, renew: bool = False) -> str:
+        """The project's link token (made on first use; ``renew``: a new one, and the old link
+        stops working; sessions that already joined keep the project)."""
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            row = conn.execute("SELECT token FROM project_links WHERE project_id = ?", (pid,)).fetchone()
+            if row is not None and not renew:
+                return row["token"]
+            token = secrets.token_urlsafe(18)
+            conn.execute("INSERT INTO project_links (project_id, token, created) VALUES (?, ?, ?) "
+                         "ON CONFLICT(project_id) DO UPDATE SET token = excluded.token, created = excluded.created",
+                         (pid, token, time.time()))
+            return token
+
+    def project_by_link(self, token: str) -> Project:
+        """The project a link token opens; NotFoundError for an unknown (or renewed) token."""
+        if not isinstance(token, str) or not token.strip():
+            raise NotFoundError("This project link is empty.")
+        with self._read() as conn:
+            row = conn.execute("SELECT p.* FROM project_links l JOIN projects p ON p.id = l.project_id "
+                               "WHERE l.token = ?", (token.strip(),)).fetchone()
+        if row is None:
+            raise NotFoundError("This project link does not open any project: it may have been mistyped, "
+                                "replaced by a newer link, or the project deleted.")
+        return self._project(row)
+
+    def add_member(self, project_id: int, owner: str) -> None:
+        """Let session ``owner`` see the project (it opened the project's link)."""
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            conn.execute("INSERT OR IGNORE INTO project_members (project_id, owner, joined) VALUES (?, ?, ?)",
+                         (pid, owner, time.time()))
+
+    def is_member(self, project_id: int, owner: str | None) -> bool:
+        if owner is None:
+            return False
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM project_members WHERE project_id = ? AND owner = ?",
+                                (int(project_id), owner)).fetchone() is not None
 
     def get_project(self, project_id: int) -> Project:
         with self._read() as conn:

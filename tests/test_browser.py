@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -171,3 +172,53 @@ def test_webcam_snapshot_joins_the_selected_class(app, browser):
         assert not errors, errors
     finally:
         context.close()
+
+
+def test_a_project_link_opens_the_project_in_another_hosted_session(tmp_path, browser):
+    """Hosted mode: a second browser sees none of the first one's projects until it opens the
+    link that the first one's Share link button makes; a third, without the link, still sees none."""
+    from playwright.sync_api import expect
+
+    from fewshot_studio.backbone import BackboneSpec
+    from fewshot_studio.service import Studio
+    from fewshot_studio.ui.app import build_app
+
+    from test_app import free_port
+
+    studio = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"), hosted=True)
+    demo = build_app(studio)
+    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in range(3)]
+    try:
+        alice, bob, carol = (c.new_page() for c in contexts)
+        alice.goto(demo.local_url)
+        expect(alice.locator("#status-banner")).to_contain_text("tiny", timeout=60_000)
+        alice.fill("#new-project-name textarea, #new-project-name input", "Alice's shapes")
+        alice.click("#create-project")
+        expect(alice.locator("#notice")).to_contain_text("Created project", timeout=30_000)
+        alice.get_by_text("Rename, share or delete this project").click()
+        alice.click("#share-project")
+        link_box = alice.locator("#share-link textarea, #share-link input").first
+        expect(link_box).to_have_value(re.compile(r"\?project=[\w-]{20,}$"), timeout=30_000)
+        link = link_box.input_value()
+        assert link.startswith(demo.local_url.rstrip("/"))
+
+        carol.goto(demo.local_url)
+        expect(carol.locator("#status-banner")).to_contain_text("tiny", timeout=60_000)
+        bob.goto(link)
+        expect(bob.locator("#notice")).to_contain_text("Opened Alice's shapes from its link", timeout=60_000)
+        expect(bob.locator("#project-select input")).to_have_value("Alice's shapes")
+        pid = studio.store.project_by_link(link.rsplit("=", 1)[1]).id
+        with studio.store._read() as conn:  # bob's session joined alice's project; he owns none
+            members = conn.execute("SELECT owner FROM project_members WHERE project_id = ?", (pid,)).fetchall()
+        assert len(members) == 1 and [p.name for p in studio.list_projects(members[0][0])] == ["Alice's shapes"]
+        assert len(studio.store.list_projects()) == 1
+        expect(carol.locator("#project-select input")).to_have_value("")
+        bob.goto(demo.local_url + "?project=not-a-real-link")
+        expect(bob.locator("#notice")).to_contain_text("does not open any project", timeout=60_000)
+        expect(bob.locator("#project-select input")).to_have_value("Alice's shapes")  # still his to open
+    finally:
+        for c in contexts:
+            c.close()
+        demo.close()
+        studio.close()

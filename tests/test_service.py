@@ -323,3 +323,29 @@ def test_too_many_loose_files_is_one_sentence(tmp_path):
         assert studio.store.list_images(p.id) == []
     finally:
         studio.close()
+
+
+def test_a_project_link_shares_a_hosted_project(tiny, tmp_path):
+    s = make_studio(tmp_path, tiny, hosted=True)
+    a = s.create_project("A's project", owner="alice")
+    s.add_class(a.id, "red circle", owner="alice")
+    with pytest.raises(NotFoundError):
+        s.project_link(a.id, "bob")  # only who sees a project can share it
+    token = s.project_link(a.id, "alice")
+    assert s.project_link(a.id, "alice") == token
+    assert s.open_link(token, "bob").id == a.id
+    assert [p.id for p in s.list_projects("bob")] == [a.id] and s.last_project("bob").id == a.id
+    s.add_class(a.id, "blue square", owner="bob")  # bob works on it like alice
+    assert [r[0] for r in s.class_rows(a.id, "alice")][:2] == ["red circle", "blue square"]
+    with pytest.raises(FewShotError) as e:
+        s.delete_project(a.id, "bob")
+    assert one_sentence(str(e.value)) and s.project(a.id, "alice")
+    renewed = s.project_link(a.id, "alice", renew=True)
+    with pytest.raises(NotFoundError) as e:
+        s.open_link(token, "carol")  # the old link stops working...
+    assert one_sentence(str(e.value)) and s.list_projects("carol") == []
+    assert s.project(a.id, "bob").id == a.id  # ...but bob keeps the project
+    assert s.open_link(renewed, "carol").id == a.id
+    assert s.open_link(renewed, "alice").id == a.id and s.list_projects("alice")[0].id == a.id
+    s.delete_project(a.id, "alice")
+    assert s.list_projects("bob") == [] and s.list_projects("carol") == []

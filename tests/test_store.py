@@ -131,11 +131,11 @@ def test_failed_migration_leaves_the_previous_version(tmp_path):
     with ProjectStore(root) as s:
         s.create_project("keep me")
     bad = list(MIGRATIONS) + ["CREATE TABLE extra (x INTEGER); INSERT INTO no_such_table VALUES (1);"]
-    with pytest.raises(StoreError, match="schema version 2 failed") as e:
+    with pytest.raises(StoreError, match=f"schema version {len(bad)} failed") as e:
         ProjectStore(root, migrations=bad)
     assert "\n" not in str(e.value) and str(e.value).endswith(".")
     with ProjectStore(root) as s:
-        assert s.schema_version == 1
+        assert s.schema_version == len(MIGRATIONS)
         assert [p.name for p in s.list_projects()] == ["keep me"]
         with s._read() as conn:
             assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone() is None
@@ -719,3 +719,30 @@ def test_two_store_instances_share_one_database(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_project_links_and_members(tmp_path):
+    root = tmp_path / "data"
+    with ProjectStore(root, migrations=MIGRATIONS[:1]) as s:  # a database from before project links
+        p = s.create_project("Shared", owner="alice")
+        s.add_class(p.id, "cat")
+    with ProjectStore(root) as s:  # opening it migrates, keeping the data
+        assert s.schema_version == SCHEMA_VERSION and [c.name for c in s.list_classes(p.id)] == ["cat"]
+        token = s.project_link(p.id)
+        assert len(token) >= 20 and s.project_link(p.id) == token  # stable until renewed
+        assert s.project_by_link(token).id == p.id
+        assert s.list_projects(owner="bob") == [] and not s.is_member(p.id, "bob")
+        s.add_member(p.id, "bob")
+        s.add_member(p.id, "bob")  # twice is once
+        assert [q.id for q in s.list_projects(owner="bob")] == [p.id] and s.is_member(p.id, "bob")
+        new = s.project_link(p.id, renew=True)
+        assert new != token and s.project_by_link(new).id == p.id
+        for bad in (token, "", "  ", "nonsense"):
+            with pytest.raises(NotFoundError) as e:
+                s.project_by_link(bad)
+            assert str(e.value).count(".") == 1
+        assert s.is_member(p.id, "bob")  # a renewed link keeps who already joined
+        s.delete_project(p.id)
+        with pytest.raises(NotFoundError):
+            s.project_by_link(new)
+        assert s.list_projects(owner="bob") == []

@@ -6,6 +6,7 @@ import secrets
 
 import gradio as gr
 
+from ..errors import FewShotError
 from ..service import EXAMPLES
 from .common import UI, friendly, need_project, who
 
@@ -27,22 +28,29 @@ def build_bar(ui: UI) -> None:
         ui.example_dd = gr.Dropdown(label="Example project", scale=3, elem_id="example-select",
                                     choices=[(e["title"], k) for k, e in EXAMPLES.items()], value="shapes")
         ui.example_btn = gr.Button("Load example", scale=1, variant="secondary", elem_id="load-example")
-    with gr.Accordion("Rename or delete this project", open=False):
+    with gr.Accordion("Rename, share or delete this project", open=False):
         with gr.Row(elem_classes="fs-inline"):
             ui.rename_project_box = gr.Textbox(label="Project name", scale=3, elem_id="rename-project-name")
             ui.rename_project_btn = gr.Button("Rename", scale=1, elem_id="rename-project")
             ui.delete_project_btn = gr.Button("Delete project…", variant="stop", scale=1, elem_id="delete-project")
             ui.confirm_delete_btn = gr.Button("Yes, delete it and all its images and models", variant="stop",
                                               visible=False, scale=2, elem_id="confirm-delete-project")
+        with gr.Row(elem_classes="fs-inline"):
+            ui.share_link = gr.Textbox(label="Link to this project", interactive=False, scale=4, buttons=["copy"],
+                                       elem_id="share-link", placeholder="press Share link",
+                                       info="Whoever opens it sees this project next to their own and can work on it.")
+            ui.share_btn = gr.Button("Share link", scale=1, elem_id="share-project")
+            ui.renew_link_btn = gr.Button("New link (the old one stops working)", scale=1, elem_id="renew-link")
+            ui.share_token = gr.Textbox(visible=False)
     ui.notice = gr.Markdown("", elem_id="notice")
 
     def view(pid, owner):
         projects = ui.studio.list_projects(owner)
         name = next((p.name for p in projects if p.id == pid), "")
         return {ui.project_dd: gr.Dropdown(choices=[(p.name, p.id) for p in projects], value=pid),
-                ui.rename_project_box: name, ui.confirm_delete_btn: gr.Button(visible=False)}
+                ui.rename_project_box: name, ui.confirm_delete_btn: gr.Button(visible=False), ui.share_link: ""}
 
-    ui.add_view(view, [ui.project_dd, ui.rename_project_box, ui.confirm_delete_btn])
+    ui.add_view(view, [ui.project_dd, ui.rename_project_box, ui.confirm_delete_btn, ui.share_link])
 
 
 def wire(ui: UI) -> None:
@@ -98,6 +106,24 @@ def wire(ui: UI) -> None:
     ui.delete_project_btn.click(ask_delete, [ui.project], ui.confirm_delete_btn, api_visibility="private")
     ui.confirm_delete_btn.click(delete, [ui.project, ui.owner], outs, api_name="delete_project")
 
+    def share(renew: bool):
+        @friendly
+        def handler(pid, owner, request: gr.Request):
+            owner = who(owner, request)
+            name = s.project(need_project(pid), owner).name
+            token = s.project_link(int(pid), owner, renew=renew)
+            what = "A new link" if renew else "The link"
+            return {ui.share_token: token,
+                    ui.notice: f"{what} to **{name}** is below{'; the old one no longer opens it' if renew else ''}."}
+        return handler
+
+    # the page knows its own address (behind a proxy or in a Space, the server may not)
+    to_link = ("(t) => t ? window.location.origin + window.location.pathname + '?project=' + "
+               "encodeURIComponent(t) : ''")
+    for btn, renew, api in ((ui.share_btn, False, "share_project"), (ui.renew_link_btn, True, "renew_project_link")):
+        btn.click(share(renew), [ui.project, ui.owner], [ui.share_token, ui.notice], api_name=api).then(
+            None, [ui.share_token], [ui.share_link], js=to_link, api_visibility="private")
+
 
 def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
     """On page load: restore the owner token and reopen the last project (remembered by the
@@ -107,10 +133,18 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
     def restore(remembered, request: gr.Request):
         remembered = remembered if isinstance(remembered, dict) else {}
         owner = remembered.get("owner") or secrets.token_urlsafe(16)
-        p = s.last_project(owner, remembered.get("project"))
+        preferred, notice = remembered.get("project"), ""
+        link = request.query_params.get("project") if request is not None else None
+        if link:  # the page was opened through a project link (?project=<token>)
+            try:
+                shared = s.open_link(link, owner)
+                preferred, notice = shared.id, f"Opened **{shared.name}** from its link."
+            except FewShotError as e:
+                notice = str(e)
+        p = s.last_project(owner, preferred)
         pid = p.id if p else None
         out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
-               ui.remembered: {"owner": owner, "project": pid}}
+               ui.remembered: {"owner": owner, "project": pid}, ui.notice: notice}
         out.update(resume(pid))
         return out
 
@@ -118,7 +152,8 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
         # separate from restore: loading the backbone may take a while (a download, the first time)
         return s.backbone_status()[1]
 
-    demo.load(restore, [ui.remembered], [ui.owner, ui.project, ui.remembered, *ui.view_outputs, *resume_outputs],
+    demo.load(restore, [ui.remembered], [ui.owner, ui.project, ui.remembered, ui.notice, *ui.view_outputs,
+                                         *resume_outputs],
               api_visibility="private", concurrency_limit=None)
     demo.load(banner, None, ui.banner, api_visibility="private", concurrency_limit=None)
 
