@@ -157,3 +157,49 @@ def test_interrupted_job_is_marked_failed_on_next_open(tmp_path):
         assert store.list_models(p.id) == [] and len(store.list_images(p.id)) == 6
     finally:
         store.close()
+
+
+def test_gpu_out_of_memory_halves_the_batch_then_moves_to_the_cpu(store, tiny, tmp_path, monkeypatch):
+    """No GPU here: a backbone that says it is on CUDA and a fit that runs out of GPU memory while
+    it is, so the job's recovery path runs for real: first the batch size is halved, then the
+    training moves to the CPU, and the job ends DONE saying both."""
+    import torch
+
+    import fewshot_studio.backbone as backbone_mod
+    import fewshot_studio.methods as methods_mod
+
+    class OnCuda:  # the tiny backbone, claiming to be on a GPU
+        device = torch.device("cuda")
+
+        def __getattr__(self, name):
+            return getattr(tiny, name)
+
+    gpu = OnCuda()
+    real_make = methods_mod.make_method
+    attempts = []
+
+    def make_method(name, backbone, *args, **overrides):
+        m = real_make(name, tiny, *args, **overrides)
+        m.to = lambda *a, **k: m  # nothing to move: it never leaves the CPU
+        real_fit = m.fit
+
+        def fit(support, extractor, **kw):
+            attempts.append((m.config.batch_size, extractor.backbone is gpu))
+            if extractor.backbone is gpu:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_fit(support, extractor, **kw)
+
+        m.fit = fit
+        return m
+
+    monkeypatch.setattr(methods_mod, "make_method", make_method)
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda spec: tiny if spec.device == "cpu" else gpu)
+    p = make_project(store, ["red circle", "blue square"], shots=2, seed=4)
+    ex = FeatureExtractor(gpu, FeatureCache(tmp_path / "cache"))
+    runner = JobRunner(store)
+    job_id = runner.submit_training(p.id, "mma", gpu, ex, steps=3, augment_views=1)
+    state = runner.wait(job_id, timeout=300)
+    assert state.status == DONE, state.message
+    assert attempts == [(16, True), (8, True), (8, False)]
+    assert "retried with batch size 8" in state.message and "continued on the CPU" in state.message
+    assert state.device == "cpu" and len(store.list_models(p.id)) == 1
