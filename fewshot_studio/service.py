@@ -685,6 +685,17 @@ class Studio:
         """Thumbnails of a class (or of the pool for POOL/None) with "#id name" captions."""
         return self.gallery(project_id, self.class_id_for(project_id, class_name, owner), owner)
 
+    def image_by_thumbnail(self, project_id: int, class_name: str | None, thumbnail: str,
+                           owner: str | None = None) -> ImageInfo:
+        """The image of a class (or of the pool, for POOL/None) shown by the gallery thumbnail
+        file `thumbnail` (thumbnails are named by the image's content hash, see `thumbnail`)."""
+        digest = Path(str(thumbnail or "")).stem
+        class_id = self.class_id_for(project_id, class_name, owner)
+        for img in self.store.list_images(int(project_id), class_id=class_id, pool=class_id is None):
+            if img.hash == digest:
+                return img
+        raise NotFoundError("That image is no longer here; the gallery now shows what is.")
+
     def remove_images(self, project_id: int, image_ids: Sequence[int], owner: str | None = None) -> int:
         ids = [int(i) for i in image_ids]
         if not ids:

@@ -222,3 +222,46 @@ def test_a_project_link_opens_the_project_in_another_hosted_session(tmp_path, br
             c.close()
         demo.close()
         studio.close()
+
+
+def test_class_gallery_removes_one_thumbnail_and_takes_dropped_images(app, browser, tmp_path):
+    """The ✕ on a thumbnail removes that image from the class (and the store); images dropped on
+    the gallery join the class."""
+    from playwright.sync_api import expect
+
+    studio = app.studio
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(app.local_url)
+        expect(page.locator("#status-banner")).to_contain_text("tiny", timeout=60_000)
+        page.fill("#new-project-name textarea, #new-project-name input", "Gallery test")
+        page.click("#create-project")
+        expect(page.locator("#notice")).to_contain_text("Created project", timeout=30_000)
+        pid = next(p.id for p in studio.list_projects() if p.name == "Gallery test")
+        page.fill("#new-class-name textarea, #new-class-name input", "red circle")
+        page.click("#add-class")
+        expect(page.locator("#class-table")).to_contain_text("red circle", timeout=30_000)
+
+        files = []
+        for k in range(3):
+            files.append(tmp_path / f"red-{k}.png")
+            shapes.render(shapes.ShapeSpec("red", "circle"), np.random.default_rng(30 + k), 96).save(files[-1])
+        page.locator("#class-gallery input[type=file]").set_input_files([str(f) for f in files])
+        expect(page.locator("#notice")).to_contain_text("Added 3 images to red circle", timeout=30_000)
+        expect(page.locator("#class-gallery button[aria-label^='Thumbnail']")).to_have_count(3, timeout=30_000)
+        names = sorted(i.original_name for i in studio.store.list_images(pid))
+        assert names == ["red-0.png", "red-1.png", "red-2.png"]
+
+        second = page.locator("#class-gallery button[aria-label='Thumbnail 2 of 3']")
+        caption = second.inner_text().strip()  # "#id name"
+        page.locator("#class-gallery button[aria-label='Delete image']").nth(1).click(force=True)
+        expect(page.locator("#notice")).to_contain_text(f"Removed {caption.split(' ', 1)[1]}", timeout=30_000)
+        expect(page.locator("#class-gallery button[aria-label^='Thumbnail']")).to_have_count(2, timeout=30_000)
+        left = sorted(i.original_name for i in studio.store.list_images(pid))
+        assert len(left) == 2 and caption.split(" ", 1)[1] not in left
+        assert not page.locator("#class-gallery button[aria-label='Clear']").is_visible()
+        assert not errors, errors
+    finally:
+        page.close()

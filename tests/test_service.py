@@ -349,3 +349,22 @@ def test_a_project_link_shares_a_hosted_project(tiny, tmp_path):
     assert s.open_link(renewed, "alice").id == a.id and s.list_projects("alice")[0].id == a.id
     s.delete_project(a.id, "alice")
     assert s.list_projects("bob") == [] and s.list_projects("carol") == []
+
+
+def test_a_gallery_thumbnail_names_its_image(tiny, tmp_path):
+    s = make_studio(tmp_path, tiny)
+    p = s.create_project("Thumbs")
+    red = s.add_class(p.id, "red circle")
+    s.add_images(p.id, [png(tmp_path / "r0.png", "red circle", 1), png(tmp_path / "r1.png", "red circle", 2)],
+                 class_id=red.id)
+    s.add_uploads(p.id, [png(tmp_path / "pool.png", "blue square", 3)], POOL)
+    shown = s.image_gallery(p.id, "red circle")
+    for thumb, caption in shown:
+        img = s.image_by_thumbnail(p.id, "red circle", Path(thumb).name)
+        assert caption == f"#{img.id} {img.original_name}"
+    pool_thumb = Path(s.image_gallery(p.id, POOL)[0][0]).name
+    assert s.image_by_thumbnail(p.id, POOL, pool_thumb).original_name.endswith("pool.png")
+    for cls, thumb in (("red circle", pool_thumb), ("red circle", "nonsense.png"), (POOL, Path(shown[0][0]).name)):
+        with pytest.raises(NotFoundError) as e:  # another class's image, or none at all
+            s.image_by_thumbnail(p.id, cls, thumb)
+        assert one_sentence(str(e.value))

@@ -49,8 +49,11 @@ def build(ui: UI) -> None:
                         ui.webcam = gr.Image(label="Snapshot", sources=["webcam"], type="filepath", height=240,
                                              elem_id="webcam")
                         ui.webcam_btn = gr.Button("Add snapshot to the class", scale=0, elem_id="add-webcam")
-            ui.class_gallery = gr.Gallery(label="Images (click one to select it)", columns=6, height=300,
-                                          allow_preview=False, object_fit="contain", elem_id="class-gallery")
+            # interactive: each thumbnail has a delete (✕) button, and images dropped on it join the class
+            ui.class_gallery = gr.Gallery(label="Images (✕ on a thumbnail removes it; drop images here to add them)",
+                                          columns=6, height=300, allow_preview=False, object_fit="contain",
+                                          elem_id="class-gallery", interactive=True, sources=["upload"],
+                                          file_types=["image"])
             with gr.Row(elem_classes="fs-inline"):
                 ui.class_selected = gr.Textbox(label="Selected image", placeholder="click a thumbnail", scale=3,
                                                elem_id="class-selected-image")
@@ -159,6 +162,21 @@ def build(ui: UI) -> None:
         return selected_caption(evt) or ""
 
     @friendly
+    def gallery_delete(pid, name, owner, evt: gr.EventData, request: gr.Request):
+        # the event carries the deleted item's file (gr.DeletedFileData expects another shape here)
+        data = getattr(evt, "_data", None) or {}
+        thumb = (data.get("file") or {}).get("orig_name") or (data.get("file") or {}).get("path") or ""
+        owner = who(owner, request)
+        img = s.image_by_thumbnail(need_project(pid), name, thumb, owner)
+        s.remove_images(pid, [img.id], owner)
+        return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
+
+    def gallery_upload(pid, name, value, owner, request: gr.Request):
+        # the gallery's value: its thumbnails (captioned "#id name") plus the files just dropped on it
+        files = [item[0] for item in value or [] if not str(item[1] or "").startswith("#")]
+        return add_images(pid, name, files, owner, request)
+
+    @friendly
     def remove_image(pid, name, selected, owner, request: gr.Request):
         owner = who(owner, request)
         ids = parse_image_ids(selected)
@@ -183,5 +201,8 @@ def build(ui: UI) -> None:
     ui.webcam_btn.click(add_webcam, [ui.project, ui.class_dd, ui.webcam, ui.owner],
                         acts + [ui.class_upload, ui.webcam], api_name="add_webcam")
     ui.class_gallery.select(gallery_select, None, ui.class_selected, api_visibility="private")
+    ui.class_gallery.delete(gallery_delete, [ui.project, ui.class_dd, ui.owner], acts, api_visibility="private")
+    ui.class_gallery.upload(gallery_upload, [ui.project, ui.class_dd, ui.class_gallery, ui.owner],
+                            acts + [ui.class_upload], api_visibility="private")
     ui.remove_btn.click(remove_image, [ui.project, ui.class_dd, ui.class_selected, ui.owner], acts,
                         api_name="remove_image")

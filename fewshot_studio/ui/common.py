@@ -146,6 +146,8 @@ def refused_text(errors: list[str], limit: int = 20) -> str:
 
 
 CSS = """
+/* the class gallery removes images one by one (✕ per thumbnail); its clear-all would only empty the view */
+#class-gallery button[aria-label="Clear"] { display: none; }
 #fs-header { align-items: center; gap: 12px; }
 #fs-header h1 { margin: 0; font-size: 1.7rem; }
 #fs-header .fs-tagline { color: var(--body-text-color-subdued); margin: 0; }
