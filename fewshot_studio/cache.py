@@ -19,8 +19,8 @@ packs it has not seen before; a hit reads its pack's rows with one read. A pack 
 not match its header (truncated, corrupt) or whose dimension is not the expected one counts as
 missing, so its entries are recomputed. When a folder holds more than COMPACT_AT packs, the
 lookup that notices merges the small ones into one (`compact`). An in-process dictionary sits in
-front of the disk. Files of the older one-file-per-entry layout (`<hash prefix>/<hash>_<view>.f32`)
-are ignored: those images are encoded again once.
+front of the disk. Entries of the older one-file-per-entry layout (`<hash prefix>/<hash>_<view>.f32`)
+are moved into one pack the first time a backbone's folder is listed.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import struct
 import threading
 import uuid
@@ -45,6 +46,7 @@ _F32 = np.dtype("<f4")
 MAGIC = b"FSFEAT01"
 _HEADER = struct.Struct("<8sIII")  # magic, count, dim, key_bytes
 PACK_SUFFIX = ".pack"
+_LEGACY = re.compile(r"([0-9a-f]{64})_(\d+)\.f32")  # an entry file of the one-file-per-entry layout
 COMPACT_AT = 512  # packs in a backbone's folder before a lookup merges the small ones
 SMALL_PACK = 4096  # entries: larger packs are left as they are
 
@@ -184,9 +186,13 @@ class FeatureCache:
         """Index the packs of the backbone's folder that this instance has not read yet."""
         folder = self.folder(backbone_id)
         try:
-            names = {e.name for e in os.scandir(folder) if e.name.endswith(PACK_SUFFIX)}
+            entries = list(os.scandir(folder))
         except OSError:
-            names = set()
+            entries = []
+        legacy = [e.path for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        if legacy and self._adopt_legacy(backbone_id, legacy):
+            return self._refresh(backbone_id)
+        names = {e.name for e in entries if e.name.endswith(PACK_SUFFIX)}
         with self._lock:
             index = self._index.setdefault(backbone_id, {})
             packs = self._packs.setdefault(backbone_id, {})
@@ -239,6 +245,38 @@ class FeatureCache:
             return len(done)
         finally:
             self._compacting = False
+
+    def _adopt_legacy(self, backbone_id: str, folders: list[str]) -> bool:
+        """Move the entries of the older one-file-per-entry layout (`<2 hex>/<hash>_<view>.f32`
+        under the backbone's folder) into one pack, so an upgrade encodes nothing again, then
+        delete those files. Files that do not parse are dropped (they would be recomputed)."""
+        keys: list[Key] = []
+        rows: list[bytes] = []
+        for sub in folders:
+            try:
+                files = list(os.scandir(sub))
+            except OSError:
+                continue
+            for f in files:
+                m = _LEGACY.fullmatch(f.name)
+                if m is not None:
+                    try:
+                        with open(f.path, "rb") as fh:
+                            raw = fh.read()
+                    except OSError:
+                        continue
+                    if raw and len(raw) % 4 == 0:
+                        keys.append((m.group(1), int(m.group(2))))
+                        rows.append(raw)
+        sizes = [len(r) for r in rows]
+        if sizes:
+            size = max(set(sizes), key=sizes.count)  # one backbone, one width: drop any stray size
+            kept = [(k, r) for k, r in zip(keys, rows) if len(r) == size]
+            feats = np.frombuffer(b"".join(r for _, r in kept), dtype=_F32).reshape(len(kept), size // 4)
+            self.put_many(backbone_id, [k for k, _ in kept], feats, remember=False)
+        for sub in folders:  # only after the pack is safely written
+            shutil.rmtree(sub, ignore_errors=True)
+        return not any(os.path.isdir(sub) for sub in folders)
 
     def _forget(self, backbone_id: str, pack: _Pack) -> None:
         """Drop the index entries that point into `pack` (called with the lock held)."""
