@@ -142,6 +142,8 @@ class FeatureCache:
                 out[n] = row
             else:
                 missing.append(n)
+        if not missing:
+            return out
         for attempt in range(2):  # a pack that vanished (merged by another process): list again, once
             index = self._index.get(backbone_id)
             if attempt or index is None or any(keys[n] not in index for n in missing):
@@ -156,7 +158,8 @@ class FeatureCache:
                 rows = self._read_rows(backbone_id, pack)
                 if rows is None:
                     missing += [n for n, _ in wanted]
-                for n, r in wanted if rows is not None else ():
+                    continue
+                for n, r in wanted:
                     out[n] = rows[r]
             if not missing:
                 break
