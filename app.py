@@ -1,7 +1,8 @@
 """Few-Shot Studio entry point: `python app.py` locally, and unchanged as a Hugging Face Space.
 
 Environment: FEWSHOT_STUDIO_BACKBONE (e.g. tiny), FEWSHOT_STUDIO_DATA (where projects live),
-FEWSHOT_STUDIO_HOSTED=1 (each browser sees only its own projects), and Gradio's own
+FEWSHOT_STUDIO_HOSTED=1 (each browser sees only its own projects; the default in a Hugging Face
+Space), and Gradio's own
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
 """
 from fewshot_studio.ui.app import build_app

@@ -70,7 +70,12 @@ POOL = "(unlabeled pool)"  # the pseudo-class naming the unlabeled pool in picke
 
 
 def _is_hosted() -> bool:
-    return os.environ.get("FEWSHOT_STUDIO_HOSTED", "").lower() in ("1", "true", "yes")
+    """FEWSHOT_STUDIO_HOSTED=1/0 decides; unset, a Hugging Face Space (SPACE_ID is set there) is
+    hosted, so a public demo never shows one visitor's projects to another."""
+    flag = os.environ.get("FEWSHOT_STUDIO_HOSTED", "").strip().lower()
+    if flag:
+        return flag in ("1", "true", "yes")
+    return bool(os.environ.get("SPACE_ID"))
 
 
 @dataclass

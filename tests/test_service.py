@@ -368,3 +368,16 @@ def test_a_gallery_thumbnail_names_its_image(tiny, tmp_path):
         with pytest.raises(NotFoundError) as e:  # another class's image, or none at all
             s.image_by_thumbnail(p.id, cls, thumb)
         assert one_sentence(str(e.value))
+
+
+def test_a_hugging_face_space_is_hosted_unless_told_otherwise(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEWSHOT_STUDIO_HOSTED", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert not make_studio(tmp_path / "a", tiny, hosted=None).hosted  # locally: one user, every project
+    monkeypatch.setenv("SPACE_ID", "someone/fewshot-studio")
+    assert make_studio(tmp_path / "b", tiny, hosted=None).hosted
+    monkeypatch.setenv("FEWSHOT_STUDIO_HOSTED", "0")
+    assert not make_studio(tmp_path / "c", tiny, hosted=None).hosted
+    monkeypatch.setenv("FEWSHOT_STUDIO_HOSTED", "1")
+    monkeypatch.delenv("SPACE_ID")
+    assert make_studio(tmp_path / "d", tiny, hosted=None).hosted
