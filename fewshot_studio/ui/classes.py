@@ -164,8 +164,8 @@ def build(ui: UI) -> None:
     @friendly
     def gallery_delete(pid, name, owner, evt: gr.EventData, request: gr.Request):
         # the event carries the deleted item's file (gr.DeletedFileData expects another shape here)
-        data = getattr(evt, "_data", None) or {}
-        thumb = (data.get("file") or {}).get("orig_name") or (data.get("file") or {}).get("path") or ""
+        file = (getattr(evt, "_data", None) or {}).get("file") or {}
+        thumb = file.get("orig_name") or file.get("path") or ""
         owner = who(owner, request)
         img = s.image_by_thumbnail(need_project(pid), name, thumb, owner)
         s.remove_images(pid, [img.id], owner)
