@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import struct
 import threading
 import uuid
@@ -117,6 +118,7 @@ class FeatureCache:
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
         self._compacting = False
+        self._adopted: set[str] = set()  # backbones whose old-layout entries were moved into a pack
 
     def folder(self, backbone_id: str) -> str:
         """The folder holding `backbone_id`'s packs."""
@@ -193,8 +195,10 @@ class FeatureCache:
         except OSError:
             entries = []
         legacy = [e.path for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-        if legacy and self._adopt_legacy(backbone_id, legacy):
-            return self._refresh(backbone_id)
+        if legacy and backbone_id not in self._adopted:  # once per instance, even if a folder stays
+            self._adopted.add(backbone_id)
+            if self._adopt_legacy(backbone_id, legacy):
+                return self._refresh(backbone_id)
         names = {e.name for e in entries if e.name.endswith(PACK_SUFFIX)}
         with self._lock:
             index = self._index.setdefault(backbone_id, {})
@@ -227,8 +231,9 @@ class FeatureCache:
         try:
             self._refresh(backbone_id)
             small = [p for p in self._packs.get(backbone_id, {}).values() if p is not None and len(p.keys) < SMALL_PACK]
-            dims = [p.dim for p in small]
-            small = [p for p in small if p.dim == max(set(dims), key=dims.count)] if dims else []
+            if small:
+                dim = statistics.mode(p.dim for p in small)  # one backbone, one width
+                small = [p for p in small if p.dim == dim]
             if len(small) < 2:
                 return 0
             merged: dict[Key, np.ndarray] = {}
@@ -273,7 +278,7 @@ class FeatureCache:
                         rows.append(raw)
         sizes = [len(r) for r in rows]
         if sizes:
-            size = max(set(sizes), key=sizes.count)  # one backbone, one width: drop any stray size
+            size = statistics.mode(sizes)  # one backbone, one width: drop any stray size
             kept = [(k, r) for k, r in zip(keys, rows) if len(r) == size]
             feats = np.frombuffer(b"".join(r for _, r in kept), dtype=_F32).reshape(len(kept), size // 4)
             self.put_many(backbone_id, [k for k, _ in kept], feats, remember=False)
