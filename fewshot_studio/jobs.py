@@ -48,6 +48,7 @@ class JobState:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    stage_started: float | None = None  # when the current stage began (its pace gives the time left)
     history: list[dict] = field(default_factory=list)
     result: Any = None
 
@@ -91,6 +92,8 @@ class Job:
         """Progress callback handed to fit loops and the feature pipeline."""
         with self._lock:
             s = self._state
+            if p.stage != s.stage or p.step < s.step:
+                s.stage_started = time.time()
             s.stage, s.step, s.total = p.stage, p.step, p.total
             if p.loss is not None:
                 s.loss, s.accuracy = p.loss, p.accuracy

@@ -113,13 +113,20 @@ class Studio:
     # ---- backbones -------------------------------------------------------------------
     def spec_for(self, name: str | None = None, pretrained: str | None = None,
                  checkpoint: str | None = None) -> BackboneSpec:
-        name = (name or "").strip() or self.default_spec.name
+        """The backbone a form asks for. A blank checkpoint means the configured one
+        (FEWSHOT_STUDIO_CHECKPOINT) when the form names the default backbone, so the documented
+        setting is honoured without typing the path again."""
+        d = self.default_spec
+        name = (name or "").strip() or d.name
         if name == "tiny":
-            return BackboneSpec("tiny", None, (checkpoint or "").strip() or None, self.default_spec.device)
-        if "/" in name and not name.startswith(("hf-hub:", "local-dir:")) and not pretrained:
+            pretrained = None
+        elif "/" in name and not name.startswith(("hf-hub:", "local-dir:")) and not pretrained:
             name, pretrained = name.split("/", 1)
-        return BackboneSpec(name, (pretrained or "").strip() or self.default_spec.pretrained or None,
-                            (checkpoint or "").strip() or None, self.default_spec.device)
+        pretrained = (pretrained or "").strip() or (None if name == "tiny" else d.pretrained or None)
+        checkpoint = (checkpoint or "").strip() or None
+        if checkpoint is None and d.checkpoint and (name, pretrained) == (d.name, d.pretrained or None):
+            checkpoint = d.checkpoint
+        return BackboneSpec(name, pretrained, checkpoint, d.device)
 
     def backbone(self, spec: BackboneSpec | None = None) -> Backbone:
         spec = spec or self.default_spec
@@ -135,15 +142,12 @@ class Studio:
                 self._extractors[backbone.id] = FeatureExtractor(backbone, self.cache)
             return self._extractors[backbone.id]
 
-    def status_line(self) -> str:
-        ok, line = self.backbone_status()
-        return line
-
-    def backbone_status(self) -> tuple[bool, str]:
-        """(whether the default backbone loads, a one-line markdown banner naming the backbone
-        and the device, or saying in one sentence why the weights are unavailable)."""
+    def backbone_status(self, spec: BackboneSpec | None = None) -> tuple[bool, str]:
+        """(whether the backbone loads (the default one, or `spec`: the one last used), a
+        one-line markdown banner naming the backbone and the device, or saying in one sentence
+        why the weights are unavailable)."""
         try:
-            b = self.backbone()
+            b = self.backbone(spec)
             return True, f"**Backbone:** {b.spec.label} · **Device:** {b.device_label}"
         except FewShotError as e:
             dev = device_name(resolve_device(self.default_spec.device))
@@ -218,8 +222,17 @@ class Studio:
             self._models.pop(m.id, None)
         self.store.delete_project(int(project_id))
 
+    def example_project(self, name: str, owner: str | None = None) -> Project | None:
+        """This owner's existing copy of a bundled example (the most recent), if any."""
+        if name not in EXAMPLES:
+            raise DataError(f"There is no example called {name!r}; choose {', '.join(EXAMPLES)}.")
+        title = EXAMPLES[name]["project"]
+        return next((p for p in self.list_projects(owner)
+                     if p.name == title or (p.name.startswith(title + " (") and p.name.endswith(")"))), None)
+
     def load_example(self, name: str, owner: str | None = None) -> Project:
-        """Create a project from a bundled example: classes from `train/`, unlabeled pool from `pool/`."""
+        """Create a project from a bundled example: classes from `train/`, unlabeled pool from `pool/`
+        (a fresh copy, named "(2)", "(3)"... when one exists; see `example_project`)."""
         if name not in EXAMPLES:
             raise DataError(f"There is no example called {name!r}; choose {', '.join(EXAMPLES)}.")
         ex = EXAMPLES[name]
@@ -330,10 +343,11 @@ class Studio:
         return added, errors
 
     def remove_image(self, project_id: int, image_id: int, owner: str | None = None) -> None:
-        self._image(project_id, image_id, owner)
+        self.image(project_id, image_id, owner)
         self.store.remove_image(int(image_id))
 
-    def _image(self, project_id: int, image_id: int, owner: str | None) -> ImageInfo:
+    def image(self, project_id: int, image_id: int, owner: str | None = None) -> ImageInfo:
+        """One image of the project (one sentence if it is not there or not this owner's)."""
         self.project(project_id, owner)
         img = self.store.get_image(int(image_id))
         if img.project_id != int(project_id):
@@ -359,10 +373,6 @@ class Studio:
             os.replace(tmp, path)
         return str(path)
 
-    def gallery(self, project_id: int, class_id: int | None, owner: str | None = None) -> list[tuple[str, str]]:
-        self.project(project_id, owner)
-        imgs = self.store.list_images(int(project_id), class_id=class_id, pool=class_id is None)
-        return [(self.thumbnail(i), f"#{i.id} {i.original_name}") for i in imgs]
 
     # ---- training -------------------------------------------------------------------------
     def start_training(self, project_id: int, method: str, spec: BackboneSpec | None = None,
@@ -382,12 +392,23 @@ class Studio:
                                            support=support, **settings)
 
     def retrain(self, project_id: int, owner: str | None = None) -> str:
-        """Train again with the latest model's method, backbone and settings (cached features)."""
-        info, method = self.latest_model(project_id, owner)
+        """Train again with the current model's method, backbone and settings (cached features)."""
+        info, method = self.current_model(project_id, owner)
         from dataclasses import asdict
 
         return self.start_training(project_id, info.method, method.backbone.spec,
                                    asdict(method.config), owner)
+
+    def interrupted_training(self, project_id: int, owner: str | None = None):
+        """The project's last training job (a JobInfo) when the app stopped while it ran and
+        nothing was trained since, so the page can say so; else None."""
+        from .store import INTERRUPTED
+
+        self.project(project_id, owner)
+        jobs = [j for j in self.store.list_jobs(int(project_id)) if j.kind == "train"]
+        if not jobs or jobs[0].status != "failed" or not jobs[0].message.casefold().startswith(INTERRUPTED):
+            return None
+        return jobs[0]
 
     def job(self, job_id: str):
         return self.runner.get(job_id)
@@ -413,18 +434,32 @@ class Studio:
     def model(self, project_id: int, model_id: int | None = None, owner: str | None = None
               ) -> tuple[ModelInfo, Method]:
         if model_id in (None, ""):
-            return self.latest_model(project_id, owner)
+            return self.current_model(project_id, owner)
         self.project(project_id, owner)
         info = self.store.get_model(int(model_id))
         if info.project_id != int(project_id):
             raise NotFoundError(f"There is no model with id {model_id} in this project.")
         return info, self.load_method(info)
 
-    def latest_model(self, project_id: int, owner: str | None = None) -> tuple[ModelInfo, Method]:
-        models = self.models(project_id, owner)
-        if not models:
+    def current_model_info(self, project_id: int, owner: str | None = None) -> ModelInfo | None:
+        """The model the project uses (chosen in the Model menu, else the last trained or
+        imported one), or None."""
+        self.project(project_id, owner)
+        return self.store.current_model(int(project_id))
+
+    def current_model(self, project_id: int, owner: str | None = None) -> tuple[ModelInfo, Method]:
+        info = self.current_model_info(project_id, owner)
+        if info is None:
             raise DataError("Train a model first (Train tab).")
-        return models[0], self.load_method(models[0])
+        return info, self.load_method(info)
+
+    def set_current_model(self, project_id: int, model_id: int, owner: str | None = None) -> ModelInfo:
+        """Use this model for the graph, predictions, labeling, retraining and export."""
+        self.project(project_id, owner)
+        try:
+            return self.store.set_current_model(int(project_id), int(model_id))
+        except (TypeError, ValueError):
+            raise DataError("Pick a model from the list.") from None
 
     # ---- knowledge graph ----------------------------------------------------------------------
     def knowledge_graph(self, project_id: int, model_id: int | None = None, owner: str | None = None
@@ -505,11 +540,11 @@ class Studio:
 
     def accept(self, project_id: int, image_ids: Sequence[int], owner: str | None = None) -> int:
         """Accept the stored predictions of these pool images: they join the predicted class."""
-        info, _ = self.latest_model(project_id, owner)
+        info, _ = self.current_model(project_id, owner)
         preds = {p.image_id: p for p in self.store.list_predictions(info.id)}
         moves = []
         for i in image_ids:
-            img = self._image(project_id, i, owner)
+            img = self.image(project_id, i, owner)
             if img.class_id is not None:
                 continue
             if int(i) not in preds:
@@ -524,7 +559,7 @@ class Studio:
         c = self.class_by_name(project_id, class_name, owner)
         ids = [int(i) for i in image_ids]
         for i in ids:
-            self._image(project_id, i, owner)
+            self.image(project_id, i, owner)
         if ids:
             self.store.move_images([(i, c.id) for i in ids], labeled_by="corrected")
         return len(ids)
@@ -688,7 +723,15 @@ class Studio:
     def image_gallery(self, project_id: int, class_name: str | None, owner: str | None = None
                       ) -> list[tuple[str, str]]:
         """Thumbnails of a class (or of the pool for POOL/None) with "#id name" captions."""
-        return self.gallery(project_id, self.class_id_for(project_id, class_name, owner), owner)
+        return self.gallery_items(project_id, class_name, owner)[0]
+
+    def gallery_items(self, project_id: int, class_name: str | None, owner: str | None = None
+                      ) -> tuple[list[tuple[str, str]], list[int]]:
+        """`image_gallery`, and the images' ids in the same order: what a selection in the
+        gallery refers to (selections are data, never read back from captions)."""
+        class_id = self.class_id_for(project_id, class_name, owner)
+        imgs = self.store.list_images(int(project_id), class_id=class_id, pool=class_id is None)
+        return [(self.thumbnail(i), f"#{i.id} {i.original_name}") for i in imgs], [i.id for i in imgs]
 
     def image_by_thumbnail(self, project_id: int, class_name: str | None, thumbnail: str,
                            owner: str | None = None) -> ImageInfo:
@@ -706,16 +749,16 @@ class Studio:
         if not ids:
             raise DataError("Select an image first (click its thumbnail).")
         for i in ids:
-            self._image(project_id, i, owner)
+            self.image(project_id, i, owner)
         return self.store.remove_images(ids)
 
     def pool_predictions(self, project_id: int, owner: str | None = None) -> list[PoolRow]:
-        """The latest model's stored predictions for the images still in the pool, least
+        """The current model's stored predictions for the images still in the pool, least
         confident first (no recomputation); empty when there is no model or no prediction."""
-        self.project(project_id, owner)
-        models = self.store.list_models(int(project_id))
-        if not models:
+        current = self.current_model_info(project_id, owner)
+        if current is None:
             return []
+        models = [current]
         names = {c.id: c.name for c in self.store.list_classes(int(project_id))}
         pool = {i.id: i for i in self.store.list_images(int(project_id), pool=True)}
         rows = []
@@ -733,20 +776,27 @@ class Studio:
                      ) -> list[tuple[str, str]]:
         """Pool thumbnails captioned "#id label 87%" in the rows' order (least confident first),
         then the pool images without a prediction."""
+        return self.pool_gallery_items(project_id, rows, owner)[0]
+
+    def pool_gallery_items(self, project_id: int, rows: Sequence[PoolRow] | None = None,
+                           owner: str | None = None) -> tuple[list[tuple[str, str]], list[int]]:
+        """`pool_gallery`, and the images' ids in the same order (what a click selects)."""
         self.project(project_id, owner)
         pool = {i.id: i for i in self.store.list_images(int(project_id), pool=True)}
-        out, seen = [], set()
+        out, ids = [], []
         for r in rows or []:
             if r.image_id in pool:
                 out.append((self.thumbnail(pool[r.image_id]), f"#{r.image_id} {r.label} {r.confidence:.0%}"))
-                seen.add(r.image_id)
+                ids.append(r.image_id)
+        seen = set(ids)
         for i, img in pool.items():
             if i not in seen:
                 out.append((self.thumbnail(img), f"#{i} {img.original_name}"))
-        return out
+                ids.append(i)
+        return out, ids
 
     def accept_confident(self, project_id: int, threshold: float, owner: str | None = None) -> int:
-        """Accept every stored pool prediction of the latest model with confidence ≥ threshold."""
+        """Accept every stored pool prediction of the current model with confidence ≥ threshold."""
         rows = self.pool_predictions(project_id, owner)
         if not rows:
             raise DataError("Label the pool first; there are no predictions to accept.")
@@ -756,34 +806,27 @@ class Studio:
         return self.accept(project_id, ids, owner)
 
     def model_summary(self, project_id: int, owner: str | None = None) -> str:
-        """One markdown line about the latest model, or how to get one."""
-        models = self.models(project_id, owner)
-        if not models:
+        """One markdown line about the current model, or how to get one."""
+        m = self.current_model_info(project_id, owner)
+        if m is None:
             return "No model yet: train one in the Train tab."
-        m = models[0]
-        label = METHOD_LABELS.get(m.method, m.method)
-        bb = (m.config.get("backbone") or {}) if isinstance(m.config, dict) else {}
-        bname = bb.get("name") or m.backbone_id
-        if bb.get("pretrained"):
-            bname += f"/{bb['pretrained']}"
-        parts = [f"**Model #{m.id}:** {label} on `{bname}`", f"{len(m.config.get('classes', []))} classes"]
-        acc = (m.metrics or {}).get("train_accuracy")
-        if isinstance(acc, (int, float)):
-            parts.append(f"train accuracy {acc:.0%}")
-        parts.append(time.strftime("trained %Y-%m-%d %H:%M", time.localtime(m.created)))
-        return " · ".join(parts)
+        return f"**Model #{m.id}** (current): {model_label(m, with_id=False)}"
+
+    def model_choices(self, project_id: int, owner: str | None = None) -> tuple[list[tuple[str, int]], int | None]:
+        """(label, id) of every model of the project, newest first, and the current model's id."""
+        models = self.models(project_id, owner)
+        current = self.store.current_model(int(project_id))
+        return [(model_label(m), m.id) for m in models], (current.id if current else None)
 
     def usage(self, project_id: int, owner: str | None = None) -> str:
-        """The Python snippet for the latest model."""
-        _, method = self.latest_model(project_id, owner)
+        """The Python snippet for the current model."""
+        _, method = self.current_model(project_id, owner)
         return usage_snippet(method)
 
     def model_history(self, project_id: int, owner: str | None = None) -> list[dict]:
-        """The latest model's training curve (step, loss, accuracy), or []."""
-        models = self.models(project_id, owner)
-        if not models:
-            return []
-        return list((models[0].config or {}).get("history") or [])
+        """The current model's training curve (step, loss, accuracy), or []."""
+        m = self.current_model_info(project_id, owner)
+        return [] if m is None else list((m.config or {}).get("history") or [])
 
     def active_job(self, project_id: int | None) -> Any:
         """The newest unfinished training job of this project (to resume showing its progress)."""
@@ -873,6 +916,42 @@ def _not_reserved(name) -> None:
         raise DataError(f"{POOL!r} names the pool of unlabeled images; choose another class name.")
 
 
+def model_result(method: str, metrics: dict | None, history: list | None = None) -> list[str]:
+    """What a model's training measured, in words, the same wherever it is shown (the progress
+    bar's last line, the model line, the model menu): the steps it trained (none for the
+    training-free methods), its train accuracy on the plain views and final loss, or, for
+    Tip-Adapter, the leave-one-out accuracy of its α/β search."""
+    metrics = metrics or {}
+    parts = []
+    steps = metrics.get("steps") or (history[-1].get("step", len(history)) if history else 0)
+    if steps:
+        parts.append(f"{steps} steps")
+    acc = metrics.get("train_accuracy")
+    if isinstance(acc, (int, float)):
+        parts.append(f"train accuracy {acc:.0%}")
+    loo = metrics.get("loo_accuracy")
+    if isinstance(loo, (int, float)):
+        parts.append(f"leave-one-out accuracy {loo:.0%} (α {metrics.get('alpha', 0):.2f}, β {metrics.get('beta', 0):.2f})")
+    loss = metrics.get("final_loss")
+    if isinstance(loss, (int, float)):
+        parts.append(f"final loss {loss:.4f}")
+    return parts
+
+
+def model_label(m: ModelInfo, with_id: bool = True) -> str:
+    """"#5 GraphAdapter on tiny · 8 classes · 300 steps · train accuracy 95% · 2026-11-30 10:02"."""
+    label = METHOD_LABELS.get(m.method, m.method)
+    cfg = m.config if isinstance(m.config, dict) else {}
+    bb = cfg.get("backbone") or {}
+    bname = bb.get("name") or m.backbone_id
+    if bb.get("pretrained"):
+        bname += f"/{bb['pretrained']}"
+    parts = [f"{label} on {bname}", f"{len(cfg.get('classes', []))} classes",
+             *model_result(m.method, m.metrics, cfg.get("history")),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))]
+    return (f"#{m.id} " if with_id else "") + " · ".join(parts)
+
+
 def top_text(classnames: Sequence[str], probs: Sequence[float], k: int = 3) -> str:
     """"red circle 97%, blue square 2%, ..." for the k most probable classes."""
     order = sorted(range(len(probs)), key=lambda j: -probs[j])[:k]
@@ -901,15 +980,21 @@ def usage_snippet(method: Method) -> str:
 
 
 def parse_image_ids(text: str | Iterable | None) -> list[int]:
-    """Image ids from free text ("#12, 15 16") or a list; order kept, duplicates dropped."""
+    """Image ids from a list of ids ("12, 15 16", "#12", or a list); order kept, duplicates
+    dropped. Anything that is not an id is refused in one sentence, never mined for digits
+    (a file name such as "oc_2.png" is not image 2)."""
     import re
 
     if text is None:
         return []
-    if not isinstance(text, str):
-        text = " ".join(str(t) for t in text)
+    tokens = re.split(r"[,\s]+", text.strip()) if isinstance(text, str) else [str(t).strip() for t in text]
     out: list[int] = []
-    for tok in re.findall(r"\d+", text):
-        if int(tok) not in out:
-            out.append(int(tok))
+    for tok in tokens:
+        if not tok:
+            continue
+        m = re.fullmatch(r"#?(\d{1,18})", tok)
+        if m is None:
+            raise DataError(f"{tok[:40]!r} is not an image id; select images by clicking them.")
+        if int(m.group(1)) not in out:
+            out.append(int(m.group(1)))
     return out

@@ -203,7 +203,19 @@ CREATE TABLE project_members (
 CREATE INDEX project_members_owner ON project_members(owner);
 """
 
-MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS]
+_SCHEMA_V3_CURRENT_MODEL = """
+-- the model a project uses (graph, predict, label, export): chosen by the user or the newest
+-- one registered; deleting it falls back to the newest (the row goes with the model)
+CREATE TABLE current_models (
+    project_id  INTEGER PRIMARY KEY REFERENCES projects(id) ON DELETE CASCADE,
+    model_id    INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE
+);
+"""
+
+#: The message (lower case) of a job that was queued or running when the app stopped.
+INTERRUPTED = "the app stopped while this job was running"
+
+MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS, _SCHEMA_V3_CURRENT_MODEL]
 #: The schema version this code writes (``PRAGMA user_version`` after opening).
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1133,6 +1145,9 @@ class ProjectStore:
                         shutil.rmtree(target)
                     moved = (target, self._move_dir(source, target, models_dir))
                     conn.execute("UPDATE models SET weights_path = ? WHERE id = ?", (rel, model_id))
+                    # a model just trained or imported is the one the user wants to use next
+                    conn.execute("INSERT OR REPLACE INTO current_models (project_id, model_id) VALUES (?, ?)",
+                                 (pid, model_id))
                     self._touch(conn, pid)
                     row = self._model_row(conn, model_id)
             except BaseException:
@@ -1182,6 +1197,30 @@ class ProjectStore:
             pid = self._project_row(conn, project_id)["id"]
             rows = conn.execute("SELECT * FROM models WHERE project_id = ? ORDER BY id DESC", (pid,)).fetchall()
         return [self._model(r) for r in rows]
+
+    def current_model(self, project_id: int) -> ModelInfo | None:
+        """The model the project uses: the one set by :meth:`set_current_model` (or the last
+        registered), else the newest; None when the project has no model."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            row = conn.execute("SELECT m.* FROM current_models c JOIN models m ON m.id = c.model_id "
+                               "WHERE c.project_id = ?", (pid,)).fetchone()
+            if row is None:
+                row = conn.execute("SELECT * FROM models WHERE project_id = ? ORDER BY id DESC LIMIT 1",
+                                   (pid,)).fetchone()
+        return None if row is None else self._model(row)
+
+    def set_current_model(self, project_id: int, model_id: int) -> ModelInfo:
+        """Make one of the project's models the one it uses."""
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            row = self._model_row(conn, model_id)
+            if row["project_id"] != pid:
+                raise NotFoundError(f"There is no model with id {model_id} in this project.")
+            conn.execute("INSERT OR REPLACE INTO current_models (project_id, model_id) VALUES (?, ?)",
+                         (pid, row["id"]))
+            self._touch(conn, pid)
+        return self._model(row)
 
     def delete_model(self, model_id: int) -> None:
         """Delete the model row, its predictions and its directory (jobs keep ``model_id=None``)."""
@@ -1308,7 +1347,7 @@ class ProjectStore:
             rows = conn.execute(sql + " ORDER BY id DESC", args).fetchall()
         return [self._job(r) for r in rows]
 
-    def mark_interrupted_jobs(self, reason: str = "the app stopped while this job was running") -> int:
+    def mark_interrupted_jobs(self, reason: str = INTERRUPTED) -> int:
         """Mark every queued or running job failed with ``reason`` (call once on start-up,
         before any job runs).  Returns how many jobs were marked."""
         message = reason.strip()

@@ -156,7 +156,7 @@ def test_exports(trained, tmp_path):
     with zipfile.ZipFile(zpath) as z:
         assert {"model/config.json", "model/model.safetensors", "model/USAGE.md"} <= set(z.namelist())
         z.extractall(tmp_path)
-    info, method = s.latest_model(p.id)
+    info, method = s.current_model(p.id)
     loaded = load_model(tmp_path / "model", backbone=method.backbone)
     refs = [ImageRef.from_pil(shapes.render(shapes.ShapeSpec("red", "circle"), np.random.default_rng(i), 64))
             for i in range(3)]
@@ -174,7 +174,7 @@ def test_import_model(trained, tiny, tmp_path):
     for c in ["blue square", "green triangle", "purple hexagon", "red circle", "yellow star"]:
         other.add_class(q.id, c)
     info = other.import_model(q.id, zpath)
-    assert info.method == "graph" and other.latest_model(q.id)[0].id == info.id
+    assert info.method == "graph" and other.current_model(q.id)[0].id == info.id
     img = png(tmp_path / "star.png", "yellow star", 11)
     assert other.predict(q.id, str(img)) == pytest.approx(s.predict(p.id, str(img)))
 
@@ -268,9 +268,10 @@ def test_uploads_files_and_zips(tiny, tmp_path):
     assert added == 3 and {r[0]: r[2] for r in s.class_rows(p.id)}[POOL] == 4
     added, _ = s.add_uploads(p.id, [z], "mixed")
     assert added == 3 and {r[0]: r[2] for r in s.class_rows(p.id)}["mixed"] == 3
-    gal = s.image_gallery(p.id, "red circle")
-    assert len(gal) == 3 and gal[0][1].startswith("#")
-    ids = parse_image_ids(" ".join(c for _, c in gal[:2]))[::2]
+    gal, gal_ids = s.gallery_items(p.id, "red circle")
+    assert len(gal) == 3 and gal[0][1].startswith("#") and gal == s.image_gallery(p.id, "red circle")
+    assert [int(c.split()[0][1:]) for _, c in gal] == gal_ids  # the ids in gallery order
+    ids = gal_ids[:2]
     assert s.remove_images(p.id, ids) == 2 and len(s.image_gallery(p.id, "red circle")) == 1
 
 
@@ -278,6 +279,10 @@ def test_helpers(tiny, tmp_path):
     s = make_studio(tmp_path, tiny)
     assert parse_image_ids("#12, 15 16 #12") == [12, 15, 16] and parse_image_ids(None) == []
     assert parse_image_ids([3, "4"]) == [3, 4]
+    for caption in ("#3 oc_2.png", "#20 tmp_pz1.png", "cs_0.jpg"):  # captions are not ids
+        with pytest.raises(DataError) as e:
+            parse_image_ids(caption)
+        assert one_sentence(str(e.value))
     assert [v for _, v in s.method_choices()] == ["graph", "mma", "tip", "tip-f", "zeroshot"]
     graph = s.method_settings("graph")
     assert graph["alpha"] == 0.7 and graph["steps"] == 300 and "templates" not in graph

@@ -164,7 +164,8 @@ class TipAdapter(Method):
                     best = cand
                     result.update(alpha=float(alphas[j]), beta=float(beta), loo_accuracy=cand[0], searched=True)
             if progress and ((k + 1) % 20 == 0 or k + 1 == len(betas)):
-                progress(Progress(stage, k + 1, len(betas), None, best[0]))
+                # the search's own score, not a train accuracy: said in the stage text
+                progress(Progress(f"{stage} (best leave-one-out accuracy {best[0]:.0%})", k + 1, len(betas)))
         self.alpha = torch.tensor(result["alpha"], device=aff.device)
         self.beta = torch.tensor(result["beta"], device=aff.device)
         return result

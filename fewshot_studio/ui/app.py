@@ -20,6 +20,24 @@ class StudioBlocks(gr.Blocks):
     Studio's thumbnail and export folders (whoever calls launch: app.py, a Space, a test)."""
 
     studio: Studio
+    status_sink: gr.components.Component | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # One way to report a user error: the handler raises gr.Error (a toast with its one
+        # sentence, and an error for API clients), and its pending/error status goes to the
+        # hidden sink instead of the outputs, so no component turns into an "Error" badge.
+        # Events that show their own progress name another component (show_progress_on).
+        # (Every listener registers through this config's set_event_trigger.)
+        config = self.default_config
+        register = config.set_event_trigger
+
+        def set_event_trigger(targets, fn, inputs, outputs, *a, **kw):
+            if fn is not None and kw.get("show_progress_on") is None and self.status_sink is not None:
+                kw["show_progress_on"] = self.status_sink
+            return register(targets, fn, inputs, outputs, *a, **kw)
+
+        config.set_event_trigger = set_event_trigger
 
     def launch(self, *args, **kwargs):
         st = self.studio
@@ -49,9 +67,13 @@ def build_app(studio: Studio | None = None) -> StudioBlocks:
     ui = UI(studio)
     with StudioBlocks(title="Few-Shot Studio") as demo:
         demo.studio = studio
+        demo.status_sink = ui.sink = gr.HTML("", elem_classes="fs-sink", elem_id="status-sink")
         ui.owner = gr.State(None)
         ui.project = gr.State(None)
         ui.job = gr.State(None)
+        # polls the session's jobs; outside the tabs, because a component in a tab that is not
+        # shown is not mounted, and a timer there would stop ticking
+        ui.timer = gr.Timer(train.POLL_SECONDS, active=False)
         ui.remembered = gr.BrowserState({"owner": None, "project": None}, storage_key="fewshot-studio",
                                         secret=studio.browser_secret())
         projects.build_header(ui)

@@ -2,11 +2,13 @@
 drop, a zip of class folders, webcam); thumbnails with remove; counts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from ..errors import DataError
-from ..service import POOL, parse_image_ids
-from .common import UI, files_of, friendly, need_project, refused_text, selected_caption, unchanged, who
+from ..service import POOL
+from .common import UI, files_of, friendly, need_project, picked, refused_text, unchanged, who
 
 
 def build(ui: UI) -> None:
@@ -54,26 +56,36 @@ def build(ui: UI) -> None:
                                           columns=6, height=300, allow_preview=False, object_fit="contain",
                                           elem_id="class-gallery", interactive=True, sources=["upload"],
                                           file_types=["image"])
+            # what the gallery shows, in order: a click's position maps to an image id here
+            ui.class_ids = gr.State([])
             with gr.Row(elem_classes="fs-inline"):
                 ui.class_selected = gr.Textbox(label="Selected image", placeholder="click a thumbnail", scale=3,
-                                               elem_id="class-selected-image")
-                ui.remove_btn = gr.Button("Remove selected image", variant="stop", scale=1, elem_id="remove-image")
+                                               interactive=False, elem_id="class-selected-image")
+                # the selected image's id: data set by the click, the one thing Remove reads
+                ui.class_pick = gr.Number(value=None, precision=0, visible=False, label="Selected image id")
+                ui.remove_btn = gr.Button("Remove selected image", variant="stop", scale=1, interactive=False,
+                                          elem_id="remove-image")
+
+    no_pick = {ui.class_selected: "", ui.class_pick: None,
+               ui.remove_btn: gr.Button("Remove selected image", interactive=False)}
 
     def class_view(pid, owner, name=None):
         """{component: value} showing the project's classes with `name` (else the first) opened."""
         if pid is None:
             return {ui.class_table: [], ui.class_dd: gr.Dropdown(choices=[], value=None), ui.class_gallery: [],
-                    ui.rename_class_box: "", ui.desc_box: "", ui.class_selected: ""}
+                    ui.class_ids: [], ui.rename_class_box: "", ui.desc_box: "", **no_pick}
         choices = s.class_choices(pid, owner) + [(POOL, POOL)]
         names = [v for _, v in choices]
         if name not in names:
             name = names[0]
         desc = "" if name == POOL else s.class_by_name(pid, name, owner).description
+        gallery, ids = s.gallery_items(pid, name, owner)
         return {ui.class_table: s.class_rows(pid, owner), ui.class_dd: gr.Dropdown(choices=choices, value=name),
-                ui.class_gallery: s.image_gallery(pid, name, owner),
-                ui.rename_class_box: "" if name == POOL else name, ui.desc_box: desc, ui.class_selected: ""}
+                ui.class_gallery: gallery, ui.class_ids: ids,
+                ui.rename_class_box: "" if name == POOL else name, ui.desc_box: desc, **no_pick}
 
-    outs = [ui.class_table, ui.class_dd, ui.class_gallery, ui.rename_class_box, ui.desc_box, ui.class_selected]
+    outs = [ui.class_table, ui.class_dd, ui.class_gallery, ui.class_ids, ui.rename_class_box, ui.desc_box,
+            ui.class_selected, ui.class_pick, ui.remove_btn]
     ui.add_view(lambda pid, owner: class_view(pid, owner), outs)
     ui.class_view = class_view
     ui.class_outputs = outs
@@ -158,8 +170,13 @@ def build(ui: UI) -> None:
             raise DataError("Take a snapshot first (the camera button), then add it.")
         return add_images.__wrapped__(pid, name, [image], owner, request) | {ui.webcam: None}
 
-    def gallery_select(evt: gr.SelectData):
-        return selected_caption(evt) or ""
+    def gallery_select(pid, ids, owner, evt: gr.SelectData, request: gr.Request):
+        image_id = picked(ids, evt)
+        if pid is None or image_id is None:
+            return no_pick
+        img = s.image(pid, image_id, who(owner, request))
+        return {ui.class_selected: img.original_name, ui.class_pick: img.id,
+                ui.remove_btn: gr.Button(f"Remove {img.original_name[:40]}", interactive=True)}
 
     @friendly
     def gallery_delete(pid, name, owner, evt: gr.EventData, request: gr.Request):
@@ -172,16 +189,20 @@ def build(ui: UI) -> None:
         return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
 
     def gallery_upload(pid, name, value, owner, request: gr.Request):
-        # the gallery's value: its thumbnails (captioned "#id name") plus the files just dropped on it
-        files = [item[0] for item in value or [] if not str(item[1] or "").startswith("#")]
+        # the gallery's value: its thumbnails (files named by the image's content hash, see
+        # Studio.thumbnail) plus the files just dropped on it
+        shown = {Path(t).stem for t, _ in s.image_gallery(pid, name, who(owner, request))} if pid and value else set()
+        files = [item[0] for item in value or [] if Path(str(item[0])).stem not in shown]
         return add_images(pid, name, files, owner, request)
 
     @friendly
-    def remove_image(pid, name, selected, owner, request: gr.Request):
+    def remove_image(pid, name, image_id, owner, request: gr.Request):
         owner = who(owner, request)
-        ids = parse_image_ids(selected)
-        n = s.remove_images(need_project(pid), ids, owner)
-        return {ui.notice: f"Removed {n} image{'s' if n != 1 else ''}.", **class_view(pid, owner, name)}
+        if image_id in (None, ""):
+            raise DataError("Select an image first (click its thumbnail).")
+        img = s.image(need_project(pid), int(image_id), owner)
+        s.remove_images(pid, [img.id], owner)
+        return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
 
     ui.add_class_btn.click(add_class, [ui.project, ui.new_class, ui.new_class_desc, ui.owner],
                            acts + [ui.new_class, ui.new_class_desc], api_name="add_class")
@@ -200,9 +221,10 @@ def build(ui: UI) -> None:
                          api_name="add_zip")
     ui.webcam_btn.click(add_webcam, [ui.project, ui.class_dd, ui.webcam, ui.owner],
                         acts + [ui.class_upload, ui.webcam], api_name="add_webcam")
-    ui.class_gallery.select(gallery_select, None, ui.class_selected, api_visibility="private")
+    ui.class_gallery.select(gallery_select, [ui.project, ui.class_ids, ui.owner],
+                            [ui.class_selected, ui.class_pick, ui.remove_btn], api_visibility="private")
     ui.class_gallery.delete(gallery_delete, [ui.project, ui.class_dd, ui.owner], acts, api_visibility="private")
     ui.class_gallery.upload(gallery_upload, [ui.project, ui.class_dd, ui.class_gallery, ui.owner],
                             acts + [ui.class_upload], api_visibility="private")
-    ui.remove_btn.click(remove_image, [ui.project, ui.class_dd, ui.class_selected, ui.owner], acts,
+    ui.remove_btn.click(remove_image, [ui.project, ui.class_dd, ui.class_pick, ui.owner], acts,
                         api_name="remove_image")

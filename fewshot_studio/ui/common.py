@@ -4,14 +4,14 @@ from __future__ import annotations
 import functools
 import html
 import logging
-import re
+import time
 from typing import Any, Callable
 
 import gradio as gr
 
 from ..errors import FewShotError
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
-from ..service import Studio
+from ..service import METHOD_LABELS, Studio, model_result
 
 log = logging.getLogger("fewshot_studio.ui")
 
@@ -28,14 +28,28 @@ class UI:
         self.studio = studio
         self.views: list[Callable[[Any, Any], dict]] = []
         self.view_outputs: list[gr.components.Component] = []
+        self.model_views: list[Callable[[Any, Any], dict]] = []
+        self.model_view_outputs: list[gr.components.Component] = []
 
-    def add_view(self, fn: Callable[[Any, Any], dict], outputs: list) -> None:
+    def add_view(self, fn: Callable[[Any, Any], dict], outputs: list, model: bool = False) -> None:
+        """Register what shows a project; `model`: it shows the current model too, so it is
+        also called whenever the current model changes (training, import, the Model menu)."""
         self.views.append(fn)
         self.view_outputs.extend(o for o in outputs if o not in self.view_outputs)
+        if model:
+            self.model_views.append(fn)
+            self.model_view_outputs.extend(o for o in outputs if o not in self.model_view_outputs)
 
     def project_views(self, project_id, owner) -> dict:
         out: dict = {}
         for fn in self.views:
+            out.update(fn(project_id, owner))
+        return out
+
+    def current_model_views(self, project_id, owner) -> dict:
+        """{component: value} of everything that shows the current model."""
+        out: dict = {}
+        for fn in self.model_views:
             out.update(fn(project_id, owner))
         return out
 
@@ -77,48 +91,71 @@ def need_project(project_id) -> int:
     return int(project_id)
 
 
-def ids_from_caption(caption: str | None) -> int | None:
-    m = re.match(r"\s*#(\d+)", caption or "")
-    return int(m.group(1)) if m else None
+def picked(ids: list | None, evt: gr.SelectData) -> int | None:
+    """The id of the item a select event picked, by its position in `ids` (the ids the view
+    showed, in order): selections are data, never read back from captions."""
+    index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    try:
+        return int(ids[int(index)])
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
-def selected_caption(evt: gr.SelectData) -> str | None:
-    v = evt.value
-    if isinstance(v, dict):
-        return v.get("caption")
-    return v if isinstance(v, str) else None
-
-
-_STATUS_TEXT = {QUEUED: "Queued", "running": "Training", DONE: "Finished", FAILED: "Failed",
-                CANCELLED: "Cancelled"}
+_STATUS_TEXT = {QUEUED: "Queued", "running": "", DONE: "Finished", FAILED: "Failed", CANCELLED: "Cancelled"}
 
 
 def progress_html(state=None, idle: str = "No training running.") -> str:
-    """A progress bar with stage text for a JobState (or an idle line)."""
+    """A progress bar with stage text (and the time left) for a JobState, or an idle line. A
+    finished training says what the saved model measured (the same words as its model line)."""
     if state is None:
-        return (f'<div class="fs-progress" data-status="idle"><div class="fs-bar"><div class="fs-fill" '
-                f'style="width:0%"></div></div><div class="fs-stage">{html.escape(idle)}</div></div>')
+        return _bar("idle", 0, "", idle)
     status = state.status
     pct = 100 if status == DONE else int(round(100 * max(0.0, min(1.0, state.fraction))))
-    head = "" if status == "running" else _STATUS_TEXT.get(status, status.title())  # the stage says it
     text = state.describe()
     if status == DONE:
-        steps = f"{state.total} steps" if state.total else ""
-        text = " · ".join(x for x in (f"in {state.elapsed:.1f} s", steps, _metrics(state), state.message) if x)
+        info = state.result
+        parts = [f"in {state.elapsed:.1f} s"]
+        if hasattr(info, "metrics"):  # a registered model (ModelInfo)
+            cfg = info.config if isinstance(info.config, dict) else {}
+            parts += model_result(info.method, info.metrics, cfg.get("history"))
+            parts.append(f"model #{info.id} ({METHOD_LABELS.get(info.method, info.method)}) is now current")
+        text = " · ".join([*parts, state.message] if state.message else parts)
     elif status in (FAILED, CANCELLED):
         text = state.message
+    elif status == "running":
+        text += eta_text(state)
+    return _bar(status, pct, _STATUS_TEXT.get(status, status.title()), text)
+
+
+def _bar(status: str, pct: int, head: str, text: str) -> str:
     return (f'<div class="fs-progress fs-{status}" data-status="{status}">'
             f'<div class="fs-bar"><div class="fs-fill" style="width:{pct}%"></div></div>'
             f'<div class="fs-stage"><b>{html.escape(head)}</b> {html.escape(text.strip())}</div></div>')
 
 
-def _metrics(state) -> str:
-    parts = []
-    if state.loss is not None:
-        parts.append(f"final loss {state.loss:.4f}")
-    if state.accuracy is not None:
-        parts.append(f"train accuracy {state.accuracy:.0%}")
-    return " · ".join(parts)
+def eta_text(state, now: float | None = None) -> str:
+    """" · about 1 min 20 s left" for the current stage, from its pace so far (nothing until
+    the pace is known: a few seconds and a few percent in)."""
+    started = getattr(state, "stage_started", None)
+    f = state.fraction
+    if started is None or not 0.03 <= f < 1.0:
+        return ""
+    spent = (now or time.time()) - started
+    if spent < 2.0:
+        return ""
+    left = spent * (1.0 - f) / f
+    return f" · about {duration_text(left)} left"
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(1, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m} min {s} s" if s else f"{m} min"
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min"
 
 
 def files_of(value) -> list[str]:
@@ -146,6 +183,19 @@ def refused_text(errors: list[str], limit: int = 20) -> str:
 
 
 CSS = """
+/* every event's progress and error status goes to this hidden element (StudioBlocks), so a
+   user error never turns the page's components into red "Error" badges */
+.fs-sink { display: none !important; }
+/* galleries: as many columns as fit (a fixed count cut thumbnails off in narrow boxes) */
+#class-gallery .grid-container, #pool-gallery .grid-container {
+    grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)) !important; grid-template-rows: none !important; }
+#class-gallery .thumbnail-item, #pool-gallery .thumbnail-item { min-width: 0; }
+/* the gallery's label sits above the thumbnails, never over them */
+#class-gallery > label, #pool-gallery > label, #class-gallery .block-label, #pool-gallery .block-label {
+    position: static !important; }
+/* what is selected shows: the clicked thumbnail, and pool items marked ✓ */
+.thumbnail-item.selected { outline: 3px solid var(--color-accent) !important; outline-offset: 1px; }
+#example-select { min-width: 260px; }
 /* the class gallery removes images one by one (✕ per thumbnail); its clear-all would only empty the view */
 #class-gallery button[aria-label="Clear"] { display: none; }
 #fs-header { align-items: center; gap: 12px; }
@@ -173,5 +223,5 @@ def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald", neutral_hue="slate")
 
 
-__all__ = ["CSS", "FINISHED", "UI", "files_of", "friendly", "ids_from_caption", "need_project", "progress_html",
-           "refused_text", "selected_caption", "theme", "who"]
+__all__ = ["CSS", "FINISHED", "UI", "files_of", "friendly", "need_project", "picked", "progress_html",
+           "refused_text", "theme", "who"]

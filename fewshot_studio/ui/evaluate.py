@@ -7,6 +7,7 @@ import threading
 import gradio as gr
 
 from .. import viz
+from ..errors import Cancelled, DataError
 from ..progress import Progress
 from ..service import METHOD_LABELS
 from .common import UI, friendly, need_project, who
@@ -22,8 +23,7 @@ def build(ui: UI) -> None:
         ui.eval_btn = gr.Button("Cross-validate", variant="primary", scale=1, elem_id="eval-btn")
         ui.eval_cancel_btn = gr.Button("Cancel", variant="stop", scale=1, elem_id="eval-cancel-btn")
         ui.use_best_btn = gr.Button("Use the best in Train", scale=1, interactive=False, elem_id="use-best")
-    ui.eval_md = gr.Markdown("Cross-validation trains each method on part of your examples and tests it on "
-                             "the rest: leave-one-out with few images, else 5-fold.", elem_id="eval-summary")
+    ui.eval_md = gr.Markdown(INTRO, elem_id="eval-summary", min_height=60)
     with gr.Row():
         ui.comparison_plot = gr.Plot(label="Methods compared", elem_id="comparison-plot")
         ui.per_class_plot = gr.Plot(label="Accuracy per class", elem_id="per-class-plot")
@@ -43,6 +43,10 @@ def build(ui: UI) -> None:
     ui.eval_outs = outs
 
 
+INTRO = ("Cross-validation trains each method on part of your examples and tests it on the rest: "
+         "leave-one-out with few images, else 5-fold.")
+
+
 def details(comp, method):
     r = comp.results[method]
     label = METHOD_LABELS.get(method, method)
@@ -54,6 +58,21 @@ def wire(ui: UI) -> None:
     s = ui.studio
     adv = [c for _, _, c in ui.adv]
     running: dict[str | None, threading.Event] = {}  # session -> cancel flag of its evaluation
+
+    def cleared(message: str) -> dict:
+        """No results on screen (a new run starts, or one was cancelled): nothing of an earlier
+        run may pass for this one's."""
+        return {ui.eval_md: message, ui.comparison_plot: None, ui.per_class_plot: None, ui.confusion_plot: None,
+                ui.eval_detail: gr.Dropdown(choices=[], value=None), ui.use_best_btn: gr.Button(interactive=False),
+                ui.eval_state: None}
+
+    @friendly
+    def check(pid, methods, owner, request: gr.Request):
+        """Fails fast with the one sentence before the long run (which shows its progress)."""
+        s.project(need_project(pid), who(owner, request))
+        if not methods:
+            raise DataError("Pick at least one method to compare.")
+        return cleared("Cross-validating…")
 
     @friendly
     def evaluate(pid, methods, backbone, checkpoint, owner, request: gr.Request, progress=gr.Progress(), *values):
@@ -70,6 +89,9 @@ def wire(ui: UI) -> None:
         try:
             comp = s.evaluate(pid, list(methods or []), spec, owner, progress=report, cancel=flag,
                               settings={m: settings.get(m, {}) for m in methods or []})
+        except Cancelled:  # what the user asked for, not a failure
+            return {**cleared("Cross-validation cancelled: no results. Press Cross-validate to run it again."),
+                    ui.notice: "Cross-validation cancelled."}
         finally:
             if running.get(owner) is flag:
                 del running[owner]
@@ -80,7 +102,8 @@ def wire(ui: UI) -> None:
         results = {METHOD_LABELS.get(m, m): r.accuracy for m, r in comp.results.items()}
         first = best or next(iter(comp.results), None)
         per_class, confusion = details(comp, first) if first else (None, None)
-        return {ui.eval_md: md, ui.comparison_plot: viz.comparison_figure(results),
+        return {ui.notice: "Cross-validation finished.", ui.eval_md: md,
+                ui.comparison_plot: viz.comparison_figure(results),
                 ui.per_class_plot: per_class, ui.confusion_plot: confusion,
                 ui.eval_detail: gr.Dropdown(choices=[(METHOD_LABELS.get(m, m), m) for m in comp.results],
                                             value=first),
@@ -105,8 +128,9 @@ def wire(ui: UI) -> None:
         return {ui.method: best, ui.tabs: gr.Tabs(selected="train"),
                 ui.notice: f"The Train tab now uses **{METHOD_LABELS.get(best, best)}**, the best on your examples."}
 
-    ui.eval_btn.click(evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv],
-                      ui.eval_outs, api_name="evaluate")
+    ui.eval_btn.click(check, [ui.project, ui.eval_methods, ui.owner], ui.eval_outs, api_visibility="private").success(
+        evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv], [*ui.eval_outs, ui.notice],
+        api_name="evaluate", show_progress_on=[ui.eval_md])
     ui.eval_cancel_btn.click(cancel, [ui.owner], [ui.notice], api_name="cancel_evaluation", concurrency_limit=None)
     ui.eval_detail.input(show_detail, [ui.eval_state, ui.eval_detail], [ui.per_class_plot, ui.confusion_plot],
                          api_visibility="private")

@@ -64,9 +64,9 @@ def wire(ui: UI) -> None:
         if not paths:
             raise DataError("Choose a model zip to import.")
         info = s.import_model(need_project(pid), paths[0], owner)
-        summary = s.model_summary(pid, owner)
-        return {ui.notice: f"Imported the model as #{info.id}; it is now the project's current model.",
-                ui.model_md: summary, ui.label_model_md: summary, ui.import_file: None, ui.usage: s.usage(pid, owner)}
+        return {ui.notice: f"Imported the model as #{info.id}; it is now the model in use (the Model menu at "
+                           "the top switches back).",
+                ui.import_file: None, ui.usage: s.usage(pid, owner), **ui.current_model_views(pid, owner)}
 
     ui.import_btn.click(import_model, [ui.project, ui.import_file, ui.owner],
-                        [ui.notice, ui.model_md, ui.label_model_md, ui.import_file, ui.usage], api_name="import_model")
+                        [ui.notice, ui.import_file, ui.usage, *ui.model_view_outputs], api_name="import_model")

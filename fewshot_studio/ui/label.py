@@ -7,9 +7,10 @@ import gradio as gr
 
 from ..errors import DataError
 from ..service import POOL, parse_image_ids
-from .common import UI, files_of, friendly, need_project, progress_html, refused_text, selected_caption, unchanged, who
+from .common import UI, files_of, friendly, need_project, picked, progress_html, refused_text, unchanged, who
 
-POOL_COLUMNS = ["id", "file", "prediction", "confidence", "top 3"]
+POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
+MARK = "✓"
 
 
 def build(ui: UI) -> None:
@@ -29,12 +30,18 @@ def build(ui: UI) -> None:
                 ui.retrain_btn = gr.Button("Retrain with the accepted images (cached features)", elem_id="retrain-btn")
             ui.label_progress = gr.HTML(progress_html(None, idle=""), elem_id="label-progress")
             ui.pool_table = gr.Dataframe(headers=POOL_COLUMNS, value=[], interactive=False, max_height=300,
-                                         datatype=["number", "str", "str", "number", "str"], elem_id="pool-table",
+                                         datatype=["number", "str", "str", "number", "str", "str"],
+                                         elem_id="pool-table",
                                          label="Predictions, least confident first (click rows to select)")
-            ui.pool_gallery = gr.Gallery(label="Pool (click thumbnails to select)", columns=8, height=230,
-                                         allow_preview=False, object_fit="contain", elem_id="pool-gallery")
-            ui.pool_selection = gr.Textbox(label="Selected image ids", placeholder="e.g. 12, 15 — or click above",
-                                           elem_id="pool-selection")
+            ui.pool_gallery = gr.Gallery(label="Pool (click thumbnails to select; ✓ marks the selected)", columns=6,
+                                         height=260, allow_preview=False, object_fit="contain", elem_id="pool-gallery")
+            # the ids the table and the gallery show, in order: a click's position maps to an id here
+            ui.pool_row_ids, ui.pool_ids = gr.State([]), gr.State([])
+            with gr.Row(elem_classes="fs-inline"):
+                # written only by clicks (ids as data); API clients pass ids ("12, 15")
+                ui.pool_selection = gr.Textbox(label="Selected image ids", placeholder="click rows or thumbnails",
+                                               interactive=False, scale=4, elem_id="pool-selection")
+                ui.clear_selection_btn = gr.Button("Clear selection", scale=1, elem_id="clear-selection")
             with gr.Row(elem_classes="fs-inline"):
                 ui.accept_btn = gr.Button("Accept selected", variant="primary", elem_id="accept-btn")
                 ui.correct_dd = gr.Dropdown(label="Correct to class", choices=[], value=None,
@@ -45,16 +52,22 @@ def build(ui: UI) -> None:
                                                 label="Confidence to accept automatically")
                 ui.accept_conf_btn = gr.Button("Accept confident", elem_id="accept-confident-btn")
 
-    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_selection, ui.correct_dd]
+    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_row_ids, ui.pool_ids, ui.pool_selection, ui.correct_dd]
 
-    def pool_view(pid, owner, rows=None):
+    def pool_view(pid, owner, rows=None, selection=()):
+        """The pool's predictions (table) and thumbnails (gallery), the ids `selection` marked ✓."""
         if pid is None:
-            return {ui.pool_table: [], ui.pool_gallery: [], ui.pool_selection: "",
-                    ui.correct_dd: gr.Dropdown(choices=[], value=None)}
+            return {ui.pool_table: [], ui.pool_gallery: [], ui.pool_row_ids: [], ui.pool_ids: [],
+                    ui.pool_selection: "", ui.correct_dd: gr.Dropdown(choices=[], value=None)}
         rows = s.pool_predictions(pid, owner) if rows is None else rows
-        table = [[r.image_id, r.name, r.label, round(r.confidence, 4), r.top] for r in rows]
+        chosen = set(selection)
+        table = [[r.image_id, r.name, r.label, round(100 * r.confidence, 1), r.top,
+                  MARK if r.image_id in chosen else ""] for r in rows]
+        gallery, ids = s.pool_gallery_items(pid, rows, owner)
+        gallery = [(t, f"{MARK} {c}" if i in chosen else c) for (t, c), i in zip(gallery, ids)]
         choices = [v for _, v in s.class_choices(pid, owner)]
-        return {ui.pool_table: table, ui.pool_gallery: s.pool_gallery(pid, rows, owner), ui.pool_selection: "",
+        return {ui.pool_table: table, ui.pool_gallery: gallery, ui.pool_row_ids: [r.image_id for r in rows],
+                ui.pool_ids: ids, ui.pool_selection: ", ".join(str(i) for i in selection),
                 ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None)}
 
     ui.pool_view = pool_view
@@ -75,7 +88,7 @@ def build(ui: UI) -> None:
         out[ui.prediction] = None
         return out
 
-    ui.add_view(view, [*pool_outs, ui.label_model_md, ui.prediction])
+    ui.add_view(view, [*pool_outs, ui.label_model_md, ui.prediction], model=True)
     ui.pool_outs = pool_outs
 
 
@@ -99,6 +112,11 @@ def wire(ui: UI) -> None:
                            f"{refused_text(errors)}", **ui.pool_view(pid, owner), ui.pool_upload: None}
 
     @friendly
+    def check_label_pool(pid, owner, request: gr.Request):
+        """Fails fast with the one sentence (no model, a stale model) before the long run."""
+        s.current_model(need_project(pid), who(owner, request))
+
+    @friendly
     def label_pool(pid, owner, request: gr.Request, progress=gr.Progress()):
         owner = who(owner, request)
         rows = s.label_pool(need_project(pid), owner,
@@ -111,56 +129,56 @@ def wire(ui: UI) -> None:
                    f"({low} below 50%). Select and accept, or correct.")
         return {ui.notice: msg, **ui.pool_view(pid, owner, rows), ui.label_model_md: s.model_summary(pid, owner)}
 
-    def toggle(selection, image_id):
-        ids = parse_image_ids(selection)
-        if image_id is None:
-            return selection
-        ids = [i for i in ids if i != image_id] if image_id in ids else ids + [image_id]
-        return ", ".join(str(i) for i in ids)
+    def toggle(pid, selection, ids, owner, evt: gr.SelectData, request: gr.Request):
+        """A click on a row or thumbnail selects its image, or unselects it; the view marks it."""
+        image_id = picked(ids, evt)
+        if pid is None or image_id is None:
+            return unchanged(ui.pool_outs)
+        chosen = parse_image_ids(selection)
+        chosen = [i for i in chosen if i != image_id] if image_id in chosen else chosen + [image_id]
+        return ui.pool_view(pid, who(owner, request), selection=chosen) | {ui.correct_dd: gr.skip()}
 
-    def table_select(selection, evt: gr.SelectData):
-        row = evt.row_value or []
-        try:
-            return toggle(selection, int(row[0]))
-        except (IndexError, TypeError, ValueError):
-            return selection
-
-    def gallery_select(selection, evt: gr.SelectData):
-        ids = parse_image_ids(selected_caption(evt) or "")  # "#12 red circle 97%"
-        return toggle(selection, ids[0] if ids else None)
+    def clear_selection(pid, owner, request: gr.Request):
+        if pid is None:
+            return unchanged(ui.pool_outs)
+        return ui.pool_view(pid, who(owner, request)) | {ui.correct_dd: gr.skip()}
 
     def after_change(pid, owner, message):
         return {ui.notice: message, **ui.pool_view(pid, owner), ui.label_model_md: s.model_summary(pid, owner)}
+
+    def them(n: int) -> str:
+        return "it" if n == 1 else "them"
 
     @friendly
     def accept(pid, selection, owner, request: gr.Request):
         owner = who(owner, request)
         ids = parse_image_ids(selection)
         if not ids:
-            raise DataError("Select images first: click their rows or thumbnails, or type their ids.")
+            raise DataError("Select images first: click their rows or thumbnails.")
         n = s.accept(need_project(pid), ids, owner)
         return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''}: "
                                         f"{'they join' if n != 1 else 'it joins'} the predicted class. "
-                                        "Retrain to use them.")
+                                        f"Retrain to use {them(n)}.")
 
     @friendly
     def correct(pid, selection, class_name, owner, request: gr.Request):
         owner = who(owner, request)
         ids = parse_image_ids(selection)
         if not ids:
-            raise DataError("Select images first: click their rows or thumbnails, or type their ids.")
+            raise DataError("Select images first: click their rows or thumbnails.")
         if not class_name:
             raise DataError("Pick the class to label them with.")
         n = s.correct(need_project(pid), ids, class_name, owner)
         return after_change(pid, owner, f"Labeled {n} image{'s' if n != 1 else ''} as **{class_name}**. "
-                                        "Retrain to use them.")
+                                        f"Retrain to use {them(n)}.")
 
     @friendly
     def accept_confident(pid, threshold, owner, request: gr.Request):
         owner = who(owner, request)
         n = s.accept_confident(need_project(pid), threshold, owner)
         return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''} at or above "
-                                        f"{float(threshold):.0%} confidence.")
+                                        f"{float(threshold):.0%} confidence."
+                                        + (f" Retrain to use {them(n)}." if n else ""))
 
     @friendly
     def retrain(pid, owner, request: gr.Request):
@@ -176,9 +194,13 @@ def wire(ui: UI) -> None:
                             api_visibility="private")
     ui.pool_upload.upload(add_pool, [ui.project, ui.pool_upload, ui.owner], acts + [ui.pool_upload],
                           api_name="add_pool")
-    ui.label_pool_btn.click(label_pool, [ui.project, ui.owner], acts, api_name="label_pool")
-    ui.pool_table.select(table_select, [ui.pool_selection], ui.pool_selection, api_visibility="private")
-    ui.pool_gallery.select(gallery_select, [ui.pool_selection], ui.pool_selection, api_visibility="private")
+    # the check fails fast in one sentence; the labeling itself shows its progress on the bar
+    ui.label_pool_btn.click(check_label_pool, [ui.project, ui.owner], None, api_visibility="private").success(
+        label_pool, [ui.project, ui.owner], acts, api_name="label_pool", show_progress_on=[ui.label_progress])
+    sel_ins = [ui.project, ui.pool_selection]
+    ui.pool_table.select(toggle, [*sel_ins, ui.pool_row_ids, ui.owner], ui.pool_outs, api_visibility="private")
+    ui.pool_gallery.select(toggle, [*sel_ins, ui.pool_ids, ui.owner], ui.pool_outs, api_visibility="private")
+    ui.clear_selection_btn.click(clear_selection, [ui.project, ui.owner], ui.pool_outs, api_visibility="private")
     ui.accept_btn.click(accept, [ui.project, ui.pool_selection, ui.owner], acts, api_name="accept")
     ui.correct_btn.click(correct, [ui.project, ui.pool_selection, ui.correct_dd, ui.owner], acts,
                          api_name="correct")

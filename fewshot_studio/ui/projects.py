@@ -26,8 +26,10 @@ def build_bar(ui: UI) -> None:
                                     elem_id="new-project-name")
         ui.create_btn = gr.Button("Create", scale=1, elem_id="create-project")
         ui.example_dd = gr.Dropdown(label="Example project", scale=3, elem_id="example-select",
-                                    choices=[(e["title"], k) for k, e in EXAMPLES.items()], value="shapes")
+                                    choices=[(e["title"], k) for k, e in EXAMPLES.items()], value="shapes",
+                                    info="Coloured shapes works offline with tiny; textile needs a real CLIP.")
         ui.example_btn = gr.Button("Load example", scale=1, variant="secondary", elem_id="load-example")
+        ui.example_copy = gr.State(None)  # the example whose existing copy was just opened
     with gr.Accordion("Rename, share or delete this project", open=False):
         with gr.Row(elem_classes="fs-inline"):
             ui.rename_project_box = gr.Textbox(label="Project name", scale=3, elem_id="rename-project-name")
@@ -42,6 +44,10 @@ def build_bar(ui: UI) -> None:
             ui.share_btn = gr.Button("Share link", scale=1, elem_id="share-project")
             ui.renew_link_btn = gr.Button("New link (the old one stops working)", scale=1, elem_id="renew-link")
             ui.share_token = gr.Textbox(visible=False)
+    ui.model_dd = gr.Dropdown(label="Model in use (graph, predictions, labeling, retraining and export)",
+                              choices=[], value=None, elem_id="model-select",
+                              info="Every model of this project, newest first: method, backbone, what its "
+                                   "training measured and when. A new training becomes the one in use.")
     ui.notice = gr.Markdown("", elem_id="notice")
 
     def view(pid, owner):
@@ -50,7 +56,14 @@ def build_bar(ui: UI) -> None:
         return {ui.project_dd: gr.Dropdown(choices=[(p.name, p.id) for p in projects], value=pid),
                 ui.rename_project_box: name, ui.confirm_delete_btn: gr.Button(visible=False), ui.share_link: ""}
 
+    def model_view(pid, owner):
+        if pid is None:
+            return {ui.model_dd: gr.Dropdown(choices=[], value=None)}
+        choices, current = ui.studio.model_choices(pid, owner)
+        return {ui.model_dd: gr.Dropdown(choices=choices, value=current)}
+
     ui.add_view(view, [ui.project_dd, ui.rename_project_box, ui.confirm_delete_btn, ui.share_link])
+    ui.add_view(model_view, [ui.model_dd], model=True)
 
 
 def wire(ui: UI) -> None:
@@ -74,11 +87,23 @@ def wire(ui: UI) -> None:
         return show(p.id, owner, f"Opened **{p.name}**.")
 
     @friendly
-    def load_example(name, owner, request: gr.Request):
+    def load_example(name, opened, owner, request: gr.Request):
         owner = who(owner, request)
-        p = s.load_example(name or "shapes", owner)
-        return show(p.id, owner, f"Loaded the example project **{p.name}**: its classes and images are below, "
-                                 "and its unlabeled pool waits in Predict & label.")
+        name = name or "shapes"
+        have = s.example_project(name, owner)
+        if have is not None and opened != name:  # a second press makes the fresh copy
+            return {**show(have.id, owner, f"Opened your copy of the example, **{have.name}**. Press *Load example* "
+                                           "again for a fresh copy."), ui.example_copy: name}
+        p = s.load_example(name, owner)
+        return {**show(p.id, owner, f"Loaded the example project **{p.name}**: its classes and images are below, "
+                                    "and its unlabeled pool waits in Predict & label."), ui.example_copy: None}
+
+    @friendly
+    def use_model(pid, model_id, owner, request: gr.Request):
+        owner = who(owner, request)
+        m = s.set_current_model(need_project(pid), model_id, owner)
+        return {ui.notice: f"The graph, predictions, labeling, retraining and export now use model #{m.id}.",
+                **ui.current_model_views(pid, owner)}
 
     @friendly
     def rename(pid, name, owner, request: gr.Request):
@@ -100,7 +125,11 @@ def wire(ui: UI) -> None:
     ui.create_btn.click(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_name="create_project")
     ui.new_project.submit(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_visibility="private")
     ui.project_dd.input(open_project, [ui.project_dd, ui.owner], outs, api_name="open_project")
-    ui.example_btn.click(load_example, [ui.example_dd, ui.owner], outs, api_name="load_example")
+    ui.example_btn.click(load_example, [ui.example_dd, ui.example_copy, ui.owner], outs + [ui.example_copy],
+                         api_name="load_example")
+    ui.example_dd.input(lambda: None, None, ui.example_copy, api_visibility="private")
+    ui.model_dd.input(use_model, [ui.project, ui.model_dd, ui.owner], [ui.notice, *ui.model_view_outputs],
+                      api_name="use_model")
     ui.rename_project_btn.click(rename, [ui.project, ui.rename_project_box, ui.owner], outs,
                                 api_name="rename_project")
     ui.delete_project_btn.click(ask_delete, [ui.project], ui.confirm_delete_btn, api_visibility="private")
@@ -143,6 +172,9 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
                 notice = str(e)
         p = s.last_project(owner, preferred)
         pid = p.id if p else None
+        if pid is not None and not notice and s.interrupted_training(pid, owner) is not None:
+            notice = ("The app stopped while this project's last training was running, so it was not saved; "
+                      "press Train to run it again.")
         out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
                ui.remembered: {"owner": owner, "project": pid}, ui.notice: notice}
         out.update(resume(pid))

@@ -2,14 +2,17 @@
 progress bar and loss/accuracy curve polled by a timer while the job runs in the background."""
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
-from .. import viz
+from .. import shapes, viz
+from ..backbone import TINY
 from ..jobs import DONE, FINISHED
 from ..service import METHOD_LABELS, METHOD_ORDER
-from .common import UI, friendly, need_project, progress_html, who
+from .common import UI, _bar, friendly, need_project, progress_html, who
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # the page's job timer (ui/app.py)
 
 # Labels of the advanced settings: (method, key) first, then key alone.
 HINTS = {
@@ -80,19 +83,18 @@ def build(ui: UI) -> None:
             with gr.Row():
                 ui.train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
                 ui.cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
-        with gr.Column(scale=3):
+        with gr.Column(scale=3, elem_id="train-right"):
             ui.progress = gr.HTML(progress_html(None), elem_id="train-progress")
             ui.curve = gr.Plot(viz.training_curve_figure([]), label="Training curve", elem_id="train-curve")
             ui.model_md = gr.Markdown("", elem_id="model-summary")
-    ui.timer = gr.Timer(POLL_SECONDS, active=False)
 
     def view(pid, owner):
         if pid is None:
             return {ui.model_md: "", ui.curve: viz.training_curve_figure([]), ui.progress: progress_html(None)}
-        return {ui.model_md: s.model_summary(pid, owner), ui.progress: progress_html(None),
-                ui.curve: viz.training_curve_figure(s.model_history(pid, owner), "Latest model's training")}
+        return {ui.model_md: s.model_summary(pid, owner), ui.progress: idle_progress(s, pid, owner),
+                ui.curve: viz.training_curve_figure(s.model_history(pid, owner), "Current model's training")}
 
-    ui.add_view(view, [ui.model_md, ui.curve, ui.progress])
+    ui.add_view(view, [ui.model_md, ui.curve, ui.progress], model=True)
 
     def on_method(m):
         return {ui.method_note: PAPER_NOTES.get(m, ""),
@@ -109,22 +111,43 @@ def settings_from(ui: UI, values) -> dict[str, dict]:
     return {m: ui.studio.coerce_settings(m, d) for m, d in raw.items()}
 
 
+def idle_progress(s, pid, owner) -> str:
+    """The Train tab's bar when no job of this session runs: idle, or, when the app stopped
+    while the project's last training ran, a failed bar that says so (the job is gone)."""
+    job = s.interrupted_training(pid, owner)
+    if job is None:
+        return progress_html(None)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
+    return _bar("interrupted", 0, "Interrupted:",
+                f"the app stopped while the training started at {when} was running, so it was not saved. "
+                "Press Train to run it again.")
+
+
+def shapes_only_warning(s, pid, owner, spec) -> str:
+    """A hint when `tiny` (which only knows coloured shapes) is asked to learn other classes."""
+    if spec.name != TINY:
+        return ""
+    words = {w for c in shapes.CLASSES for w in c.split()}
+    names = [c.name for c in s.store.list_classes(int(pid))]
+    if all(any(w in words for w in n.casefold().replace("_", " ").split()) for n in names):
+        return ""
+    return (" Note: `tiny` only knows coloured shapes, so it cannot tell these classes apart well; "
+            "for photos pick a real CLIP backbone (e.g. ViT-B-32 / openai).")
+
+
 def start_outputs(ui: UI, job_id: str, notice: str) -> dict:
     st = ui.studio.job(job_id)
     return {ui.notice: notice, ui.job: {"id": job_id, "seen": -1, "status": st.status},
             ui.timer: gr.Timer(active=True), ui.progress: progress_html(st),
-            ui.label_progress: progress_html(st), ui.curve: viz.training_curve_figure([], _title(st))}
-
-
-def _title(st) -> str:
-    return "Training: loss and train accuracy"
+            ui.label_progress: progress_html(st),
+            ui.curve: viz.training_curve_figure([], "Training: loss and train accuracy")}
 
 
 def wire(ui: UI) -> None:
     """Train, cancel and poll (registered after the label tab, which shows the progress too)."""
     s = ui.studio
     adv = [c for _, _, c in ui.adv]
-    outs = [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve]
+    outs = [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve, ui.banner]
 
     @friendly
     def train(pid, method, backbone, checkpoint, owner, request: gr.Request, *values):
@@ -133,8 +156,10 @@ def wire(ui: UI) -> None:
         settings = settings_from(ui, values).get(method, {})
         spec = s.spec_for(backbone, None, checkpoint)
         job_id = s.start_training(pid, method, spec, settings, owner)
-        return start_outputs(ui, job_id, f"Training {METHOD_LABELS.get(method, method)} on `{spec.label}`: "
-                                          "the page stays usable meanwhile.")
+        notice = (f"Training {METHOD_LABELS.get(method, method)} on `{spec.label}`: the page stays usable "
+                  f"meanwhile.{shapes_only_warning(s, pid, owner, spec)}")
+        # the backbone just loaded: the banner names it (it may have said "unavailable" before)
+        return start_outputs(ui, job_id, notice) | {ui.banner: s.backbone_status(spec)[1]}
 
     @friendly
     def cancel(job):
@@ -161,11 +186,11 @@ def wire(ui: UI) -> None:
             out[ui.timer] = gr.Timer(active=False)
             out[ui.job] = None
             owner = who(owner, request)
-            if pid is not None and st.project_id == pid:
-                try:
-                    summary = s.model_summary(pid, owner)
-                    out[ui.model_md] = summary
-                    out[ui.label_model_md] = summary
+            if st.status == DONE and pid is not None and st.project_id == pid:
+                try:  # everything that shows the current model: the new one
+                    views = ui.current_model_views(pid, owner)
+                    views.pop(ui.progress, None)  # the bar keeps this job's last words
+                    out.update(views)
                 except Exception:  # noqa: BLE001 - a deleted project: nothing to show
                     pass
             out[ui.notice] = ("Training finished: try the Knowledge graph, Evaluate or Predict & label tabs."
@@ -174,12 +199,18 @@ def wire(ui: UI) -> None:
 
     train_inputs = [ui.project, ui.method, ui.backbone, ui.checkpoint, ui.owner, *adv]
     ui.train_btn.click(train, train_inputs, outs, api_name="train", concurrency_limit=None, show_progress="hidden")
+    # the progress bar may be below the fold (Advanced settings open): bring it into view
+    ui.train_btn.click(None, None, None, js=SCROLL_TO_PROGRESS, api_visibility="private")
     ui.cancel_btn.click(cancel, [ui.job], [ui.notice], api_name="cancel_training", concurrency_limit=None)
-    ui.timer.tick(poll, [ui.job, ui.project, ui.owner],
-                  [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve, ui.model_md,
-                   ui.label_model_md],
+    poll_outs = [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve,
+                 *[o for o in ui.model_view_outputs if o not in (ui.progress, ui.curve)]]
+    ui.timer.tick(poll, [ui.job, ui.project, ui.owner], poll_outs,
                   api_name="training_status", show_progress="hidden", concurrency_limit=None,
                   trigger_mode="always_last")
+
+
+SCROLL_TO_PROGRESS = ("() => { const e = document.querySelector('#train-progress');"
+                      " if (e) e.scrollIntoView({behavior: 'smooth', block: 'center'}); }")
 
 
 def resume(ui: UI):
@@ -188,7 +219,7 @@ def resume(ui: UI):
 
     def fn(pid):
         st = s.active_job(pid)
-        if st is None:
+        if st is None:  # (the project view already shows an interrupted training, if any)
             return {ui.job: None, ui.timer: gr.Timer(active=False)}
         return {ui.job: {"id": st.id, "seen": -1, "status": st.status}, ui.timer: gr.Timer(active=True),
                 ui.progress: progress_html(st), ui.label_progress: progress_html(st)}

@@ -1,0 +1,10 @@
+"""Helpers shared by test modules (test modules import these, never each other)."""
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
