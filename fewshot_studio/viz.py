@@ -4,7 +4,8 @@ Pure, deterministic functions returning plotly Figures or plain table rows; noth
 imports torch or gradio.
 
     fig = knowledge_graph_figure(kg, mode="both", threshold=0.5)
-    rows = edge_rows(kg)                      # header: EDGE_COLUMNS
+    rows = edge_rows(kg, 0.5, sort_by="textual")  # header: EDGE_COLUMNS
+    pairs = confusable_rows(kg, 0.5)              # "looks alike, named differently" (header: CONFUSABLE_COLUMNS)
     training_curve_figure(method.history)
 """
 from __future__ import annotations
@@ -20,7 +21,11 @@ if TYPE_CHECKING:  # typing only: importing it at run time would pull in torch
 MODES = ("both", "text", "visual", "fused")
 MODE_LABELS = {"both": "textual + visual", "text": "textual", "visual": "visual", "fused": "fused"}
 
-EDGE_COLUMNS = ["class A", "class B", "textual", "visual", "visual − textual"]
+# "fused" last: the first five columns mean the same for every method; only GraphAdapter fuses
+EDGE_COLUMNS = ["class A", "class B", "textual", "visual", "visual − textual", "fused"]
+# what edge_rows can sort by: numbers largest first, class names alphabetically
+EDGE_SORTS = ["visual − textual", "textual", "visual", "fused", "class A"]
+DEFAULT_EDGE_SORT = "visual − textual"
 CONFUSABLE_COLUMNS = ["class A", "class B", "textual", "visual", "visual − textual"]
 
 TEXT_NAME, VISUAL_NAME, FUSED_NAME = "textual", "visual", "fused"
@@ -40,8 +45,6 @@ NA_COLOR = "#c4c4c4"
 
 EDGE_LEVELS = 4              # edge weights are drawn in this many width/opacity steps
 MIN_NODE_SIZE, MAX_NODE_SIZE, DEFAULT_NODE_SIZE = 14.0, 42.0, 20.0
-CONFUSABLE_GAP = 0.05        # visual − textual at least this much to be highlighted
-CONFUSABLE_TOP = 5           # highlight at most this many pairs
 NEIGHBOURS_IN_HOVER = 3
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=13, color="#2b2b2b")
 
@@ -176,21 +179,20 @@ def _pairs(c: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(c, k=1)
 
 
-def confusable_pairs(kg: KnowledgeGraph, top: int = CONFUSABLE_TOP,
-                     min_gap: float = CONFUSABLE_GAP) -> list[tuple[int, int]]:
-    """Index pairs (i<j) that look alike but are named differently: visual − textual
-    similarity at least `min_gap`, and visual similarity at or above the median pair's;
-    largest gap first, at most `top`."""
-    c = len(kg.classes)
-    if kg.visual_edges is None or c < 2:
-        return []
-    t, v = _matrix(kg.text_edges, c), _matrix(kg.visual_edges, c)
-    iu, ju = _pairs(c)
-    tv, vv = t[iu, ju], v[iu, ju]
-    gap = vv - tv
-    ok = (gap >= min_gap) & (vv >= np.median(vv))
-    order = [k for k in np.argsort(-gap, kind="stable") if ok[k]][:max(int(top), 0)]
-    return [(int(iu[k]), int(ju[k])) for k in order]
+def _confusable(kg: KnowledgeGraph, threshold: float | None) -> list[dict]:
+    """KnowledgeGraph.confusable_pairs (the one definition of "looks alike, named differently")
+    whose visual edge reaches `threshold`, i.e. is drawn: the figure's highlighted pairs, the
+    table and the info line all come from here, so they cannot disagree."""
+    pairs = kg.confusable_pairs()
+    if threshold is None:
+        return pairs
+    return [p for p in pairs if p["visual"] >= threshold]
+
+
+def confusable_pairs(kg: KnowledgeGraph, threshold: float | None = None) -> list[tuple[int, int]]:
+    """Index pairs (i<j) that look alike but are named differently (KnowledgeGraph.confusable_pairs),
+    largest visual − textual gap first; with `threshold`, only those whose visual edge reaches it."""
+    return [(p["i"], p["j"]) for p in _confusable(kg, threshold)]
 
 
 def _node_sizes(counts: Sequence[int] | None, c: int) -> np.ndarray:
@@ -247,8 +249,8 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
     chosen sub-graph ("text", "visual", "both" or "fused") with weight ≥ `threshold`, wider
     and more opaque when heavier. Hovering a node lists its count and strongest neighbours,
     hovering an edge's midpoint its exact weights. With `highlight`, pairs that look alike
-    but are named differently (visual much above textual similarity) are drawn in a warning
-    colour.
+    but are named differently (KnowledgeGraph.confusable_pairs; exactly confusable_rows(kg,
+    threshold)) are drawn in a warning colour.
     """
     subs, notice = _resolve(kg, mode)
     c = len(kg.classes)
@@ -261,7 +263,7 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
     pos = graph_layout(kg, mode)
     fig = go.Figure()
 
-    hi_pairs = confusable_pairs(kg) if highlight else []
+    hi_pairs = confusable_pairs(kg, threshold) if highlight else []
     hi_set = set(hi_pairs)
     iu, ju = _pairs(c)
     all_pairs = list(zip(iu.tolist(), ju.tolist()))
@@ -274,7 +276,7 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
         if s == "visual":  # a highlighted pair's visual edge is drawn in the warning colour
             keep = [p for p in keep if p not in hi_set]
         drawn[s] = keep
-    shown_hi = [(i, j) for i, j in hi_pairs if mats["visual"][i, j] >= threshold]
+    shown_hi = hi_pairs  # already only those whose visual edge reaches the threshold
     ws = [mats[s][i, j] for s in subs for i, j in drawn[s]] + [mats["visual"][p] for p in shown_hi]
     lo, hi = (min(ws), max(ws)) if ws else (0.0, 1.0)
 
@@ -360,31 +362,49 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-def edge_rows(kg: KnowledgeGraph, threshold: float = 0.0) -> list[list]:
-    """One row per unordered class pair with a similarity ≥ `threshold` (textual or visual),
-    columns EDGE_COLUMNS; sorted by visual − textual descending (by textual similarity
-    descending when the method has no visual graph). Missing values are None."""
+def _sort_key(sort_by: str):
+    """Row sort key for EDGE_SORTS: numbers largest first with missing ones last, class names
+    alphabetically; ties by textual similarity (largest first), then class order."""
+    if sort_by not in EDGE_SORTS:
+        raise ValueError(f"cannot sort edges by {sort_by!r}; choose one of {', '.join(EDGE_SORTS)}")
+    col = EDGE_COLUMNS.index(sort_by)
+    if sort_by == "class A":
+        return lambda row: (row[0], row[1])
+    return lambda row: (row[col] is None, -(row[col] or 0.0), -row[2])
+
+
+def edge_rows(kg: KnowledgeGraph, threshold: float = 0.0, sort_by: str = DEFAULT_EDGE_SORT) -> list[list]:
+    """One row per unordered class pair with a similarity ≥ `threshold` (textual, visual or
+    fused), columns EDGE_COLUMNS, sorted by `sort_by` (one of EDGE_SORTS; the default, visual −
+    textual, falls back to textual similarity when the method has no visual graph). Missing
+    values (no visual or fused graph) are None."""
     c = len(kg.classes)
     if c < 2:
         return []
-    t, v = _matrix(kg.text_edges, c), _matrix(kg.visual_edges, c)
+    t, v, f = _matrix(kg.text_edges, c), _matrix(kg.visual_edges, c), _matrix(kg.fused_edges, c)
+    key = _sort_key(sort_by)
     iu, ju = _pairs(c)
     rows = []
     for i, j in zip(iu.tolist(), ju.tolist()):
         tw = float(t[i, j])
         vw = None if v is None else float(v[i, j])
-        if max(tw, vw if vw is not None else tw) < threshold:
+        fw = None if f is None else float(f[i, j])
+        if max(w for w in (tw, vw, fw) if w is not None) < threshold:
             continue
-        key = -tw if vw is None else -(vw - tw)
-        rows.append((key, [kg.classes[i], kg.classes[j], _r(tw), None if vw is None else _r(vw),
-                           None if vw is None else _r(vw - tw)]))
-    return [row for _, row in sorted(rows, key=lambda kr: kr[0])]
+        rows.append([kg.classes[i], kg.classes[j], _r(tw), None if vw is None else _r(vw),
+                     None if vw is None else _r(vw - tw), None if fw is None else _r(fw)])
+    return sorted(rows, key=key)
 
 
-def confusable_rows(kg: KnowledgeGraph, top: int = 10) -> list[list]:
+def confusable_rows(kg: KnowledgeGraph, threshold: float | None = None, top: int | None = None) -> list[list]:
     """The pairs that look alike but are named differently (KnowledgeGraph.confusable_pairs),
-    columns CONFUSABLE_COLUMNS; empty without a visual graph."""
-    return [[p["a"], p["b"], _r(p["text"]), _r(p["visual"]), _r(p["gap"])] for p in kg.confusable_pairs(top)]
+    columns CONFUSABLE_COLUMNS, largest gap first; with `threshold`, only those whose visual edge
+    reaches it (exactly the pairs knowledge_graph_figure highlights at that threshold); at most
+    `top`. Empty without a visual graph."""
+    pairs = _confusable(kg, threshold)
+    if top is not None:
+        pairs = pairs[:max(int(top), 0)]
+    return [[p["a"], p["b"], _r(p["text"]), _r(p["visual"]), _r(p["gap"])] for p in pairs]
 
 
 # ---------------------------------------------------------------- training and evaluation

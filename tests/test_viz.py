@@ -313,16 +313,16 @@ def test_figures_are_deterministic():
 def test_edge_rows_sorted_and_complete():
     rows = viz.edge_rows(make_kg())
     assert len(rows) == 4 * 3 // 2 and all(len(r) == len(viz.EDGE_COLUMNS) for r in rows)
-    assert viz.EDGE_COLUMNS == ["class A", "class B", "textual", "visual", "visual − textual"]
+    assert viz.EDGE_COLUMNS == ["class A", "class B", "textual", "visual", "visual − textual", "fused"]
     gaps = [r[4] for r in rows]
     assert gaps == sorted(gaps, reverse=True)
-    assert rows[0] == ["cat", "lynx", 0.2, 0.9, 0.7]
+    assert rows[0] == ["cat", "lynx", 0.2, 0.9, 0.7, None]  # no fused graph: the fused cell is blank
     pairs = {frozenset(r[:2]) for r in rows}
     assert len(pairs) == 6
-    for a, b, t, v, g in rows:
+    for a, b, t, v, g, f in rows:
         i, j = CLASSES.index(a), CLASSES.index(b)
         assert i < j and t == pytest.approx(TEXT[i, j], abs=1e-4) and v == pytest.approx(VISUAL[i, j], abs=1e-4)
-        assert g == pytest.approx(v - t, abs=2e-4)
+        assert g == pytest.approx(v - t, abs=2e-4) and f is None
     assert len(viz.edge_rows(make_kg(), threshold=0.55)) == count_pairs(np.maximum(TEXT, VISUAL), 0.55)
     json.dumps(rows)
 
@@ -341,8 +341,138 @@ def test_confusable_rows():
     assert rows == [["cat", "lynx", 0.2, 0.9, 0.7]]
     assert viz.confusable_rows(make_kg(visual=False)) == []
     t = np.eye(5)
-    v = np.eye(5) + 0.1 * (1 - np.eye(5))  # every pair: visual − text = 0.1
+    v = np.eye(5) + 0.3 * (1 - np.eye(5))  # every pair: visual 0.3, visual − text = 0.3
     assert len(viz.confusable_rows(KnowledgeGraph(list("abcde"), t, v), top=3)) == 3
+    # visual 0.1 is below the "looks alike" floor (KnowledgeGraph.CONFUSABLE_MIN_VISUAL), whatever the gap
+    v = np.eye(5) + 0.1 * (1 - np.eye(5))
+    assert viz.confusable_rows(KnowledgeGraph(list("abcde"), t, v)) == []
+
+
+# The knowledge graph of the shapes example (assets/examples/shapes/train, tiny backbone,
+# GraphAdapter), rounded: the old rules listed green triangle–purple hexagon (visual 0.065).
+SHAPES = ["blue square", "green triangle", "purple hexagon", "red circle", "yellow star"]
+SHAPES_TEXT = np.array([[1.0, 0.239, 0.123, 0.099, -0.318],
+                        [0.239, 1.0, 0.010, -0.430, 0.263],
+                        [0.123, 0.010, 1.0, 0.489, -0.409],
+                        [0.099, -0.430, 0.489, 1.0, -0.865],
+                        [-0.318, 0.263, -0.409, -0.865, 1.0]], dtype=np.float32)
+SHAPES_VISUAL = np.array([[1.0, 0.117, 0.116, 0.317, -0.382],
+                          [0.117, 1.0, 0.065, -0.242, -0.037],
+                          [0.116, 0.065, 1.0, 0.468, -0.230],
+                          [0.317, -0.242, 0.468, 1.0, -0.743],
+                          [-0.382, -0.037, -0.230, -0.743, 1.0]], dtype=np.float32)
+SHAPES_FUSED = np.array([[1.0, 0.092, -0.252, -0.167, -0.195],
+                         [0.092, 1.0, 0.118, -0.581, 0.013],
+                         [-0.252, 0.118, 1.0, -0.209, 0.118],
+                         [-0.167, -0.581, -0.209, 1.0, -0.652],
+                         [-0.195, 0.013, 0.118, -0.652, 1.0]], dtype=np.float32)
+
+
+def shapes_kg(fused=True) -> KnowledgeGraph:
+    return KnowledgeGraph(list(SHAPES), SHAPES_TEXT, SHAPES_VISUAL, SHAPES_FUSED if fused else None, [4] * 5)
+
+
+def highlighted_pairs(fig: go.Figure) -> list[tuple[str, str]]:
+    """The class pairs the figure flags as "looks alike, named differently" (edge hover texts)."""
+    flagged = [h.split(":", 1)[0].split(" — ") for h in edge_hover(fig) if viz.HIGHLIGHT_NAME in h] \
+        if traces(fig, viz.EDGE_HOVER_NAME) else []
+    return sorted((a, b) for a, b in flagged)
+
+
+def test_looks_alike_needs_a_high_visual_similarity():
+    kg = shapes_kg()
+    level = kg.confusable_level()
+    iu = np.triu_indices(5, k=1)
+    off = SHAPES_VISUAL[iu]
+    assert level == pytest.approx(max(np.percentile(off, 75), KnowledgeGraph.CONFUSABLE_MIN_VISUAL))
+    assert level >= 0.2 > 0.117  # the upper quartile (0.117) is not yet "clearly positive"
+    pairs = kg.confusable_pairs()  # what the CLI's `graph` command prints
+    assert [(p["a"], p["b"]) for p in pairs] == [("blue square", "red circle")]
+    assert all(p["visual"] >= level and p["gap"] >= KnowledgeGraph.CONFUSABLE_GAP for p in pairs)
+    # the low-visual pair with a positive gap (0.065 vs 0.010) and the "more unrelated by name
+    # than by look" pairs (visual < 0) are not listed anywhere
+    for rows in (viz.confusable_rows(kg), viz.confusable_rows(kg, 0.0), viz.confusable_rows(kg, -1.0)):
+        assert [r[:2] for r in rows] == [["blue square", "red circle"]]
+        assert all(r[3] >= level for r in rows)
+    assert viz.confusable_pairs(kg) == [(0, 3)]
+    # a visually close pair that is also named alike (purple hexagon–red circle, 0.468 vs 0.489) is not
+    assert (2, 3) not in viz.confusable_pairs(kg)
+    # no visual graph or fewer than two classes: nothing, and no level
+    no_visual = KnowledgeGraph(list(SHAPES), SHAPES_TEXT)
+    assert no_visual.confusable_level() is None and no_visual.confusable_pairs() == []
+    assert KnowledgeGraph(["a"], np.ones((1, 1)), np.ones((1, 1))).confusable_pairs() == []
+    # non-finite similarities are skipped, not listed
+    v = SHAPES_VISUAL.copy()
+    v[0, 3] = v[3, 0] = np.nan
+    assert KnowledgeGraph(list(SHAPES), SHAPES_TEXT, v).confusable_pairs() == []
+    # one definition, many consumers: the pairs carry their indices and respect `top`
+    t = np.eye(6)
+    v = np.eye(6) + 0.5 * (1 - np.eye(6))
+    many = KnowledgeGraph(list("abcdef"), t, v)
+    assert len(many.confusable_pairs(top=100)) == 15 and len(many.confusable_pairs(top=4)) == 4
+    assert len(many.confusable_pairs()) == KnowledgeGraph.CONFUSABLE_TOP
+    assert all(many.classes[p["i"]] == p["a"] and many.classes[p["j"]] == p["b"] for p in many.confusable_pairs(15))
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3, 0.6, 0.95])
+@pytest.mark.parametrize("which", ["toy", "shapes", "random"])
+def test_figure_highlights_equal_table_rows_and_info_pair(which, threshold):
+    if which == "toy":
+        kg = make_kg(fused=True)
+    elif which == "shapes":
+        kg = shapes_kg()
+    else:
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(12, 6))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        y = x + 0.8 * rng.normal(size=x.shape)
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+        kg = KnowledgeGraph([f"c{i}" for i in range(12)], x @ x.T, y @ y.T)
+    rows = viz.confusable_rows(kg, threshold)
+    table = sorted((r[0], r[1]) for r in rows)
+    idx = viz.confusable_pairs(kg, threshold)
+    assert [(kg.classes[i], kg.classes[j]) for i, j in idx] == [(r[0], r[1]) for r in rows]
+    for mode in viz.available_modes(kg):
+        fig = viz.knowledge_graph_figure(kg, mode, threshold)
+        assert highlighted_pairs(fig) == table
+        assert len(segments(fig, viz.HIGHLIGHT_NAME)) == len(rows)
+    # the info line names rows[0]: the largest gap among the highlighted pairs
+    if rows:
+        gaps = [r[4] for r in rows]
+        assert rows[0][4] == max(gaps) and gaps == sorted(gaps, reverse=True)
+    # every row is one of the graph's confusable pairs whose visual edge is drawn
+    every = {(p["a"], p["b"]) for p in kg.confusable_pairs()}
+    assert set(table) <= every and all(r[3] >= threshold for r in rows)
+    if which == "random":
+        assert kg.confusable_pairs()  # the random graph has some pairs to compare
+
+
+def test_edge_rows_fused_column_and_sorting():
+    kg = shapes_kg()
+    rows = viz.edge_rows(kg, threshold=-1.0)
+    assert len(rows) == 10
+    fused = {(r[0], r[1]): r[5] for r in rows}
+    assert fused[("blue square", "green triangle")] == pytest.approx(0.092, abs=1e-4)
+    assert fused[("red circle", "yellow star")] == pytest.approx(-0.652, abs=1e-4)
+    assert all(r[5] is None for r in viz.edge_rows(shapes_kg(fused=False), -1.0))
+    # the threshold counts the fused edge too: a pair shows when any of its weights reaches it
+    fm = np.maximum(np.maximum(SHAPES_TEXT, SHAPES_VISUAL), SHAPES_FUSED)
+    for thr in (-0.5, 0.0, 0.1, 0.3):
+        assert len(viz.edge_rows(kg, thr)) == count_pairs(fm, thr)
+    assert len(viz.edge_rows(kg, 0.1)) != len(viz.edge_rows(kg, 0.3))
+    for col in ("textual", "visual", "fused", "visual − textual"):
+        k = viz.EDGE_COLUMNS.index(col)
+        vals = [r[k] for r in viz.edge_rows(kg, -1.0, sort_by=col)]
+        assert vals == sorted(vals, reverse=True), col
+    names = [(r[0], r[1]) for r in viz.edge_rows(kg, -1.0, sort_by="class A")]
+    assert names == sorted(names)
+    assert viz.edge_rows(kg, -1.0) == viz.edge_rows(kg, -1.0, sort_by=viz.DEFAULT_EDGE_SORT)
+    assert set(viz.EDGE_SORTS) <= set(viz.EDGE_COLUMNS)
+    # sorting by a column the method lacks keeps the rows, in textual order
+    no_fused = viz.edge_rows(shapes_kg(fused=False), -1.0, sort_by="fused")
+    assert [r[2] for r in no_fused] == sorted((r[2] for r in no_fused), reverse=True)
+    with pytest.raises(ValueError):
+        viz.edge_rows(kg, sort_by="nope")
 
 
 # ---------------------------------------------------------------- training curve

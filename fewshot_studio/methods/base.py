@@ -11,6 +11,7 @@ backbone is referenced, never registered, so it is neither saved nor trained.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -67,16 +68,62 @@ class KnowledgeGraph:
         return cls(list(d["classes"]), arr(d["text_edges"]), arr(d.get("visual_edges")),
                    arr(d.get("fused_edges")), d.get("counts"))
 
-    def confusable_pairs(self, top: int = 10) -> list[dict]:
-        """Pairs that look alike but are named differently: largest visual minus textual
-        similarity first (needs a visual sub-graph)."""
+    # "Looks alike, named differently": the one definition that the graph figure's highlighted
+    # pairs, the Knowledge graph tab's table and info line and the CLI's `graph` command all use.
+    CONFUSABLE_QUANTILE: ClassVar[float] = 0.75   # visual similarity in the top quarter of all pairs ...
+    CONFUSABLE_MIN_VISUAL: ClassVar[float] = 0.2  # ... and at least this (clearly positive) ...
+    CONFUSABLE_GAP: ClassVar[float] = 0.1         # ... and at least this much above the textual one
+    CONFUSABLE_TOP: ClassVar[int] = 10
+    _EPS: ClassVar[float] = 1e-6  # edges are float32: 0.2 stored as 0.19999999 still counts as 0.2
+
+    def _pair_values(self, m) -> list[tuple[int, int, float]]:
+        n = len(self.classes)
+        return [(i, j, float(m[i][j])) for i in range(n) for j in range(i + 1, n)]
+
+    def confusable_level(self) -> float | None:
+        """The visual similarity a pair needs to "look alike": the CONFUSABLE_QUANTILE quantile
+        (linear interpolation, as numpy's default) of the finite off-diagonal visual similarities,
+        but never below CONFUSABLE_MIN_VISUAL. None without a visual graph or with < 2 classes."""
         if self.visual_edges is None or len(self.classes) < 2:
+            return None
+        vs = sorted(v for _, _, v in self._pair_values(self.visual_edges) if math.isfinite(v))
+        if not vs:
+            return None
+        pos = self.CONFUSABLE_QUANTILE * (len(vs) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(vs) - 1)
+        q = vs[lo] + (vs[hi] - vs[lo]) * (pos - lo)
+        return max(q, self.CONFUSABLE_MIN_VISUAL)
+
+    def confusable_pairs(self, top: int = CONFUSABLE_TOP) -> list[dict]:
+        """Pairs of classes that look alike but are named differently, largest gap first, at
+        most `top`; each {"a", "b", "i", "j" (i < j), "visual", "text", "gap" = visual − text}.
+
+        The rule: visual ≥ `confusable_level()` (in the top quarter of this graph's off-diagonal
+        visual similarities, and ≥ 0.2) and visual − textual ≥ 0.1. Why: a gap alone also flags
+        pairs that look unrelated but are named even more unrelated (visual −0.24 vs textual
+        −0.43) or are barely related (0.065 vs 0.010), which is not "looks alike". The quantile
+        makes "alike" relative to the other classes (real CLIP puts most pairs at 0.5–0.9); the
+        0.2 floor keeps it clearly positive where a backbone spreads pairs around 0. Measured on
+        the shapes example (tiny backbone, GraphAdapter): off-diagonal visual similarities have
+        median 0.01, upper quartile 0.12, max 0.47; at or above 0.2 are blue square–red circle
+        (visual 0.32, textual 0.10: listed) and purple hexagon–red circle (0.47 vs 0.49: named
+        alike too, not listed). The 0.1 gap is a tenth of the cosine range; on that example the
+        listed pair's gap is 0.12–0.23 across methods, the other top-quarter pairs' ≤ −0.02.
+        Needs a visual sub-graph; none otherwise."""
+        level = self.confusable_level()
+        if level is None:
             return []
-        iu = np.triu_indices(len(self.classes), k=1)
-        v, t = self.visual_edges[iu], self.text_edges[iu]
-        order = np.argsort(-(v - t))[:top]
-        return [{"a": self.classes[iu[0][k]], "b": self.classes[iu[1][k]], "visual": float(v[k]),
-                 "text": float(t[k]), "gap": float(v[k] - t[k])} for k in order if v[k] - t[k] > 0]
+        text = {(i, j): t for i, j, t in self._pair_values(self.text_edges)}
+        pairs = []
+        for i, j, v in self._pair_values(self.visual_edges):
+            t = text[i, j]
+            if math.isfinite(v) and math.isfinite(t) and v >= level - self._EPS \
+                    and v - t >= self.CONFUSABLE_GAP - self._EPS:
+                pairs.append({"a": self.classes[i], "b": self.classes[j], "i": i, "j": j,
+                              "visual": v, "text": t, "gap": v - t})
+        pairs.sort(key=lambda p: -p["gap"])  # stable: ties keep the class order
+        return pairs[:max(int(top), 0)]
 
 
 @dataclass

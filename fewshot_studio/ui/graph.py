@@ -6,6 +6,7 @@ import gradio as gr
 
 from .. import viz
 from ..errors import DataError
+from ..methods.base import KnowledgeGraph
 from .common import UI, friendly, need_project, who
 
 MODE_CHOICES = [("textual + visual", "both"), ("textual", "text"), ("visual", "visual"),
@@ -23,12 +24,21 @@ def build(ui: UI) -> None:
     ui.graph_plot = gr.Plot(label="Class graph (hover for exact weights; node size = number of examples)",
                             elem_id="graph-plot")
     with gr.Row():
-        ui.edge_table = gr.Dataframe(headers=viz.EDGE_COLUMNS, value=[], interactive=False, elem_id="edge-table",
-                                     label="Edges at or above the threshold (click a header to sort)",
-                                     max_height=380, scale=3)
-        ui.confusable_table = gr.Dataframe(headers=viz.CONFUSABLE_COLUMNS, value=[], interactive=False,
-                                           label="Looks alike, named differently (visual ≫ textual similarity)",
-                                           elem_id="confusable-table", max_height=380, scale=2)
+        with gr.Column(scale=3):
+            ui.edge_sort = gr.Dropdown(viz.EDGE_SORTS, value=viz.DEFAULT_EDGE_SORT, elem_id="edge-sort",
+                                       label="Sort edges by (numbers largest first, class names A–Z)")
+            # Gradio 6's Dataframe sorts only through the ⋮ menu of a hovered header (a click
+            # merely selects it), and only in the browser; the dropdown above sorts server-side.
+            ui.edge_table = gr.Dataframe(headers=viz.EDGE_COLUMNS, value=[], interactive=False, elem_id="edge-table",
+                                         label="Edges at or above the threshold (fused: GraphAdapter's adapted "
+                                               "classes; a header's ⋮ menu also sorts)",
+                                         max_height=380)
+        with gr.Column(scale=2):
+            ui.confusable_table = gr.Dataframe(
+                headers=viz.CONFUSABLE_COLUMNS, value=[], interactive=False, elem_id="confusable-table",
+                label=(f"Looks alike, named differently (visual similarity in the top quarter of pairs and "
+                       f"≥ {KnowledgeGraph.CONFUSABLE_MIN_VISUAL:g}, and ≥ textual + {KnowledgeGraph.CONFUSABLE_GAP:g})"),
+                max_height=380)
 
     outs = [ui.graph_plot, ui.edge_table, ui.confusable_table, ui.graph_info]
 
@@ -38,7 +48,7 @@ def build(ui: UI) -> None:
     ui.add_view(lambda pid, owner: empty(), outs)
 
     @friendly
-    def graph(pid, mode, threshold, owner, request: gr.Request):
+    def graph(pid, mode, threshold, sort_by, owner, request: gr.Request):
         owner = who(owner, request)
         try:
             kg = s.knowledge_graph(need_project(pid), owner=owner)
@@ -46,17 +56,21 @@ def build(ui: UI) -> None:
             return empty(str(e))
         mode = mode or "both"
         threshold = float(threshold if threshold is not None else 0.0)
+        # the figure highlights exactly these pairs (same kg, same threshold)
+        pairs = viz.confusable_rows(kg, threshold)
         info = s.model_summary(pid, owner)
-        # "looks alike": a clearly positive visual similarity, well above the textual one
-        pairs = [r for r in viz.confusable_rows(kg) if r[3] >= max(threshold, 0.0) and r[4] >= viz.CONFUSABLE_GAP]
         if pairs:
-            a, b = pairs[0][0], pairs[0][1]
-            info += f" · most confusable pair: **{a}** and **{b}**"
+            a, b, t, v, _ = pairs[0]
+            info += f" · most confusable pair: **{a}** and **{b}** (visual {v:.2f}, textual {t:.2f})"
         return {ui.graph_plot: viz.knowledge_graph_figure(kg, mode, threshold),
-                ui.edge_table: viz.edge_rows(kg, threshold), ui.confusable_table: pairs, ui.graph_info: info}
+                ui.edge_table: viz.edge_rows(kg, threshold, sort_by or viz.DEFAULT_EDGE_SORT),
+                ui.confusable_table: pairs, ui.graph_info: info}
 
-    ins = [ui.project, ui.graph_mode, ui.graph_threshold, ui.owner]
+    ins = [ui.project, ui.graph_mode, ui.graph_threshold, ui.edge_sort, ui.owner]
     ui.graph_btn.click(graph, ins, outs, api_name="graph")
     ui.graph_mode.change(graph, ins, outs, api_visibility="private")
-    ui.graph_threshold.release(graph, ins, outs, api_visibility="private")
+    # .change, not .release: typing a number into the slider's box never fires .release until it
+    # loses focus; always_last coalesces the stream of changes while dragging into one redraw
+    ui.graph_threshold.change(graph, ins, outs, api_visibility="private", trigger_mode="always_last")
+    ui.edge_sort.change(graph, ins, outs, api_visibility="private")
     ui.graph_fn = (graph, ins, outs)
