@@ -408,10 +408,12 @@ def confusable_rows(kg: KnowledgeGraph, threshold: float | None = None, top: int
 
 
 # ---------------------------------------------------------------- training and evaluation
-def training_curve_figure(history: Sequence[Mapping], title: str = "Training") -> go.Figure:
-    """Loss (left axis) and train accuracy (right axis, as %) against the step."""
+def training_curve_figure(history: Sequence[Mapping], title: str = "Training",
+                          empty: str = "Training has not started") -> go.Figure:
+    """Loss (left axis) and train accuracy (right axis, as %) against the step; `empty` is
+    what an empty history means (a training-free model has none)."""
     if not history:
-        return _empty_figure("Training has not started", title)
+        return _empty_figure(empty, title)
     steps = [h.get("step", k + 1) for k, h in enumerate(history)]
     loss = [None if h.get("loss") is None else float(h["loss"]) for h in history]
     acc = [None if h.get("accuracy") is None else float(h["accuracy"]) for h in history]

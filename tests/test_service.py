@@ -386,3 +386,77 @@ def test_a_hugging_face_space_is_hosted_unless_told_otherwise(tiny, tmp_path, mo
     monkeypatch.setenv("FEWSHOT_STUDIO_HOSTED", "1")
     monkeypatch.delenv("SPACE_ID")
     assert make_studio(tmp_path / "d", tiny, hosted=None).hosted
+
+
+def test_a_blank_checkpoint_means_the_configured_one(tmp_path, tiny):
+    """FEWSHOT_STUDIO_CHECKPOINT (the default spec's checkpoint) is used when the form's
+    Local-checkpoint box is blank and the form names the default backbone."""
+    s = Studio(tmp_path / "d", BackboneSpec("ViT-B-32", "openai", "/models/b32.safetensors", "cpu"))
+    try:
+        for name in ("", "ViT-B-32/openai", None):
+            assert s.spec_for(name, None, "").checkpoint == "/models/b32.safetensors"
+        assert s.spec_for("ViT-B-32/openai", None, "/other.pt").checkpoint == "/other.pt"
+        assert s.spec_for("ViT-B-16/openai", None, "").checkpoint is None  # another backbone: not that file
+        assert s.spec_for("tiny", None, "").checkpoint is None
+    finally:
+        s.close()
+
+
+def test_the_current_model_is_chosen_and_survives(tmp_path, tiny):
+    s = make_studio(tmp_path, tiny)
+    p = s.load_example("shapes")
+    ids = []
+    for method in ("zeroshot", "tip"):
+        s.runner.wait(s.start_training(p.id, method, s.spec_for("tiny"), {}))
+        ids.append(s.current_model_info(p.id).id)  # a new model becomes the one in use
+    assert ids[1] > ids[0] and s.model_summary(p.id).startswith(f"**Model #{ids[1]}**")
+    assert s.set_current_model(p.id, ids[0]).id == ids[0]
+    assert s.current_model(p.id)[0].id == ids[0] and s.retrain(p.id)  # retrains the chosen one's method
+    s.runner.wait(s.runner.jobs(p.id)[-1].id)
+    assert s.current_model_info(p.id).method == "zeroshot"
+    labels, current = s.model_choices(p.id)
+    assert current == s.current_model_info(p.id).id and [v for _, v in labels] == sorted(
+        (v for _, v in labels), reverse=True)
+    tip_label = next(l for l, v in labels if v == ids[1])
+    assert "Tip-Adapter" in tip_label and "leave-one-out accuracy" in tip_label and "steps" not in tip_label
+    q = s.create_project("other")
+    with pytest.raises(NotFoundError) as e:  # another project's model
+        s.set_current_model(q.id, ids[0])
+    assert one_sentence(str(e.value))
+    s.store.delete_model(s.current_model_info(p.id).id)  # the one in use goes: the newest is used
+    assert s.current_model_info(p.id).id == max(m.id for m in s.models(p.id))
+
+
+def test_an_interrupted_training_is_found_after_a_restart(tmp_path, tiny):
+    from fewshot_studio.store import ProjectStore
+
+    with ProjectStore(tmp_path / "d") as store:
+        p = store.create_project("p")
+        store.create_job(p.id, "train", status="running")
+    s = Studio(tmp_path / "d", BackboneSpec("tiny", None, device="cpu"))
+    try:
+        job = s.interrupted_training(p.id)
+        assert job is not None and job.status == "failed"
+    finally:
+        s.close()
+
+
+def test_progress_text_gives_the_time_left():
+    from types import SimpleNamespace
+
+    from fewshot_studio.ui.common import duration_text, eta_text
+
+    state = SimpleNamespace(stage_started=100.0, fraction=0.25)
+    assert eta_text(state, now=130.0) == " · about 1 min 30 s left"
+    assert eta_text(state, now=101.0) == ""  # too early to know the pace
+    assert eta_text(SimpleNamespace(stage_started=None, fraction=0.5), now=200.0) == ""
+    assert duration_text(7265) == "2 h 1 min" and duration_text(0.2) == "1 s"
+
+
+def test_an_example_is_found_again_before_copying(tmp_path, tiny):
+    s = make_studio(tmp_path, tiny)
+    assert s.example_project("shapes") is None
+    p = s.load_example("shapes")
+    assert s.example_project("shapes").id == p.id
+    q = s.load_example("shapes")
+    assert q.name.endswith("(2)") and s.example_project("shapes").id in (p.id, q.id)

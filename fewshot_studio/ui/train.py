@@ -91,8 +91,10 @@ def build(ui: UI) -> None:
     def view(pid, owner):
         if pid is None:
             return {ui.model_md: "", ui.curve: viz.training_curve_figure([]), ui.progress: progress_html(None)}
+        empty = ("The model in use trains no steps, so it has no curve." if s.current_model_info(pid, owner)
+                 else "No model yet: press Train.")
         return {ui.model_md: s.model_summary(pid, owner), ui.progress: idle_progress(s, pid, owner),
-                ui.curve: viz.training_curve_figure(s.model_history(pid, owner), "Current model's training")}
+                ui.curve: viz.training_curve_figure(s.model_history(pid, owner), "Current model's training", empty)}
 
     ui.add_view(view, [ui.model_md, ui.curve, ui.progress], model=True)
 
@@ -180,7 +182,9 @@ def wire(ui: UI) -> None:
         out = {ui.progress: bar, ui.label_progress: bar}
         n = len(st.history)
         if n != job.get("seen") or st.status != job.get("status"):
-            out[ui.curve] = viz.training_curve_figure(st.history, "Training: loss and train accuracy")
+            out[ui.curve] = viz.training_curve_figure(
+                st.history, "Training: loss and train accuracy",
+                "This method trains no steps, so it has no curve." if st.status == DONE else "Starting…")
             out[ui.job] = {**job, "seen": n, "status": st.status}
         if st.status in FINISHED:
             out[ui.timer] = gr.Timer(active=False)
