@@ -74,6 +74,12 @@ def _base_layout(title: str, **extra) -> dict:
     return layout
 
 
+def _tick_angle(names: Sequence[str]) -> int:
+    """Slant category labels when side by side they would not fit (a half-width plot holds
+    about 40 characters of labels), so they never overlap."""
+    return -35 if len(names) > 6 or sum(len(str(n)) + 2 for n in names) > 40 else 0
+
+
 def _empty_figure(message: str, title: str = "") -> go.Figure:
     fig = go.Figure()
     fig.update_layout(**_base_layout(title, height=360))
@@ -459,7 +465,8 @@ def confusion_figure(confusion, classes: Sequence[str], title: str = "Confusion 
         xgap=1, ygap=1))
     side = min(900, 220 + 34 * c)
     fig.update_layout(**_base_layout(title, height=side))
-    fig.update_xaxes(title_text="predicted", tickangle=-35 if c > 6 else 0, showgrid=False, type="category")
+    fig.update_xaxes(title_text="predicted", tickangle=_tick_angle(classes), automargin=True, showgrid=False,
+                     type="category")
     fig.update_yaxes(title_text="true", autorange="reversed", showgrid=False, type="category")
     return fig
 
@@ -482,7 +489,7 @@ def per_class_figure(per_class: Mapping[str, float | None], title: str = "Accura
                       annotation_text=f"mean {_pct(mean)}", annotation_position="top right")
     fig.update_layout(**_base_layout(title, height=380, showlegend=False))
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%", title_text="accuracy", gridcolor="#eeeeee")
-    fig.update_xaxes(tickangle=-35 if len(names) > 6 else 0, type="category")
+    fig.update_xaxes(tickangle=_tick_angle(names), automargin=True, type="category")
     return fig
 
 
@@ -497,12 +504,13 @@ def comparison_figure(results: Mapping[str, float | None], title: str = "Methods
     is_best = [v is not None and best is not None and abs(v - best) < 1e-12 for v in vals]
     fig = go.Figure(go.Bar(
         x=labels, y=[0.0 if v is None else v for v in vals],
-        text=[("n/a" if v is None else _pct(v)) + ("  ★ best" if b else "") for v, b in zip(vals, is_best)],
+        # "★ best" on its own line: side by side, narrow bars' labels ran into each other
+        text=[("n/a" if v is None else _pct(v)) + ("<br>★ best" if b else "") for v, b in zip(vals, is_best)],
         textposition="outside", cliponaxis=False, name="accuracy",
         marker=dict(color=[BEST_COLOR if b else (NA_COLOR if v is None else BAR_COLOR)
                            for v, b in zip(vals, is_best)]),
         hovertemplate="%{x}: %{text}<extra></extra>"))
     fig.update_layout(**_base_layout(title, height=380, showlegend=False))
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%", title_text="accuracy", gridcolor="#eeeeee")
-    fig.update_xaxes(type="category")
+    fig.update_xaxes(type="category", tickangle=_tick_angle(labels), automargin=True)
     return fig
