@@ -36,12 +36,12 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 EXAMPLES: dict[str, dict] = {
     "shapes": {
-        "title": "Coloured shapes (works offline with the tiny backbone)",
+        "title": "Coloured shapes (offline)",  # what each needs: the menu's info line
         "project": "Example: coloured shapes",
         "descriptions": {},
     },
     "textile": {
-        "title": "Textile defects (real photos; needs a real CLIP backbone)",
+        "title": "Textile defects (photos)",
         "project": "Example: textile defects",
         "descriptions": {
             "nominal": "a fabric surface with no defect.",
