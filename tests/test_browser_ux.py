@@ -122,6 +122,7 @@ def test_remove_selected_image_removes_exactly_the_clicked_image(studio, app, pa
     imgs = {i.original_name: i.id for i in studio.store.list_images(p.id)}
     assert imgs["oc_2.png"] == 3  # "#3 oc_2.png": digits 3 and 2, one image
 
+    expect(page.locator("button", has_text="Remove selected image")).to_have_count(1)  # one, not a stray copy
     page.locator("#class-gallery button[aria-label='Thumbnail 3 of 10']").click()
     expect(page.locator("#class-selected-image textarea, #class-selected-image input").first
            ).to_have_value("oc_2.png", timeout=15_000)

@@ -66,14 +66,15 @@ def build(ui: UI) -> None:
                 ui.remove_btn = gr.Button("Remove selected image", variant="stop", scale=1, interactive=False,
                                           elem_id="remove-image")
 
-    no_pick = {ui.class_selected: "", ui.class_pick: None,
-               ui.remove_btn: gr.Button("Remove selected image", interactive=False)}
+    def no_pick() -> dict:  # (an update built at event time: a gr.Button made here would join the page)
+        return {ui.class_selected: "", ui.class_pick: None,
+                ui.remove_btn: gr.Button("Remove selected image", interactive=False)}
 
     def class_view(pid, owner, name=None):
         """{component: value} showing the project's classes with `name` (else the first) opened."""
         if pid is None:
             return {ui.class_table: [], ui.class_dd: gr.Dropdown(choices=[], value=None), ui.class_gallery: [],
-                    ui.class_ids: [], ui.rename_class_box: "", ui.desc_box: "", **no_pick}
+                    ui.class_ids: [], ui.rename_class_box: "", ui.desc_box: "", **no_pick()}
         choices = s.class_choices(pid, owner) + [(POOL, POOL)]
         names = [v for _, v in choices]
         if name not in names:
@@ -82,7 +83,7 @@ def build(ui: UI) -> None:
         gallery, ids = s.gallery_items(pid, name, owner)
         return {ui.class_table: s.class_rows(pid, owner), ui.class_dd: gr.Dropdown(choices=choices, value=name),
                 ui.class_gallery: gallery, ui.class_ids: ids,
-                ui.rename_class_box: "" if name == POOL else name, ui.desc_box: desc, **no_pick}
+                ui.rename_class_box: "" if name == POOL else name, ui.desc_box: desc, **no_pick()}
 
     outs = [ui.class_table, ui.class_dd, ui.class_gallery, ui.class_ids, ui.rename_class_box, ui.desc_box,
             ui.class_selected, ui.class_pick, ui.remove_btn]
@@ -173,7 +174,7 @@ def build(ui: UI) -> None:
     def gallery_select(pid, ids, owner, evt: gr.SelectData, request: gr.Request):
         image_id = picked(ids, evt)
         if pid is None or image_id is None:
-            return no_pick
+            return no_pick()
         img = s.image(pid, image_id, who(owner, request))
         return {ui.class_selected: img.original_name, ui.class_pick: img.id,
                 ui.remove_btn: gr.Button(f"Remove {img.original_name[:40]}", interactive=True)}
