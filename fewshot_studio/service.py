@@ -222,20 +222,22 @@ class Studio:
             self._models.pop(m.id, None)
         self.store.delete_project(int(project_id))
 
-    def example_project(self, name: str, owner: str | None = None) -> Project | None:
-        """This owner's existing copy of a bundled example (the most recent), if any."""
+    @staticmethod
+    def _example(name: str) -> dict:
         if name not in EXAMPLES:
             raise DataError(f"There is no example called {name!r}; choose {', '.join(EXAMPLES)}.")
-        title = EXAMPLES[name]["project"]
+        return EXAMPLES[name]
+
+    def example_project(self, name: str, owner: str | None = None) -> Project | None:
+        """This owner's existing copy of a bundled example (the most recent), if any."""
+        title = self._example(name)["project"]
         return next((p for p in self.list_projects(owner)
                      if p.name == title or (p.name.startswith(title + " (") and p.name.endswith(")"))), None)
 
     def load_example(self, name: str, owner: str | None = None) -> Project:
         """Create a project from a bundled example: classes from `train/`, unlabeled pool from `pool/`
         (a fresh copy, named "(2)", "(3)"... when one exists; see `example_project`)."""
-        if name not in EXAMPLES:
-            raise DataError(f"There is no example called {name!r}; choose {', '.join(EXAMPLES)}.")
-        ex = EXAMPLES[name]
+        ex = self._example(name)
         base = ASSETS / name
         existing = {p.name for p in self.list_projects(owner)}
         title = ex["project"]
@@ -372,7 +374,6 @@ class Studio:
             im.save(tmp, "PNG")
             os.replace(tmp, path)
         return str(path)
-
 
     # ---- training -------------------------------------------------------------------------
     def start_training(self, project_id: int, method: str, spec: BackboneSpec | None = None,
@@ -758,17 +759,16 @@ class Studio:
         current = self.current_model_info(project_id, owner)
         if current is None:
             return []
-        models = [current]
         names = {c.id: c.name for c in self.store.list_classes(int(project_id))}
         pool = {i.id: i for i in self.store.list_images(int(project_id), pool=True)}
         rows = []
-        for p in self.store.list_predictions(models[0].id, pool_only=True):
+        for p in self.store.list_predictions(current.id, pool_only=True):
             img = pool.get(p.image_id)
             if img is None or p.label not in names:
                 continue
             top = ""
-            if isinstance(p.probs, list) and len(p.probs) == len(models[0].config.get("classes", [])):
-                top = top_text(models[0].config["classes"], p.probs)
+            if isinstance(p.probs, list) and len(p.probs) == len(current.config.get("classes", [])):
+                top = top_text(current.config["classes"], p.probs)
             rows.append(PoolRow(img.id, img.original_name, names[p.label], p.confidence, top))
         return rows
 

@@ -89,6 +89,13 @@ def reopen(page, app):
     expect(page.locator("#status-banner")).to_contain_text("tiny", timeout=60_000)
 
 
+def on_example(studio, page, app, name: str) -> None:
+    """The page showing a fresh shapes example project, on tab `name`."""
+    studio.load_example("shapes")
+    reopen(page, app)
+    tab(page, name)
+
+
 def tab(page, name: str) -> None:
     t = page.get_by_role("tab", name=name)
     if not t.is_visible():  # a narrow page keeps the other tabs behind "More tabs"
@@ -204,9 +211,7 @@ def test_retrain_progress_reaches_finished_without_changing_tabs(studio, app, pa
 def test_cancelled_cross_validation_says_cancelled_and_clears_results(studio, app, page):
     from playwright.sync_api import expect
 
-    studio.load_example("shapes")
-    reopen(page, app)
-    tab(page, "4 · Evaluate")
+    on_example(studio, page, app, "4 · Evaluate")
     group = page.locator("#eval-methods")
     for label in ("GraphAdapter", "Tip-Adapter", "Zero-shot CLIP"):  # the defaults: a quick run first
         assert group.get_by_label(label, exact=True).is_checked()
@@ -332,9 +337,7 @@ def test_model_menu_chooses_the_model_every_tab_uses(studio, app, page):
 def test_finished_training_reports_what_the_model_measured(studio, app, page):
     from playwright.sync_api import expect
 
-    studio.load_example("shapes")
-    reopen(page, app)
-    tab(page, "2 · Train")
+    on_example(studio, page, app, "2 · Train")
     bar = page.locator("#train-progress")
     for method, label in (("tip", "Tip-Adapter"), ("zeroshot", "Zero-shot CLIP"), ("graph", "GraphAdapter")):
         page.locator("#method").get_by_label(label, exact=True).check()

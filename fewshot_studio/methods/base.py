@@ -11,7 +11,6 @@ backbone is referenced, never registered, so it is neither saved nor trained.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -76,24 +75,21 @@ class KnowledgeGraph:
     CONFUSABLE_TOP: ClassVar[int] = 10
     _EPS: ClassVar[float] = 1e-6  # edges are float32: 0.2 stored as 0.19999999 still counts as 0.2
 
-    def _pair_values(self, m) -> list[tuple[int, int, float]]:
-        n = len(self.classes)
-        return [(i, j, float(m[i][j])) for i in range(n) for j in range(i + 1, n)]
+    def _upper(self, m) -> np.ndarray:
+        """The pairs' values of an edge matrix (upper triangle, row-major: (0,1), (0,2), ...)."""
+        return np.asarray(m, dtype=np.float64)[np.triu_indices(len(self.classes), k=1)]
 
     def confusable_level(self) -> float | None:
         """The visual similarity a pair needs to "look alike": the CONFUSABLE_QUANTILE quantile
-        (linear interpolation, as numpy's default) of the finite off-diagonal visual similarities,
+        (linear interpolation, numpy's default) of the finite off-diagonal visual similarities,
         but never below CONFUSABLE_MIN_VISUAL. None without a visual graph or with < 2 classes."""
         if self.visual_edges is None or len(self.classes) < 2:
             return None
-        vs = sorted(v for _, _, v in self._pair_values(self.visual_edges) if math.isfinite(v))
-        if not vs:
+        v = self._upper(self.visual_edges)
+        v = v[np.isfinite(v)]
+        if not v.size:
             return None
-        pos = self.CONFUSABLE_QUANTILE * (len(vs) - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, len(vs) - 1)
-        q = vs[lo] + (vs[hi] - vs[lo]) * (pos - lo)
-        return max(q, self.CONFUSABLE_MIN_VISUAL)
+        return max(float(np.quantile(v, self.CONFUSABLE_QUANTILE)), self.CONFUSABLE_MIN_VISUAL)
 
     def confusable_pairs(self, top: int = CONFUSABLE_TOP) -> list[dict]:
         """Pairs of classes that look alike but are named differently, largest gap first, at
@@ -114,15 +110,14 @@ class KnowledgeGraph:
         level = self.confusable_level()
         if level is None:
             return []
-        text = {(i, j): t for i, j, t in self._pair_values(self.text_edges)}
-        pairs = []
-        for i, j, v in self._pair_values(self.visual_edges):
-            t = text[i, j]
-            if math.isfinite(v) and math.isfinite(t) and v >= level - self._EPS \
-                    and v - t >= self.CONFUSABLE_GAP - self._EPS:
-                pairs.append({"a": self.classes[i], "b": self.classes[j], "i": i, "j": j,
-                              "visual": v, "text": t, "gap": v - t})
-        pairs.sort(key=lambda p: -p["gap"])  # stable: ties keep the class order
+        iu = np.triu_indices(len(self.classes), k=1)
+        v, t = self._upper(self.visual_edges), self._upper(self.text_edges)
+        with np.errstate(invalid="ignore"):  # NaN edges compare False: never listed
+            keep = np.isfinite(v) & np.isfinite(t) & (v >= level - self._EPS) & (v - t >= self.CONFUSABLE_GAP - self._EPS)
+        ks = np.flatnonzero(keep)
+        ks = ks[np.argsort(-(v[ks] - t[ks]), kind="stable")]  # stable: ties keep the class order
+        pairs = [{"a": self.classes[iu[0][k]], "b": self.classes[iu[1][k]], "i": int(iu[0][k]), "j": int(iu[1][k]),
+                  "visual": float(v[k]), "text": float(t[k]), "gap": float(v[k] - t[k])} for k in ks]
         return pairs[:max(int(top), 0)]
 
 

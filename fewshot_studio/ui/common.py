@@ -108,7 +108,7 @@ def progress_html(state=None, idle: str = "No training running.") -> str:
     """A progress bar with stage text (and the time left) for a JobState, or an idle line. A
     finished training says what the saved model measured (the same words as its model line)."""
     if state is None:
-        return _bar("idle", 0, "", idle)
+        return status_bar("idle", 0, "", idle)
     status = state.status
     pct = 100 if status == DONE else int(round(100 * max(0.0, min(1.0, state.fraction))))
     text = state.describe()
@@ -124,10 +124,11 @@ def progress_html(state=None, idle: str = "No training running.") -> str:
         text = state.message
     elif status == "running":
         text += eta_text(state)
-    return _bar(status, pct, _STATUS_TEXT.get(status, status.title()), text)
+    return status_bar(status, pct, _STATUS_TEXT.get(status, status.title()), text)
 
 
-def _bar(status: str, pct: int, head: str, text: str) -> str:
+def status_bar(status: str, pct: int, head: str, text: str) -> str:
+    """The bar's HTML; `data-status` names the state (the CSS and the tests read it)."""
     return (f'<div class="fs-progress fs-{status}" data-status="{status}">'
             f'<div class="fs-bar"><div class="fs-fill" style="width:{pct}%"></div></div>'
             f'<div class="fs-stage"><b>{html.escape(head)}</b> {html.escape(text.strip())}</div></div>')

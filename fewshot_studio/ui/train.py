@@ -10,7 +10,7 @@ from .. import shapes, viz
 from ..backbone import TINY
 from ..jobs import DONE, FINISHED
 from ..service import METHOD_LABELS, METHOD_ORDER
-from .common import UI, _bar, friendly, need_project, progress_html, who
+from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 POLL_SECONDS = 0.5  # the page's job timer (ui/app.py)
 
@@ -120,7 +120,7 @@ def idle_progress(s, pid, owner) -> str:
     if job is None:
         return progress_html(None)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
-    return _bar("interrupted", 0, "Interrupted:",
+    return status_bar("interrupted", 0, "Interrupted:",
                 f"the app stopped while the training started at {when} was running, so it was not saved. "
                 "Press Train to run it again.")
 
