@@ -1,4 +1,4 @@
-"""Frozen open_clip backbones: loading, preprocessing, batched encoding (SPEC §4).
+"""Frozen open_clip backbones: loading, preprocessing, batched encoding (docs/design.md, "Backbones").
 
 One entry point, `load_backbone(BackboneSpec(...))`, covers the three sources of weights:
 a named open_clip model + pretrained tag (downloaded through the Hugging Face cache),
@@ -113,7 +113,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
 @contextlib.contextmanager
 def _offline_unless_reachable() -> Iterator[bool]:
     """Force huggingface_hub offline mode when the hub can't be reached, so a missing
-    download fails in seconds instead of after minutes of retries (SPEC §4)."""
+    download fails in seconds instead of after minutes of retries (docs/design.md, "Backbones")."""
     from huggingface_hub import constants
 
     old = constants.HF_HUB_OFFLINE
@@ -165,11 +165,6 @@ class Backbone:
 
     # ---- facts -----------------------------------------------------------
     @property
-    def is_transformer(self) -> bool:
-        """True when both towers are open_clip transformers (MMA needs that)."""
-        return hasattr(self.model.visual, "transformer") and hasattr(self.model, "transformer")
-
-    @property
     def device_label(self) -> str:
         return device_name(self.device)
 
@@ -220,7 +215,8 @@ class Backbone:
         return torch.cat(out) if out else torch.empty(0, getattr(self, "embed_dim", 0))
 
     def parameter_fingerprint(self) -> str:
-        """Hash of every frozen weight, to check they stay bit-identical (SPEC §5.5)."""
+        """Hash of every frozen weight, to check they stay bit-identical (docs/design.md,
+        "Method invariants")."""
         h = hashlib.sha256()
         for name, p in sorted(self.model.state_dict().items()):
             h.update(name.encode())

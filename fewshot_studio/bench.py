@@ -3,6 +3,8 @@ taken side by side in one run.
 
     python -m fewshot_studio bench [--backbone NAME] [--random-weights] [--device cpu|cuda]
                                    [--classes C] [--shots K] [--json FILE]
+    python -m fewshot_studio bench --load [--backbone NAME] [--device cpu|cuda] [--clients N]
+                                   [--requests M] [--json FILE]
 
 prints a markdown table (key | value | target | met | absolute figures), writes the same results as
 JSON with --json, and exits 1 naming every missed target (2 for a usage error, 0 when all are met).
@@ -68,9 +70,10 @@ Absolute figures behind each ratio (images/s, seconds, ms per step), the peak re
 the process and, on CUDA, the peak GPU memory of each section go under `absolute`; the device,
 the torch and open_clip versions, the backbone, the targets and the missed keys sit beside them.
 
-Later: `bench --load` (issue 7) will add the keys `load_p50_ms`, `load_p95_ms` and `load_errors`
-as a suite of its own (a function like `_suite_speed` returning its keys and absolute figures,
-plus entries in TARGETS); nothing in the speed suite depends on it.
+`bench --load` runs instead of the speed suite (`cmd_bench_load`): it launches the real app on
+loopback (`ui.loadtest.run_load`) and has `--clients` sessions make `--requests` predictions each
+while a training job runs, then reports `load_p50_ms` and `load_p95_ms` (latency, reported only)
+and `load_errors` (target: 0; exit 1 otherwise). Nothing in the speed suite depends on it.
 """
 from __future__ import annotations
 

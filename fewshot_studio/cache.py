@@ -1,4 +1,6 @@
-"""On-disk feature cache keyed by (backbone id, image content hash, view index) (SPEC §3, §7).
+"""On-disk feature cache keyed by (backbone id, image content hash, view index).
+
+Why a cache and what it is keyed by: docs/design.md, "Feature cache".
 
 Entries are stored in packs: one file per `put_many` call, holding that call's keys and
 features, written atomically (temp file + rename) and never modified afterwards. Why packs and
@@ -19,8 +21,7 @@ packs it has not seen before; a hit reads its pack's rows with one read. A pack 
 not match its header (truncated, corrupt) or whose dimension is not the expected one counts as
 missing, so its entries are recomputed. When a folder holds more than COMPACT_AT packs, the
 lookup that notices merges the small ones into one (`compact`). An in-process dictionary sits in
-front of the disk. Entries of the older one-file-per-entry layout (`<hash prefix>/<hash>_<view>.f32`)
-are moved into one pack the first time a backbone's folder is listed.
+front of the disk.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import statistics
 import struct
 import threading
@@ -47,7 +47,6 @@ _F32 = np.dtype("<f4")
 MAGIC = b"FSFEAT01"
 _HEADER = struct.Struct("<8sIII")  # magic, count, dim, key_bytes
 PACK_SUFFIX = ".pack"
-_LEGACY = re.compile(r"([0-9a-f]{64})_(\d+)\.f32")  # an entry file of the one-file-per-entry layout
 COMPACT_AT = 512  # packs in a backbone's folder before a lookup merges the small ones
 SMALL_PACK = 4096  # entries: larger packs are left as they are
 
@@ -118,7 +117,6 @@ class FeatureCache:
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
         self._compacting = False
-        self._adopted: set[str] = set()  # backbones whose old-layout entries were moved into a pack
 
     def folder(self, backbone_id: str) -> str:
         """The folder holding `backbone_id`'s packs."""
@@ -194,11 +192,6 @@ class FeatureCache:
             entries = list(os.scandir(folder))
         except OSError:
             entries = []
-        legacy = [e.path for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-        if legacy and backbone_id not in self._adopted:  # once per instance, even if a folder stays
-            self._adopted.add(backbone_id)
-            if self._adopt_legacy(backbone_id, legacy):
-                return self._refresh(backbone_id)
         names = {e.name for e in entries if e.name.endswith(PACK_SUFFIX)}
         with self._lock:
             index = self._index.setdefault(backbone_id, {})
@@ -253,38 +246,6 @@ class FeatureCache:
             return len(done)
         finally:
             self._compacting = False
-
-    def _adopt_legacy(self, backbone_id: str, folders: list[str]) -> bool:
-        """Move the entries of the older one-file-per-entry layout (`<2 hex>/<hash>_<view>.f32`
-        under the backbone's folder) into one pack, so an upgrade encodes nothing again, then
-        delete those files. Files that do not parse are dropped (they would be recomputed)."""
-        keys: list[Key] = []
-        rows: list[bytes] = []
-        for sub in folders:
-            try:
-                files = list(os.scandir(sub))
-            except OSError:
-                continue
-            for f in files:
-                m = _LEGACY.fullmatch(f.name)
-                if m is not None:
-                    try:
-                        with open(f.path, "rb") as fh:
-                            raw = fh.read()
-                    except OSError:
-                        continue
-                    if raw and len(raw) % 4 == 0:
-                        keys.append((m.group(1), int(m.group(2))))
-                        rows.append(raw)
-        sizes = [len(r) for r in rows]
-        if sizes:
-            size = statistics.mode(sizes)  # one backbone, one width: drop any stray size
-            kept = [(k, r) for k, r in zip(keys, rows) if len(r) == size]
-            feats = np.frombuffer(b"".join(r for _, r in kept), dtype=_F32).reshape(len(kept), size // 4)
-            self.put_many(backbone_id, [k for k, _ in kept], feats, remember=False)
-        for sub in folders:  # only after the pack is safely written
-            shutil.rmtree(sub, ignore_errors=True)
-        return not any(os.path.isdir(sub) for sub in folders)
 
     def _forget(self, backbone_id: str, pack: _Pack) -> None:
         """Drop the index entries that point into `pack` (called with the lock held)."""

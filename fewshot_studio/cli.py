@@ -1,7 +1,8 @@
 """`python -m fewshot_studio`: the same pipeline as the app, headless.
 
 Exit codes: 0 success (unreadable inputs are reported, not fatal), 2 a user error
-(one line on stderr, no traceback), 1 a benchmark target missed.
+(one line on stderr, no traceback), 1 a benchmark target missed or, for `doctor`, a problem
+found in the data folder.
 """
 from __future__ import annotations
 
@@ -164,6 +165,43 @@ def cmd_pretrain_tiny(args) -> int:
     return 0
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def cmd_doctor(args) -> int:
+    """Check the data folder (database, image files, model directories); print one problem
+    per line or "No problems found."; exit 1 when there are problems. With --collect-garbage,
+    a healthy folder is also cleared of what crashes leave behind."""
+    from . import paths
+    from .store import _DB_NAME, ProjectStore, StoreError
+
+    root = Path(args.data_dir).expanduser() if args.data_dir else paths.data_dir()
+    if not (root / _DB_NAME).is_file():
+        print(f"No project database in {root}; nothing to check.")
+        return 0
+    try:
+        store = ProjectStore(root)
+    except StoreError as e:  # e.g. a damaged database file: that is the problem found
+        print(e)
+        return 1
+    with store:
+        problems = store.check_integrity()
+        for problem in problems:
+            print(problem)
+        if not problems:
+            print("No problems found.")
+        if args.collect_garbage:
+            if problems:
+                print("Nothing was removed: --collect-garbage runs only on a data folder without problems.")
+            else:
+                removed = store.collect_garbage()
+                print(f"Removed {_plural(removed['images'], 'unreferenced image file', 'unreferenced image files')}, "
+                      f"{_plural(removed['temporary'], 'temporary file or folder', 'temporary files or folders')} "
+                      f"and {_plural(removed['models'], 'orphaned model directory', 'orphaned model directories')}.")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fewshot_studio",
                                      description="Few-Shot Studio: few-shot image classifiers on frozen CLIP.")
@@ -204,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--images", type=int, default=20_000)
     p.set_defaults(func=cmd_pretrain_tiny)
+
+    p = sub.add_parser("doctor", help="check the data folder's database, image files and model directories",
+                       description="Check the data folder; exit 1 if a problem is found.")
+    p.add_argument("--data-dir", default=None,
+                   help="data directory (default $FEWSHOT_STUDIO_DATA, else the user's data folder)")
+    p.add_argument("--collect-garbage", action="store_true",
+                   help="also delete unreferenced image files, temporary files and orphaned model "
+                        "directories (only while the app is not running)")
+    p.set_defaults(func=cmd_doctor)
 
     try:
         from .bench import add_bench_parser  # noqa: F401

@@ -1,5 +1,5 @@
 """Evaluation: few-shot splits, cross-validation on the user's examples, the standard
-K-shot protocol, metrics, and the `eval` command (SPEC §2 flow 5).
+K-shot protocol, metrics, and the `eval` command (policy: docs/design.md, "Evaluation").
 
 Two questions, two entry points:
 

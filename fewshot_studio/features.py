@@ -156,7 +156,8 @@ class FeatureExtractor:
     def class_text_features(self, classnames: Sequence[str], descriptions: Sequence[str] | None = None,
                             templates: Sequence[str] | None = None) -> torch.Tensor:
         """(C, d) zero-shot class weights: the normalised mean of the normalised features of the
-        class's prompts over the template ensemble, description appended (SPEC §5.1)."""
+        class's prompts over the template ensemble, description appended (zero-shot CLIP, Radford
+        et al., ICML 2021)."""
         return class_text_features(self.backbone, classnames, descriptions, templates, self._text_memo)
 
 

@@ -39,7 +39,7 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Union
+from typing import Iterator, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -53,14 +53,11 @@ __all__ = [
     "MAX_ZIP_TOTAL_BYTES",
     "MAX_ZIP_RATIO",
     "ImageError",
-    "LoadedImage",
     "ZipMember",
     "content_hash",
     "read_bytes",
     "decode_image",
-    "open_image",
     "probe_image",
-    "load_images",
     "read_zip",
 ]
 
@@ -108,16 +105,6 @@ class ImageError(FewShotError):
 
     def __reduce__(self):  # keep picklable despite the two-argument constructor
         return (type(self), (self.name, self.reason))
-
-
-@dataclass
-class LoadedImage:
-    """A successfully decoded upload: display name, raw bytes, their SHA-256 and the RGB image."""
-
-    name: str
-    data: bytes = field(repr=False)
-    hash: str
-    image: Image.Image = field(repr=False)
 
 
 @dataclass
@@ -528,42 +515,6 @@ def _decode_opened(im: Image.Image, name: str, draft_size: int | None) -> Image.
     except Exception:  # noqa: BLE001
         raise ImageError(name, f"the image uses a colour mode ({im.mode}) that cannot be converted to RGB.") from None
     return out
-
-
-def open_image(source: Source, name: str | None = None, draft_size: int | None = None) -> Image.Image:
-    """:func:`read_bytes` then :func:`decode_image`; raises :class:`ImageError`."""
-    data, display = read_bytes(source, name)
-    return decode_image(data, display, draft_size=draft_size)
-
-
-def load_images(
-    sources: Iterable[Source | tuple[str, Source]], draft_size: int | None = None
-) -> tuple[list[LoadedImage], list[ImageError]]:
-    """Load a batch of uploads; bad files are reported, never raised.
-
-    Each source is bytes, a path, or a ``(name, bytes_or_path)`` pair.  Returns the
-    images that decoded (in order) and one :class:`ImageError` per file that did not.
-    Unnamed bytes are called ``"image #N"`` (1-based position in the batch).
-    """
-    good: list[LoadedImage] = []
-    bad: list[ImageError] = []
-    for i, item in enumerate(sources, 1):
-        if isinstance(item, tuple):
-            if len(item) != 2:
-                raise TypeError("a (name, data) pair must have exactly two items")
-            name, src = item
-            name = str(name)
-        else:
-            src = item
-            name = None if isinstance(item, (str, os.PathLike)) else f"image #{i}"
-        try:
-            data, display = read_bytes(src, name)
-            image = decode_image(data, display, draft_size=draft_size)
-        except ImageError as e:
-            bad.append(e)
-            continue
-        good.append(LoadedImage(display, data, content_hash(data), image))
-    return good, bad
 
 
 # ----------------------------------------------------------------------------- zip

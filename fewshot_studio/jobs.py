@@ -1,4 +1,9 @@
-"""Background jobs: training and pool labeling off the request thread (SPEC §6).
+"""Background jobs: model training runs off the request thread (docs/design.md, "Background jobs").
+
+`JobRunner.submit` runs any callable as a job; the app submits one kind, training
+(`submit_training`: fit a method on a snapshot of the support set, retrying a GPU
+out-of-memory with half the batch size and then on the CPU). Pool labeling is not a job:
+it runs in the request that asks for it (`Studio.label_pool`).
 
 One queue: a job waits for its resource (one GPU job at a time; a bounded number of CPU
 jobs), reports Progress that callers poll (`get`) or subscribe to, stops within one

@@ -1,6 +1,6 @@
 """The synthetic world of the `tiny` backbone: captioned images of coloured shapes.
 
-Deterministic given a seed. Used to pretrain `tiny` (SPEC §4), to build the
+Deterministic given a seed. Used to pretrain `tiny` (docs/design.md, "The tiny backbone"), to build the
 offline example project, and by tests that need a learnable task.
 """
 from __future__ import annotations

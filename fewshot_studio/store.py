@@ -187,7 +187,7 @@ CREATE INDEX jobs_status ON jobs(status);
 #: Numbered schema migrations: entry ``i`` takes the database from version ``i`` to
 #: ``i + 1``.  Append new entries; never edit or reorder applied ones.
 _SCHEMA_V2_LINKS = """
--- project links (SPEC §7): a secret token per project; a hosted session that opens the link
+-- project links (docs/design.md, "Storage"): a secret token per project; a hosted session that opens the link
 -- becomes a member and sees the project next to its own
 CREATE TABLE project_links (
     project_id  INTEGER PRIMARY KEY REFERENCES projects(id) ON DELETE CASCADE,
@@ -902,28 +902,10 @@ class ProjectStore:
                 self._release_blobs(digests)
         return len(digests)
 
-    def _renumber(self, conn: sqlite3.Connection, project_id: int, order: Sequence[int] | None = None) -> None:
-        if order is None:
-            order = [r[0] for r in conn.execute(
-                "SELECT id FROM classes WHERE project_id = ? ORDER BY position, id", (project_id,))]
+    def _renumber(self, conn: sqlite3.Connection, project_id: int) -> None:
+        order = [r[0] for r in conn.execute(
+            "SELECT id FROM classes WHERE project_id = ? ORDER BY position, id", (project_id,))]
         conn.executemany("UPDATE classes SET position = ? WHERE id = ?", [(i, cid) for i, cid in enumerate(order)])
-
-    def reorder_classes(self, project_id: int, class_ids: Sequence[int]) -> list[ClassInfo]:
-        """Set the class order (and so the label indices): ``class_ids`` must list every
-        class of the project exactly once."""
-        ids = [_check_id(c, "class") for c in class_ids]
-        with self._tx() as conn:
-            pid = self._project_row(conn, project_id)["id"]
-            existing = {r[0] for r in conn.execute("SELECT id FROM classes WHERE project_id = ?", (pid,))}
-            for cid in ids:
-                if cid not in existing:
-                    raise NotFoundError(f"There is no class with id {cid} in this project.")
-            if len(ids) != len(set(ids)) or set(ids) != existing:
-                raise ValidationError("To reorder the classes, list every class of the project exactly once.")
-            self._renumber(conn, pid, ids)
-            self._touch(conn, pid)
-            rows = conn.execute("SELECT * FROM classes WHERE project_id = ? ORDER BY position", (pid,)).fetchall()
-        return [self._class(r) for r in rows]
 
     def class_counts(self, project_id: int) -> dict[int | None, int]:
         """Images per class id (every class, zeros included) and in the pool (key ``None``)."""
@@ -1070,10 +1052,6 @@ class ProjectStore:
                 self._touch(conn, pid, now)
             rows = [self._image_row(conn, i) for i in out]
         return [self._image(r) for r in rows]
-
-    def move_image(self, image_id: int, class_id: int | None, labeled_by: str | None = "user") -> ImageInfo:
-        """Put one image in a class of its project, or in the pool with ``class_id=None``."""
-        return self.move_images([(image_id, class_id)], labeled_by)[0]
 
     def remove_images(self, image_ids: Iterable[int]) -> int:
         """Delete image rows (all or nothing); files no other row uses are removed."""

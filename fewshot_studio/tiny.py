@@ -1,4 +1,5 @@
-"""The `tiny` offline backbone: a small open_clip CLIP pretrained by this project (SPEC §4).
+"""The `tiny` offline backbone: a small open_clip CLIP pretrained by this project
+(docs/design.md, "The tiny backbone").
 
 `python -m fewshot_studio pretrain-tiny` regenerates `weights/fewshot-tiny.safetensors`
 deterministically from a seed: contrastive training on synthetic captioned shapes

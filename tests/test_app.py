@@ -1,10 +1,9 @@
 """The Gradio app over HTTP: launched on a free loopback port with the tiny backbone and driven
-through its named endpoints with gradio_client (the flow of SPEC §2), plus `python app.py`."""
+through its named endpoints with gradio_client (the user flows of docs/design.md), plus `python app.py`."""
 from __future__ import annotations
 
 import csv
 import os
-import re
 import subprocess
 import sys
 import time
@@ -15,77 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fewshot_studio import shapes
 
-from helpers import free_port  # noqa: F401  (also imported from here by other modules)
+from helpers import CLASSES, ROOT, Endpoint, free_port, render, wait_training
 
-ROOT = Path(__file__).resolve().parent.parent
-CLASSES = ["red circle", "blue square", "green triangle", "yellow star"]
-
-
-def render(path: Path, label: str, seed: int) -> str:
-    shapes.render(shapes.ShapeSpec(*label.split(" ", 1)), np.random.default_rng(seed), 64).save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
-    from fewshot_studio.ui.app import build_app
-
-    studio = Studio(tmp_path_factory.mktemp("data"), BackboneSpec("tiny", None, device="cpu"))
-    demo = build_app(studio)
-    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo
-    demo.close()
-    studio.close()
-
-
-@pytest.fixture
-def client(app):
-    from gradio_client import Client
-
-    return Client(app.local_url, verbose=False)
-
-
-class Endpoint:
-    """Arguments of a named endpoint by label, starting from the components' defaults."""
-
-    def __init__(self, client, name: str):
-        info = client.view_api(return_format="dict", print_info=False)["named_endpoints"][name]
-        self.client, self.name, self.params = client, name, info["parameters"]
-
-    def args(self, by_label: dict) -> list:
-        out = []
-        for p in self.params:
-            label = p["label"]
-            hit = [k for k in by_label if k in label]
-            out.append(by_label[hit[0]] if hit else p.get("parameter_default"))
-        return out
-
-    def __call__(self, **by_label):
-        return self.client.predict(*self.args(by_label), api_name=self.name)
-
-    def submit(self, **by_label):
-        """Start the call without waiting: a gradio_client Job."""
-        return self.client.submit(*self.args(by_label), api_name=self.name)
-
-
-def wait_training(client, timeout: float = 180.0) -> str:
-    """Poll the progress endpoint (what the page's timer does) until the job finishes."""
-    seen = []
-    end = time.time() + timeout
-    while time.time() < end:
-        out = client.predict(api_name="/training_status")
-        html = next((o for o in out if isinstance(o, str) and "fs-progress" in o), "")
-        status = re.search(r'data-status="(\w+)"', html)
-        if status:
-            seen.append(status.group(1))
-            if status.group(1) in ("done", "failed", "cancelled"):
-                return html
-        time.sleep(0.3)
-    raise AssertionError(f"training did not finish; statuses seen: {seen[-5:]}")
+pytestmark = pytest.mark.slow  # launches the app
 
 
 def test_full_flow_through_named_endpoints(app, client, tmp_path):

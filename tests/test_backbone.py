@@ -122,6 +122,7 @@ def test_backbone_spec_from_env(monkeypatch):
     assert BackboneSpec.from_env(name="RN50").name == "RN50"
 
 
+@pytest.mark.slow  # pretrains tiny twice (about 13 s)
 def test_pretrain_tiny_is_deterministic(tmp_path):
     """The generating script reproduces bit-identical weights from its seed (short run)."""
     from safetensors.torch import load_file

@@ -23,7 +23,7 @@ from fewshot_studio.features import FeatureExtractor
 from fewshot_studio.imageio import ImageError
 from fewshot_studio.workers import shared_pool
 
-from conftest import make_refs
+from helpers import make_refs
 
 
 @pytest.fixture(scope="module")

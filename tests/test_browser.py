@@ -5,7 +5,6 @@ reopens the last project after a reload. Saves docs/screenshot.png (used by the 
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shutil
 import time
@@ -14,32 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_app import app  # noqa: F401  (the launched app fixture, reused)
+from helpers import HAVE_CHROMIUM, NO_CHROMIUM, free_port
 
 from fewshot_studio import shapes
 
-CHROMIUM = os.environ.get("FEWSHOT_STUDIO_CHROMIUM", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"Chromium is not installed at {CHROMIUM} "
-                                       "(CI installs it with apt-get install chromium)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright  # requirements-dev.txt
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM,
-                              args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-dev-shm-usage",
-                                    # a synthetic camera, granted without a prompt (the webcam test)
-                                    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                                    "--autoplay-policy=no-user-gesture-required"])
-        yield b
-        b.close()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM)]
 
 
 def test_whole_flow_in_the_browser(app, browser, tmp_path):
@@ -183,8 +164,6 @@ def test_a_project_link_opens_the_project_in_another_hosted_session(tmp_path, br
     from fewshot_studio.backbone import BackboneSpec
     from fewshot_studio.service import Studio
     from fewshot_studio.ui.app import build_app
-
-    from test_app import free_port
 
     studio = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"), hosted=True)
     demo = build_app(studio)

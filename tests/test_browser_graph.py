@@ -5,18 +5,15 @@ alike, named differently" table lists only pairs whose visual similarity reaches
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from test_app import app  # noqa: F401  (the launched app fixture, reused)
-from test_browser import CHROMIUM, browser  # noqa: F401  (the module-scoped browser fixture)
+from helpers import HAVE_CHROMIUM, NO_CHROMIUM
 
 from fewshot_studio import viz
 from fewshot_studio.backbone import BackboneSpec
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium is not installed at {CHROMIUM}")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM)]
 
 # A Gradio 6 Dataframe is a virtual grid: header cells are <th>, body rows are
 # div[role=row].virtual-row (only those in view are rendered; data-index is the row's place)

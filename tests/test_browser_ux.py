@@ -4,21 +4,16 @@ what the store holds."""
 from __future__ import annotations
 
 import io
-import os
 import re
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fewshot_studio import shapes
 
-CHROMIUM = os.environ.get("FEWSHOT_STUDIO_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
+from helpers import HAVE_CHROMIUM, NO_CHROMIUM, launch
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium is not installed at {CHROMIUM}")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM)]
 
 # an "Error" badge on a component (the hidden status sink does not count)
 BADGES = "[data-testid=status-tracker] span.error:visible"
@@ -28,26 +23,6 @@ def png(label: str, seed: int, size: int = 64) -> bytes:
     b = io.BytesIO()
     shapes.render(shapes.ShapeSpec(*label.split(" ", 1)), np.random.default_rng(seed), size).save(b, "PNG")
     return b.getvalue()
-
-
-def launch(studio):
-    from fewshot_studio.ui.app import build_app
-
-    from helpers import free_port
-
-    demo = build_app(studio)
-    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    return demo
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

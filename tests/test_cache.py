@@ -8,7 +8,7 @@ import torch
 from fewshot_studio.cache import FeatureCache
 from fewshot_studio.features import FeatureExtractor
 
-from conftest import make_refs
+from helpers import make_refs
 
 
 @pytest.fixture
@@ -146,19 +146,4 @@ def test_many_small_packs_are_merged_and_readers_follow(tmp_path, monkeypatch):
     assert len(list((tmp_path / "bb").glob("*.pack"))) == 1
     for reader in (FeatureCache(tmp_path, memory=False), early):  # `early` finds its packs gone
         assert np.array_equal(np.stack(reader.get_many("bb", keys)), rows)
-    assert FeatureCache(tmp_path).keys("bb") == set(keys)
-
-
-def test_entries_of_the_older_one_file_per_entry_layout_move_into_a_pack(tmp_path):
-    rows = _rows(3)
-    keys = [(f"{i:064x}", v) for i, v in ((1, 0), (2, 0), (3, 4))]
-    for (h, v), row in zip(keys, rows):  # as the cache wrote them before packs
-        d = tmp_path / "bb" / h[:2]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{h}_{v}.f32").write_bytes(row.astype("<f4").tobytes())
-    (tmp_path / "bb" / "00" / f"{'9' * 64}_0.f32").write_bytes(b"torn")  # a broken one is dropped
-    cache = FeatureCache(tmp_path, memory=False)
-    got = cache.get_many("bb", keys + [("9" * 64, 0)], dim=8)
-    assert np.array_equal(np.stack(got[:3]), rows) and got[3] is None
-    assert [p.name for p in (tmp_path / "bb").iterdir()] == [next((tmp_path / "bb").glob("*.pack")).name]
     assert FeatureCache(tmp_path).keys("bb") == set(keys)

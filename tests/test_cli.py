@@ -10,6 +10,8 @@ import pytest
 
 from fewshot_studio import shapes
 
+pytestmark = pytest.mark.slow  # runs the CLI in subprocesses
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
@@ -73,7 +75,7 @@ def test_user_errors_exit_2_with_one_line(folder, tmp_path):
     assert r.returncode == 2 and "not a saved model" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cmd", ["train", "predict", "graph", "pretrain-tiny"])
+@pytest.mark.parametrize("cmd", ["train", "predict", "graph", "pretrain-tiny", "doctor"])
 def test_help(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0 and "usage" in r.stdout
@@ -96,3 +98,49 @@ def test_every_method_trains_predicts_and_graphs(folder, tmp_path, method):
     g = json.loads(r.stdout)
     assert g["classes"] == ["blue square", "green triangle", "red_circle"]
     assert len(g["text_edges"]) == 3 and len(g["visual_edges"]) == 3
+
+
+def test_doctor_reports_problems_and_collects_garbage(tmp_path, capsys, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from fewshot_studio.cli import main
+    from fewshot_studio.store import ProjectStore
+
+    def png(colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), colour).save(buf, "PNG")
+        return buf.getvalue()
+
+    root = tmp_path / "data"
+    assert main(["doctor", "--data-dir", str(root)]) == 0  # no database yet: nothing checked or created
+    assert "nothing to check" in capsys.readouterr().out and not root.exists()
+
+    with ProjectStore(root) as store:
+        p = store.create_project("doctor")
+        cat = store.add_class(p.id, "cat")
+        (kept, gone), errors = store.add_images(p.id, [("a.png", png("red")), ("b.png", png("blue"))], cat.id)
+        assert errors == []
+    assert main(["doctor", "--data-dir", str(root)]) == 0
+    assert capsys.readouterr().out == "No problems found.\n"
+
+    data = gone.path.read_bytes()
+    gone.path.unlink()  # damage: a row whose file is missing
+    orphan = root / "images" / "ff" / ("f" * 64)  # garbage: a file no row references
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"left over")
+    assert main(["doctor", "--data-dir", str(root)]) == 1
+    assert capsys.readouterr().out == f"The image file {gone.hash} is missing.\n"
+    assert main(["doctor", "--data-dir", str(root), "--collect-garbage"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"The image file {gone.hash} is missing." and out[1].startswith("Nothing was removed")
+    assert orphan.exists() and kept.path.exists()
+
+    gone.path.write_bytes(data)  # repaired; the default data dir comes from FEWSHOT_STUDIO_DATA
+    monkeypatch.setenv("FEWSHOT_STUDIO_DATA", str(root))
+    assert main(["doctor", "--collect-garbage"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "No problems found.",
+        "Removed 1 unreferenced image file, 0 temporary files or folders and 0 orphaned model directories."]
+    assert not orphan.exists() and kept.path.read_bytes() == png("red") and gone.path.read_bytes() == data

@@ -19,7 +19,7 @@ from fewshot_studio.evaluation import (Comparison, EvalResult, ProtocolReport, c
                                        cv_folds, few_shot_split, run_protocol, usable_shots)
 from fewshot_studio.methods import make_method
 
-from conftest import NATO, make_task
+from helpers import NATO, make_task
 
 THREE = {k: NATO[k] for k in ("alpha", "bravo", "charlie")}
 
@@ -253,6 +253,7 @@ def shapes_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_eval_command_end_to_end(shapes_folder, tmp_path):
     out_json, out_html = tmp_path / "out.json", tmp_path / "out.html"
     r = run_cli("eval", "--data", str(shapes_folder / "train"), "--backbone", "tiny", "--shots", "1,2",
@@ -271,6 +272,7 @@ def test_eval_command_end_to_end(shapes_folder, tmp_path):
     assert "plotly" in html.lower() and "Tip-Adapter" in html
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_eval_command_bad_shots_is_one_line_exit_2(shapes_folder):
     r = run_cli("eval", "--data", str(shapes_folder / "train"), "--backbone", "tiny", "--shots", "1,two")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

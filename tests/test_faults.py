@@ -18,7 +18,9 @@ from fewshot_studio.jobs import DONE, FAILED, JobRunner
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.store import ProjectStore, StoreError
 
-from conftest import make_task, training_script
+from helpers import make_task, training_script
+
+pytestmark = pytest.mark.slow  # kills training subprocesses
 
 
 def png(label: str, rng) -> bytes:

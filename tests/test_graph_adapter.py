@@ -1,4 +1,5 @@
-"""GraphAdapter (SPEC §5.3): batched math vs a per-class loop, invariants of §5.5, and learning."""
+"""GraphAdapter (Li et al., NeurIPS 2023): batched math vs a per-class loop, the method invariants of
+docs/design.md, and learning."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CancelAfter, accuracy, same_state, state_of
+from helpers import CancelAfter, accuracy, same_state, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.methods.graph_adapter import (graph_adapter_classifier, graph_adapter_loop_reference,
@@ -82,7 +83,7 @@ def test_gradients_flow_to_both_subgraphs():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
-# ---- invariants (SPEC §5.5) ------------------------------------------------------------------
+# ---- invariants (docs/design.md, "Method invariants") ------------------------------------------------------------------
 
 def test_frozen_backbone_bit_identical(trained, tiny):
     assert tiny.parameter_fingerprint() == trained.fingerprint_before

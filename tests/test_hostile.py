@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 
 from fewshot_studio import shapes
-from test_app import ROOT, free_port, wait_training
+from helpers import ROOT, Endpoint, free_port, wait_training
+
+pytestmark = pytest.mark.slow  # launches the app and subprocesses
 
 
 def shape_png(label="red circle", seed=0, size=64) -> bytes:
@@ -229,7 +231,6 @@ def _serve(tmp_path: Path, port: int) -> subprocess.Popen:
 def test_killing_the_app_during_training_loses_nothing(tmp_path):
     from gradio_client import Client
 
-    from test_app import Endpoint
 
     port = free_port()
     proc = _serve(tmp_path, port)

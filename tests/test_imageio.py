@@ -21,12 +21,9 @@ from fewshot_studio import imageio
 from fewshot_studio.errors import FewShotError
 from fewshot_studio.imageio import (
     ImageError,
-    LoadedImage,
     ZipMember,
     content_hash,
     decode_image,
-    load_images,
-    open_image,
     probe_image,
     read_bytes,
     read_zip,
@@ -189,7 +186,7 @@ def test_empty_file_rejected(tmp_path):
     with pytest.raises(ImageError, match=r"^empty\.jpg: the file is empty\.$"):
         read_bytes(p)
     with pytest.raises(ImageError, match="empty"):
-        open_image(p)
+        decode_image(*read_bytes(p))
 
 
 def test_truncated_jpeg_rejected():
@@ -465,7 +462,7 @@ def test_draft_size_decodes_big_jpeg_at_reduced_scale():
         decode_image(data, "big.jpg", draft_size=0)
 
 
-# ----------------------------------------------------------------- reading, batches
+# ----------------------------------------------------------------- reading
 
 
 def test_extension_lies_are_ignored(tmp_path):
@@ -474,8 +471,8 @@ def test_extension_lies_are_ignored(tmp_path):
     assert decode_image(data, "photo.jpg").getpixel((0, 0)) == RED
     p = tmp_path / "photo.jpg"
     p.write_bytes(data)
-    assert open_image(p).size == (5, 4)
-    assert open_image(str(p), draft_size=2).size == (5, 4)
+    assert decode_image(*read_bytes(p)).size == (5, 4)
+    assert decode_image(*read_bytes(str(p)), draft_size=2).size == (5, 4)
 
 
 def test_read_bytes_paths_and_errors(tmp_path):
@@ -501,32 +498,6 @@ def test_read_bytes_refuses_special_files(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match="not a regular file"):
         read_bytes(fifo)  # must not block
-
-
-def test_load_images_batch_good_and_bad(tmp_path):
-    good_png = encode(solid(RED), "PNG")
-    good_jpg = encode(solid(GREEN), "JPEG")
-    path_ok = tmp_path / "ok.gif"
-    path_ok.write_bytes(encode(solid(BLUE).convert("P"), "GIF"))
-    sources = [
-        ("a.png", good_png),
-        ("notes.jpg", b"just some text\n"),
-        path_ok,
-        good_jpg,  # unnamed bytes
-        tmp_path / "gone.png",
-        ("empty.png", b""),
-        ("bomb.png", png_header_only(30000, 30000)),
-        ("cut.jpg", good_jpg[:40]),
-        ("pathpair.gif", str(path_ok)),
-    ]
-    loaded, errors = load_images(sources, draft_size=4)
-    assert [x.name for x in loaded] == ["a.png", "ok.gif", "image #4", "pathpair.gif"]
-    assert all(isinstance(x, LoadedImage) and x.image.mode == "RGB" for x in loaded)
-    assert loaded[0].data == good_png and loaded[0].hash == content_hash(good_png)
-    assert loaded[0].image.getpixel((0, 0)) == RED
-    assert [e.name for e in errors] == ["notes.jpg", "gone.png", "empty.png", "bomb.png", "cut.jpg"]
-    for e in errors:
-        assert_one_sentence(e, e.name)
 
 
 # ----------------------------------------------------------------- zips

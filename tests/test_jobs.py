@@ -17,7 +17,7 @@ from fewshot_studio.jobs import CANCELLED, DONE, FAILED, JobRunner
 from fewshot_studio.methods import load_model
 from fewshot_studio.store import ProjectStore
 
-from conftest import training_script
+from helpers import training_script
 
 
 def png(label: str, rng) -> bytes:
@@ -128,6 +128,7 @@ def test_retrain_after_adding_one_image_encodes_one_image(store, tiny, tmp_path)
     assert ex.encoded_hashes == {img.hash}
 
 
+@pytest.mark.slow  # a training subprocess
 def test_interrupted_job_is_marked_failed_on_next_open(tmp_path):
     """A process killed mid-training leaves a 'running' job; reopening the store marks it failed."""
     root = tmp_path / "data"

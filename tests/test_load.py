@@ -5,10 +5,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from fewshot_studio import shapes
 from fewshot_studio.ui.loadtest import run_load
-from test_app import free_port
+from helpers import free_port
+
+pytestmark = pytest.mark.slow  # launches the app
 
 
 def test_eight_clients_predict_while_training_without_errors():

@@ -1,4 +1,5 @@
-"""MMA (SPEC §5.4): adapters in both towers, shared per block, gradient rescaling, lower-block cache."""
+"""MMA (Yang et al., CVPR 2024): adapters in both towers, shared per block, gradient rescaling,
+lower-block cache."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NATO, accuracy, make_refs, make_task
+from helpers import NATO, accuracy, make_refs, make_task
 from fewshot_studio.data import SupportSet
 from fewshot_studio.errors import BackboneError, Cancelled
 from fewshot_studio.methods import load_model, make_method
@@ -188,6 +189,7 @@ def test_last_block_on_the_pooled_rows_only_matches_the_full_block(tiny):
         assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4), tower.kind
 
 
+@pytest.mark.slow  # uses MMA trained with its default 300 steps (about 15 s)
 def test_frozen_backbone_bit_identical_after_training(trained, tiny):
     m, before = trained
     assert tiny.parameter_fingerprint() == before
@@ -195,6 +197,7 @@ def test_frozen_backbone_bit_identical_after_training(trained, tiny):
     assert m.history and len(m.history) == m.metrics["steps"] >= m.config.min_steps
 
 
+@pytest.mark.slow  # uses MMA trained with its default 300 steps (about 15 s)
 def test_save_load_reproduces_predictions(trained, tiny, nato_task, shared_extractor, tmp_path):
     m, _ = trained
     _, test, _ = nato_task
@@ -293,6 +296,7 @@ def test_resnet_backbone_refused():
 
 
 # ---- learning -------------------------------------------------------------------------------------
+@pytest.mark.slow  # uses MMA trained with its default 300 steps (about 15 s)
 def test_default_mma_beats_zero_shot_on_uninformative_names(trained, tiny, nato_task, shared_extractor):
     m, _ = trained
     support, test, labels = nato_task
@@ -305,6 +309,7 @@ def test_default_mma_beats_zero_shot_on_uninformative_names(trained, tiny, nato_
     assert acc_mma >= acc_zs + 0.2, (acc_zs, acc_mma)
 
 
+@pytest.mark.slow  # uses MMA trained with its default 300 steps (about 15 s)
 def test_knowledge_graph(trained):
     m, _ = trained
     assert m.text_features() is m.text_features()  # adapted text features computed once, then cached
@@ -315,6 +320,7 @@ def test_knowledge_graph(trained):
     assert g.counts == [4] * c
 
 
+@pytest.mark.slow  # trains MMA for about 18 s
 def test_class_without_images_base_to_novel(tiny, shared_extractor):
     """Trained on four colour-shape classes with images, MMA still recognises a fifth class given
     only its name at least as well as zero-shot CLIP does."""

@@ -185,15 +185,9 @@ def test_class_round_trip(store, project):
     assert store.rename_class(cat.id, "Cat").name == "Cat"  # same name, other case: fine
     assert store.set_class_description(dog.id, "a loyal pet").description == "a loyal pet"
     emu = store.add_class(project.id, "ëmu 🐦")
-    order = store.reorder_classes(project.id, [emu.id, cat.id, dog.id])
-    assert [(c.name, c.position) for c in order] == [("ëmu 🐦", 0), ("Cat", 1), ("dog", 2)]
-    assert [c.id for c in store.list_classes(project.id)] == [emu.id, cat.id, dog.id]
-    with pytest.raises(ValidationError, match="every class of the project exactly once"):
-        store.reorder_classes(project.id, [emu.id, cat.id])
-    with pytest.raises(ValidationError):
-        store.reorder_classes(project.id, [emu.id, cat.id, cat.id])
+    assert [c.id for c in store.list_classes(project.id)] == [cat.id, dog.id, emu.id]
     store.delete_class(cat.id)
-    assert [(c.name, c.position) for c in store.list_classes(project.id)] == [("ëmu 🐦", 0), ("dog", 1)]
+    assert [(c.name, c.position) for c in store.list_classes(project.id)] == [("dog", 0), ("ëmu 🐦", 1)]
 
 
 def test_image_round_trip_move_and_counts(store, project):
@@ -216,18 +210,18 @@ def test_image_round_trip_move_and_counts(store, project):
     assert [i.id for i in store.list_images(project.id, pool=True)] == [i.id for i in pool]
     assert store.class_counts(project.id) == {cat.id: 2, dog.id: 0, None: 2}
 
-    moved = store.move_image(pool[0].id, dog.id, "accepted")
+    (moved,) = store.move_images([(pool[0].id, dog.id)], "accepted")
     assert (moved.class_id, moved.labeled_by) == (dog.id, "accepted")
     bulk = store.move_images([(pool[1].id, dog.id), (first.id, dog.id)], labeled_by="corrected")
     assert [(i.class_id, i.labeled_by) for i in bulk] == [(dog.id, "corrected")] * 2
-    back = store.move_image(first.id, None)
+    (back,) = store.move_images([(first.id, None)])
     assert (back.class_id, back.labeled_by) == (None, None)
     assert store.class_counts(project.id) == {cat.id: 1, dog.id: 2, None: 1}
     assert len(store.list_images(project.id)) == 4
     assert [i.id for i in store.list_images(project.id, class_id=dog.id)] == sorted([pool[0].id, pool[1].id])
 
     with pytest.raises(ValidationError, match="labeled_by"):
-        store.move_image(first.id, cat.id, "robot")
+        store.move_images([(first.id, cat.id)], "robot")
     with pytest.raises(ValidationError, match="not both"):
         store.list_images(project.id, class_id=cat.id, pool=True)
 
@@ -265,13 +259,12 @@ def test_delete_class_moves_images_to_pool_or_deletes_them(store, project):
 
 
 def test_support_set_order_labels_and_descriptions(store, project):
-    a = store.add_class(project.id, "alpha", "red circle")
     b = store.add_class(project.id, "bravo")
-    c = store.add_class(project.id, "charlie")  # stays empty
+    store.add_class(project.id, "charlie")  # stays empty
+    a = store.add_class(project.id, "alpha", "red circle")
     store.add_images(project.id, [("a1.png", png(1)), ("a2.png", png(2))], a.id)
     bravo_imgs, _ = store.add_images(project.id, [("b1.png", png(3))], b.id)
     store.add_images(project.id, [("pool.png", png(4))])  # unlabeled: not in the support set
-    store.reorder_classes(project.id, [b.id, c.id, a.id])
 
     s = store.support_set(project.id)
     assert isinstance(s, SupportSet)
@@ -393,8 +386,7 @@ def test_everything_survives_close_and_reopen(tmp_path):
     dog = s.add_class(p.id, "dog")
     imgs, _ = s.add_images(p.id, [("a.png", png(1)), ("b.png", png(2))], cat.id)
     pool, _ = s.add_images(p.id, [("u.png", png(3))])
-    s.move_image(imgs[1].id, dog.id, "corrected")
-    s.reorder_classes(p.id, [dog.id, cat.id])
+    s.move_images([(imgs[1].id, dog.id)], "corrected")
     m = s.register_model(p.id, "mma", "tiny", {"k": 1}, {"acc": 1.0}, make_model_dir(tmp_path / "m"))
     s.save_predictions(m.id, [(pool[0].id, cat.id, 0.7, {cat.id: 0.7, dog.id: 0.3})])
     job = s.create_job(p.id, "train", status="done", model_id=m.id, progress={"loss": [1.0, 0.5]})
@@ -558,14 +550,13 @@ def test_unknown_and_foreign_ids(store, project):
         "foreign": f"There is no class with id {foreign.id} in this project.",
     }
     for call in (lambda: store.rename_class(42, "x"), lambda: store.delete_class(42),
-                 lambda: store.move_image(img.id, 42), lambda: store.list_images(project.id, class_id=42),
+                 lambda: store.move_images([(img.id, 42)]), lambda: store.list_images(project.id, class_id=42),
                  lambda: store.add_images(project.id, [("b.png", png(2))], class_id=42)):
         with pytest.raises(NotFoundError) as e:
             call()
         assert str(e.value) == expected["class"]
-    for call in (lambda: store.move_image(img.id, foreign.id),
+    for call in (lambda: store.move_images([(img.id, foreign.id)]),
                  lambda: store.add_images(project.id, [("b.png", png(2))], class_id=foreign.id),
-                 lambda: store.reorder_classes(project.id, [foreign.id]),
                  lambda: store.list_images(project.id, class_id=foreign.id)):
         with pytest.raises(NotFoundError) as e:
             call()
@@ -672,7 +663,7 @@ def test_two_threads_write_one_project_concurrently(store, project):
                 stored, errs = store.add_images(project.id, [(f"t{t}-{i}.png", data)], target)
                 assert errs == [] and len(stored) == 1
                 if i % 7 == 0:
-                    store.move_image(stored[0].id, cat.id, "accepted")
+                    store.move_images([(stored[0].id, cat.id)], "accepted")
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 

@@ -1,5 +1,5 @@
-"""Tip-Adapter and Tip-Adapter-F (SPEC §5.2): the cache model, the leave-one-out α/β search,
-key fine-tuning, and the invariants of SPEC §5.5."""
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022): the cache model, the leave-one-out α/β
+search, key fine-tuning, and the method invariants of docs/design.md."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import CancelAfter, accuracy, same_state, state_of
+from helpers import CancelAfter, accuracy, same_state, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 
@@ -106,7 +106,7 @@ def test_search_masks_each_querys_own_key(tiny, nato_task, shared_extractor, zer
     assert m.metrics["loo_accuracy"] <= zs < 1.0
 
 
-# ---- invariants (SPEC §5.5) ------------------------------------------------------------------------
+# ---- invariants (docs/design.md, "Method invariants") ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", METHODS)
 def test_frozen_backbone_bit_identical(trained, tiny, name):

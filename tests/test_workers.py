@@ -20,7 +20,7 @@ from fewshot_studio.imageio import ImageError
 from fewshot_studio.preprocess import decode_batch
 from fewshot_studio.workers import WorkerPool, read_message, serve, write_message
 
-from conftest import make_refs
+from helpers import make_refs
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -72,6 +72,7 @@ def test_a_killed_worker_is_replaced_and_its_job_finished(pool):
     assert len(pool.submit_decode(48, _tasks(refs[:2]), MEAN, STD).result(timeout=30)[0]) == 2
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_exit_with_their_parent():
     import subprocess

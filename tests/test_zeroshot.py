@@ -11,7 +11,7 @@ from fewshot_studio.data import SupportSet
 from fewshot_studio.errors import Cancelled, DataError
 from fewshot_studio.methods import load_model, make_method
 
-from conftest import accuracy, make_task
+from helpers import accuracy, make_task
 
 REAL = {"red circle": "red circle", "blue square": "blue square", "green_triangle": "green triangle",
         "yellow star": "yellow star"}

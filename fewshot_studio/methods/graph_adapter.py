@@ -1,5 +1,6 @@
-"""GraphAdapter (Li et al., NeurIPS 2023; SPEC §5.3): a dual knowledge graph adapter on the
-text classifier of a frozen CLIP.
+"""GraphAdapter: a dual knowledge graph adapter on the text classifier of a frozen CLIP. Li et al.,
+"GraphAdapter: Tuning Vision-Language Models With Dual Knowledge Graph", NeurIPS 2023; official
+code https://github.com/lixinustc/GraphAdapter.
 
 Frozen inputs, built once per fit:
   T (C×d) - the prompt-ensemble class text features (exactly zero-shot CLIP's classifier),

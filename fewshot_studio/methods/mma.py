@@ -1,4 +1,5 @@
-"""MMA — Multi-Modal Adapter (Yang et al., CVPR 2024; SPEC §5.4).
+"""MMA — Multi-Modal Adapter: Yang et al., "MMA: Multi-Modal Adapter for Vision-Language Models",
+CVPR 2024; official code https://github.com/ZjjConan/Multi-Modal-Adapter.
 
 Small bottleneck adapters sit in the higher transformer blocks of *both* CLIP towers. For every
 adapted block i there is a text branch (down_t, up_t), a visual branch (down_v, up_v) and one
@@ -25,7 +26,7 @@ end-of-text pooling), so the text tower runs on ~10 positions instead of 77.
 
 Default schedule: the paper trains 5 epochs with batch 16 on 16-shot data sets of hundreds of
 images. With the handful of images a user gives, 5 epochs are a dozen optimiser steps and nothing
-moves (SPEC §5.4: a faithful MMA on the tiny backbone needed ~75 steps to go from 21% to 64%
+moves (docs/design.md, "Methods": a faithful MMA on the tiny backbone needed ~75 steps to go from 21% to 64%
 held-out accuracy on a 5-class task), so the number of steps is
 
     steps = config.steps  if given,  else  max(epochs · ceil(N / batch_size), min_steps)

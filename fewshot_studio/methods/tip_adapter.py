@@ -1,4 +1,6 @@
-"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022; SPEC §5.2), the cache-model baselines.
+"""Tip-Adapter and Tip-Adapter-F, the cache-model baselines: Zhang et al., "Tip-Adapter: Training-free
+Adaption of CLIP for Few-shot Classification", ECCV 2022; official code
+https://github.com/gaopengcuhk/Tip-Adapter.
 
 Cache: keys K = the normalised mean, over `augment_views` cached augmented views (views
 1..augment_views, the paper's "augment epochs"), of each support image's normalised feature;

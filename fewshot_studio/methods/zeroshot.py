@@ -1,4 +1,5 @@
-"""Zero-shot CLIP (Radford et al., 2021; SPEC §5.1): logits = s · f · tᵀ with t the normalised
+"""Zero-shot CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
+Supervision", ICML 2021; https://github.com/openai/CLIP): logits = s · f · tᵀ with t the normalised
 mean of the class's prompt-ensemble text features."""
 from __future__ import annotations
 
