@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, AppConfig
 from .errors import WeightsUnavailableError
 
-DEFAULT_NAME = "ViT-B-32"
-DEFAULT_PRETRAINED = "openai"
+DEFAULT_NAME = DEFAULT_BACKBONE
 TINY = "tiny"
 
 # Generic prompt ensemble for real CLIP weights (a subset of CLIP's ImageNet templates).
@@ -49,15 +49,17 @@ class BackboneSpec:
 
     @classmethod
     def from_env(cls, **overrides) -> "BackboneSpec":
-        """Defaults from FEWSHOT_STUDIO_BACKBONE / _PRETRAINED / _CHECKPOINT / _DEVICE."""
-        env = {
-            "name": os.environ.get("FEWSHOT_STUDIO_BACKBONE") or DEFAULT_NAME,
-            "pretrained": os.environ.get("FEWSHOT_STUDIO_PRETRAINED") or DEFAULT_PRETRAINED,
-            "checkpoint": os.environ.get("FEWSHOT_STUDIO_CHECKPOINT") or None,
-            "device": os.environ.get("FEWSHOT_STUDIO_DEVICE") or None,
-        }
-        env.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**env)
+        """Defaults from the environment (FEWSHOT_STUDIO_BACKBONE / _PRETRAINED / _CHECKPOINT /
+        _DEVICE, read by AppConfig), each overridden by a keyword that is not None."""
+        return cls.from_config(AppConfig.from_env(), **overrides)
+
+    @classmethod
+    def from_config(cls, config: AppConfig, **overrides) -> "BackboneSpec":
+        """The configured default backbone, each field overridden by a keyword that is not None."""
+        d = {"name": config.backbone, "pretrained": config.pretrained, "checkpoint": config.checkpoint,
+             "device": config.device}
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)

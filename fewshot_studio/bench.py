@@ -871,10 +871,9 @@ def cmd_bench(args) -> int:
     if args.random_weights:
         if args.pretrained or args.checkpoint:
             raise BenchError("--random-weights builds the model without weights; drop --pretrained/--checkpoint.")
-        from .backbone import DEFAULT_NAME
+        from .config import AppConfig
 
-        backbone = random_weights_backbone(args.backbone or os.environ.get("FEWSHOT_STUDIO_BACKBONE")
-                                           or DEFAULT_NAME, args.device)
+        backbone = random_weights_backbone(args.backbone or AppConfig.from_env().backbone, args.device)
     else:
         from .cli import _backbone
 

@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .paths import cache_dir
+from .config import AppConfig
 
 Key = tuple[str, int]  # (content hash, view)
 _F32 = np.dtype("<f4")
@@ -105,7 +105,7 @@ class FeatureCache:
     """Persistent image-feature cache. `root=None` uses FEWSHOT_STUDIO_CACHE or the data dir."""
 
     def __init__(self, root: str | os.PathLike | None = None, memory: bool = True):
-        self.root = Path(root) if root is not None else cache_dir()
+        self.root = Path(root) if root is not None else AppConfig.from_env().cache_dir
         self._mem: dict[tuple[str, str, int], np.ndarray] | None = {} if memory else None
         self._lock = threading.Lock()
         self._dirs: set[str] = set()  # directories known to exist

@@ -36,11 +36,11 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default $FEWSHOT_STUDIO_DATA)")
 
 
-def _apply_dirs(args) -> None:
-    if getattr(args, "data_dir", None):
-        os.environ["FEWSHOT_STUDIO_DATA"] = args.data_dir
-    if getattr(args, "cache_dir", None):
-        os.environ["FEWSHOT_STUDIO_CACHE"] = args.cache_dir
+def _config(args):
+    """The one AppConfig of a command: its flags over the environment."""
+    from .config import AppConfig
+
+    return AppConfig.from_env(data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
 
 
 def _backbone(args):
@@ -60,7 +60,7 @@ def _extractor(backbone, args):
     from .cache import FeatureCache
     from .features import FeatureExtractor
 
-    return FeatureExtractor(backbone, FeatureCache())
+    return FeatureExtractor(backbone, FeatureCache(_config(args).cache_dir))
 
 
 def _stderr_progress(p) -> None:
@@ -71,7 +71,6 @@ def cmd_train(args) -> int:
     from .data import SupportSet
     from .methods import make_method
 
-    _apply_dirs(args)
     support, errors = SupportSet.from_folder(args.data, shots=args.shots, seed=args.seed)
     for e in errors:
         print(f"skipped {e}", file=sys.stderr)
@@ -105,7 +104,6 @@ def cmd_predict(args) -> int:
     from .imageio import ImageError
     from .methods import load_model
 
-    _apply_dirs(args)
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         raise UserError(f"{missing[0]} does not exist.")
@@ -113,7 +111,7 @@ def cmd_predict(args) -> int:
     from .cache import FeatureCache
     from .features import FeatureExtractor
 
-    extractor = FeatureExtractor(method.backbone, FeatureCache())
+    extractor = FeatureExtractor(method.backbone, FeatureCache(_config(args).cache_dir))
     files = list_image_files(args.paths)
     refs, results, order = [], {}, []
     for f in files:
@@ -173,10 +171,9 @@ def cmd_doctor(args) -> int:
     """Check the data folder (database, image files, model directories); print one problem
     per line or "No problems found."; exit 1 when there are problems. With --collect-garbage,
     a healthy folder is also cleared of what crashes leave behind."""
-    from . import paths
     from .store import _DB_NAME, ProjectStore, StoreError
 
-    root = Path(args.data_dir).expanduser() if args.data_dir else paths.data_dir()
+    root = _config(args).data_dir
     if not (root / _DB_NAME).is_file():
         print(f"No project database in {root}; nothing to check.")
         return 0

@@ -645,7 +645,7 @@ def _write_plot(fig, path: Path) -> list[Path]:
 def cmd_eval(args) -> int:
     from dataclasses import fields
 
-    from .cli import UserError, _apply_dirs, _backbone, _extractor
+    from .cli import UserError, _backbone, _extractor
     from .methods import get_method_class
 
     shots = _int_list(args.shots, "shots", 1)
@@ -658,7 +658,6 @@ def cmd_eval(args) -> int:
             raise UserError(f"Unknown method {m!r} in --methods; choose from {','.join(DEFAULT_METHODS)}.")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1; got {args.steps}.")
-    _apply_dirs(args)
 
     train, errors = SupportSet.from_folder(args.data)
     for e in errors:

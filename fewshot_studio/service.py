@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,6 +24,7 @@ from PIL import Image
 from . import imageio
 from .backbone import TINY, Backbone, BackboneSpec, device_name, load_backbone, resolve_device
 from .cache import FeatureCache
+from .config import AppConfig
 from .data import ImageRef
 from .errors import DataError, FewShotError, ModelFileError
 from .features import FeatureExtractor
@@ -69,15 +70,6 @@ MAX_UPLOAD_FILES = 1000  # loose files per upload; zips have their own limits (i
 POOL = "(unlabeled pool)"  # the pseudo-class naming the unlabeled pool in pickers
 
 
-def _is_hosted() -> bool:
-    """FEWSHOT_STUDIO_HOSTED=1/0 decides; unset, a Hugging Face Space (SPACE_ID is set there) is
-    hosted, so a public demo never shows one visitor's projects to another."""
-    flag = os.environ.get("FEWSHOT_STUDIO_HOSTED", "").strip().lower()
-    if flag:
-        return flag in ("1", "true", "yes")
-    return bool(os.environ.get("SPACE_ID"))
-
-
 @dataclass
 class PoolRow:
     image_id: int
@@ -91,18 +83,23 @@ class Studio:
     """Everything the app does, UI-agnostic. Thread-safe for concurrent sessions."""
 
     def __init__(self, data_dir: str | os.PathLike | None = None, spec: BackboneSpec | None = None,
-                 hosted: bool | None = None, max_cpu_jobs: int = 1):
+                 hosted: bool | None = None, max_cpu_jobs: int = 1, config: AppConfig | None = None):
         from .jobs import JobRunner
-        from .paths import data_dir as default_data_dir
 
-        self.root = Path(data_dir) if data_dir is not None else default_data_dir()
+        config = config or AppConfig.from_env()
+        if data_dir is not None:
+            config = config.with_data_dir(data_dir)
+        if hosted is not None:
+            config = replace(config, hosted=hosted)
+        self.config = config
+        self.root = config.data_dir
         self.root.mkdir(parents=True, exist_ok=True)
-        self.default_spec = spec or BackboneSpec.from_env()
-        self.hosted = _is_hosted() if hosted is None else hosted
+        self.default_spec = spec or BackboneSpec.from_config(config)
+        self.hosted = config.hosted
         self.store = ProjectStore(self.root)
         self.interrupted_jobs = self.store.mark_interrupted_jobs()
         self.runner = JobRunner(self.store, max_cpu_jobs=max_cpu_jobs)
-        self.cache = FeatureCache(self.root / "features")
+        self.cache = FeatureCache(config.cache_dir)
         self._backbones: dict[tuple, Backbone] = {}
         self._extractors: dict[str, FeatureExtractor] = {}
         self._models: dict[int, Method] = {}

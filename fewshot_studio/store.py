@@ -1,6 +1,6 @@
 """The persistent project store: an embedded SQLite database plus content-addressed image files.
 
-Layout under the data directory ``root`` (default :func:`paths.data_dir`)::
+Layout under the data directory ``root`` (default: `AppConfig.data_dir`)::
 
     root/studio.db                 SQLite database (WAL mode, foreign keys on)
     root/images/<hash[:2]>/<hash>  image bytes, named by their SHA-256 (no extension)
@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
-from . import imageio, paths
+from . import imageio
+from .config import AppConfig
 from .data import ImageRef, SupportSet
 from .errors import FewShotError
 
@@ -447,7 +448,7 @@ class ProjectStore:
 
     def __init__(self, root: str | os.PathLike | None = None, *,
                  migrations: Sequence[Migration] | None = None):
-        self.root = Path(root).expanduser() if root is not None else paths.data_dir()
+        self.root = Path(root).expanduser() if root is not None else AppConfig.from_env().data_dir
         self.db_path = self.root / _DB_NAME
         self.migrations: list[Migration] = list(MIGRATIONS if migrations is None else migrations)
         self._lock = threading.RLock()
