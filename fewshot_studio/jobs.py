@@ -29,10 +29,10 @@ from typing import Any, Callable
 import torch
 
 from .errors import Cancelled, FewShotError
-from .progress import Progress
+from .progress import FINISHED, JobStatus, Progress
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINISHED = (DONE, FAILED, CANCELLED)
+# plain strings (what the store keeps and JobState carries), named once in progress.JobStatus
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = (s.value for s in JobStatus)
 
 
 @dataclass

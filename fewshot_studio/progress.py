@@ -2,7 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Callable, Protocol
+
+
+class JobStatus(str, Enum):
+    """Where a long piece of work (a training, a cross-validation, a pool labeling) stands: the
+    one definition the job runner, the store and the UI share. Members equal their strings
+    (`JobStatus.DONE == "done"`), which is what the store keeps."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+#: The statuses a job ends in.
+FINISHED = tuple(s.value for s in JobStatus if s.finished)
 
 
 @dataclass

@@ -58,6 +58,7 @@ from . import imageio
 from .config import AppConfig
 from .data import ImageRef, SupportSet
 from .errors import FewShotError
+from .progress import FINISHED, JobStatus
 
 __all__ = [
     "MIGRATIONS",
@@ -88,8 +89,8 @@ MAX_DESCRIPTION_LENGTH = 2000
 MAX_FILE_NAME_LENGTH = 255
 #: Who put an image in its class: the user, an accepted prediction, or a corrected one.
 LABELED_BY = ("user", "accepted", "corrected")
-JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-_JOB_FINISHED = ("done", "failed", "cancelled")
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+_JOB_FINISHED = FINISHED
 #: Decoding an upload to validate it may use JPEG draft mode down to about this size.
 _VALIDATE_DRAFT = 256
 _BUSY_TIMEOUT_MS = 15_000
