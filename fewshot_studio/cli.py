@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     try:
-        from .bench import add_bench_parser  # noqa: F401
+        from .bench.speed import add_bench_parser  # noqa: F401
         add_bench_parser(sub)
     except ImportError:
         pass

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fewshot_studio import bench
+from fewshot_studio.bench import speed
 from fewshot_studio.bench import TARGETS, BenchConfig, BenchError, report, run_bench
 from fewshot_studio.cache import FeatureCache
 from fewshot_studio.cli import main
@@ -134,7 +135,7 @@ def test_random_weights_backbone(capsys):
 
 def test_decode_on_access_matches_the_prepared_pixels(tiny):
     refs = make_refs("red circle", 3, np.random.default_rng(0))
-    lazy = bench._DecodeOnAccess(refs, 3, tiny)
+    lazy = speed._DecodeOnAccess(refs, 3, tiny)
     assert lazy.shape == (3, 3, 3, tiny.image_size, tiny.image_size) and lazy.ndim == 5
     got = lazy[torch.tensor([2, 0]), torch.tensor([1, 0])]
     want = torch.stack([tiny.augment(refs[2].open(draft_size=tiny.image_size), refs[2].hash, 1),

@@ -94,8 +94,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import FewShotError
-from .workers import helper_cpu_seconds
+from ..errors import FewShotError
+from ..workers import helper_cpu_seconds
 
 # key -> (comparison, target); ">=" means higher is better
 TARGETS: dict[str, tuple[str, float]] = {
@@ -229,7 +229,7 @@ def _interleave(rounds: int, sides: list[tuple[str, Callable[[int], float]]], re
 def class_names(n: int) -> list[tuple[str, str]]:
     """(class name, colour-shape label it depicts) for n classes; beyond the 48 shape classes the
     names repeat with a number (timing only: such classes look alike)."""
-    from .shapes import CLASSES
+    from ..shapes import CLASSES
 
     out = []
     for c in range(n):
@@ -240,8 +240,8 @@ def class_names(n: int) -> list[tuple[str, str]]:
 
 def write_images(folder: Path, labels: list[str], seed: int) -> list:
     """One image file per label: 224-256 px, JPEG (even positions) or PNG (odd). Returns refs."""
-    from .data import ImageRef
-    from .shapes import ShapeSpec, render
+    from ..data import ImageRef
+    from ..shapes import ShapeSpec, render
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -288,8 +288,8 @@ def random_weights_backbone(name: str, device: str | None):
     backbone without downloading it."""
     import open_clip
 
-    from . import shapes, tiny
-    from .backbone import GENERIC_TEMPLATES, TINY, Backbone, BackboneSpec, resolve_device
+    from .. import shapes, tiny
+    from ..backbone import GENERIC_TEMPLATES, TINY, Backbone, BackboneSpec, resolve_device
 
     tiny.register()
     arch = tiny.MODEL_NAME if name == TINY else name
@@ -329,8 +329,8 @@ class _Ctx:
         return self.backbone.device
 
     def extractor(self, cache_dir: Path | None):
-        from .cache import FeatureCache
-        from .features import FeatureExtractor
+        from ..cache import FeatureCache
+        from ..features import FeatureExtractor
 
         cache = FeatureCache(cache_dir) if cache_dir is not None else None
         return FeatureExtractor(self.backbone, cache, batch_size=self.cfg.batch_size, workers=self.workers)
@@ -436,7 +436,7 @@ def _section_pipeline(ctx: _Ctx, pool: list) -> None:
 
 def _section_graph_retrain(ctx: _Ctx, support, extra: list):
     """graph_retrain_ratio; returns the last trained GraphAdapter (for labeling)."""
-    from .methods import make_method
+    from ..methods import make_method
 
     bb = ctx.backbone
     rounds = max(1, min(ctx.cfg.repeats, 3))
@@ -476,8 +476,8 @@ def _section_graph_retrain(ctx: _Ctx, support, extra: list):
 def _mma_epoch_decoding(method, support) -> float:
     """Seconds of one epoch the official way: each step decodes and augments its batch's images
     and runs both towers in full (the method's own training step on undecoded images)."""
-    from .methods.mma import MMATrainData
-    from .training import seed_everything
+    from ..methods.mma import MMATrainData
+    from ..training import seed_everything
 
     bb = method.backbone
     dev = bb.device
@@ -503,8 +503,8 @@ def _mma_epoch_decoding(method, support) -> float:
 
 
 def _section_mma(ctx: _Ctx, support) -> None:
-    from .errors import BackboneError
-    from .methods import make_method
+    from ..errors import BackboneError
+    from ..methods import make_method
 
     try:
         method = make_method("mma", ctx.backbone, support.classnames)
@@ -546,9 +546,9 @@ def _section_mma(ctx: _Ctx, support) -> None:
 def _section_graph_step(ctx: _Ctx) -> None:
     import torch.nn.functional as F
 
-    from .methods.graph_adapter import (GraphAdapterConfig, graph_adapter_classifier,
+    from ..methods.graph_adapter import (GraphAdapterConfig, graph_adapter_classifier,
                                         graph_adapter_loop_reference, graph_messages)
-    from .training import autocast_for
+    from ..training import autocast_for
 
     bb, dev = ctx.backbone, ctx.device
     C, d, k = ctx.cfg.graph_classes, bb.embed_dim, ctx.cfg.shots
@@ -631,7 +631,7 @@ def _section_labeling(ctx: _Ctx, method, pool: list) -> None:
 
 
 def _suite_speed(ctx: _Ctx) -> None:
-    from .data import SupportSet
+    from ..data import SupportSet
 
     cfg = ctx.cfg
     names = class_names(cfg.classes)
@@ -803,7 +803,7 @@ def report(results: dict, json_path: str | os.PathLike | None = None, out=None, 
 # ---- command line ----------------------------------------------------------------------------------
 
 def add_bench_parser(sub) -> None:
-    from .cli import _add_backbone_args
+    from ..cli import _add_backbone_args
 
     p = sub.add_parser("bench", help="measure the speed targets (pipeline, cache, retrain, MMA, graph, labeling)",
                        description="Measure the speed targets side by side in one run; exit 1 if one is missed.")
@@ -829,7 +829,7 @@ def add_bench_parser(sub) -> None:
 
 def cmd_bench_load(args) -> int:
     """`bench --load`: p50/p95 latency and errors of the real app under a bounded loopback load."""
-    from .ui.loadtest import run_load
+    from ..ui.loadtest import run_load
 
     if args.clients < 1 or args.requests < 1:
         raise BenchError("--clients and --requests must be at least 1.")
@@ -852,7 +852,7 @@ def cmd_bench_load(args) -> int:
 
 
 def _device_label(device: str | None) -> str:
-    from .backbone import device_name, resolve_device
+    from ..backbone import device_name, resolve_device
 
     return device_name(resolve_device(device or "cpu"))
 
@@ -871,11 +871,11 @@ def cmd_bench(args) -> int:
     if args.random_weights:
         if args.pretrained or args.checkpoint:
             raise BenchError("--random-weights builds the model without weights; drop --pretrained/--checkpoint.")
-        from .config import AppConfig
+        from ..config import AppConfig
 
         backbone = random_weights_backbone(args.backbone or AppConfig.from_env().backbone, args.device)
     else:
-        from .cli import _backbone
+        from ..cli import _backbone
 
         backbone = _backbone(args)
     results = run_bench(backbone, cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
