@@ -128,7 +128,7 @@ def test_default_settings_beat_zero_shot(trained, zeroshot, nato_task, shared_ex
     print(f"\nheld-out accuracy: zero-shot {zs:.3f}, GraphAdapter {ga:.3f} (fit {trained.fit_seconds:.2f}s)")
     assert ga >= zs + 0.2
     assert ga >= 0.8
-    assert trained.fit_cpu_seconds < 15  # cached features: seconds on a CPU (CPU time: robust to a busy machine)
+    # how fast a retrain on cached features is: the benchmark's graph_retrain_ratio, not a timed test
 
 
 def test_grouped_option_trains(tiny, nato_task, shared_extractor, zeroshot):
