@@ -33,6 +33,9 @@ from .progress import FINISHED, JobStatus, Progress
 
 # plain strings (what the store keeps and JobState carries), named once in progress.JobStatus
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = (s.value for s in JobStatus)
+# the kinds of long work the app runs as jobs, and how a sentence names each
+TRAIN, EVALUATE, LABEL = "train", "evaluate", "label"
+KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool"}
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Job:
 
     def __init__(self, state: JobState):
         self._state = state
+        self.kind = state.kind
         self._lock = threading.Lock()
         self.cancel_event = threading.Event()
         self.done_event = threading.Event()
@@ -199,7 +203,7 @@ class JobRunner:
             except Exception as e:  # noqa: BLE001 - report any failure as one sentence
                 traceback.print_exc()
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                job.update(status=FAILED, message=f"Training failed unexpectedly: {first}.",
+                job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed unexpectedly: {first}.",
                            finished=time.time())
             else:
                 s = job.snapshot()
@@ -258,7 +262,7 @@ class JobRunner:
         def work(job: Job):
             return self._train(job, project_id, method, backbone, extractor, support, overrides)
 
-        return self.submit("train", work, project_id, device=str(backbone.device))
+        return self.submit(TRAIN, work, project_id, device=str(backbone.device))
 
     def _train(self, job: Job, project_id, method_name, backbone, extractor, support, overrides):
         from .methods import make_method
