@@ -54,16 +54,26 @@ from .data import ImageRef, SupportSet
 from .errors import Cancelled, DataError, FewShotError
 from .progress import CancelFlag, Progress, ProgressFn
 
-# cheapest first: ties in accuracy go to the earlier method
-COST_ORDER = ("zeroshot", "tip", "graph", "tip-f", "mma")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
-DEFAULT_METHODS = ("zeroshot", "tip", "tip-f", "graph", "mma")
 LOO_MAX = 20
 
 
+def __getattr__(name: str):
+    """COST_ORDER (every registered method, cheapest first: ties in accuracy go to the earlier
+    one) and DEFAULT_METHODS (the same), read from the method catalog when asked for."""
+    if name in ("COST_ORDER", "DEFAULT_METHODS"):
+        from .methods import catalog
+
+        return tuple(catalog.by_cost(catalog.method_ids()))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _cost_rank(method: str) -> int:
-    return COST_ORDER.index(method) if method in COST_ORDER else len(COST_ORDER)
+    from .methods import catalog
+
+    order = catalog.by_cost(catalog.method_ids())
+    return order.index(method) if method in order else len(order)
 
 
 def _labels_array(labels) -> np.ndarray:
@@ -75,9 +85,9 @@ def _labels_array(labels) -> np.ndarray:
 
 
 def _method_label(name: str) -> str:
-    from .methods import get_method_class
+    from .methods import catalog
 
-    return get_method_class(name).label
+    return catalog.label(name)
 
 
 def _check_cancel(cancel: CancelFlag | None) -> None:
@@ -308,13 +318,10 @@ def confusion_figure(result: EvalResult):
 # ---- training and predicting one method ----------------------------------------------------------
 
 def _make(name: str, backbone, support: SupportSet, seed: int, overrides: dict[str, dict] | None):
-    from dataclasses import fields
+    from .methods import catalog, make_method
 
-    from .methods import get_method_class, make_method
-
-    cls = get_method_class(name)
-    kw = dict((overrides or {}).get(name) or {})
-    if "seed" in {f.name for f in fields(cls.Config)}:
+    kw = catalog.coerce_settings(name, (overrides or {}).get(name))  # the one strict rule
+    if "seed" in catalog.settings(name):
         kw.setdefault("seed", seed)
     return make_method(name, backbone, support.classnames, support.descriptions, **kw)
 
@@ -340,11 +347,11 @@ def _inner(progress: ProgressFn | None, outer: str, step: int, total: int) -> Pr
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    from .methods import get_method_class
+    from .methods import catalog
 
     out = []
     for m in methods:
-        get_method_class(m)  # DataError naming the choices
+        catalog.get_method_class(m)  # DataError naming the choices
         if m not in out:
             out.append(m)
     if not out:
@@ -643,10 +650,8 @@ def _write_plot(fig, path: Path) -> list[Path]:
 
 
 def cmd_eval(args) -> int:
-    from dataclasses import fields
-
     from .cli import UserError, _backbone, _extractor
-    from .methods import get_method_class
+    from .methods import catalog
 
     shots = _int_list(args.shots, "shots", 1)
     seeds = _int_list(args.seeds, "seeds", 0)
@@ -654,8 +659,8 @@ def cmd_eval(args) -> int:
     if not methods:
         raise UserError("--methods needs at least one method.")
     for m in methods:
-        if m not in DEFAULT_METHODS:
-            raise UserError(f"Unknown method {m!r} in --methods; choose from {','.join(DEFAULT_METHODS)}.")
+        if m not in catalog.REGISTRY:
+            raise UserError(f"Unknown method {m!r} in --methods; choose from {','.join(catalog.method_ids())}.")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1; got {args.steps}.")
 
@@ -685,7 +690,7 @@ def cmd_eval(args) -> int:
     overrides: dict[str, dict] = {}
     if args.steps is not None:
         for m in methods:
-            if "steps" in {f.name for f in fields(get_method_class(m).Config)}:
+            if "steps" in catalog.settings(m):
                 overrides[m] = {"steps": args.steps}
     backbone = _backbone(args)
     extractor = _extractor(backbone, args)
@@ -710,6 +715,9 @@ def cmd_eval(args) -> int:
 
 def add_eval_parser(sub) -> None:
     from .cli import _add_backbone_args, _add_store_args
+    from .methods import catalog
+
+    every = ",".join(catalog.by_cost(catalog.method_ids()))  # now: a method registered later is listed
 
     p = sub.add_parser(
         "eval", help="the standard K-shot protocol: mean ± std accuracy over seeds per method and shot count",
@@ -721,8 +729,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
                    help="comma-separated shots per class (default 1,2,4,8,16); counts a class cannot supply are skipped")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds (default 1,2,3)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--methods", default=every, help=f"comma-separated methods (default {every})")
     _add_backbone_args(p)
     p.add_argument("--steps", type=int, default=None,
                    help="training steps for the methods that have a steps setting (graph, mma), for quick runs")

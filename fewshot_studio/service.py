@@ -28,7 +28,7 @@ from .config import AppConfig
 from .data import ImageRef
 from .errors import DataError, FewShotError, ModelFileError
 from .features import FeatureExtractor
-from .methods import KnowledgeGraph, Method, get_method_class, load_model
+from .methods import KnowledgeGraph, Method, catalog, get_method_class, load_model
 from .methods.base import CONFIG_FILE, WEIGHTS_FILE, cosine_matrix, read_model_config
 from .progress import Progress, ProgressFn
 from .store import ImageInfo, ModelInfo, NotFoundError, Project, ProjectStore, ValidationError
@@ -52,9 +52,8 @@ EXAMPLES: dict[str, dict] = {
     },
 }
 
-METHOD_LABELS = {"graph": "GraphAdapter", "mma": "MMA", "tip": "Tip-Adapter", "tip-f": "Tip-Adapter-F",
-                 "zeroshot": "Zero-shot CLIP"}
-METHOD_ORDER = ("graph", "mma", "tip", "tip-f", "zeroshot")
+METHOD_LABELS = catalog.LABELS  # live views of the method catalog: {id: label}, ids in display order
+METHOD_ORDER = catalog.ORDER
 
 # (value, label) of the backbone picker's presets; any open_clip "name/pretrained" also works.
 BACKBONE_PRESETS = (
@@ -378,11 +377,7 @@ class Studio:
         self.project(project_id, owner)
         backbone = self.backbone(spec)
         cls = get_method_class(method)
-        settings = {k: v for k, v in (settings or {}).items() if v is not None and v != ""}
-        from dataclasses import fields
-
-        known = {f.name for f in fields(cls.Config)}
-        settings = {k: v for k, v in settings.items() if k in known}
+        settings = catalog.coerce_settings(method, settings)  # strict: an unknown setting is refused
         support = self.store.support_set(int(project_id))
         if not support.images and cls.needs_images:
             support.require_images(cls.label)
@@ -835,52 +830,17 @@ class Studio:
         return max(jobs, key=lambda j: j.created) if jobs else None
 
     def method_choices(self) -> list[tuple[str, str]]:
-        return [(METHOD_LABELS[m], m) for m in METHOD_ORDER]
+        return [(catalog.label(m), m) for m in catalog.method_ids()]
 
     @staticmethod
     def method_settings(method: str) -> dict[str, Any]:
-        """A method's editable settings with the papers' defaults (numbers and switches; an
-        "auto" setting is None)."""
-        from dataclasses import MISSING, fields
-
-        cls = get_method_class(method)
-        out = {}
-        for f in fields(cls.Config):
-            v = f.default if f.default is not MISSING else None
-            t = str(f.type)
-            if isinstance(v, (bool, int, float)) or (v is None and t.split("|")[0].strip() in ("int", "float")):
-                out[f.name] = v
-        return out
+        """A method's editable settings with the papers' defaults (catalog.settings)."""
+        return catalog.settings(method)
 
     @staticmethod
     def coerce_settings(method: str, raw: dict[str, Any]) -> dict[str, Any]:
-        """Form values to a method's settings: blanks dropped, ints kept whole, unknown names
-        ignored; one sentence for a value that does not fit."""
-        from dataclasses import fields
-
-        cls = get_method_class(method)
-        types = {f.name: f.type for f in fields(cls.Config)}
-        defaults = Studio.method_settings(method)
-        out: dict[str, Any] = {}
-        for k, v in (raw or {}).items():
-            if k not in types or v is None or (isinstance(v, str) and not v.strip()):
-                continue
-            d, t = defaults.get(k), str(types[k])
-            try:
-                if isinstance(d, bool) or t.startswith("bool"):
-                    out[k] = bool(v)
-                elif isinstance(d, int) or t.startswith("int"):
-                    if float(v) != int(float(v)):
-                        raise ValueError
-                    out[k] = int(float(v))
-                elif isinstance(d, float) or t.startswith("float"):
-                    out[k] = float(v)
-                else:
-                    out[k] = v
-            except (TypeError, ValueError):
-                raise DataError(f"The {cls.label} setting '{k}' must be a "
-                                f"{'whole number' if 'int' in t else 'number'}, not {v!r}.") from None
-        return out
+        """Form values to a method's settings by the catalog's one strict rule (catalog.coerce_settings)."""
+        return catalog.coerce_settings(method, raw)
 
     def browser_secret(self) -> str:
         """A per-installation random secret (kept in the data dir) for encrypting what a

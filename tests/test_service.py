@@ -288,8 +288,10 @@ def test_helpers(tiny, tmp_path):
     assert graph["alpha"] == 0.7 and graph["steps"] == 300 and "templates" not in graph
     mma = s.method_settings("mma")
     assert mma["rank"] == 32 and mma["scale"] == 0.001 and mma["steps"] is None and mma["lr"] == 0.0015
-    assert s.coerce_settings("mma", {"steps": 30.0, "lr": "0.01", "start_block": None, "bogus": 1,
+    assert s.coerce_settings("mma", {"steps": 30.0, "lr": "0.01", "start_block": None,
                                      "cache_lower": 1}) == {"steps": 30, "lr": 0.01, "cache_lower": True}
+    with pytest.raises(DataError, match="MMA has no setting 'bogus'"):  # strict now: unknown names are refused
+        s.coerce_settings("mma", {"steps": 30, "bogus": 1})
     choices = dict((v, label) for label, v in s.backbone_choices())
     assert s.backbone_choices()[0][1] == "tiny" == s.default_backbone_value()
     assert "only knows coloured shapes" in choices["tiny"] and "ViT-B-32/openai" in choices

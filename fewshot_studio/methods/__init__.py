@@ -1,23 +1,16 @@
-"""Methods behind one interface (see base.Method): zero-shot CLIP, Tip-Adapter(-F), GraphAdapter, MMA."""
+"""Methods behind one interface (see base.Method): zero-shot CLIP, Tip-Adapter(-F), GraphAdapter, MMA.
+
+The catalog (catalog.py) lists them; each module below registers its class(es) on import, so a
+new method is one module plus one import line here (README, "Adding a method").
+"""
 from __future__ import annotations
 
-import importlib
+from . import zeroshot  # noqa: F401
+from . import tip_adapter  # noqa: F401
+from . import graph_adapter  # noqa: F401
+from . import mma  # noqa: F401
+from .base import KnowledgeGraph, Method, load_model, make_method, read_model_config
+from .catalog import REGISTRY, get_method_class, make_config, register
 
-from .base import (REGISTRY, KnowledgeGraph, Method, get_method_class, load_model, make_config,
-                   make_method, read_model_config)
-
-# CLI/UI names -> modules; a module registers its class on import
-_MODULES = ("zeroshot", "tip_adapter", "graph_adapter", "mma")
-
-
-def ensure_registered() -> None:
-    for m in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{m}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{m}":
-                raise
-
-
-__all__ = ["REGISTRY", "KnowledgeGraph", "Method", "ensure_registered", "get_method_class", "load_model",
-           "make_config", "make_method", "read_model_config"]
+__all__ = ["REGISTRY", "KnowledgeGraph", "Method", "get_method_class", "load_model", "make_config", "make_method",
+           "read_model_config", "register"]

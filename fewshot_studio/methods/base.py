@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -29,6 +29,7 @@ from ..data import ImageRef, SupportSet
 from ..errors import ModelFileError
 from ..features import FeatureExtractor
 from ..progress import CancelFlag, ProgressFn
+from .catalog import REGISTRY, get_method_class, make_config, register  # noqa: F401  (re-exported)
 
 MODEL_FORMAT = "fewshot-studio-model"
 MODEL_FORMAT_VERSION = 1
@@ -125,15 +126,19 @@ class KnowledgeGraph:
 class MethodConfig:
     """Settings every trained method shares; subclasses add their hyper-parameters."""
 
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed"})
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `name`, `label`, `Config`, implement `fit` and either
-    `logits_from_features` (methods on frozen features) or `image_logits`."""
+    """Base class. Subclasses set `name`, `label`, `summary`, `cost`, `order` and `Config` (see
+    methods/catalog.py), implement `_fit` (wrapped by `fit`) and either `logits_from_features`
+    (methods on frozen features) or `image_logits`, and are added with `@register`."""
 
-    name: ClassVar[str] = ""
-    label: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the id the CLI, the app, saved models and the evaluation use
+    label: ClassVar[str] = ""  # shown to people
+    summary: ClassVar[str] = ""  # one line: the paper and its defaults (the app's note under the method)
+    cost: ClassVar[int] = 0  # rank, cheapest first: ties in an evaluation go to the cheaper method
+    order: ClassVar[int] = 0  # display order in the app's method list
     Config: ClassVar[type] = MethodConfig
     needs_images: ClassVar[bool] = True  # every class needs at least one support image
     # tensors whose first dimension is the number of support images (may differ per model);
@@ -298,40 +303,11 @@ class Method(nn.Module):
             raise ModelFileError(f"The {self.label} model weights contain NaN or infinite values.")
 
 
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def make_config(method: str, **overrides) -> Any:
-    cls = get_method_class(method)
-    names = {f.name for f in fields(cls.Config)}
-    unknown = set(overrides) - names
-    if unknown:
-        from ..errors import DataError
-        raise DataError(f"{cls.label} has no setting {', '.join(sorted(unknown))}; "
-                        f"its settings are {', '.join(sorted(names))}.")
-    return cls.Config(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def get_method_class(method: str) -> type[Method]:
-    from . import ensure_registered
-
-    ensure_registered()
-    if method not in REGISTRY:
-        from ..errors import DataError
-        raise DataError(f"Unknown method {method!r}; choose one of {', '.join(sorted(REGISTRY))}.")
-    return REGISTRY[method]
-
-
 def make_method(method: str, backbone: Backbone, classnames: Sequence[str],
                 descriptions: Sequence[str] | None = None, **overrides) -> Method:
-    """Build an untrained method by name with the papers' defaults plus `overrides`."""
-    cls = get_method_class(method)
-    return cls(backbone, classnames, descriptions, make_config(method, **overrides))
+    """Build an untrained method by name with the papers' defaults plus `overrides` (checked by
+    `catalog.coerce_settings`: an unknown or ill-typed setting is a DataError)."""
+    return get_method_class(method)(backbone, classnames, descriptions, make_config(method, **overrides))
 
 
 def read_model_config(directory: str | os.PathLike) -> dict:

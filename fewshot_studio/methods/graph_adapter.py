@@ -55,7 +55,7 @@ Training defaults and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +67,19 @@ from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 @dataclass
 class GraphAdapterConfig(MethodConfig):
-    alpha: float = 0.7  # text vs visual sub-graph fusion (official code)
-    beta: float = 0.5  # residual weight of the frozen text classifier (see module docstring)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    steps: int = 300
-    augment_views: int = 10  # cached augmented views per support image (prototypes + training)
-    groups: int = 1  # 1: whole graph; 4: the official interleaved grouping
-    templates: tuple[str, ...] | None = None  # None: the backbone's prompt ensemble
+    # text vs visual sub-graph fusion (official code)
+    alpha: float = field(default=0.7, metadata={"help": "α: textual vs visual sub-graph fusion"})
+    # residual weight of the frozen text classifier (see module docstring)
+    beta: float = field(default=0.5, metadata={"help": "β: weight of the zero-shot classifier"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    # cached augmented views per support image (prototypes + training)
+    augment_views: int = field(default=10, metadata={"help": "augmented views per image"})
+    # 1: whole graph; 4: the official interleaved grouping
+    groups: int = field(default=1, metadata={"help": "node groups (4 = official code)"})
+    templates: tuple[str, ...] | None = field(  # None: the backbone's prompt ensemble
+        default=None, metadata={"help": "prompt templates (blank: the backbone's prompt ensemble)"})
 
 
 # ---- the graph math -----------------------------------------------------------------------
@@ -162,6 +167,9 @@ def graph_adapter_loop_reference(T: torch.Tensor, V: torch.Tensor, W_t: torch.Te
 class GraphAdapter(Method):
     name = "graph"
     label = "GraphAdapter"
+    summary = "GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph, α = 0.7 as in the official code."
+    cost = 2
+    order = 0
     Config = GraphAdapterConfig
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):

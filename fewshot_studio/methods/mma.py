@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -80,21 +80,30 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
 # ---- configuration -----------------------------------------------------------------------------
 @dataclass
 class MMAConfig(MethodConfig):
-    rank: int = 32                 # adapter bottleneck width r
-    scale: float = 0.001           # adapter output scale
-    start_block: int | None = None  # first adapted block, 1-based; None: top two-thirds
-    end_block: int | None = None    # last adapted block, 1-based, inclusive; None: the last block
-    template: str = "a photo of a {}."
-    epochs: int = 5                # paper setting
-    steps: int | None = None       # total optimiser steps; overrides epochs and min_steps
-    min_steps: int = 300           # floor on the optimiser steps (see the module docstring)
-    batch_size: int = 16
-    lr: float = 0.0015
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup: int = 0
-    augment_views: int = 8         # augmented views per support image, besides the plain view
-    cache_lower: bool = True       # cache the outputs of the blocks below the first adapted one
+    # adapter bottleneck width r
+    rank: int = field(default=32, metadata={"help": "adapter width r"})
+    # adapter output scale
+    scale: float = field(default=0.001, metadata={"help": "adapter scale"})
+    # first adapted block, 1-based; None: top two-thirds
+    start_block: int | None = field(default=None, metadata={"help": "first adapted block (blank: top ⅔)"})
+    # last adapted block, 1-based, inclusive; None: the last block
+    end_block: int | None = field(default=None, metadata={"help": "last adapted block (blank: last)"})
+    template: str = field(default="a photo of a {}.", metadata={"help": "prompt template"})
+    # paper setting
+    epochs: int = field(default=5, metadata={"help": "epochs"})
+    # total optimiser steps; overrides epochs and min_steps
+    steps: int | None = field(default=None, metadata={"help": "steps (blank: max(epochs, minimum))"})
+    # floor on the optimiser steps (see the module docstring)
+    min_steps: int = field(default=300, metadata={"help": "minimum steps"})
+    batch_size: int = field(default=16, metadata={"help": "batch size"})
+    lr: float = field(default=0.0015, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
+    warmup: int = field(default=0, metadata={"help": "warm-up steps"})
+    # augmented views per support image, besides the plain view
+    augment_views: int = field(default=8, metadata={"help": "augmented views per image"})
+    # cache the outputs of the blocks below the first adapted one
+    cache_lower: bool = field(default=True, metadata={"help": "cache the lower blocks"})
 
 
 def auto_start_block(layers: int) -> int:
@@ -292,6 +301,10 @@ class MMATrainData:
 class MMA(Method):
     name = "mma"
     label = "MMA"
+    summary = ("MMA (Yang et al., CVPR 2024): adapters in the top two-thirds of both towers, r = 32, scale 0.001, "
+               "SGD lr 0.0015; at least 300 steps however few images you have.")
+    cost = 4
+    order = 1
     Config = MMAConfig
     needs_images = False  # image-less classes still work through the adapted text encoder
     feature_views = 1  # MMA keeps its own lower-block cache; it reads only plain views from the extractor

@@ -34,7 +34,7 @@ cached features. Measured on the synthetic uninformative-names tasks: 5 classes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,23 +47,32 @@ from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 @dataclass
 class TipAdapterConfig(MethodConfig):
-    alpha: float = 1.0  # paper default: weight of the cache logits
-    beta: float = 5.5  # paper default: sharpness of the affinity
-    augment_views: int = 10  # augmented views averaged into each key (the paper's augment epochs)
-    search: bool = True  # leave-one-out search of α and β on the support set
-    search_scale: tuple[float, float] = (13.0, 13.0)  # upper ends of the β and α grids (official code)
-    search_steps: tuple[int, int] = (200, 20)  # grid sizes for β and α (official code)
-    templates: tuple[str, ...] | None = None  # None: the backbone's prompt ensemble
+    # paper default: weight of the cache logits
+    alpha: float = field(default=1.0, metadata={"help": "α: weight of the cache logits"})
+    # paper default: sharpness of the affinity
+    beta: float = field(default=5.5, metadata={"help": "β: sharpness of the affinity"})
+    # augmented views averaged into each key (the paper's augment epochs)
+    augment_views: int = field(default=10, metadata={"help": "augmented views per image"})
+    # leave-one-out search of α and β on the support set
+    search: bool = field(default=True, metadata={"help": "search α and β on the support set"})
+    search_scale: tuple[float, float] = field(  # upper ends of the β and α grids (official code)
+        default=(13.0, 13.0), metadata={"help": "upper ends of the β and α search grids"})
+    search_steps: tuple[int, int] = field(  # grid sizes for β and α (official code)
+        default=(200, 20), metadata={"help": "sizes of the β and α search grids"})
+    templates: tuple[str, ...] | None = field(  # None: the backbone's prompt ensemble
+        default=None, metadata={"help": "prompt templates (blank: the backbone's prompt ensemble)"})
 
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig):
-    lr: float = 1e-3
-    eps: float = 1e-4
-    weight_decay: float = 0.01  # torch's AdamW default, which the official code keeps
-    epochs: int = 20
-    batch_size: int = 256
-    min_steps: int = 200  # a few shots make an epoch one step; guarantee enough steps to learn
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    eps: float = field(default=1e-4, metadata={"help": "AdamW ε"})
+    # torch's AdamW default, which the official code keeps
+    weight_decay: float = field(default=0.01, metadata={"help": "weight decay"})
+    epochs: int = field(default=20, metadata={"help": "epochs"})
+    batch_size: int = field(default=256, metadata={"help": "batch size"})
+    # a few shots make an epoch one step; guarantee enough steps to learn
+    min_steps: int = field(default=200, metadata={"help": "minimum steps"})
 
 
 def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta) -> torch.Tensor:
@@ -75,6 +84,9 @@ def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 class TipAdapter(Method):
     name = "tip"
     label = "Tip-Adapter"
+    summary = "Tip-Adapter (Zhang et al., ECCV 2022), training-free: α = 1, β = 5.5, then a search on the support set."
+    cost = 1
+    order = 2
     Config = TipAdapterConfig
     trainable_keys = False
     data_sized = ("cache_keys", "cache_values")
@@ -184,6 +196,9 @@ class TipAdapter(Method):
 class TipAdapterF(TipAdapter):
     name = "tip-f"
     label = "Tip-Adapter-F"
+    summary = "Tip-Adapter-F: fine-tunes the cache keys (AdamW lr 1e-3, 20 epochs, at least 200 steps)."
+    cost = 3
+    order = 3
     Config = TipAdapterFConfig
     trainable_keys = True
 

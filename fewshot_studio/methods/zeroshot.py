@@ -3,7 +3,7 @@ Supervision", ICML 2021; https://github.com/openai/CLIP): logits = s · f · t�
 mean of the class's prompt-ensemble text features."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,13 +12,17 @@ from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
-    templates: tuple[str, ...] | None = None  # None: the backbone's prompt ensemble
+    templates: tuple[str, ...] | None = field(  # None: the backbone's prompt ensemble
+        default=None, metadata={"help": "prompt templates (blank: the backbone's prompt ensemble)"})
 
 
 @register
 class ZeroShot(Method):
     name = "zeroshot"
     label = "Zero-shot CLIP"
+    summary = "Zero-shot CLIP: nothing trains; class names (and descriptions) become the classifier."
+    cost = 0
+    order = 4
     Config = ZeroShotConfig
     needs_images = False
 

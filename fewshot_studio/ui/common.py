@@ -11,7 +11,8 @@ import gradio as gr
 
 from ..errors import FewShotError
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
-from ..service import METHOD_LABELS, Studio, model_result
+from ..methods import catalog
+from ..service import Studio, model_result
 
 log = logging.getLogger("fewshot_studio.ui")
 
@@ -118,7 +119,7 @@ def progress_html(state=None, idle: str = "No training running.") -> str:
         if hasattr(info, "metrics"):  # a registered model (ModelInfo)
             cfg = info.config if isinstance(info.config, dict) else {}
             parts += model_result(info.method, info.metrics, cfg.get("history"))
-            parts.append(f"model #{info.id} ({METHOD_LABELS.get(info.method, info.method)}) is now current")
+            parts.append(f"model #{info.id} ({catalog.LABELS.get(info.method, info.method)}) is now current")
         text = " · ".join([*parts, state.message] if state.message else parts)
     elif status in (FAILED, CANCELLED):
         text = state.message

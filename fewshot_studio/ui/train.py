@@ -9,42 +9,14 @@ import gradio as gr
 from .. import shapes, viz
 from ..backbone import TINY
 from ..jobs import DONE, FINISHED
-from ..service import METHOD_LABELS, METHOD_ORDER
+from ..methods import catalog
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 POLL_SECONDS = 0.5  # the page's job timer (ui/app.py)
 
-# Labels of the advanced settings: (method, key) first, then key alone.
-HINTS = {
-    ("graph", "alpha"): "α: textual vs visual sub-graph fusion",
-    ("graph", "beta"): "β: weight of the zero-shot classifier",
-    ("graph", "steps"): "optimizer steps",
-    ("graph", "groups"): "node groups (4 = official code)",
-    ("mma", "steps"): "steps (blank: max(epochs, minimum))",
-    ("mma", "start_block"): "first adapted block (blank: top ⅔)",
-    ("mma", "end_block"): "last adapted block (blank: last)",
-    ("tip", "alpha"): "α: weight of the cache logits",
-    ("tip", "beta"): "β: sharpness of the affinity",
-    ("tip-f", "alpha"): "α: weight of the cache logits",
-    ("tip-f", "beta"): "β: sharpness of the affinity",
-    "seed": "seed", "lr": "learning rate", "weight_decay": "weight decay", "augment_views": "augmented views per image",
-    "rank": "adapter width r", "scale": "adapter scale", "epochs": "epochs", "min_steps": "minimum steps",
-    "batch_size": "batch size", "momentum": "SGD momentum", "warmup": "warm-up steps",
-    "cache_lower": "cache the lower blocks", "search": "search α and β on the support set", "eps": "AdamW ε",
-}
-
-PAPER_NOTES = {
-    "graph": "GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph, α = 0.7 as in the official code.",
-    "mma": "MMA (Yang et al., CVPR 2024): adapters in the top two-thirds of both towers, r = 32, scale 0.001, "
-           "SGD lr 0.0015; at least 300 steps however few images you have.",
-    "tip": "Tip-Adapter (Zhang et al., ECCV 2022), training-free: α = 1, β = 5.5, then a search on the support set.",
-    "tip-f": "Tip-Adapter-F: fine-tunes the cache keys (AdamW lr 1e-3, 20 epochs, at least 200 steps).",
-    "zeroshot": "Zero-shot CLIP: nothing trains; class names (and descriptions) become the classifier.",
-}
-
-
 def label_for(method: str, key: str) -> str:
-    return f"{METHOD_LABELS[method]} · {HINTS.get((method, key)) or HINTS.get(key) or key}"
+    """An advanced setting's label: "GraphAdapter · optimizer steps" (the catalog's help text)."""
+    return f"{catalog.label(method)} · {catalog.setting_help(method, key)}"
 
 
 def build(ui: UI) -> None:
@@ -53,7 +25,7 @@ def build(ui: UI) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             ui.method = gr.Radio(s.method_choices(), value="graph", label="Method", elem_id="method")
-            ui.method_note = gr.Markdown(PAPER_NOTES["graph"], elem_classes="fs-hint")
+            ui.method_note = gr.Markdown(catalog.summary("graph"), elem_classes="fs-hint")
             ui.backbone = gr.Dropdown(s.backbone_choices(), value=s.default_backbone_value(), label="Backbone",
                                       allow_custom_value=True, elem_id="backbone",
                                       info="An open_clip model/pretrained tag, or tiny (offline; it only knows "
@@ -63,7 +35,7 @@ def build(ui: UI) -> None:
                                        info="For offline machines: used instead of downloading the weights.")
             with gr.Accordion("Advanced settings (the papers' defaults)", open=False, elem_id="advanced"):
                 ui.adv_groups = {}
-                for m in METHOD_ORDER:
+                for m in catalog.method_ids():
                     with gr.Group(visible=m == "graph") as grp:
                         defaults = s.method_settings(m)
                         keys = list(defaults)
@@ -99,7 +71,7 @@ def build(ui: UI) -> None:
     ui.add_view(view, [ui.model_md, ui.curve, ui.progress], model=True)
 
     def on_method(m):
-        return {ui.method_note: PAPER_NOTES.get(m, ""),
+        return {ui.method_note: catalog.summary(m) if m in catalog.REGISTRY else "",
                 **{g: gr.Group(visible=k == m) for k, g in ui.adv_groups.items()}}
 
     ui.method.change(on_method, ui.method, [ui.method_note, *ui.adv_groups.values()], api_visibility="private")
@@ -158,7 +130,7 @@ def wire(ui: UI) -> None:
         settings = settings_from(ui, values).get(method, {})
         spec = s.spec_for(backbone, None, checkpoint)
         job_id = s.start_training(pid, method, spec, settings, owner)
-        notice = (f"Training {METHOD_LABELS.get(method, method)} on `{spec.label}`: the page stays usable "
+        notice = (f"Training {catalog.LABELS.get(method, method)} on `{spec.label}`: the page stays usable "
                   f"meanwhile.{shapes_only_warning(s, pid, owner, spec)}")
         # the backbone just loaded: the banner names it (it may have said "unavailable" before)
         return start_outputs(ui, job_id, notice) | {ui.banner: s.backbone_status(spec)[1]}
