@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import (REGISTRY, KnowledgeGraph, Method, get_method_class, load_model, make_config,
-                   make_method, read_model_config)
+from .base import REGISTRY, Method, get_method_class, load_model, make_config, make_method, read_model_config
+from .knowledge_graph import KnowledgeGraph
 
 # CLI/UI names -> modules; a module registers its class on import
 _MODULES = ("zeroshot", "tip_adapter", "graph_adapter", "mma")
