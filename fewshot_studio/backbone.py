@@ -22,20 +22,11 @@ from PIL import Image
 
 from .config import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, AppConfig
 from .errors import WeightsUnavailableError
+from .precision import autocast_for
+from .prompts import GENERIC_TEMPLATES, templates_for
 
 DEFAULT_NAME = DEFAULT_BACKBONE
 TINY = "tiny"
-
-# Generic prompt ensemble for real CLIP weights (a subset of CLIP's ImageNet templates).
-GENERIC_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of the small {}.",
-    "a photo of the large {}.",
-    "itap of a {}.",
-)
 
 
 @dataclass(frozen=True)
@@ -135,7 +126,7 @@ def _fix_hint() -> str:
 class Backbone:
     """A frozen open_clip CLIP model with its tokenizer, preprocessing and device.
 
-    Encoding is batched, runs under `torch.inference_mode()` and uses CUDA autocast when on GPU.
+    Encoding is batched, runs under `torch.inference_mode()` and uses CUDA autocast when on GPU (precision.py).
     Features come back L2-normalised, float32, on the CPU.
     """
 
@@ -171,10 +162,9 @@ class Backbone:
         return device_name(self.device)
 
     def autocast(self):
-        """CUDA autocast (fp16) on GPU; a no-op on CPU so results there stay exact fp32."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        """Mixed precision by the one policy (precision.autocast_for: bf16, or fp16 without bf16,
+        on CUDA); a no-op on CPU so results there stay exact fp32."""
+        return autocast_for(self.device)
 
     # ---- preprocessing -------------------------------------------------------
     def preprocess(self, img: Image.Image) -> torch.Tensor:
@@ -262,8 +252,6 @@ def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
     tiny.register()
 
     if spec.name == TINY and not spec.checkpoint:
-        from . import shapes
-
         if not tiny.WEIGHTS_PATH.exists():
             raise WeightsUnavailableError(
                 f"The tiny backbone's weights are missing at {tiny.WEIGHTS_PATH}; "
@@ -271,14 +259,10 @@ def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
         model, tok = _create(tiny.MODEL_NAME, str(tiny.WEIGHTS_PATH), device)
         spec = BackboneSpec(name=TINY, pretrained=None, checkpoint=None, device=spec.device)
         bid = f"tiny-{file_sha256(tiny.WEIGHTS_PATH)[:12]}"
-        return Backbone(model, tok, spec, bid, device, templates=shapes.CAPTION_TEMPLATES)
+        return Backbone(model, tok, spec, bid, device, templates=templates_for(tiny=True))
 
     arch = tiny.MODEL_NAME if spec.name == TINY else spec.name
-    templates = GENERIC_TEMPLATES
-    if spec.name == TINY:
-        from . import shapes
-
-        templates = shapes.CAPTION_TEMPLATES
+    templates = templates_for(tiny=spec.name == TINY)
 
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser()

@@ -52,11 +52,6 @@ class ImageRef:
         return imageio.decode_image(self.read(), self.name or str(self.path), draft_size=draft_size)
 
 
-def prompt_name(classname: str) -> str:
-    """Folder-style class names read '_' as a space in prompts."""
-    return classname.replace("_", " ").strip()
-
-
 @dataclass
 class SupportSet:
     """The labelled examples: class names (order = label index), optional descriptions,

@@ -295,25 +295,6 @@ class Comparison:
                 "best": self.best, "ranking": self.ranking(),
                 "results": {m: r.to_dict() for m, r in self.results.items()}, "skipped": dict(self.skipped)}
 
-    def confusion_figure(self, method: str | None = None):
-        """Plotly heat-map of one method's confusion matrix (default: the best method)."""
-        return confusion_figure(self.results[method or self.best])
-
-
-def confusion_figure(result: EvalResult):
-    import plotly.graph_objects as go
-
-    conf = result.confusion
-    rows = conf.sum(1, keepdims=True)
-    frac = np.divide(conf, rows, out=np.zeros(conf.shape, dtype=float), where=rows > 0)
-    names = result.classnames
-    fig = go.Figure(go.Heatmap(
-        z=frac, x=names, y=names, zmin=0, zmax=1, colorscale="Blues", text=conf, texttemplate="%{text}",
-        hovertemplate="true %{y}<br>predicted %{x}<br>%{text} images (%{z:.0%} of the class)<extra></extra>"))
-    fig.update_layout(title=f"{result.label}: {100 * result.accuracy:.1f}% ({result.correct}/{result.n})",
-                      xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed")
-    return fig
-
 
 # ---- training and predicting one method ----------------------------------------------------------
 
@@ -474,24 +455,6 @@ class ProtocolReport:
                 "methods": list(self.methods), "labels": dict(self.labels), "shots": list(self.shots),
                 "seeds": list(self.seeds), "summary": summary, "runs": list(self.runs), "skipped": list(self.skipped),
                 "best": self.best() if self.shots else None}
-
-    def accuracy_plot(self):
-        """Plotly figure: mean accuracy (%) vs shots (log₂ axis), one line per method, ± std error bars."""
-        import plotly.graph_objects as go
-
-        fig = go.Figure()
-        for m in self.methods:
-            fig.add_trace(go.Scatter(
-                x=list(self.shots), y=[100 * self.mean(m, k) for k in self.shots], mode="lines+markers",
-                name=self.labels.get(m, m),
-                error_y=dict(type="data", array=[100 * self.std(m, k) for k in self.shots], visible=True),
-                hovertemplate="%{x} shots: %{y:.1f}%<extra>" + self.labels.get(m, m) + "</extra>"))
-        fig.update_layout(
-            title=f"Accuracy vs shots (mean ± std over {len(self.seeds)} seed{'s' if len(self.seeds) != 1 else ''})",
-            xaxis=dict(title="shots per class", type="log", tickvals=list(self.shots),
-                       ticktext=[str(k) for k in self.shots]),
-            yaxis=dict(title="accuracy (%)", range=[0, 105]), legend_title_text="method", template="plotly_white")
-        return fig
 
 
 def run_protocol(train: SupportSet, test: tuple[Sequence[ImageRef], Any] | None, shots: Sequence[int],
@@ -708,7 +671,9 @@ def cmd_eval(args) -> int:
         path.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
         print(f"wrote {path}", file=sys.stderr)
     if args.plot:
-        for p in _write_plot(report.accuracy_plot(), Path(args.plot)):
+        from .viz import accuracy_plot
+
+        for p in _write_plot(accuracy_plot(report), Path(args.plot)):
             print(f"wrote {p}", file=sys.stderr)
     return 0
 

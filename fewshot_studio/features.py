@@ -32,7 +32,8 @@ import torch
 
 from .backbone import Backbone
 from .cache import FeatureCache
-from .data import ImageRef, prompt_name
+from .data import ImageRef
+from .prompts import class_prompts
 from .errors import Cancelled
 from .preprocess import Task, decode_batch
 from .progress import CancelFlag, Progress, ProgressFn
@@ -244,12 +245,6 @@ def _raise_failed(futures: list) -> None:
     for f in futures:
         if f.done() and f.exception() is not None:
             raise f.exception()
-
-
-def class_prompts(classname: str, description: str | None, templates: Sequence[str]) -> list[str]:
-    name = prompt_name(classname)
-    extra = f" {description.strip()}" if description and description.strip() else ""
-    return [t.format(name) + extra for t in templates]
 
 
 def class_text_features(backbone: Backbone, classnames: Sequence[str], descriptions: Sequence[str] | None = None,

@@ -1,7 +1,6 @@
 """Fit-loop helpers shared by the methods: seeding, optimiser schedules, progress and cancel."""
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from typing import Callable, Iterable
@@ -44,14 +43,6 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-def autocast_for(device: torch.device):
-    """Mixed precision on CUDA (bf16 when supported, else fp16); exact fp32 on CPU."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def run_steps(

@@ -1,12 +1,15 @@
-"""Plots for the UI: the class knowledge graph, its edge tables, training curves and evaluation.
+"""Plots for the UI and the `eval` command: the class knowledge graph, its edge tables,
+training curves and evaluation.
 
-Pure, deterministic functions returning plotly Figures or plain table rows; nothing here
-imports torch or gradio.
+Pure, deterministic functions returning plotly Figures or plain table rows; the one module
+that imports plotly (evaluation.py and the methods return data); nothing here imports torch or gradio.
 
     fig = knowledge_graph_figure(kg, mode="both", threshold=0.5)
     rows = edge_rows(kg, 0.5, sort_by="textual")  # header: EDGE_COLUMNS
     pairs = confusable_rows(kg, 0.5)              # "looks alike, named differently" (header: CONFUSABLE_COLUMNS)
     training_curve_figure(method.history)
+    confusion_figure(result.confusion, classes)  # an evaluation.EvalResult's matrix
+    accuracy_plot(report)                         # an evaluation.ProtocolReport
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-if TYPE_CHECKING:  # typing only: importing it at run time would pull in torch
-    from .methods.base import KnowledgeGraph
+if TYPE_CHECKING:  # typing only: importing the methods package at run time would pull in torch
+    from .evaluation import ProtocolReport
+    from .methods.knowledge_graph import KnowledgeGraph
 
 MODES = ("both", "text", "visual", "fused")
 MODE_LABELS = {"both": "textual + visual", "text": "textual", "visual": "visual", "fused": "fused"}
@@ -513,4 +517,23 @@ def comparison_figure(results: Mapping[str, float | None], title: str = "Methods
     fig.update_layout(**_base_layout(title, height=380, showlegend=False))
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%", title_text="accuracy", gridcolor="#eeeeee")
     fig.update_xaxes(type="category", tickangle=_tick_angle(labels), automargin=True)
+    return fig
+
+
+def accuracy_plot(report: ProtocolReport) -> go.Figure:
+    """The K-shot protocol's result (evaluation.ProtocolReport): mean accuracy (%) against shots
+    (log₂ axis), one line per method, ± std over the seeds as error bars."""
+    shots = list(report.shots)
+    fig = go.Figure()
+    for m in report.methods:
+        label = report.labels.get(m, m)
+        fig.add_trace(go.Scatter(
+            x=shots, y=[100 * report.mean(m, k) for k in shots], mode="lines+markers", name=label,
+            error_y=dict(type="data", array=[100 * report.std(m, k) for k in shots], visible=True),
+            hovertemplate="%{x} shots: %{y:.1f}%<extra>" + label + "</extra>"))
+    n = len(report.seeds)
+    fig.update_layout(
+        title=f"Accuracy vs shots (mean ± std over {n} seed{'s' if n != 1 else ''})",
+        xaxis=dict(title="shots per class", type="log", tickvals=shots, ticktext=[str(k) for k in shots]),
+        yaxis=dict(title="accuracy (%)", range=[0, 105]), legend_title_text="method", template="plotly_white")
     return fig

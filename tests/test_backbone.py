@@ -131,3 +131,47 @@ def test_pretrain_tiny_is_deterministic(tmp_path):
         tiny_mod.pretrain(out=p, seed=3, n_images=256, steps=2, batch_size=32, log=lambda s: None)
     ta, tb = load_file(str(a)), load_file(str(b))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# ---- one autocast policy (precision.py) and one prompt builder (prompts.py) ----------------------
+
+def test_autocast_policy_bf16_then_fp16_on_cuda_and_none_elsewhere(monkeypatch, tiny):
+    from fewshot_studio import precision
+
+    assert precision.autocast_dtype("cuda", bf16_supported=True) is torch.bfloat16
+    assert precision.autocast_dtype("cuda", bf16_supported=False) is torch.float16
+    for dev in ("cpu", "mps"):
+        assert precision.autocast_dtype(dev, bf16_supported=True) is None
+    # CPU: a no-op, whatever the GPU would support, so CPU results stay exact fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    with precision.autocast_for(torch.device("cpu")):
+        assert not torch.is_autocast_enabled() and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with tiny.autocast():  # the backbone uses the same policy
+        assert not torch.is_autocast_enabled()
+        assert tiny.encode_texts(["a red circle."]).dtype == torch.float32
+    # CUDA: the dtype the policy picks is the one autocast gets (without running anything on a GPU)
+    seen = []
+
+    class Fake:
+        def __init__(self, device_type, dtype):
+            seen.append((device_type, dtype))
+
+    monkeypatch.setattr(precision.torch, "autocast", Fake)
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, _b=bf16, **k: _b)
+        precision.autocast_for("cuda")
+        assert seen.pop() == ("cuda", want)
+
+
+def test_prompts_are_built_in_one_place(tiny):
+    from fewshot_studio import prompts
+    from fewshot_studio.methods.mma import MMA
+
+    assert prompts.class_prompts("red_circle ", "  round. ", ("a photo of a {}.", "a {}")) == \
+        ["a photo of a red circle. round.", "a red circle round."]
+    assert prompts.class_prompts("cat", "  ", ("a {}.",)) == ["a cat."]
+    assert prompts.templates_for(tiny=True) == shapes.CAPTION_TEMPLATES == tiny.templates
+    assert prompts.templates_for(tiny=False) == prompts.GENERIC_TEMPLATES
+    # MMA's single template goes through the same builder (its strings are what the official code builds)
+    m = MMA(tiny, ["red_circle", "blue square"], ["round", None])
+    assert m.prompts() == ["a photo of a red circle. round", "a photo of a blue square."]

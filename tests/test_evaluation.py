@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot_studio import cli, shapes
+from fewshot_studio import cli, shapes, viz
 from fewshot_studio.data import SupportSet
 from fewshot_studio.errors import Cancelled, DataError
 from fewshot_studio.evaluation import (Comparison, EvalResult, ProtocolReport, confusion_matrix, cross_validate,
@@ -166,7 +166,7 @@ def test_cross_validate_ranks_trained_methods_above_zero_shot(tiny, shared_extra
     assert len(md) == 4 + 3 and "(best)" in md[4]
     d = json.loads(json.dumps(cmp.to_dict()))
     assert d["best"] == cmp.best and d["results"]["tip"]["confusion"] == cmp.results["tip"].confusion.tolist()
-    assert cmp.confusion_figure().data[0].z.shape == (3, 3)
+    assert np.shape(viz.confusion_figure(cmp.results[cmp.best].confusion, cmp.classnames).data[0].z) == (3, 3)
 
 
 def test_cross_validate_skips_methods_an_empty_class_rules_out(tiny, shared_extractor, cv_task):
@@ -219,7 +219,7 @@ def test_run_protocol_mean_and_std_over_seeds(tiny, shared_extractor):
     d = json.loads(json.dumps(report.to_dict()))
     assert d["summary"]["tip"]["2"]["mean"] == pytest.approx(report.mean("tip", 2), abs=1e-6)
     assert d["summary"]["tip"]["2"]["seeds"] == 2
-    fig = report.accuracy_plot()
+    fig = viz.accuracy_plot(report)
     assert [t.name for t in fig.data] == ["Zero-shot CLIP", "Tip-Adapter"]
     assert list(fig.data[1].x) == [1, 2] and list(fig.data[1].error_y.array) == pytest.approx(
         [100 * report.std("tip", 1), 100 * report.std("tip", 2)])

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import pytest
 
 from fewshot_studio import viz
-from fewshot_studio.methods.base import KnowledgeGraph
+from fewshot_studio.methods.knowledge_graph import KnowledgeGraph
 
 CLASSES = ["cat", "dog", "lynx", "car"]
 # Pairs: cat–dog (t .8, v .7), cat–lynx (t .2, v .9: looks alike, named differently),
@@ -379,6 +379,27 @@ def highlighted_pairs(fig: go.Figure) -> list[tuple[str, str]]:
     return sorted((a, b) for a, b in flagged)
 
 
+def highlighted_edges(fig: go.Figure) -> list[tuple[str, str]]:
+    """The class pairs the warning-coloured trace draws, read back from its line segments: each
+    end is matched to the nearest node of the figure's node trace (in "both" mode the segment is
+    shifted sideways by a small offset, far less than the distance between nodes)."""
+    nodes = node_trace(fig)
+    pos = np.column_stack([list(nodes.x), list(nodes.y)]).astype(np.float64)
+    names = list(nodes.text)
+    pairs = []
+    for a, b in segments(fig, viz.HIGHLIGHT_NAME):
+        ends = []
+        for p in (a, b):
+            d = np.linalg.norm(pos - np.asarray(p, dtype=np.float64), axis=1)
+            near = np.argsort(d)
+            assert d[near[0]] < 0.05 and d[near[1]] > 2 * d[near[0]], "ambiguous segment end"
+            ends.append(int(near[0]))
+        i, j = sorted(ends)
+        assert i != j
+        pairs.append((names[i], names[j]))
+    return sorted(pairs)
+
+
 def test_looks_alike_needs_a_high_visual_similarity():
     kg = shapes_kg()
     level = kg.confusable_level()
@@ -415,10 +436,12 @@ def test_looks_alike_needs_a_high_visual_similarity():
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3, 0.6, 0.95])
-@pytest.mark.parametrize("which", ["toy", "shapes", "random"])
+@pytest.mark.parametrize("which", ["toy", "shapes", "random", "no visual"])
 def test_figure_highlights_equal_table_rows_and_info_pair(which, threshold):
     if which == "toy":
         kg = make_kg(fused=True)
+    elif which == "no visual":  # cat–lynx would be confusable, but without a visual graph nothing is
+        kg = make_kg(visual=False)
     elif which == "shapes":
         kg = shapes_kg()
     else:
@@ -432,10 +455,15 @@ def test_figure_highlights_equal_table_rows_and_info_pair(which, threshold):
     table = sorted((r[0], r[1]) for r in rows)
     idx = viz.confusable_pairs(kg, threshold)
     assert [(kg.classes[i], kg.classes[j]) for i, j in idx] == [(r[0], r[1]) for r in rows]
-    for mode in viz.available_modes(kg):
+    # the one rule, filtered to the pairs whose visual edge is drawn at this threshold
+    rule = sorted((p["a"], p["b"]) for p in kg.confusable_pairs() if p["visual"] >= threshold)
+    assert table == rule
+    for mode in viz.MODES:  # every mode, also those that fall back (no visual or fused graph)
         fig = viz.knowledge_graph_figure(kg, mode, threshold)
         assert highlighted_pairs(fig) == table
+        assert highlighted_edges(fig) == table  # the drawn warning-coloured edges themselves
         assert len(segments(fig, viz.HIGHLIGHT_NAME)) == len(rows)
+        assert highlighted_edges(viz.knowledge_graph_figure(kg, mode, threshold, highlight=False)) == []
     # the info line names rows[0]: the largest gap among the highlighted pairs
     if rows:
         gaps = [r[4] for r in rows]
@@ -445,6 +473,11 @@ def test_figure_highlights_equal_table_rows_and_info_pair(which, threshold):
     assert set(table) <= every and all(r[3] >= threshold for r in rows)
     if which == "random":
         assert kg.confusable_pairs()  # the random graph has some pairs to compare
+    if which == "toy" and threshold <= 0.6:
+        assert table == [("cat", "lynx")]  # the known pair (visual .9 vs textual .2), and only it
+    if which == "no visual":
+        assert kg.confusable_pairs() == [] and rows == []
+        assert make_kg().confusable_pairs()  # the same classes with their visual graph do have a pair
 
 
 def test_edge_rows_fused_column_and_sorting():
@@ -558,3 +591,19 @@ def test_viz_imports_only_plotly_and_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_knowledge_graph_lives_in_a_numpy_only_module():
+    from fewshot_studio import methods
+    from fewshot_studio.methods import base, knowledge_graph
+
+    assert methods.KnowledgeGraph is base.KnowledgeGraph is knowledge_graph.KnowledgeGraph is KnowledgeGraph
+    src = Path(knowledge_graph.__file__).read_text()
+    mods = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "imports nothing of the package"
+            mods.add(node.module.split(".")[0])
+    assert mods <= {"__future__", "dataclasses", "typing", "numpy"}

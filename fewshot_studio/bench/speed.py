@@ -288,8 +288,9 @@ def random_weights_backbone(name: str, device: str | None):
     backbone without downloading it."""
     import open_clip
 
-    from .. import shapes, tiny
-    from ..backbone import GENERIC_TEMPLATES, TINY, Backbone, BackboneSpec, resolve_device
+    from .. import tiny
+    from ..backbone import TINY, Backbone, BackboneSpec, resolve_device
+    from ..prompts import templates_for
 
     tiny.register()
     arch = tiny.MODEL_NAME if name == TINY else name
@@ -304,7 +305,7 @@ def random_weights_backbone(name: str, device: str | None):
         model = open_clip.create_model(arch, pretrained=None)
     finally:
         logging.disable(previous)
-    templates = shapes.CAPTION_TEMPLATES if name == TINY else GENERIC_TEMPLATES
+    templates = templates_for(tiny=name == TINY)
     spec = BackboneSpec(name, None, None, device)
     return Backbone(model, open_clip.get_tokenizer(arch), spec, f"{arch}@random-weights", dev, templates)
 
@@ -548,7 +549,7 @@ def _section_graph_step(ctx: _Ctx) -> None:
 
     from ..methods.graph_adapter import (GraphAdapterConfig, graph_adapter_classifier,
                                         graph_adapter_loop_reference, graph_messages)
-    from ..training import autocast_for
+    from ..precision import autocast_for
 
     bb, dev = ctx.backbone, ctx.device
     C, d, k = ctx.cfg.graph_classes, bb.embed_dim, ctx.cfg.shots

@@ -9,7 +9,8 @@ from . import zeroshot  # noqa: F401
 from . import tip_adapter  # noqa: F401
 from . import graph_adapter  # noqa: F401
 from . import mma  # noqa: F401
-from .base import KnowledgeGraph, Method, load_model, make_method, read_model_config
+from .base import Method, load_model, make_method, read_model_config
+from .knowledge_graph import KnowledgeGraph
 from .catalog import REGISTRY, get_method_class, make_config, register
 
 __all__ = ["REGISTRY", "KnowledgeGraph", "Method", "get_method_class", "load_model", "make_config", "make_method",

@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training import adamw, autocast_for, cosine_schedule, run_steps, seed_everything
+from ..precision import autocast_for
+from ..training import adamw, cosine_schedule, run_steps, seed_everything
 from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 

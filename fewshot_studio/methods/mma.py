@@ -50,11 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageRef, SupportSet, prompt_name
+from ..data import ImageRef, SupportSet
 from ..errors import BackboneError, DataError
 from ..features import load_pixels
+from ..precision import autocast_for
 from ..progress import Progress
-from ..training import autocast_for, check_cancel, cosine_schedule, minibatches, run_steps, seed_everything
+from ..prompts import class_prompts
+from ..training import check_cancel, cosine_schedule, minibatches, run_steps, seed_everything
 from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 
@@ -364,9 +366,9 @@ class MMA(Method):
         return list(self.adapters.parameters())
 
     def prompts(self) -> list[str]:
-        extra = [""] * self.num_classes if self.descriptions is None else \
-            [f" {d.strip()}" if d and d.strip() else "" for d in self.descriptions]
-        return [self.config.template.format(prompt_name(c)) + e for c, e in zip(self.classnames, extra)]
+        """One prompt per class: the single template through prompts.class_prompts."""
+        descriptions = self.descriptions or [None] * self.num_classes
+        return [class_prompts(c, d, (self.config.template,))[0] for c, d in zip(self.classnames, descriptions)]
 
     def _token_ids(self) -> torch.Tensor:
         """Tokenised class prompts, truncated after the last end-of-text token where exact."""

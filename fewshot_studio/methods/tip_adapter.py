@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import autocast_for
 from ..progress import Progress
-from ..training import autocast_for, check_cancel, cosine_schedule, minibatches, run_steps, seed_everything
+from ..training import check_cancel, cosine_schedule, minibatches, run_steps, seed_everything
 from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 

@@ -6,7 +6,7 @@ import gradio as gr
 
 from .. import viz
 from ..errors import DataError
-from ..methods.base import KnowledgeGraph
+from ..methods.knowledge_graph import KnowledgeGraph
 from .common import UI, friendly, need_project, who
 
 MODE_CHOICES = [("textual + visual", "both"), ("textual", "text"), ("visual", "visual"),
