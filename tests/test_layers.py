@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fewshot_studio"
 # sub-package (all of its modules).
 LAYERS: list[tuple[str, list[str]]] = [
     ("L0 foundation", ["errors", "progress", "config"]),
-    ("L1 images and features", ["imageio", "data", "prompts", "precision", "preprocess", "cache", "workers",
-                                "shapes", "tiny", "backbone", "features"]),
+    ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
+                                "workers", "tiny", "backbone", "features"]),
     ("L2 methods", ["training", "methods"]),
     ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs"]),
     ("L4 use cases", ["app"]),
@@ -48,7 +48,14 @@ def imports(name: str, path: Path) -> list[tuple[str, int]]:
     is_pkg = path.name == "__init__.py"
     package = ["fewshot_studio"] + name.split(".")[: None if is_pkg else -1] if name != "__init__" else ["fewshot_studio"]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # `if TYPE_CHECKING:` blocks never run: annotations may name any module
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fewshot_studio import shapes
-from fewshot_studio.ui.loadtest import run_load
+from fewshot_studio.bench.load import run_load
 from helpers import free_port
 
 pytestmark = pytest.mark.slow  # launches the app

@@ -1,74 +1,19 @@
-"""`python -m fewshot_studio`: the same pipeline as the app, headless.
-
-Exit codes: 0 success (unreadable inputs are reported, not fatal), 2 a user error
-(one line on stderr, no traceback), 1 a benchmark target missed or, for `doctor`, a problem
-found in the data folder.
-"""
+"""The model commands: train, predict, graph, pretrain-tiny, doctor."""
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import FewShotError
-
-
-class UserError(FewShotError):
-    pass
-
-
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=None,
-                   help="open_clip model name (default ViT-B-32, or $FEWSHOT_STUDIO_BACKBONE) or 'tiny'")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default openai)")
-    p.add_argument("--checkpoint", default=None, help="local checkpoint file or directory instead of a download")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-
-
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", default=None,
-                   help="feature cache directory (default $FEWSHOT_STUDIO_CACHE or <data dir>/features)")
-    p.add_argument("--data-dir", default=None, help="data directory (default $FEWSHOT_STUDIO_DATA)")
-
-
-def _config(args):
-    """The one AppConfig of a command: its flags over the environment."""
-    from .config import AppConfig
-
-    return AppConfig.from_env(data_dir=getattr(args, "data_dir", None), cache_dir=getattr(args, "cache_dir", None))
-
-
-def _backbone(args):
-    from .backbone import BackboneSpec, load_backbone
-
-    name = args.backbone
-    pretrained = args.pretrained
-    if name == "tiny" and pretrained is None:
-        pretrained = None
-    spec = BackboneSpec.from_env(name=name, pretrained=pretrained, checkpoint=args.checkpoint, device=args.device)
-    if spec.name == "tiny" and not args.pretrained:
-        spec = BackboneSpec("tiny", None, spec.checkpoint, spec.device)
-    return load_backbone(spec)
-
-
-def _extractor(backbone, args):
-    from .cache import FeatureCache
-    from .features import FeatureExtractor
-
-    return FeatureExtractor(backbone, FeatureCache(_config(args).cache_dir))
-
-
-def _stderr_progress(p) -> None:
-    print(f"\r{p}".ljust(70), end="", file=sys.stderr, flush=True)
+from .common import (UserError, add_backbone_args, add_store_args, backbone_from, config_from, extractor_from,
+                     stderr_progress)
 
 
 def cmd_train(args) -> int:
-    from .data import SupportSet
-    from .methods import make_method
-    from .methods.catalog import coerce_settings, settings
+    from ..data import SupportSet
+    from ..methods import make_method
+    from ..methods.catalog import coerce_settings, settings
 
     # the catalog's one rule: a setting this method lacks (e.g. --steps for tip) is an error
     given = {k: getattr(args, k) for k in ("epochs", "steps", "lr", "batch_size") if getattr(args, k) is not None}
@@ -78,10 +23,10 @@ def cmd_train(args) -> int:
     support, errors = SupportSet.from_folder(args.data, shots=args.shots, seed=args.seed)
     for e in errors:
         print(f"skipped {e}", file=sys.stderr)
-    backbone = _backbone(args)
+    backbone = backbone_from(args)
     method = make_method(args.method, backbone, support.classnames, **overrides)
     t0 = time.time()
-    method.fit(support, _extractor(backbone, args), progress=None if args.quiet else _stderr_progress)
+    method.fit(support, extractor_from(backbone, args), progress=None if args.quiet else stderr_progress)
     method.metrics["train_seconds"] = round(time.time() - t0, 3)
     out = method.save(args.out)
     if not args.quiet:
@@ -92,18 +37,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data import ImageRef, list_image_files
-    from .imageio import ImageError
-    from .methods import load_model
+    from ..data import ImageRef, list_image_files
+    from ..imageio import ImageError
+    from ..methods import load_model
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         raise UserError(f"{missing[0]} does not exist.")
     method = load_model(args.model, device=args.device)
-    from .cache import FeatureCache
-    from .features import FeatureExtractor
+    from ..cache import FeatureCache
+    from ..features import FeatureExtractor
 
-    extractor = FeatureExtractor(method.backbone, FeatureCache(_config(args).cache_dir))
+    extractor = FeatureExtractor(method.backbone, FeatureCache(config_from(args).cache_dir))
     files = list_image_files(args.paths)
     refs, results, order = [], {}, []
     for f in files:
@@ -133,7 +78,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from .methods import load_model
+    from ..methods import load_model
 
     method = load_model(args.model, device=args.device)
     g = method.knowledge_graph().to_dict()
@@ -148,7 +93,7 @@ def cmd_graph(args) -> int:
 
 
 def cmd_pretrain_tiny(args) -> int:
-    from . import tiny
+    from .. import tiny
 
     tiny.pretrain(out=Path(args.out) if args.out else tiny.WEIGHTS_PATH, seed=args.seed, steps=args.steps,
                   n_images=args.images)
@@ -163,9 +108,9 @@ def cmd_doctor(args) -> int:
     """Check the data folder (database, image files, model directories); print one problem
     per line or "No problems found."; exit 1 when there are problems. With --collect-garbage,
     a healthy folder is also cleared of what crashes leave behind."""
-    from .store import _DB_NAME, ProjectStore, StoreError
+    from ..store import _DB_NAME, ProjectStore, StoreError
 
-    root = _config(args).data_dir
+    root = config_from(args).data_dir
     if not (root / _DB_NAME).is_file():
         print(f"No project database in {root}; nothing to check.")
         return 0
@@ -191,17 +136,14 @@ def cmd_doctor(args) -> int:
     return 1 if problems else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .methods.catalog import method_ids  # built now: a method registered later is listed
-
-    parser = argparse.ArgumentParser(prog="python -m fewshot_studio",
-                                     description="Few-Shot Studio: few-shot image classifiers on frozen CLIP.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parsers(sub) -> None:
+    """The model commands' sub-parsers (their choices read now: a method registered later is listed)."""
+    from ..methods.catalog import method_ids
 
     p = sub.add_parser("train", help="train a method on an ImageFolder tree and save the model")
     p.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--method", default="graph", choices=method_ids(), help="the method (default graph)")
-    _add_backbone_args(p)
+    add_backbone_args(p)
     p.add_argument("--shots", type=int, default=None, help="sample K images per class (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
@@ -210,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors)")
     p.add_argument("--quiet", action="store_true")
-    _add_store_args(p)
+    add_store_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="classify images or folders with a saved model")
@@ -218,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of tab-separated lines")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("paths", nargs="+", help="image files or folders (recursed)")
-    _add_store_args(p)
+    add_store_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("graph", help="print a saved model's class knowledge graph")
@@ -242,35 +184,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also delete unreferenced image files, temporary files and orphaned model "
                         "directories (only while the app is not running)")
     p.set_defaults(func=cmd_doctor)
-
-    try:
-        from .bench.speed import add_bench_parser  # noqa: F401
-        add_bench_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from .evaluation import add_eval_parser  # noqa: F401
-        add_eval_parser(sub)
-    except ImportError:
-        pass
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FewShotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted.", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -53,7 +53,7 @@ def run_load(clients: int = 8, requests: int = 25, backbone: str = "tiny", devic
 
     from .. import shapes
     from ..service import Studio
-    from .app import build_app
+    from ..ui.app import build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="fewshot-load-")
     root = Path(data_dir or tmp.name)
