@@ -414,7 +414,8 @@ def test_a_blank_checkpoint_means_the_configured_one(tmp_path, tiny):
         for name in ("", "ViT-B-32/openai", None):
             assert modeling.backbone_spec(ws, name, None, "").checkpoint == "/models/b32.safetensors"
         assert modeling.backbone_spec(ws, "ViT-B-32/openai", None, "/other.pt").checkpoint == "/other.pt"
-        assert modeling.backbone_spec(ws, "ViT-B-16/openai", None, "").checkpoint is None  # another backbone: not that file
+        # another backbone: not that file
+        assert modeling.backbone_spec(ws, "ViT-B-16/openai", None, "").checkpoint is None
         assert modeling.backbone_spec(ws, "tiny", None, "").checkpoint is None
     finally:
         ws.close()

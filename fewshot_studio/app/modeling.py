@@ -6,13 +6,15 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
 from ..backbone import BackboneSpec, device_name, resolve_device
+from ..data import ImageRef
 from ..errors import DataError, FewShotError
 from ..jobs import FINISHED
 from ..methods import KnowledgeGraph, Method, get_method_class
 from ..methods.base import cosine_matrix
-from ..progress import ProgressFn
+from ..progress import Progress, ProgressFn
 from ..store import INTERRUPTED, JobInfo, ModelInfo, NotFoundError
 from .context import ProjectScope, Workspace
 from .library import class_by_name, image
@@ -248,10 +250,6 @@ def top_classes(classnames: Sequence[str], probs: Sequence[float], k: int = 3) -
 def predict(scope: ProjectScope, image, k: int = 5, model_id: int | None = None) -> dict[str, float]:
     """Top-k class probabilities for one image (a path, bytes or a PIL image) with the current
     (or given) model."""
-    from PIL import Image
-
-    from ..data import ImageRef
-
     info, method = model(scope, model_id)
     if image is None:
         raise DataError("Upload an image to classify.")
@@ -271,8 +269,6 @@ def label_pool(scope: ProjectScope, progress: ProgressFn | None = None, model_id
                ) -> list[PoolRow]:
     """Predict every unlabeled image with the current model, store the predictions and return
     rows sorted least confident first (active learning)."""
-    from ..progress import Progress
-
     info, method = model(scope, model_id)
     store = scope.store
     pool = store.list_images(scope.id, pool=True)

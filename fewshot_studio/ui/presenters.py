@@ -144,7 +144,8 @@ def model_result(method: str, metrics: dict | None, history: list | None = None)
         parts.append(f"train accuracy {acc:.0%}")
     loo = metrics.get("loo_accuracy")
     if isinstance(loo, (int, float)):
-        parts.append(f"leave-one-out accuracy {loo:.0%} (α {metrics.get('alpha', 0):.2f}, β {metrics.get('beta', 0):.2f})")
+        parts.append(f"leave-one-out accuracy {loo:.0%} "
+                     f"(α {metrics.get('alpha', 0):.2f}, β {metrics.get('beta', 0):.2f})")
     loss = metrics.get("final_loss")
     if isinstance(loss, (int, float)):
         parts.append(f"final loss {loss:.4f}")

@@ -56,8 +56,8 @@ def build(ui: UI) -> None:
         with gr.Column(scale=2):
             ui.method = gr.Radio(presenters.method_choices(), value="graph", label="Method", elem_id="method")
             ui.method_note = gr.Markdown(PAPER_NOTES["graph"], elem_classes="fs-hint")
-            ui.backbone = gr.Dropdown(presenters.backbone_choices(ws), value=presenters.default_backbone_value(ws), label="Backbone",
-                                      allow_custom_value=True, elem_id="backbone",
+            ui.backbone = gr.Dropdown(presenters.backbone_choices(ws), value=presenters.default_backbone_value(ws),
+                                      label="Backbone", allow_custom_value=True, elem_id="backbone",
                                       info="An open_clip model/pretrained tag, or tiny (offline; it only knows "
                                            "coloured shapes).")
             ui.checkpoint = gr.Textbox(label="Local checkpoint (optional)", elem_id="checkpoint",
