@@ -3,7 +3,7 @@
 `JobRunner.submit` runs any callable as a job; the app submits one kind, training
 (`submit_training`: fit a method on a snapshot of the support set, retrying a GPU
 out-of-memory with half the batch size and then on the CPU). Pool labeling is not a job:
-it runs in the request that asks for it (`Studio.label_pool`).
+it runs in the request that asks for it (`app.modeling.label_pool`).
 
 One queue: a job waits for its resource (one GPU job at a time; a bounded number of CPU
 jobs), reports Progress that callers poll (`get`) or subscribe to, stops within one

@@ -45,11 +45,11 @@ def nato_task():
 def app(tmp_path_factory):
     """The real app with the tiny backbone on a free loopback port, one per test module."""
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
 
     from helpers import launch
 
-    studio = Studio(tmp_path_factory.mktemp("data"), BackboneSpec("tiny", None, device="cpu"))
+    studio = Workspace.at(tmp_path_factory.mktemp("data"), BackboneSpec("tiny", None, device="cpu"))
     demo = launch(studio)
     yield demo
     demo.close()

@@ -37,11 +37,11 @@ def render(path: Path, label: str, seed: int) -> str:
     return str(path)
 
 
-def launch(studio):
-    """The app of `studio` on a free loopback port (close it with .close())."""
+def launch(ws):
+    """The app of the Workspace `ws` on a free loopback port (close it with .close())."""
     from fewshot_studio.ui.app import build_app
 
-    demo = build_app(studio)
+    demo = build_app(ws)
     demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     return demo
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
+from fewshot_studio.app import library, modeling, projects
+from fewshot_studio.ui import presenters
 from helpers import CLASSES, ROOT, Endpoint, free_port, render, wait_training
 
 pytestmark = pytest.mark.slow  # launches the app
@@ -24,10 +25,10 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    studio = app.studio
+    studio = app.workspace
     out = client.predict("Shapes via API", api_name="/create_project")
     assert out[0].startswith("Created project")
-    pid = studio.list_projects()[0].id
+    pid = projects.list_projects(studio)[0].id
 
     for k, name in enumerate(CLASSES):
         out = client.predict(name, "" if k else "a round red shape", api_name="/add_class")
@@ -35,9 +36,9 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
         files = [handle_file(render(tmp_path / f"{name}-{i}.png", name, 100 * k + i)) for i in range(4)]
         out = client.predict(name, files, api_name="/add_images")
         assert out[0].startswith("Added 4 images"), out[0]
-    counts = {r[0]: r[2] for r in studio.class_rows(pid)}
+    counts = {r[0]: r[2] for r in library.class_rows(studio.scope(pid))}
     assert all(counts[c] == 4 for c in CLASSES)
-    assert studio.class_by_name(pid, "red circle").description == "a round red shape"
+    assert library.class_by_name(studio.scope(pid), "red circle").description == "a round red shape"
 
     train = Endpoint(client, "/train")
     # MMA first with few steps (advanced settings), then GraphAdapter: the latest model
@@ -48,7 +49,7 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     out = train(Method="graph", Backbone="tiny")
     html = wait_training(client)
     assert 'data-status="done"' in html
-    models = studio.models(pid)
+    models = modeling.models(studio.scope(pid))
     assert [m.method for m in models] == ["graph", "mma"]
     assert models[1].config["hyperparameters"]["steps"] == 30
 
@@ -88,7 +89,7 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     out = client.predict(f"{first[0]}", api_name="/accept")
     assert out[0].startswith("Accepted 1 prediction")
     img = studio.store.get_image(first[0])
-    assert img.labeled_by == "accepted" and img.class_id == studio.class_by_name(pid, first[2]).id
+    assert img.labeled_by == "accepted" and img.class_id == library.class_by_name(studio.scope(pid), first[2]).id
     out = client.predict(f"#{second[0]}", pool_truth[second[1]], api_name="/correct")
     assert out[0].startswith("Labeled 1 image as")
     assert studio.store.get_image(second[0]).labeled_by == "corrected"
@@ -97,7 +98,7 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     out = client.predict(api_name="/retrain")
     assert out[0].startswith("Retraining")
     assert 'data-status="done"' in wait_training(client)
-    assert len(studio.models(pid)) == 3
+    assert len(modeling.models(studio.scope(pid))) == 3
 
     notice, path = client.predict(api_name="/export_labels_csv")
     with open(path, newline="", encoding="utf-8") as f:
@@ -117,7 +118,7 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
 
     out = client.predict(handle_file(path), api_name="/import_model")
     assert out[0].startswith("Imported the model")
-    assert len(studio.models(pid)) == 4
+    assert len(modeling.models(studio.scope(pid))) == 4
 
     # a class without images: one sentence for a method that needs images
     client.predict("purple cross", "", api_name="/add_class")
@@ -138,18 +139,18 @@ def test_errors_without_a_project_are_one_sentence(client):
 
 
 def test_example_project_and_project_management(app, client):
-    studio = app.studio
+    studio = app.workspace
     out = client.predict("shapes", api_name="/load_example")
     assert out[0].startswith("Loaded the example project")
-    pid = max(p.id for p in studio.list_projects())
-    assert {r[0]: r[2] for r in studio.class_rows(pid)}["(unlabeled pool)"] == 15
+    pid = max(p.id for p in projects.list_projects(studio))
+    assert {r[0]: r[2] for r in library.class_rows(studio.scope(pid))}["(unlabeled pool)"] == 15
     out = client.predict("Renamed shapes", api_name="/rename_project")
-    assert studio.project(pid).name == "Renamed shapes"
+    assert studio.scope(pid).project.name == "Renamed shapes"
     out = client.predict("red circle", "scarlet disc", api_name="/rename_class")
-    assert "scarlet disc" in [c for _, c in studio.class_choices(pid)]
+    assert "scarlet disc" in [c for _, c in presenters.class_choices(studio.scope(pid))]
     out = client.predict(api_name="/delete_project")
     assert out[0].startswith("Deleted")
-    assert pid not in [p.id for p in studio.list_projects()]
+    assert pid not in [p.id for p in projects.list_projects(studio)]
 
 
 def test_page_stays_responsive_during_training_and_cancel_works(app, client, tmp_path):
@@ -195,10 +196,10 @@ def test_hosted_sessions_see_only_their_own_projects(tmp_path):
     from gradio_client.exceptions import AppError
 
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
     from fewshot_studio.ui.app import build_app
 
-    studio = Studio(tmp_path, BackboneSpec("tiny", None, device="cpu"), hosted=True)
+    studio = Workspace.at(tmp_path, BackboneSpec("tiny", None, device="cpu"), hosted=True)
     demo = build_app(studio)
     demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
@@ -209,8 +210,8 @@ def test_hosted_sessions_see_only_their_own_projects(tmp_path):
         assert [c[0] for c in out[1]["choices"]] == ["Bob's"]
         with pytest.raises(AppError):  # refused: not among Bob's projects
             bob.predict(1, api_name="/open_project")
-        assert studio.list_projects("nobody") == []
-        assert [p.name for p in studio.list_projects()] == []  # no owner: nothing
+        assert projects.list_projects(studio, "nobody") == []
+        assert [p.name for p in projects.list_projects(studio)] == []  # no owner: nothing
     finally:
         demo.close()
         studio.close()

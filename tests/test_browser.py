@@ -16,6 +16,7 @@ import pytest
 from helpers import HAVE_CHROMIUM, NO_CHROMIUM, free_port
 
 from fewshot_studio import shapes
+from fewshot_studio.app import modeling, projects
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
@@ -72,14 +73,14 @@ def test_whole_flow_in_the_browser(app, browser, tmp_path):
     page.click("#label-pool-btn")
     expect(page.locator("#notice")).to_contain_text("Labeled 15 pool images", timeout=30_000)
     expect(page.locator("#pool-table")).to_contain_text("pool_0")
-    pid = app.studio.list_projects()[0].id
-    least = app.studio.pool_predictions(pid)[0]  # the least confident comes first
+    pid = projects.list_projects(app.workspace)[0].id
+    least = modeling.pool_predictions(app.workspace.scope(pid))[0]  # the least confident comes first
     page.locator("#pool-gallery .thumbnail-item").first.click()
     first_id = str(least.image_id)
     expect(page.locator("#pool-selection textarea")).to_have_value(first_id, timeout=10_000)
     page.click("#accept-btn")
     expect(page.locator("#notice")).to_contain_text("Accepted 1 prediction", timeout=30_000)
-    img = app.studio.store.get_image(int(first_id))
+    img = app.workspace.store.get_image(int(first_id))
     assert img.labeled_by == "accepted"
 
     # 6. download the labels CSV
@@ -162,10 +163,10 @@ def test_a_project_link_opens_the_project_in_another_hosted_session(tmp_path, br
     from playwright.sync_api import expect
 
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
     from fewshot_studio.ui.app import build_app
 
-    studio = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"), hosted=True)
+    studio = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"), hosted=True)
     demo = build_app(studio)
     demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in range(3)]
@@ -191,7 +192,8 @@ def test_a_project_link_opens_the_project_in_another_hosted_session(tmp_path, br
         pid = studio.store.project_by_link(link.rsplit("=", 1)[1]).id
         with studio.store._read() as conn:  # bob's session joined alice's project; he owns none
             members = conn.execute("SELECT owner FROM project_members WHERE project_id = ?", (pid,)).fetchall()
-        assert len(members) == 1 and [p.name for p in studio.list_projects(members[0][0])] == ["Alice's shapes"]
+        assert len(members) == 1 and [p.name for p in projects.list_projects(studio, members[0][0])] == [
+            "Alice's shapes"]
         assert len(studio.store.list_projects()) == 1
         expect(carol.locator("#project-select input")).to_have_value("")
         bob.goto(demo.local_url + "?project=not-a-real-link")
@@ -209,7 +211,7 @@ def test_class_gallery_removes_one_thumbnail_and_takes_dropped_images(app, brows
     the gallery join the class."""
     from playwright.sync_api import expect
 
-    studio = app.studio
+    studio = app.workspace
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -219,7 +221,7 @@ def test_class_gallery_removes_one_thumbnail_and_takes_dropped_images(app, brows
         page.fill("#new-project-name textarea, #new-project-name input", "Gallery test")
         page.click("#create-project")
         expect(page.locator("#notice")).to_contain_text("Created project", timeout=30_000)
-        pid = next(p.id for p in studio.list_projects() if p.name == "Gallery test")
+        pid = next(p.id for p in projects.list_projects(studio) if p.name == "Gallery test")
         page.fill("#new-class-name textarea, #new-class-name input", "red circle")
         page.click("#add-class")
         expect(page.locator("#class-table")).to_contain_text("red circle", timeout=30_000)

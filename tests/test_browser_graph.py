@@ -11,6 +11,7 @@ import pytest
 from helpers import HAVE_CHROMIUM, NO_CHROMIUM
 
 from fewshot_studio import viz
+from fewshot_studio.app import modeling, projects
 from fewshot_studio.backbone import BackboneSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM)]
@@ -59,12 +60,12 @@ def number(cell: str) -> float | None:
 def test_knowledge_graph_tab(app, browser):  # noqa: F811
     from playwright.sync_api import expect
 
-    studio = app.studio
-    project = studio.load_example("shapes")
-    job = studio.start_training(project.id, "graph", BackboneSpec("tiny", None, device="cpu"))
+    studio = app.workspace
+    project = projects.load_example(studio, "shapes")
+    job = modeling.start_training(studio.scope(project.id), "graph", BackboneSpec("tiny", None, device="cpu"))
     state = studio.runner.wait(job, timeout=300)
     assert state.status == "done", state
-    kg = studio.knowledge_graph(project.id)
+    kg = modeling.knowledge_graph(studio.scope(project.id))
     level = kg.confusable_level()
     assert level is not None
 

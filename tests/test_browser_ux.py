@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fewshot_studio import shapes
+from fewshot_studio.app import library, modeling, projects
 
 from helpers import HAVE_CHROMIUM, NO_CHROMIUM, launch
 
@@ -28,9 +29,9 @@ def png(label: str, seed: int, size: int = 64) -> bytes:
 @pytest.fixture
 def studio(tmp_path):
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
 
-    s = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
+    s = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
     yield s
     s.close()
 
@@ -66,7 +67,7 @@ def reopen(page, app):
 
 def on_example(studio, page, app, name: str) -> None:
     """The page showing a fresh shapes example project, on tab `name`."""
-    studio.load_example("shapes")
+    projects.load_example(studio, "shapes")
     reopen(page, app)
     tab(page, name)
 
@@ -83,8 +84,8 @@ def trained(studio, method: str = "graph", name: str = "shapes", **settings) -> 
     """A project from the shapes example with a model of `method`; its id."""
     from fewshot_studio.jobs import DONE
 
-    p = studio.example_project(name) or studio.load_example(name)
-    job = studio.start_training(p.id, method, studio.spec_for("tiny"), settings)
+    p = projects.example_project(studio, name) or projects.load_example(studio, name)
+    job = modeling.start_training(studio.scope(p.id), method, modeling.backbone_spec(studio, "tiny"), settings)
     state = studio.runner.wait(job, timeout=180)
     assert state.status == DONE, state.message
     return p.id
@@ -94,9 +95,9 @@ def trained(studio, method: str = "graph", name: str = "shapes", **settings) -> 
 def test_remove_selected_image_removes_exactly_the_clicked_image(studio, app, page):
     from playwright.sync_api import expect
 
-    p = studio.create_project("Selections")
-    orange = studio.add_class(p.id, "orange circle")
-    cyan = studio.add_class(p.id, "cyan square")
+    p = projects.create_project(studio, "Selections")
+    orange = library.add_class(studio.scope(p.id), "orange circle")
+    cyan = library.add_class(studio.scope(p.id), "cyan square")
     studio.store.add_images(p.id, [(f"oc_{k}.png", png("red circle", k)) for k in range(10)], class_id=orange.id)
     studio.store.add_images(p.id, [(f"tmp_pz{k}.png", png("blue square", 50 + k)) for k in range(3)],
                             class_id=cyan.id)
@@ -113,7 +114,7 @@ def test_remove_selected_image_removes_exactly_the_clicked_image(studio, app, pa
     expect(page.locator("#notice")).to_contain_text("Removed oc_2.png", timeout=15_000)
     left = {i.original_name for i in studio.store.list_images(p.id)}
     assert "oc_2.png" not in left and "oc_1.png" in left and len(left) == 12
-    assert {r[0]: r[2] for r in studio.class_rows(p.id)}["cyan square"] == 3
+    assert {r[0]: r[2] for r in library.class_rows(studio.scope(p.id))}["cyan square"] == 3
 
     # in another class: "#12 tmp_pz1.png" removes that image only (not image 1 of orange circle)
     page.locator("#class-select input").click()
@@ -123,7 +124,7 @@ def test_remove_selected_image_removes_exactly_the_clicked_image(studio, app, pa
     expect(page.locator("#remove-image")).to_have_text("Remove tmp_pz1.png", timeout=15_000)
     page.click("#remove-image")
     expect(page.locator("#notice")).to_contain_text("Removed tmp_pz1.png", timeout=15_000)
-    counts = {r[0]: r[2] for r in studio.class_rows(p.id)}
+    counts = {r[0]: r[2] for r in library.class_rows(studio.scope(p.id))}
     assert counts["orange circle"] == 9 and counts["cyan square"] == 2
     assert not page.errors, page.errors
 
@@ -132,8 +133,8 @@ def test_remove_selected_image_removes_exactly_the_clicked_image(studio, app, pa
 def test_user_errors_leave_every_component_usable(studio, app, page):
     from playwright.sync_api import expect
 
-    p = studio.create_project("Errors")
-    studio.add_class(p.id, "red circle")
+    p = projects.create_project(studio, "Errors")
+    library.add_class(studio.scope(p.id), "red circle")
     reopen(page, app)
 
     def sentence(text: str):
@@ -217,7 +218,7 @@ def test_galleries_show_every_thumbnail_and_the_selection(studio, app, browser, 
     from playwright.sync_api import expect
 
     pid = trained(studio, "tip")
-    studio.label_pool(pid)
+    modeling.label_pool(studio.scope(pid))
     context = browser.new_context(viewport={"width": width, "height": 900})
     page = context.new_page()
     try:
@@ -241,7 +242,7 @@ def test_galleries_show_every_thumbnail_and_the_selection(studio, app, browser, 
         second = page.locator("#pool-gallery button[aria-label='Thumbnail 2 of 15']")
         expect(second).to_contain_text("✓", timeout=15_000)
         expect(page.locator("#pool-table")).to_contain_text("✓")
-        rows = studio.pool_predictions(pid)
+        rows = modeling.pool_predictions(studio.scope(pid))
         expect(page.locator("#pool-selection textarea, #pool-selection input").first
                ).to_have_value(str(rows[1].image_id))
         # a second click unselects
@@ -256,14 +257,14 @@ def test_training_interrupted_by_a_restart_is_reported(tmp_path, browser):
     from playwright.sync_api import expect
 
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
     from fewshot_studio.store import ProjectStore
 
     root = tmp_path / "data"
     with ProjectStore(root) as store:  # the app stopped while this job was running
         p = store.create_project("Interrupted")
         store.create_job(p.id, "train", status="running")
-    studio = Studio(root, BackboneSpec("tiny", None, device="cpu"))
+    studio = Workspace.at(root, BackboneSpec("tiny", None, device="cpu"))
     demo = launch(studio)
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
@@ -285,14 +286,14 @@ def test_model_menu_chooses_the_model_every_tab_uses(studio, app, page):
 
     pid = trained(studio, "graph")
     trained(studio, "zeroshot")
-    first, second = sorted(m.id for m in studio.models(pid))
+    first, second = sorted(m.id for m in modeling.models(studio.scope(pid)))
     reopen(page, app)
     menu = page.locator("#model-select input")
     expect(menu).to_have_value(re.compile(rf"^#{second} Zero-shot CLIP"), timeout=15_000)
     menu.click()
     page.get_by_role("option", name=re.compile(rf"^#{first} GraphAdapter")).click()
     expect(page.locator("#notice")).to_contain_text(f"now use model #{first}", timeout=15_000)
-    assert studio.current_model_info(pid).id == first
+    assert modeling.current_model_info(studio.scope(pid)).id == first
     tab(page, "2 · Train")
     expect(page.locator("#model-summary")).to_contain_text(f"Model #{first}")
     expect(page.locator("#model-summary")).to_contain_text("GraphAdapter")
@@ -350,19 +351,19 @@ def test_loading_an_example_again_asks_before_copying(studio, app, page):
     expect(page.locator("#notice")).to_contain_text("Loaded the example project", timeout=30_000)
     page.click("#load-example")
     expect(page.locator("#notice")).to_contain_text("Opened your copy of the example", timeout=30_000)
-    assert len(studio.list_projects()) == 1
+    assert len(projects.list_projects(studio)) == 1
     page.click("#load-example")
     expect(page.locator("#notice")).to_contain_text("Loaded the example project", timeout=30_000)
-    assert sorted(p.name for p in studio.list_projects()) == ["Example: coloured shapes",
+    assert sorted(p.name for p in projects.list_projects(studio)) == ["Example: coloured shapes",
                                                               "Example: coloured shapes (2)"]
 
 
 def test_train_shows_its_progress_and_warns_that_tiny_knows_only_shapes(studio, app, page):
     from playwright.sync_api import expect
 
-    p = studio.create_project("Fabric")
+    p = projects.create_project(studio, "Fabric")
     for k, name in enumerate(("nominal", "local defect")):
-        c = studio.add_class(p.id, name)
+        c = library.add_class(studio.scope(p.id), name)
         studio.store.add_images(p.id, [(f"{k}-{i}.png", png("red circle" if k else "blue square", i))
                                        for i in range(2)], class_id=c.id)
     reopen(page, app)

@@ -19,9 +19,17 @@ from fewshot_studio.data import SupportSet
 from fewshot_studio.errors import DataError
 from fewshot_studio.methods import Method, catalog, load_model, make_config, make_method
 from fewshot_studio.methods.base import MethodConfig
-from fewshot_studio.service import ASSETS, Studio
+from fewshot_studio.app import Workspace, modeling, projects
+from fewshot_studio.app.projects import ASSETS
 
 from helpers import accuracy
+
+TINY_SPEC = BackboneSpec("tiny", None, device="cpu")
+
+
+def workspace(root, tiny) -> Workspace:
+    """A workspace that hands out the session's loaded tiny backbone (the loader is injected)."""
+    return Workspace.at(root, TINY_SPEC, loader=lambda spec: tiny)
 
 SHAPES = ASSETS / "shapes" / "train"  # 5 classes x 4 images, bundled
 BUILTIN_DISPLAY = ["graph", "mma", "tip", "tip-f", "zeroshot"]
@@ -147,6 +155,7 @@ def test_coerce_settings_is_strict_with_one_sentence():
 
 
 def test_every_entry_point_refuses_an_unknown_setting_with_the_same_sentence(tiny, tmp_path, capsys, monkeypatch):
+    ws = workspace(tmp_path / "data", tiny)
     with pytest.raises(DataError) as e:
         catalog.coerce_settings("tip", {"steps": 5})
     sentence = str(e.value)
@@ -154,8 +163,8 @@ def test_every_entry_point_refuses_an_unknown_setting_with_the_same_sentence(tin
     with pytest.raises(DataError) as e:
         make_method("tip", tiny, ["a", "b"], steps=5)
     assert str(e.value) == sentence
-    with pytest.raises(DataError) as e:
-        Studio.coerce_settings("tip", {"steps": 5})
+    with pytest.raises(DataError) as e:  # the app's Train form
+        modeling.start_training(ws.scope(projects.create_project(ws, "p").id), "tip", TINY_SPEC, {"steps": 5})
     assert str(e.value) == sentence
     monkeypatch.setenv("FEWSHOT_STUDIO_CACHE", str(tmp_path / "cache"))
     code = cli.main(["train", "--data", str(SHAPES), "--method", "tip", "--backbone", "tiny", "--steps", "5",
@@ -201,27 +210,24 @@ def test_an_unregistered_method_is_gone_again():
 
 
 def test_a_registered_method_appears_in_the_app(ncm, tiny, tmp_path):
-    spec = BackboneSpec("tiny", None, device="cpu")
-    s = Studio(tmp_path, spec)
-    s._backbones[(spec.name, spec.pretrained, spec.checkpoint, spec.device)] = tiny  # share the loaded model
-    try:
-        assert s.method_choices()[-1] == ("Nearest class mean", "ncm")
-        assert [v for _, v in s.method_choices()] == BUILTIN_DISPLAY + ["ncm"]
-        assert s.method_settings("ncm") == {"seed": 0, "temperature": 0.05, "views": 0}
-        assert s.coerce_settings("ncm", {"temperature": "0.1", "views": "", "seed": 2.0}) == {
-            "temperature": 0.1, "seed": 2}
-        from fewshot_studio.ui.train import label_for
+    from fewshot_studio.ui import presenters
+    from fewshot_studio.ui.train import label_for
 
+    with workspace(tmp_path, tiny) as ws:
+        assert presenters.method_choices()[-1] == ("Nearest class mean", "ncm")  # the Train tab's radio
+        assert [v for _, v in presenters.method_choices()] == BUILTIN_DISPLAY + ["ncm"]
+        assert catalog.settings("ncm") == {"seed": 0, "temperature": 0.05, "views": 0}
+        assert catalog.coerce_settings("ncm", {"temperature": "0.1", "views": "", "seed": 2.0}) == {
+            "temperature": 0.1, "seed": 2}
         assert label_for("ncm", "temperature") == "Nearest class mean · softmax temperature"
-        p = s.load_example("shapes")
-        job = s.runner.wait(s.start_training(p.id, "ncm", spec, {"temperature": "0.1", "views": ""}), timeout=300)
+        scope = ws.scope(projects.load_example(ws, "shapes").id)
+        job = ws.runner.wait(modeling.start_training(scope, "ncm", TINY_SPEC, {"temperature": "0.1", "views": ""}),
+                             timeout=300)
         assert job.status == "done", job.message
-        info, method = s.current_model(p.id)
+        info, method = modeling.current_model(scope)
         assert info.method == "ncm" and method.config.temperature == 0.1 and method.label == "Nearest class mean"
         with pytest.raises(DataError, match="Nearest class mean has no setting 'steps'"):
-            s.start_training(p.id, "ncm", spec, {"steps": 3})
-    finally:
-        s.close()
+            modeling.start_training(scope, "ncm", TINY_SPEC, {"steps": 3})
 
 
 def test_a_registered_method_is_evaluated(ncm, tiny, shared_extractor, shapes_support):

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from fewshot_studio import shapes
+from fewshot_studio.ui import presenters
 from helpers import ROOT, Endpoint, free_port, wait_training
 
 pytestmark = pytest.mark.slow  # launches the app and subprocesses
@@ -110,10 +111,10 @@ def hostile_zip(escape_name: str) -> tuple[bytes, int, list[str]]:
 @pytest.fixture
 def hosted_app(tmp_path):
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
     from fewshot_studio.ui.app import build_app
 
-    studio = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"), hosted=True)
+    studio = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"), hosted=True)
     demo = build_app(studio)
     demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield demo, studio
@@ -210,7 +211,7 @@ def test_file_server_exposes_only_thumbnails_and_exports(hosted_app, tmp_path):
     with pytest.raises(AppError):
         bob.predict(p.id, api_name="/open_project")
     with pytest.raises(Exception):
-        studio.image_gallery(p.id, "red circle", owner="someone-else")
+        presenters.image_gallery(studio.scope(p.id, "someone-else"), "red circle")
 
 
 def _serve(tmp_path: Path, port: int) -> subprocess.Popen:

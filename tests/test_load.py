@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fewshot_studio import shapes
+from fewshot_studio.app import modeling, projects
 from fewshot_studio.bench.load import run_load
 from helpers import free_port
 
@@ -21,21 +22,21 @@ def test_eight_clients_predict_while_training_without_errors():
     assert 0 < r["load_p50_ms"] <= r["load_p95_ms"] < 30_000
 
 
-def test_overload_gets_a_clear_busy_message(tmp_path):
+def test_overload_gets_a_clear_busy_message(tmp_path, monkeypatch):
     from gradio_client import Client, handle_file
 
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.service import Studio
+    from fewshot_studio.app import Workspace
     from fewshot_studio.ui.app import build_app
 
-    studio = Studio(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
-    real = studio.predict
+    studio = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
+    real = modeling.predict
 
     def slow_predict(*a, **k):
         time.sleep(1.0)
         return real(*a, **k)
 
-    studio.predict = slow_predict
+    monkeypatch.setattr(modeling, "predict", slow_predict)
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1, max_size=1).launch(
         server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -45,7 +46,7 @@ def test_overload_gets_a_clear_busy_message(tmp_path):
         clients = [Client(demo.local_url, verbose=False) for _ in range(6)]
         for c in clients:
             c.predict("shapes", api_name="/load_example")
-        studio.start_training(studio.list_projects()[0].id, "zeroshot")
+        modeling.start_training(studio.scope(projects.list_projects(studio)[0].id), "zeroshot")
         time.sleep(1.0)
         outcomes: list[str] = []
 

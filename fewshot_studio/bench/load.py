@@ -52,14 +52,14 @@ def run_load(clients: int = 8, requests: int = 25, backbone: str = "tiny", devic
     from gradio_client import Client, handle_file
 
     from .. import shapes
-    from ..service import Studio
+    from ..app import Workspace
     from ..ui.app import build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="fewshot-load-")
     root = Path(data_dir or tmp.name)
     spec = BackboneSpec("tiny", None, None, device) if backbone == "tiny" else BackboneSpec(backbone, device=device)
-    studio = Studio(root / "data", spec)
-    demo = build_app(studio)
+    ws = Workspace.at(root / "data", spec)
+    demo = build_app(ws)
     demo.queue(default_concurrency_limit=4, max_size=256).launch(
         server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
     latencies: list[float] = []
@@ -121,7 +121,7 @@ def run_load(clients: int = 8, requests: int = 25, backbone: str = "tiny", devic
             _wait_done(trainer, 60)
     finally:
         demo.close()
-        studio.close()
+        ws.close()
         tmp.cleanup()
     lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     return {

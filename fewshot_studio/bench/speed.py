@@ -62,8 +62,8 @@ Definitions (one line each, as the README quotes them):
   aggregated graph neighbourhoods that `fit` computes once per training
   (`graph_messages`); `graph_step_ms_batched_with_messages` adds computing them.
 * `labeling_vs_extraction` = pool-labeling images/s ÷ feature-extraction images/s over the same
-  pool, each with an empty cache: labeling is what `Studio.label_pool` runs (one `predict_proba`
-  call of the trained GraphAdapter over the whole pool: decode, features, logits, probabilities,
+  pool, each with an empty cache: labeling is what `app.modeling.label_pool` runs (one
+  `predict_proba` call of the trained GraphAdapter over the whole pool: decode, features, logits, probabilities,
   then the best class and its confidence); extraction is `FeatureExtractor.image_features`.
 
 Absolute figures behind each ratio (images/s, seconds, ms per step), the peak resident memory of

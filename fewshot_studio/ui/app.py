@@ -1,14 +1,14 @@
-"""The Few-Shot Studio page, assembled from small builder modules. Thin handlers: every
-decision lives in the core package (`fewshot_studio.service.Studio`).
+"""The Few-Shot Studio page, assembled from small builder modules. Thin handlers: each parses
+its inputs, calls one use case of `fewshot_studio.app` and shows the result (ui/presenters.py).
 
-    demo = build_app()                 # a Studio from the environment
+    demo = build_app()                 # a Workspace from the environment (AppConfig.from_env())
     demo.queue().launch()              # serves the data dir's thumbnails and exports only
 """
 from __future__ import annotations
 
 import gradio as gr
 
-from ..service import Studio
+from ..app import Workspace
 from . import classes, evaluate, export, graph, label, projects, train
 from .common import CSS, UI, theme
 
@@ -17,9 +17,9 @@ DEFAULT_CONCURRENCY = 4
 
 class StudioBlocks(gr.Blocks):
     """gr.Blocks whose launch() defaults to the app's theme and CSS and serves exactly the
-    Studio's thumbnail and export folders (whoever calls launch: app.py, a Space, a test)."""
+    workspace's thumbnail and export folders (whoever calls launch: app.py, a Space, a test)."""
 
-    studio: Studio
+    workspace: Workspace
     status_sink: gr.components.Component | None = None
 
     def __init__(self, *args, **kwargs):
@@ -40,7 +40,7 @@ class StudioBlocks(gr.Blocks):
         config.set_event_trigger = set_event_trigger
 
     def launch(self, *args, **kwargs):
-        st = self.studio
+        st = self.workspace
         st.thumbs_dir.mkdir(parents=True, exist_ok=True)
         st.exports_dir.mkdir(parents=True, exist_ok=True)
         allowed = [str(st.thumbs_dir.resolve()), str(st.exports_dir.resolve())]
@@ -59,14 +59,14 @@ class StudioBlocks(gr.Blocks):
 MAX_UPLOAD_BYTES = 512 * 2**20  # one uploaded file (a zip of many images included)
 
 
-def build_app(studio: Studio | None = None) -> StudioBlocks:
-    """The whole page. One Studio serves every browser session; per-session state (owner
+def build_app(workspace: Workspace | None = None) -> StudioBlocks:
+    """The whole page. One Workspace serves every browser session; per-session state (owner
     token, current project, current job) lives in gr.State, and the browser remembers the
     last project (gr.BrowserState)."""
-    studio = studio or Studio()
-    ui = UI(studio)
+    ws = workspace or Workspace()
+    ui = UI(ws)
     with StudioBlocks(title="Few-Shot Studio") as demo:
-        demo.studio = studio
+        demo.workspace = ws
         demo.status_sink = ui.sink = gr.HTML("", elem_classes="fs-sink", elem_id="status-sink")
         ui.owner = gr.State(None)
         ui.project = gr.State(None)
@@ -75,7 +75,7 @@ def build_app(studio: Studio | None = None) -> StudioBlocks:
         # shown is not mounted, and a timer there would stop ticking
         ui.timer = gr.Timer(train.POLL_SECONDS, active=False)
         ui.remembered = gr.BrowserState({"owner": None, "project": None}, storage_key="fewshot-studio",
-                                        secret=studio.browser_secret())
+                                        secret=ws.browser_secret())
         projects.build_header(ui)
         projects.build_bar(ui)
         with gr.Tabs(selected="classes", elem_id="tabs") as ui.tabs:

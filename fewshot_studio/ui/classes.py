@@ -7,12 +7,13 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import DataError
-from ..service import POOL
+from ..app import library
+from ..app.library import POOL
+from . import presenters
 from .common import UI, files_of, friendly, need_project, picked, refused_text, unchanged, who
 
 
 def build(ui: UI) -> None:
-    s = ui.studio
     with gr.Row():
         with gr.Column(scale=2):
             ui.class_table = gr.Dataframe(headers=["class", "description", "images"], value=[],
@@ -75,13 +76,14 @@ def build(ui: UI) -> None:
         if pid is None:
             return {ui.class_table: [], ui.class_dd: gr.Dropdown(choices=[], value=None), ui.class_gallery: [],
                     ui.class_ids: [], ui.rename_class_box: "", ui.desc_box: "", **no_pick()}
-        choices = s.class_choices(pid, owner) + [(POOL, POOL)]
+        scope = ui.scope(pid, owner)
+        choices = presenters.class_choices(scope) + [(POOL, POOL)]
         names = [v for _, v in choices]
         if name not in names:
             name = names[0]
-        desc = "" if name == POOL else s.class_by_name(pid, name, owner).description
-        gallery, ids = s.gallery_items(pid, name, owner)
-        return {ui.class_table: s.class_rows(pid, owner), ui.class_dd: gr.Dropdown(choices=choices, value=name),
+        desc = "" if name == POOL else library.class_by_name(scope, name).description
+        gallery, ids = presenters.gallery_items(scope, name)
+        return {ui.class_table: library.class_rows(scope), ui.class_dd: gr.Dropdown(choices=choices, value=name),
                 ui.class_gallery: gallery, ui.class_ids: ids,
                 ui.rename_class_box: "" if name == POOL else name, ui.desc_box: desc, **no_pick()}
 
@@ -101,7 +103,7 @@ def build(ui: UI) -> None:
     @friendly
     def add_class(pid, name, desc, owner, request: gr.Request):
         owner = who(owner, request)
-        c = s.add_class(need_project(pid), name or "", desc or "", owner)
+        c = library.add_class(ui.scope(pid, owner), name or "", desc or "")
         return {ui.notice: f"Added the class **{c.name}**; now drop a few images into it.",
                 **class_view(pid, owner, c.name), ui.new_class: "", ui.new_class_desc: ""}
 
@@ -123,22 +125,25 @@ def build(ui: UI) -> None:
     @friendly
     def rename_class(pid, name, new_name, owner, request: gr.Request):
         owner = who(owner, request)
-        c = s.class_by_name(need_project(pid), _real_class(name), owner)
-        c2 = s.rename_class(pid, c.id, new_name or "", owner)
+        scope = ui.scope(pid, owner)
+        c = library.class_by_name(scope, _real_class(name))
+        c2 = library.rename_class(scope, c.id, new_name or "")
         return {ui.notice: f"Renamed **{c.name}** to **{c2.name}**.", **class_view(pid, owner, c2.name)}
 
     @friendly
     def set_description(pid, name, desc, owner, request: gr.Request):
         owner = who(owner, request)
-        c = s.class_by_name(need_project(pid), _real_class(name), owner)
-        s.set_description(pid, c.id, desc or "", owner)
+        scope = ui.scope(pid, owner)
+        c = library.class_by_name(scope, _real_class(name))
+        library.set_description(scope, c.id, desc or "")
         return {ui.notice: f"Saved the description of **{c.name}**.", **class_view(pid, owner, c.name)}
 
     @friendly
     def delete_class(pid, name, owner, request: gr.Request):
         owner = who(owner, request)
-        c = s.class_by_name(need_project(pid), _real_class(name), owner)
-        moved = s.delete_class(pid, c.id, owner)
+        scope = ui.scope(pid, owner)
+        c = library.class_by_name(scope, _real_class(name))
+        moved = library.delete_class(scope, c.id)
         extra = f" Its {moved} image{'s' if moved != 1 else ''} moved to the unlabeled pool." if moved else ""
         return {ui.notice: f"Deleted the class **{c.name}**.{extra}", **class_view(pid, owner)}
 
@@ -148,7 +153,7 @@ def build(ui: UI) -> None:
         need_project(pid)
         if name in (None, ""):
             raise DataError("Pick a class first (the Class menu), then drop the images.")
-        added, errors = s.add_uploads(pid, files_of(files), name, owner)
+        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), name)
         where = "the unlabeled pool" if name == POOL else f"**{name}**"
         if errors:
             gr.Warning(refused_text(errors).strip())
@@ -158,8 +163,7 @@ def build(ui: UI) -> None:
     @friendly
     def add_zip(pid, name, file, owner, request: gr.Request):
         owner = who(owner, request)
-        need_project(pid)
-        added, errors = s.add_uploads(pid, files_of(file), None, owner)
+        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(file), None)
         if errors:
             gr.Warning(refused_text(errors).strip())
         return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} from the zip.{refused_text(errors)}",
@@ -175,7 +179,7 @@ def build(ui: UI) -> None:
         image_id = picked(ids, evt)
         if pid is None or image_id is None:
             return no_pick()
-        img = s.image(pid, image_id, who(owner, request))
+        img = library.image(ui.scope(pid, who(owner, request)), image_id)
         return {ui.class_selected: img.original_name, ui.class_pick: img.id,
                 ui.remove_btn: gr.Button(f"Remove {img.original_name[:40]}", interactive=True)}
 
@@ -185,14 +189,16 @@ def build(ui: UI) -> None:
         file = (getattr(evt, "_data", None) or {}).get("file") or {}
         thumb = file.get("orig_name") or file.get("path") or ""
         owner = who(owner, request)
-        img = s.image_by_thumbnail(need_project(pid), name, thumb, owner)
-        s.remove_images(pid, [img.id], owner)
+        scope = ui.scope(pid, owner)
+        img = presenters.image_by_thumbnail(scope, name, thumb)
+        library.remove_images(scope, [img.id])
         return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
 
     def gallery_upload(pid, name, value, owner, request: gr.Request):
         # the gallery's value: its thumbnails (files named by the image's content hash, see
-        # Studio.thumbnail) plus the files just dropped on it
-        shown = {Path(t).stem for t, _ in s.image_gallery(pid, name, who(owner, request))} if pid and value else set()
+        # library.thumbnail) plus the files just dropped on it
+        shown = ({Path(t).stem for t, _ in presenters.image_gallery(ui.scope(pid, who(owner, request)), name)}
+                 if pid and value else set())
         files = [item[0] for item in value or [] if Path(str(item[0])).stem not in shown]
         return add_images(pid, name, files, owner, request)
 
@@ -201,8 +207,9 @@ def build(ui: UI) -> None:
         owner = who(owner, request)
         if image_id in (None, ""):
             raise DataError("Select an image first (click its thumbnail).")
-        img = s.image(need_project(pid), int(image_id), owner)
-        s.remove_images(pid, [img.id], owner)
+        scope = ui.scope(pid, owner)
+        img = library.image(scope, int(image_id))
+        library.remove_images(scope, [img.id])
         return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
 
     ui.add_class_btn.click(add_class, [ui.project, ui.new_class, ui.new_class_desc, ui.owner],

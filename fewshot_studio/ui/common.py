@@ -11,22 +11,22 @@ import gradio as gr
 
 from ..errors import FewShotError
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
-from ..methods import catalog
-from ..service import Studio, model_result
+from ..app.context import ProjectScope, Workspace
+from .presenters import method_label, model_result
 
 log = logging.getLogger("fewshot_studio.ui")
 
 
 class UI:
-    """Everything the builder functions share: the Studio, session state and components.
+    """Everything the builder functions share: the Workspace, session state and components.
 
     Builders add components as attributes; `views` collects functions that, given a project
     id and owner, return {component: value} to show that project (called whenever the
     current project changes), and `view_outputs` the components they update.
     """
 
-    def __init__(self, studio: Studio):
-        self.studio = studio
+    def __init__(self, ws: Workspace):
+        self.ws = ws
         self.views: list[Callable[[Any, Any], dict]] = []
         self.view_outputs: list[gr.components.Component] = []
         self.model_views: list[Callable[[Any, Any], dict]] = []
@@ -40,6 +40,10 @@ class UI:
         if model:
             self.model_views.append(fn)
             self.model_view_outputs.extend(o for o in outputs if o not in self.model_view_outputs)
+
+    def scope(self, project_id, owner) -> ProjectScope:
+        """The session's project, access checked (one sentence when there is none)."""
+        return self.ws.scope(need_project(project_id), owner)
 
     def project_views(self, project_id, owner) -> dict:
         out: dict = {}
@@ -119,7 +123,7 @@ def progress_html(state=None, idle: str = "No training running.") -> str:
         if hasattr(info, "metrics"):  # a registered model (ModelInfo)
             cfg = info.config if isinstance(info.config, dict) else {}
             parts += model_result(info.method, info.metrics, cfg.get("history"))
-            parts.append(f"model #{info.id} ({catalog.LABELS.get(info.method, info.method)}) is now current")
+            parts.append(f"model #{info.id} ({method_label(info.method)}) is now current")
         text = " · ".join([*parts, state.message] if state.message else parts)
     elif status in (FAILED, CANCELLED):
         text = state.message

@@ -9,15 +9,15 @@ import gradio as gr
 from .. import viz
 from ..errors import Cancelled, DataError
 from ..progress import Progress
-from ..service import METHOD_LABELS
+from ..app import modeling
 from .common import UI, friendly, need_project, who
+from .presenters import method_choices, method_label
 from .train import settings_from
 
 
 def build(ui: UI) -> None:
-    s = ui.studio
     with gr.Row(elem_classes="fs-inline"):
-        ui.eval_methods = gr.CheckboxGroup(s.method_choices(), value=["graph", "tip", "zeroshot"], scale=4,
+        ui.eval_methods = gr.CheckboxGroup(method_choices(), value=["graph", "tip", "zeroshot"], scale=4,
                                            label="Methods to compare (same folds; the Train tab's backbone and "
                                                  "advanced settings)", elem_id="eval-methods")
         ui.eval_btn = gr.Button("Cross-validate", variant="primary", scale=1, elem_id="eval-btn")
@@ -49,13 +49,13 @@ INTRO = ("Cross-validation trains each method on part of your examples and tests
 
 def details(comp, method):
     r = comp.results[method]
-    label = METHOD_LABELS.get(method, method)
+    label = method_label(method)
     return (viz.per_class_figure(r.per_class_accuracy, f"{label}: accuracy per class"),
             viz.confusion_figure(r.confusion, comp.classnames, f"{label}: confusion matrix"))
 
 
 def wire(ui: UI) -> None:
-    s = ui.studio
+    ws = ui.ws
     adv = [c for _, _, c in ui.adv]
     running: dict[str | None, threading.Event] = {}  # session -> cancel flag of its evaluation
 
@@ -69,7 +69,7 @@ def wire(ui: UI) -> None:
     @friendly
     def check(pid, methods, owner, request: gr.Request):
         """Fails fast with the one sentence before the long run (which shows its progress)."""
-        s.project(need_project(pid), who(owner, request))
+        ui.scope(pid, who(owner, request))
         if not methods:
             raise DataError("Pick at least one method to compare.")
         return cleared("Cross-validating…")
@@ -80,15 +80,15 @@ def wire(ui: UI) -> None:
         owner = who(owner, request)
         pid = need_project(pid)
         settings = settings_from(ui, values)
-        spec = s.spec_for(backbone, None, checkpoint)
+        spec = modeling.backbone_spec(ws, backbone, None, checkpoint)
 
         def report(p: Progress):
             progress((p.step, p.total) if p.total else None, desc=p.stage)
 
         flag = running[owner] = threading.Event()
         try:
-            comp = s.evaluate(pid, list(methods or []), spec, owner, progress=report, cancel=flag,
-                              settings={m: settings.get(m, {}) for m in methods or []})
+            comp = modeling.evaluate(ui.scope(pid, owner), list(methods or []), spec, progress=report, cancel=flag,
+                                     settings={m: settings.get(m, {}) for m in methods or []})
         except Cancelled:  # what the user asked for, not a failure
             return {**cleared("Cross-validation cancelled: no results. Press Cross-validate to run it again."),
                     ui.notice: "Cross-validation cancelled."}
@@ -98,14 +98,14 @@ def wire(ui: UI) -> None:
         best = comp.best
         md = comp.to_markdown()
         if best:
-            md += f"\n\n**Best on your examples: {METHOD_LABELS.get(best, best)}.**"
-        results = {METHOD_LABELS.get(m, m): r.accuracy for m, r in comp.results.items()}
+            md += f"\n\n**Best on your examples: {method_label(best)}.**"
+        results = {method_label(m): r.accuracy for m, r in comp.results.items()}
         first = best or next(iter(comp.results), None)
         per_class, confusion = details(comp, first) if first else (None, None)
         return {ui.notice: "Cross-validation finished.", ui.eval_md: md,
                 ui.comparison_plot: viz.comparison_figure(results),
                 ui.per_class_plot: per_class, ui.confusion_plot: confusion,
-                ui.eval_detail: gr.Dropdown(choices=[(METHOD_LABELS.get(m, m), m) for m in comp.results],
+                ui.eval_detail: gr.Dropdown(choices=[(method_label(m), m) for m in comp.results],
                                             value=first),
                 ui.use_best_btn: gr.Button(interactive=best is not None), ui.eval_state: comp}
 
@@ -126,7 +126,7 @@ def wire(ui: UI) -> None:
         if not best:
             return {ui.notice: "Run a cross-validation first."}
         return {ui.method: best, ui.tabs: gr.Tabs(selected="train"),
-                ui.notice: f"The Train tab now uses **{METHOD_LABELS.get(best, best)}**, the best on your examples."}
+                ui.notice: f"The Train tab now uses **{method_label(best)}**, the best on your examples."}
 
     ui.eval_btn.click(check, [ui.project, ui.eval_methods, ui.owner], ui.eval_outs, api_visibility="private").success(
         evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv], [*ui.eval_outs, ui.notice],

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gradio as gr
 
 from ..errors import DataError
-from .common import UI, files_of, friendly, need_project, who
+from ..app import exports
+from . import presenters
+from .common import UI, files_of, friendly, who
 
 
 def build(ui: UI) -> None:
@@ -31,23 +33,21 @@ def build(ui: UI) -> None:
 
 
 def wire(ui: UI) -> None:
-    s = ui.studio
 
     def exporter(kind):
         @friendly
         def run(pid, owner, request: gr.Request):
-            owner = who(owner, request)
-            pid = need_project(pid)
+            scope = ui.scope(pid, who(owner, request))
             out = {}
             if kind == "csv":
-                path, what = s.export_labels_csv(pid, owner), "the labels as CSV"
+                path, what = exports.export_labels_csv(scope), "the labels as CSV"
             elif kind == "json":
-                path, what = s.export_labels_json(pid, owner), "the labels as JSON"
+                path, what = exports.export_labels_json(scope), "the labels as JSON"
             elif kind == "imagefolder":
-                path, what = s.export_imagefolder(pid, owner), "the labeled images as class folders"
+                path, what = exports.export_imagefolder(scope), "the labeled images as class folders"
             else:
-                path, what = s.export_model(pid, owner=owner), "the trained model"
-                out[ui.usage] = s.usage(pid, owner)
+                path, what = exports.export_model(scope), "the trained model"
+                out[ui.usage] = presenters.usage(scope)
             return {ui.export_file: str(path), ui.notice: f"Exported {what}: download it below.", **out}
         return run
 
@@ -63,10 +63,11 @@ def wire(ui: UI) -> None:
         paths = files_of(file)
         if not paths:
             raise DataError("Choose a model zip to import.")
-        info = s.import_model(need_project(pid), paths[0], owner)
+        scope = ui.scope(pid, owner)
+        info = exports.import_model(scope, paths[0])
         return {ui.notice: f"Imported the model as #{info.id}; it is now the model in use (the Model menu at "
                            "the top switches back).",
-                ui.import_file: None, ui.usage: s.usage(pid, owner), **ui.current_model_views(pid, owner)}
+                ui.import_file: None, ui.usage: presenters.usage(scope), **ui.current_model_views(pid, owner)}
 
     ui.import_btn.click(import_model, [ui.project, ui.import_file, ui.owner],
                         [ui.notice, ui.import_file, ui.usage, *ui.model_view_outputs], api_name="import_model")

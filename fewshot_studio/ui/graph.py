@@ -6,15 +6,16 @@ import gradio as gr
 
 from .. import viz
 from ..errors import DataError
+from ..app import modeling
 from ..methods.knowledge_graph import KnowledgeGraph
-from .common import UI, friendly, need_project, who
+from . import presenters
+from .common import UI, friendly, who
 
 MODE_CHOICES = [("textual + visual", "both"), ("textual", "text"), ("visual", "visual"),
                 ("fused (GraphAdapter's adapted classes)", "fused")]
 
 
 def build(ui: UI) -> None:
-    s = ui.studio
     with gr.Row(elem_classes="fs-inline"):
         ui.graph_mode = gr.Radio(MODE_CHOICES, value="both", label="Sub-graph", scale=3, elem_id="graph-mode")
         ui.graph_threshold = gr.Slider(-1.0, 1.0, value=0.0, step=0.01, label="Edge threshold (cosine similarity)",
@@ -50,15 +51,16 @@ def build(ui: UI) -> None:
     @friendly
     def graph(pid, mode, threshold, sort_by, owner, request: gr.Request):
         owner = who(owner, request)
+        scope = ui.scope(pid, owner)
         try:
-            kg = s.knowledge_graph(need_project(pid), owner=owner)
+            kg = modeling.knowledge_graph(scope)
         except DataError as e:
             return empty(str(e))
         mode = mode or "both"
         threshold = float(threshold if threshold is not None else 0.0)
         # the figure highlights exactly these pairs (same kg, same threshold)
         pairs = viz.confusable_rows(kg, threshold)
-        info = s.model_summary(pid, owner)
+        info = presenters.model_summary(scope)
         if pairs:
             a, b, t, v, _ = pairs[0]
             info += f" · most confusable pair: **{a}** and **{b}** (visual {v:.2f}, textual {t:.2f})"

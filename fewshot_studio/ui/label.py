@@ -6,15 +6,17 @@ from __future__ import annotations
 import gradio as gr
 
 from ..errors import DataError
-from ..service import POOL, parse_image_ids
-from .common import UI, files_of, friendly, need_project, picked, progress_html, refused_text, unchanged, who
+from ..app import library, modeling
+from ..app.library import POOL
+from . import presenters
+from .common import UI, files_of, friendly, picked, progress_html, refused_text, unchanged, who
+from .presenters import parse_image_ids
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
 MARK = "✓"
 
 
 def build(ui: UI) -> None:
-    s = ui.studio
     with gr.Row():
         with gr.Column(scale=2):
             ui.predict_image = gr.Image(label="An image to classify", type="filepath", height=260,
@@ -59,13 +61,14 @@ def build(ui: UI) -> None:
         if pid is None:
             return {ui.pool_table: [], ui.pool_gallery: [], ui.pool_row_ids: [], ui.pool_ids: [],
                     ui.pool_selection: "", ui.correct_dd: gr.Dropdown(choices=[], value=None)}
-        rows = s.pool_predictions(pid, owner) if rows is None else rows
+        scope = ui.scope(pid, owner)
+        rows = modeling.pool_predictions(scope) if rows is None else rows
         chosen = set(selection)
-        table = [[r.image_id, r.name, r.label, round(100 * r.confidence, 1), r.top,
+        table = [[r.image_id, r.name, r.label, round(100 * r.confidence, 1), presenters.top_text(r.top),
                   MARK if r.image_id in chosen else ""] for r in rows]
-        gallery, ids = s.pool_gallery_items(pid, rows, owner)
+        gallery, ids = presenters.pool_gallery_items(scope, rows)
         gallery = [(t, f"{MARK} {c}" if i in chosen else c) for (t, c), i in zip(gallery, ids)]
-        choices = [v for _, v in s.class_choices(pid, owner)]
+        choices = [v for _, v in presenters.class_choices(scope)]
         return {ui.pool_table: table, ui.pool_gallery: gallery, ui.pool_row_ids: [r.image_id for r in rows],
                 ui.pool_ids: ids, ui.pool_selection: ", ".join(str(i) for i in selection),
                 ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None)}
@@ -77,14 +80,15 @@ def build(ui: UI) -> None:
         owner = who(owner, request)
         if pid is None:
             return unchanged([ui.correct_dd, ui.label_model_md])
-        choices = [v for _, v in s.class_choices(pid, owner)]
-        return {ui.correct_dd: gr.Dropdown(choices=choices), ui.label_model_md: s.model_summary(pid, owner)}
+        scope = ui.scope(pid, owner)
+        choices = [v for _, v in presenters.class_choices(scope)]
+        return {ui.correct_dd: gr.Dropdown(choices=choices), ui.label_model_md: presenters.model_summary(scope)}
 
     ui.label_tab_fn = on_tab
 
     def view(pid, owner):
         out = pool_view(pid, owner)
-        out[ui.label_model_md] = s.model_summary(pid, owner) if pid is not None else ""
+        out[ui.label_model_md] = presenters.model_summary(ui.scope(pid, owner)) if pid is not None else ""
         out[ui.prediction] = None
         return out
 
@@ -93,19 +97,18 @@ def build(ui: UI) -> None:
 
 
 def wire(ui: UI) -> None:
-    s = ui.studio
     acts = [ui.notice, *ui.pool_outs, ui.label_model_md]
 
     @friendly
     def predict(pid, image, owner, request: gr.Request):
         if image is None:
             raise DataError("Upload an image to classify.")
-        return s.predict(need_project(pid), image, k=5, owner=who(owner, request))
+        return modeling.predict(ui.scope(pid, who(owner, request)), image, k=5)
 
     @friendly
     def add_pool(pid, files, owner, request: gr.Request):
         owner = who(owner, request)
-        added, errors = s.add_uploads(need_project(pid), files_of(files), POOL, owner)
+        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), POOL)
         if errors:
             gr.Warning(refused_text(errors).strip())
         return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to the pool; press Label the pool."
@@ -114,20 +117,21 @@ def wire(ui: UI) -> None:
     @friendly
     def check_label_pool(pid, owner, request: gr.Request):
         """Fails fast with the one sentence (no model, a stale model) before the long run."""
-        s.current_model(need_project(pid), who(owner, request))
+        modeling.current_model(ui.scope(pid, who(owner, request)))
 
     @friendly
     def label_pool(pid, owner, request: gr.Request, progress=gr.Progress()):
         owner = who(owner, request)
-        rows = s.label_pool(need_project(pid), owner,
-                            progress=lambda p: progress((p.step, p.total) if p.total else None, desc=p.stage))
+        scope = ui.scope(pid, owner)
+        rows = modeling.label_pool(scope, progress=lambda p: progress((p.step, p.total) if p.total else None,
+                                                                      desc=p.stage))
         if not rows:
             msg = "The pool is empty: add unlabeled images first."
         else:
             low = sum(r.confidence < 0.5 for r in rows)
             msg = (f"Labeled {len(rows)} pool image{'s' if len(rows) != 1 else ''}, least confident first "
                    f"({low} below 50%). Select and accept, or correct.")
-        return {ui.notice: msg, **ui.pool_view(pid, owner, rows), ui.label_model_md: s.model_summary(pid, owner)}
+        return {ui.notice: msg, **ui.pool_view(pid, owner, rows), ui.label_model_md: presenters.model_summary(scope)}
 
     def toggle(pid, selection, ids, owner, evt: gr.SelectData, request: gr.Request):
         """A click on a row or thumbnail selects its image, or unselects it; the view marks it."""
@@ -144,7 +148,8 @@ def wire(ui: UI) -> None:
         return ui.pool_view(pid, who(owner, request)) | {ui.correct_dd: gr.skip()}
 
     def after_change(pid, owner, message):
-        return {ui.notice: message, **ui.pool_view(pid, owner), ui.label_model_md: s.model_summary(pid, owner)}
+        return {ui.notice: message, **ui.pool_view(pid, owner),
+                ui.label_model_md: presenters.model_summary(ui.scope(pid, owner))}
 
     def them(n: int) -> str:
         return "it" if n == 1 else "them"
@@ -155,7 +160,7 @@ def wire(ui: UI) -> None:
         ids = parse_image_ids(selection)
         if not ids:
             raise DataError("Select images first: click their rows or thumbnails.")
-        n = s.accept(need_project(pid), ids, owner)
+        n = modeling.accept(ui.scope(pid, owner), ids)
         return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''}: "
                                         f"{'they join' if n != 1 else 'it joins'} the predicted class. "
                                         f"Retrain to use {them(n)}.")
@@ -168,14 +173,14 @@ def wire(ui: UI) -> None:
             raise DataError("Select images first: click their rows or thumbnails.")
         if not class_name:
             raise DataError("Pick the class to label them with.")
-        n = s.correct(need_project(pid), ids, class_name, owner)
+        n = modeling.correct(ui.scope(pid, owner), ids, class_name)
         return after_change(pid, owner, f"Labeled {n} image{'s' if n != 1 else ''} as **{class_name}**. "
                                         f"Retrain to use {them(n)}.")
 
     @friendly
     def accept_confident(pid, threshold, owner, request: gr.Request):
         owner = who(owner, request)
-        n = s.accept_confident(need_project(pid), threshold, owner)
+        n = modeling.accept_confident(ui.scope(pid, owner), threshold)
         return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''} at or above "
                                         f"{float(threshold):.0%} confidence."
                                         + (f" Retrain to use {them(n)}." if n else ""))
@@ -185,7 +190,7 @@ def wire(ui: UI) -> None:
         from .train import start_outputs
 
         owner = who(owner, request)
-        job_id = s.retrain(need_project(pid), owner)
+        job_id = modeling.retrain(ui.scope(pid, owner))
         return start_outputs(ui, job_id, "Retraining with the same method and settings; features of images "
                                          "seen before come from the cache.")
 

@@ -7,8 +7,10 @@ import secrets
 import gradio as gr
 
 from ..errors import FewShotError
-from ..service import EXAMPLES
-from .common import UI, friendly, need_project, who
+from ..app import modeling, projects
+from ..app.projects import EXAMPLES
+from . import presenters
+from .common import UI, friendly, who
 
 
 def build_header(ui: UI) -> None:
@@ -51,15 +53,15 @@ def build_bar(ui: UI) -> None:
     ui.notice = gr.Markdown("", elem_id="notice")
 
     def view(pid, owner):
-        projects = ui.studio.list_projects(owner)
-        name = next((p.name for p in projects if p.id == pid), "")
-        return {ui.project_dd: gr.Dropdown(choices=[(p.name, p.id) for p in projects], value=pid),
+        mine = projects.list_projects(ui.ws, owner)
+        name = next((p.name for p in mine if p.id == pid), "")
+        return {ui.project_dd: gr.Dropdown(choices=[(p.name, p.id) for p in mine], value=pid),
                 ui.rename_project_box: name, ui.confirm_delete_btn: gr.Button(visible=False), ui.share_link: ""}
 
     def model_view(pid, owner):
         if pid is None:
             return {ui.model_dd: gr.Dropdown(choices=[], value=None)}
-        choices, current = ui.studio.model_choices(pid, owner)
+        choices, current = presenters.model_choices(ui.scope(pid, owner))
         return {ui.model_dd: gr.Dropdown(choices=choices, value=current)}
 
     ui.add_view(view, [ui.project_dd, ui.rename_project_box, ui.confirm_delete_btn, ui.share_link])
@@ -68,7 +70,7 @@ def build_bar(ui: UI) -> None:
 
 def wire(ui: UI) -> None:
     """Project events; registered after every tab so they can refresh all of them."""
-    s = ui.studio
+    ws = ui.ws
     outs = [ui.notice, ui.project, *ui.view_outputs]
 
     def show(pid, owner, message=""):
@@ -77,38 +79,38 @@ def wire(ui: UI) -> None:
     @friendly
     def create(name, owner, request: gr.Request):
         owner = who(owner, request)
-        p = s.create_project(name or "", owner)
+        p = projects.create_project(ws, name or "", owner)
         return {**show(p.id, owner, f"Created project **{p.name}**. Add classes below."), ui.new_project: ""}
 
     @friendly
     def open_project(pid, owner, request: gr.Request):
         owner = who(owner, request)
-        p = s.project(need_project(pid), owner)
+        p = ui.scope(pid, owner).project
         return show(p.id, owner, f"Opened **{p.name}**.")
 
     @friendly
     def load_example(name, opened, owner, request: gr.Request):
         owner = who(owner, request)
         name = name or "shapes"
-        have = s.example_project(name, owner)
+        have = projects.example_project(ws, name, owner)
         if have is not None and opened != name:  # a second press makes the fresh copy
             return {**show(have.id, owner, f"Opened your copy of the example, **{have.name}**. Press *Load example* "
                                            "again for a fresh copy."), ui.example_copy: name}
-        p = s.load_example(name, owner)
+        p = projects.load_example(ws, name, owner)
         return {**show(p.id, owner, f"Loaded the example project **{p.name}**: its classes and images are below, "
                                     "and its unlabeled pool waits in Predict & label."), ui.example_copy: None}
 
     @friendly
     def use_model(pid, model_id, owner, request: gr.Request):
         owner = who(owner, request)
-        m = s.set_current_model(need_project(pid), model_id, owner)
+        m = modeling.set_current_model(ui.scope(pid, owner), model_id)
         return {ui.notice: f"The graph, predictions, labeling, retraining and export now use model #{m.id}.",
                 **ui.current_model_views(pid, owner)}
 
     @friendly
     def rename(pid, name, owner, request: gr.Request):
         owner = who(owner, request)
-        p = s.rename_project(need_project(pid), name or "", owner)
+        p = projects.rename_project(ui.scope(pid, owner), name or "")
         return show(p.id, owner, f"Renamed the project to **{p.name}**.")
 
     def ask_delete(pid):
@@ -117,9 +119,10 @@ def wire(ui: UI) -> None:
     @friendly
     def delete(pid, owner, request: gr.Request):
         owner = who(owner, request)
-        name = s.project(need_project(pid), owner).name
-        s.delete_project(int(pid), owner)
-        nxt = s.last_project(owner)
+        scope = ui.scope(pid, owner)
+        projects.delete_project(scope)
+        nxt = projects.last_project(ws, owner)
+        name = scope.project.name
         return show(nxt.id if nxt else None, owner, f"Deleted **{name}**.")
 
     ui.create_btn.click(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_name="create_project")
@@ -139,8 +142,9 @@ def wire(ui: UI) -> None:
         @friendly
         def handler(pid, owner, request: gr.Request):
             owner = who(owner, request)
-            name = s.project(need_project(pid), owner).name
-            token = s.project_link(int(pid), owner, renew=renew)
+            scope = ui.scope(pid, owner)
+            name = scope.project.name
+            token = projects.project_link(scope, renew=renew)
             what = "A new link" if renew else "The link"
             return {ui.share_token: token,
                     ui.notice: f"{what} to **{name}** is below{'; the old one no longer opens it' if renew else ''}."}
@@ -157,7 +161,7 @@ def wire(ui: UI) -> None:
 def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
     """On page load: restore the owner token and reopen the last project (remembered by the
     browser, else the most recent one); remember the project whenever it changes."""
-    s = ui.studio
+    ws = ui.ws
 
     def restore(remembered, request: gr.Request):
         remembered = remembered if isinstance(remembered, dict) else {}
@@ -166,13 +170,13 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
         link = request.query_params.get("project") if request is not None else None
         if link:  # the page was opened through a project link (?project=<token>)
             try:
-                shared = s.open_link(link, owner)
+                shared = projects.open_link(ws, link, owner)
                 preferred, notice = shared.id, f"Opened **{shared.name}** from its link."
             except FewShotError as e:
                 notice = str(e)
-        p = s.last_project(owner, preferred)
+        p = projects.last_project(ws, owner, preferred)
         pid = p.id if p else None
-        if pid is not None and not notice and s.interrupted_training(pid, owner) is not None:
+        if pid is not None and not notice and modeling.interrupted_training(ws.scope(pid, owner)) is not None:
             notice = ("The app stopped while this project's last training was running, so it was not saved; "
                       "press Train to run it again.")
         out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
@@ -182,7 +186,7 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
 
     def banner():
         # separate from restore: loading the backbone may take a while (a download, the first time)
-        return s.backbone_status()[1]
+        return presenters.backbone_status(ws)[1]
 
     demo.load(restore, [ui.remembered], [ui.owner, ui.project, ui.remembered, ui.notice, *ui.view_outputs,
                                          *resume_outputs],

@@ -9,7 +9,9 @@ import gradio as gr
 from .. import shapes, viz
 from ..backbone import TINY
 from ..jobs import DONE, FINISHED
+from ..app import library, modeling
 from ..methods import catalog
+from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 POLL_SECONDS = 0.5  # the page's job timer (ui/app.py)
@@ -20,14 +22,14 @@ def label_for(method: str, key: str) -> str:
 
 
 def build(ui: UI) -> None:
-    s = ui.studio
+    ws = ui.ws
     ui.adv = []  # (method, key, component), in input order
     with gr.Row():
         with gr.Column(scale=2):
-            ui.method = gr.Radio(s.method_choices(), value="graph", label="Method", elem_id="method")
+            ui.method = gr.Radio(presenters.method_choices(), value="graph", label="Method", elem_id="method")
             ui.method_note = gr.Markdown(catalog.summary("graph"), elem_classes="fs-hint")
-            ui.backbone = gr.Dropdown(s.backbone_choices(), value=s.default_backbone_value(), label="Backbone",
-                                      allow_custom_value=True, elem_id="backbone",
+            ui.backbone = gr.Dropdown(presenters.backbone_choices(ws), value=presenters.default_backbone_value(ws),
+                                      label="Backbone", allow_custom_value=True, elem_id="backbone",
                                       info="An open_clip model/pretrained tag, or tiny (offline; it only knows "
                                            "coloured shapes).")
             ui.checkpoint = gr.Textbox(label="Local checkpoint (optional)", elem_id="checkpoint",
@@ -37,7 +39,7 @@ def build(ui: UI) -> None:
                 ui.adv_groups = {}
                 for m in catalog.method_ids():
                     with gr.Group(visible=m == "graph") as grp:
-                        defaults = s.method_settings(m)
+                        defaults = catalog.settings(m)
                         keys = list(defaults)
                         for i in range(0, len(keys), 3):
                             with gr.Row():
@@ -63,10 +65,12 @@ def build(ui: UI) -> None:
     def view(pid, owner):
         if pid is None:
             return {ui.model_md: "", ui.curve: viz.training_curve_figure([]), ui.progress: progress_html(None)}
-        empty = ("The model in use trains no steps, so it has no curve." if s.current_model_info(pid, owner)
+        scope = ui.scope(pid, owner)
+        empty = ("The model in use trains no steps, so it has no curve." if modeling.current_model_info(scope)
                  else "No model yet: press Train.")
-        return {ui.model_md: s.model_summary(pid, owner), ui.progress: idle_progress(s, pid, owner),
-                ui.curve: viz.training_curve_figure(s.model_history(pid, owner), "Current model's training", empty)}
+        return {ui.model_md: presenters.model_summary(scope), ui.progress: idle_progress(scope),
+                ui.curve: viz.training_curve_figure(modeling.model_history(scope), "Current model's training",
+                                                    empty)}
 
     ui.add_view(view, [ui.model_md, ui.curve, ui.progress], model=True)
 
@@ -82,13 +86,13 @@ def settings_from(ui: UI, values) -> dict[str, dict]:
     raw: dict[str, dict] = {}
     for (m, k, _), v in zip(ui.adv, values):
         raw.setdefault(m, {})[k] = v
-    return {m: ui.studio.coerce_settings(m, d) for m, d in raw.items()}
+    return {m: catalog.coerce_settings(m, d) for m, d in raw.items()}
 
 
-def idle_progress(s, pid, owner) -> str:
+def idle_progress(scope) -> str:
     """The Train tab's bar when no job of this session runs: idle, or, when the app stopped
     while the project's last training ran, a failed bar that says so (the job is gone)."""
-    job = s.interrupted_training(pid, owner)
+    job = modeling.interrupted_training(scope)
     if job is None:
         return progress_html(None)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
@@ -97,12 +101,12 @@ def idle_progress(s, pid, owner) -> str:
                 "Press Train to run it again.")
 
 
-def shapes_only_warning(s, pid, owner, spec) -> str:
+def shapes_only_warning(scope, spec) -> str:
     """A hint when `tiny` (which only knows coloured shapes) is asked to learn other classes."""
     if spec.name != TINY:
         return ""
     words = {w for c in shapes.CLASSES for w in c.split()}
-    names = [c.name for c in s.store.list_classes(int(pid))]
+    names = [c.name for c in library.classes(scope)]
     if all(any(w in words for w in n.casefold().replace("_", " ").split()) for n in names):
         return ""
     return (" Note: `tiny` only knows coloured shapes, so it cannot tell these classes apart well; "
@@ -110,7 +114,7 @@ def shapes_only_warning(s, pid, owner, spec) -> str:
 
 
 def start_outputs(ui: UI, job_id: str, notice: str) -> dict:
-    st = ui.studio.job(job_id)
+    st = modeling.job(ui.ws, job_id)
     return {ui.notice: notice, ui.job: {"id": job_id, "seen": -1, "status": st.status},
             ui.timer: gr.Timer(active=True), ui.progress: progress_html(st),
             ui.label_progress: progress_html(st),
@@ -119,7 +123,7 @@ def start_outputs(ui: UI, job_id: str, notice: str) -> dict:
 
 def wire(ui: UI) -> None:
     """Train, cancel and poll (registered after the label tab, which shows the progress too)."""
-    s = ui.studio
+    ws = ui.ws
     adv = [c for _, _, c in ui.adv]
     outs = [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve, ui.banner]
 
@@ -128,16 +132,17 @@ def wire(ui: UI) -> None:
         owner = who(owner, request)
         pid = need_project(pid)
         settings = settings_from(ui, values).get(method, {})
-        spec = s.spec_for(backbone, None, checkpoint)
-        job_id = s.start_training(pid, method, spec, settings, owner)
-        notice = (f"Training {catalog.LABELS.get(method, method)} on `{spec.label}`: the page stays usable "
-                  f"meanwhile.{shapes_only_warning(s, pid, owner, spec)}")
+        spec = modeling.backbone_spec(ws, backbone, None, checkpoint)
+        scope = ui.scope(pid, owner)
+        job_id = modeling.start_training(scope, method, spec, settings)
+        notice = (f"Training {presenters.method_label(method)} on `{spec.label}`: the page stays usable "
+                  f"meanwhile.{shapes_only_warning(scope, spec)}")
         # the backbone just loaded: the banner names it (it may have said "unavailable" before)
-        return start_outputs(ui, job_id, notice) | {ui.banner: s.backbone_status(spec)[1]}
+        return start_outputs(ui, job_id, notice) | {ui.banner: presenters.backbone_status(ws, spec)[1]}
 
     @friendly
     def cancel(job):
-        if not job or not s.cancel(job["id"]):
+        if not job or not modeling.cancel(ws, job["id"]):
             return {ui.notice: "No training is running."}
         return {ui.notice: "Cancelling: the job stops within one step and the project stays as it was."}
 
@@ -147,7 +152,7 @@ def wire(ui: UI) -> None:
         if not job:
             return {ui.timer: gr.Timer(active=False)}
         try:
-            st = s.job(job["id"])
+            st = modeling.job(ws, job["id"])
         except KeyError:
             return {ui.timer: gr.Timer(active=False), ui.job: None}
         bar = progress_html(st)
@@ -191,10 +196,9 @@ SCROLL_TO_PROGRESS = ("() => { const e = document.querySelector('#train-progress
 
 def resume(ui: UI):
     """Outputs and function for page load: keep showing a job still running for the project."""
-    s = ui.studio
 
     def fn(pid):
-        st = s.active_job(pid)
+        st = modeling.active_job(ui.ws, pid)
         if st is None:  # (the project view already shows an interrupted training, if any)
             return {ui.job: None, ui.timer: gr.Timer(active=False)}
         return {ui.job: {"id": st.id, "seen": -1, "status": st.status}, ui.timer: gr.Timer(active=True),

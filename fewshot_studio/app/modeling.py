@@ -1,0 +1,306 @@
+"""Backbones, training jobs, the project's models, the knowledge graph, cross-validation,
+prediction and pool labeling. (What a method is and its settings: methods/catalog.py.)"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from ..backbone import BackboneSpec, device_name, resolve_device
+from ..data import ImageRef
+from ..errors import DataError, FewShotError
+from ..jobs import FINISHED
+from ..methods import KnowledgeGraph, Method, catalog, get_method_class
+from ..methods.base import cosine_matrix
+from ..progress import Progress, ProgressFn
+from ..store import INTERRUPTED, JobInfo, ModelInfo, NotFoundError
+from .context import ProjectScope, Workspace
+from .library import class_by_name, image
+
+
+# ---- backbones -----------------------------------------------------------------------------------
+def backbone_spec(ws: Workspace, name: str | None = None, pretrained: str | None = None,
+                  checkpoint: str | None = None) -> BackboneSpec:
+    """The backbone a form asks for. A blank checkpoint means the configured one
+    (FEWSHOT_STUDIO_CHECKPOINT) when the form names the default backbone, so the documented
+    setting is honoured without typing the path again."""
+    d = ws.default_spec
+    name = (name or "").strip() or d.name
+    if name == "tiny":
+        pretrained = None
+    elif "/" in name and not name.startswith(("hf-hub:", "local-dir:")) and not pretrained:
+        name, pretrained = name.split("/", 1)
+    pretrained = (pretrained or "").strip() or (None if name == "tiny" else d.pretrained or None)
+    checkpoint = (checkpoint or "").strip() or None
+    if checkpoint is None and d.checkpoint and (name, pretrained) == (d.name, d.pretrained or None):
+        checkpoint = d.checkpoint
+    return BackboneSpec(name, pretrained, checkpoint, d.device)
+
+
+@dataclass(frozen=True)
+class BackboneStatus:
+    """Whether a backbone loads: its label and device, or the one sentence why not."""
+
+    ok: bool
+    label: str  # the backbone's label ("" when it does not load)
+    device: str  # the device, in words
+    error: str = ""
+
+
+def backbone_status(ws: Workspace, spec: BackboneSpec | None = None) -> BackboneStatus:
+    """Load the backbone (the default one, or `spec`) and say whether it worked."""
+    try:
+        b = ws.backbone(spec)
+        return BackboneStatus(True, b.spec.label, b.device_label)
+    except FewShotError as e:
+        return BackboneStatus(False, "", device_name(resolve_device(ws.default_spec.device)), str(e))
+
+
+# ---- training ------------------------------------------------------------------------------------
+def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None = None,
+                   settings: dict | None = None) -> str:
+    """Start a training job in the background; its id (poll it with `job`)."""
+    ws = scope.ws
+    backbone = ws.backbone(spec)
+    cls = get_method_class(method)
+    settings = catalog.coerce_settings(method, settings)  # strict: an unknown setting is refused
+    support = scope.store.support_set(scope.id)
+    if not support.images and cls.needs_images:
+        support.require_images(cls.label)
+    return ws.runner.submit_training(scope.id, method, backbone, ws.extractor(backbone), support=support,
+                                     **settings)
+
+
+def retrain(scope: ProjectScope) -> str:
+    """Train again with the current model's method, backbone and settings (cached features)."""
+    info, method = current_model(scope)
+    return start_training(scope, info.method, method.backbone.spec, asdict(method.config))
+
+
+def interrupted_training(scope: ProjectScope) -> JobInfo | None:
+    """The project's last training job when the app stopped while it ran and nothing was
+    trained since, so the page can say so; else None."""
+    jobs = [j for j in scope.store.list_jobs(scope.id) if j.kind == "train"]
+    if not jobs or jobs[0].status != "failed" or not jobs[0].message.casefold().startswith(INTERRUPTED):
+        return None
+    return jobs[0]
+
+
+def job(ws: Workspace, job_id: str):
+    """A job's live state (a JobState); KeyError for an unknown id."""
+    return ws.runner.get(job_id)
+
+
+def cancel(ws: Workspace, job_id: str) -> bool:
+    return ws.runner.cancel(job_id)
+
+
+def active_job(ws: Workspace, project_id: int | None) -> Any:
+    """The newest unfinished training job of this project (to resume showing its progress)."""
+    if project_id in (None, ""):
+        return None
+    jobs = [j for j in ws.runner.jobs(int(project_id)) if j.status not in FINISHED]
+    return max(jobs, key=lambda j: j.created) if jobs else None
+
+
+# ---- models --------------------------------------------------------------------------------------
+def models(scope: ProjectScope) -> list[ModelInfo]:
+    """Every model of the project, newest first."""
+    return scope.store.list_models(scope.id)
+
+
+def model(scope: ProjectScope, model_id: int | None = None) -> tuple[ModelInfo, Method]:
+    """A model of the project (the current one when model_id is None), loaded."""
+    if model_id in (None, ""):
+        return current_model(scope)
+    info = scope.store.get_model(int(model_id))
+    if info.project_id != scope.id:
+        raise NotFoundError(f"There is no model with id {model_id} in this project.")
+    return info, scope.ws.load_method(info)
+
+
+def current_model_info(scope: ProjectScope) -> ModelInfo | None:
+    """The model the project uses (chosen in the Model menu, else the last trained or
+    imported one), or None."""
+    return scope.store.current_model(scope.id)
+
+
+def current_model(scope: ProjectScope) -> tuple[ModelInfo, Method]:
+    info = current_model_info(scope)
+    if info is None:
+        raise DataError("Train a model first (Train tab).")
+    return info, scope.ws.load_method(info)
+
+
+def set_current_model(scope: ProjectScope, model_id: int) -> ModelInfo:
+    """Use this model for the graph, predictions, labeling, retraining and export."""
+    try:
+        return scope.store.set_current_model(scope.id, int(model_id))
+    except (TypeError, ValueError):
+        raise DataError("Pick a model from the list.") from None
+
+
+def model_history(scope: ProjectScope) -> list[dict]:
+    """The current model's training curve (step, loss, accuracy), or []."""
+    m = current_model_info(scope)
+    return [] if m is None else list((m.config or {}).get("history") or [])
+
+
+# ---- knowledge graph and evaluation -------------------------------------------------------------
+def knowledge_graph(scope: ProjectScope, model_id: int | None = None) -> KnowledgeGraph:
+    """The model's class graph, with current example counts; when the method has no visual
+    sub-graph, visual edges come from the class prototypes of the current support set."""
+    info, method = model(scope, model_id)
+    g = method.knowledge_graph()
+    support = scope.store.support_set(scope.id)
+    counts = {n: c for n, c in zip(support.classnames, support.counts())}
+    g.counts = [counts.get(c, 0) for c in g.classes]
+    if g.visual_edges is None and support.images:
+        feats = scope.ws.extractor(method.backbone).image_features(support.images)[:, 0]
+        labels = support.labels_tensor()
+        proto = torch.zeros(len(support.classnames), feats.shape[1]).index_add_(0, labels, feats)
+        order = [support.classnames.index(c) if c in support.classnames else -1 for c in g.classes]
+        if all(i >= 0 for i in order):
+            g.visual_edges = cosine_matrix(proto[order])
+    return g
+
+
+def evaluate(scope: ProjectScope, methods: Sequence[str], spec: BackboneSpec | None = None,
+             progress: ProgressFn | None = None, cancel=None, settings: dict[str, dict] | None = None):
+    """Cross-validate `methods` on the project's examples (the same folds for each): a Comparison."""
+    from ..evaluation import cross_validate
+
+    support = scope.store.support_set(scope.id)
+    if not methods:
+        raise DataError("Pick at least one method to compare.")
+    support.require_images("Cross-validation")  # classes with one image stay in training
+    ws = scope.ws
+    backbone = ws.backbone(spec)
+    return cross_validate(support, list(methods), backbone, ws.extractor(backbone), seed=0,
+                          overrides=settings, progress=progress, cancel=cancel)
+
+
+# ---- prediction and labeling -----------------------------------------------------------------------
+@dataclass
+class PoolRow:
+    """A stored prediction of an image in the pool."""
+
+    image_id: int
+    name: str
+    label: str
+    confidence: float
+    top: tuple[tuple[str, float], ...]  # the most probable classes, most probable first
+
+
+def top_classes(classnames: Sequence[str], probs: Sequence[float], k: int = 3) -> tuple[tuple[str, float], ...]:
+    """(class, probability) of the k most probable classes."""
+    order = sorted(range(len(probs)), key=lambda j: -probs[j])[:k]
+    return tuple((classnames[j], float(probs[j])) for j in order)
+
+
+def predict(scope: ProjectScope, image, k: int = 5, model_id: int | None = None) -> dict[str, float]:
+    """Top-k class probabilities for one image (a path, bytes or a PIL image) with the current
+    (or given) model."""
+    info, method = model(scope, model_id)
+    if image is None:
+        raise DataError("Upload an image to classify.")
+    if isinstance(image, Image.Image):
+        ref = ImageRef.from_pil(image)
+    elif isinstance(image, (bytes, bytearray)):
+        ref = ImageRef.from_bytes(bytes(image))
+    else:
+        ref = ImageRef.from_path(image)
+    ref.open(draft_size=method.backbone.image_size)  # one clear sentence for a bad file
+    probs = method.predict_proba([ref], scope.ws.extractor(method.backbone))[0]
+    top = torch.topk(probs, min(k, len(probs)))
+    return {method.classnames[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
+
+
+def label_pool(scope: ProjectScope, progress: ProgressFn | None = None, model_id: int | None = None
+               ) -> list[PoolRow]:
+    """Predict every unlabeled image with the current model, store the predictions and return
+    rows sorted least confident first (active learning)."""
+    info, method = model(scope, model_id)
+    store = scope.store
+    pool = store.list_images(scope.id, pool=True)
+    if not pool:
+        return []
+    classes = {c.name: c.id for c in store.list_classes(scope.id)}
+    missing = [c for c in method.classnames if c not in classes]
+    if missing:
+        raise DataError(f"The model's class {missing[0]!r} is no longer in the project; retrain first.")
+    extractor = scope.ws.extractor(method.backbone)
+    report = (lambda p: progress(Progress("Labeling the pool", p.step, p.total))) if progress else None
+    P = method.predict_proba([p.ref() for p in pool], extractor, report)  # one streaming pass
+    conf, idx = P.max(1)
+    store.save_predictions(info.id, [
+        (img.id, classes[method.classnames[j]], float(c), P[n].tolist())
+        for n, (img, c, j) in enumerate(zip(pool, conf.tolist(), idx.tolist()))])
+    rows = [PoolRow(img.id, img.original_name, method.classnames[int(idx[n])], float(conf[n]),
+                    top_classes(method.classnames, P[n].tolist()))
+            for n, img in enumerate(pool)]
+    rows.sort(key=lambda r: r.confidence)
+    return rows
+
+
+def pool_predictions(scope: ProjectScope) -> list[PoolRow]:
+    """The current model's stored predictions for the images still in the pool, least
+    confident first (no recomputation); empty when there is no model or no prediction."""
+    current = current_model_info(scope)
+    if current is None:
+        return []
+    store = scope.store
+    names = {c.id: c.name for c in store.list_classes(scope.id)}
+    pool = {i.id: i for i in store.list_images(scope.id, pool=True)}
+    classnames = current.config.get("classes", [])
+    rows = []
+    for p in store.list_predictions(current.id, pool_only=True):
+        img = pool.get(p.image_id)
+        if img is None or p.label not in names:
+            continue
+        top = ()
+        if isinstance(p.probs, list) and len(p.probs) == len(classnames):
+            top = top_classes(classnames, p.probs)
+        rows.append(PoolRow(img.id, img.original_name, names[p.label], p.confidence, top))
+    return rows
+
+
+def accept(scope: ProjectScope, image_ids: Sequence[int]) -> int:
+    """Accept the stored predictions of these pool images: they join the predicted class."""
+    info, _ = current_model(scope)
+    preds = {p.image_id: p for p in scope.store.list_predictions(info.id)}
+    moves = []
+    for i in image_ids:
+        img = image(scope, i)
+        if img.class_id is not None:
+            continue
+        if int(i) not in preds:
+            raise DataError(f"Image #{i} has no prediction yet; run 'Label the pool' first.")
+        moves.append((int(i), preds[int(i)].label))
+    if moves:
+        scope.store.move_images(moves, labeled_by="accepted")
+    return len(moves)
+
+
+def correct(scope: ProjectScope, image_ids: Sequence[int], class_name: str) -> int:
+    """Label these images with `class_name` (a correction of the prediction)."""
+    c = class_by_name(scope, class_name)
+    ids = [int(i) for i in image_ids]
+    for i in ids:
+        image(scope, i)
+    if ids:
+        scope.store.move_images([(i, c.id) for i in ids], labeled_by="corrected")
+    return len(ids)
+
+
+def accept_confident(scope: ProjectScope, threshold: float) -> int:
+    """Accept every stored pool prediction of the current model with confidence ≥ threshold."""
+    rows = pool_predictions(scope)
+    if not rows:
+        raise DataError("Label the pool first; there are no predictions to accept.")
+    ids = [r.image_id for r in rows if r.confidence >= float(threshold)]
+    if not ids:
+        return 0
+    return accept(scope, ids)

@@ -1,0 +1,213 @@
+"""What the page shows, from what the use cases (fewshot_studio.app) return: banners and
+markdown lines, picker choices, gallery items and captions, model labels, id parsing.
+Plain functions; only fewshot_studio.ui imports them."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..app import library, modeling
+from ..app.context import ProjectScope, Workspace
+from ..app.exports import usage_snippet
+from ..app.library import POOL
+from ..app.modeling import PoolRow
+from ..methods import catalog
+from ..backbone import TINY, BackboneSpec
+from ..errors import DataError
+from ..store import ImageInfo, ModelInfo, NotFoundError
+
+# (value, label) of the backbone picker's presets; any open_clip "name/pretrained" also works.
+BACKBONE_PRESETS = (
+    ("ViT-B-32/openai", "ViT-B-32 / openai"),
+    ("ViT-B-16/openai", "ViT-B-16 / openai (MMA's paper setting)"),
+    ("RN50/openai", "RN50 / openai (GraphAdapter's paper setting; not for MMA)"),
+    ("ViT-L-14/openai", "ViT-L-14 / openai (large: slow on a CPU)"),
+    ("ViT-B-32/laion2b_s34b_b79k", "ViT-B-32 / laion2b_s34b_b79k"),
+    (TINY, "tiny — offline test backbone: it only knows coloured shapes"),
+)
+
+Gallery = list[tuple[str, str]]  # (thumbnail path, caption)
+
+
+# ---- backbones and methods --------------------------------------------------------------------------
+def backbone_status(ws: Workspace, spec: BackboneSpec | None = None) -> tuple[bool, str]:
+    """(whether the backbone loads (the default one, or `spec`: the one last used), a
+    one-line markdown banner naming the backbone and the device, or saying in one sentence
+    why the weights are unavailable)."""
+    st = modeling.backbone_status(ws, spec)
+    if st.ok:
+        return True, f"**Backbone:** {st.label} · **Device:** {st.device}"
+    how = ("Both are in the Train tab (Backbone, Local checkpoint); `tiny` only knows coloured shapes."
+           if "tiny" in st.error else
+           "In the Train tab pick `tiny` (it only knows coloured shapes) or fill in Local checkpoint.")
+    return False, f"⚠️ **Backbone unavailable:** {st.error} {how} · **Device:** {st.device}"
+
+
+def default_backbone_value(ws: Workspace) -> str:
+    s = ws.default_spec
+    if s.name == TINY:
+        return TINY
+    return f"{s.name}/{s.pretrained}" if s.pretrained else s.name
+
+
+def backbone_choices(ws: Workspace) -> list[tuple[str, str]]:
+    """(label, value) pairs for a backbone picker: the default first, then the presets.
+    A value is "name/pretrained" or "tiny"; any open_clip "name/pretrained" works too."""
+    default = default_backbone_value(ws)
+    out = [(label, value) for value, label in BACKBONE_PRESETS]
+    if default not in {v for _, v in out}:
+        out.insert(0, (f"{default} (default)", default))
+    else:
+        out.sort(key=lambda lv: lv[1] != default)
+        out[0] = (out[0][0] + ("" if "(default" in out[0][0] else "  · default"), default)
+    return out
+
+
+def method_label(method: str) -> str:
+    return catalog.LABELS.get(method, method)
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(catalog.label(m), m) for m in catalog.method_ids()]
+
+
+# ---- classes --------------------------------------------------------------------------------------
+def class_choices(scope: ProjectScope) -> list[tuple[str, str]]:
+    """(label with the image count, class name) per class, in class order."""
+    counts = library.class_counts(scope)
+    return [(f"{c.name} ({counts.get(c.id, 0)})", c.name) for c in library.classes(scope)]
+
+
+# ---- galleries ------------------------------------------------------------------------------------
+def gallery_items(scope: ProjectScope, class_name: str | None) -> tuple[Gallery, list[int]]:
+    """Thumbnails of a class (or of the pool for POOL/None) with "#id name" captions, and the
+    images' ids in the same order: what a selection in the gallery refers to (selections are
+    data, never read back from captions)."""
+    imgs = library.images(scope, class_name)
+    return [(library.thumbnail(scope.ws, i), f"#{i.id} {i.original_name}") for i in imgs], [i.id for i in imgs]
+
+
+def image_gallery(scope: ProjectScope, class_name: str | None) -> Gallery:
+    return gallery_items(scope, class_name)[0]
+
+
+def image_by_thumbnail(scope: ProjectScope, class_name: str | None, thumbnail: str) -> ImageInfo:
+    """The image of a class (or of the pool, for POOL/None) shown by the gallery thumbnail
+    file `thumbnail` (thumbnails are named by the image's content hash, see library.thumbnail)."""
+    digest = Path(str(thumbnail or "")).stem
+    for img in library.images(scope, class_name):
+        if img.hash == digest:
+            return img
+    raise NotFoundError("That image is no longer here; the gallery now shows what is.")
+
+
+def pool_gallery_items(scope: ProjectScope, rows: Sequence[PoolRow] | None = None) -> tuple[Gallery, list[int]]:
+    """Pool thumbnails captioned "#id label 87%" in the rows' order (least confident first),
+    then the pool images without a prediction; and the images' ids in the same order."""
+    pool = {i.id: i for i in library.pool_images(scope)}
+    out, ids = [], []
+    for r in rows or []:
+        if r.image_id in pool:
+            out.append((library.thumbnail(scope.ws, pool[r.image_id]), f"#{r.image_id} {r.label} {r.confidence:.0%}"))
+            ids.append(r.image_id)
+    seen = set(ids)
+    for i, img in pool.items():
+        if i not in seen:
+            out.append((library.thumbnail(scope.ws, img), f"#{i} {img.original_name}"))
+            ids.append(i)
+    return out, ids
+
+
+def pool_gallery(scope: ProjectScope, rows: Sequence[PoolRow] | None = None) -> Gallery:
+    return pool_gallery_items(scope, rows)[0]
+
+
+def top_text(top: Sequence[tuple[str, float]]) -> str:
+    """"red circle 97%, blue square 2%, ..." from (class, probability) pairs (PoolRow.top)."""
+    return ", ".join(f"{name} {p:.0%}" for name, p in top)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def model_result(method: str, metrics: dict | None, history: list | None = None) -> list[str]:
+    """What a model's training measured, in words, the same wherever it is shown (the progress
+    bar's last line, the model line, the model menu): the steps it trained (none for the
+    training-free methods), its train accuracy on the plain views and final loss, or, for
+    Tip-Adapter, the leave-one-out accuracy of its α/β search."""
+    metrics = metrics or {}
+    parts = []
+    steps = metrics.get("steps") or (history[-1].get("step", len(history)) if history else 0)
+    if steps:
+        parts.append(f"{steps} steps")
+    acc = metrics.get("train_accuracy")
+    if isinstance(acc, (int, float)):
+        parts.append(f"train accuracy {acc:.0%}")
+    loo = metrics.get("loo_accuracy")
+    if isinstance(loo, (int, float)):
+        parts.append(f"leave-one-out accuracy {loo:.0%} "
+                     f"(α {metrics.get('alpha', 0):.2f}, β {metrics.get('beta', 0):.2f})")
+    loss = metrics.get("final_loss")
+    if isinstance(loss, (int, float)):
+        parts.append(f"final loss {loss:.4f}")
+    return parts
+
+
+def model_label(m: ModelInfo, with_id: bool = True) -> str:
+    """"#5 GraphAdapter on tiny · 8 classes · 300 steps · train accuracy 95% · 2026-11-30 10:02"."""
+    cfg = m.config if isinstance(m.config, dict) else {}
+    bb = cfg.get("backbone") or {}
+    bname = bb.get("name") or m.backbone_id
+    if bb.get("pretrained"):
+        bname += f"/{bb['pretrained']}"
+    parts = [f"{method_label(m.method)} on {bname}", f"{len(cfg.get('classes', []))} classes",
+             *model_result(m.method, m.metrics, cfg.get("history")),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))]
+    return (f"#{m.id} " if with_id else "") + " · ".join(parts)
+
+
+def model_summary(scope: ProjectScope) -> str:
+    """One markdown line about the current model, or how to get one."""
+    m = modeling.current_model_info(scope)
+    if m is None:
+        return "No model yet: train one in the Train tab."
+    return f"**Model #{m.id}** (current): {model_label(m, with_id=False)}"
+
+
+def model_choices(scope: ProjectScope) -> tuple[list[tuple[str, int]], int | None]:
+    """(label, id) of every model of the project, newest first, and the current model's id."""
+    models = modeling.models(scope)
+    current = modeling.current_model_info(scope)
+    return [(model_label(m), m.id) for m in models], (current.id if current else None)
+
+
+def usage(scope: ProjectScope) -> str:
+    """The Python snippet for the current model."""
+    _, method = modeling.current_model(scope)
+    return usage_snippet(method)
+
+
+# ---- input parsing ---------------------------------------------------------------------------------
+def parse_image_ids(text: str | Iterable | None) -> list[int]:
+    """Image ids from a list of ids ("12, 15 16", "#12", or a list); order kept, duplicates
+    dropped. Anything that is not an id is refused in one sentence, never mined for digits
+    (a file name such as "oc_2.png" is not image 2)."""
+    if text is None:
+        return []
+    tokens = re.split(r"[,\s]+", text.strip()) if isinstance(text, str) else [str(t).strip() for t in text]
+    out: list[int] = []
+    for tok in tokens:
+        if not tok:
+            continue
+        m = re.fullmatch(r"#?(\d{1,18})", tok)
+        if m is None:
+            raise DataError(f"{tok[:40]!r} is not an image id; select images by clicking them.")
+        if int(m.group(1)) not in out:
+            out.append(int(m.group(1)))
+    return out
+
+
+__all__ = ["BACKBONE_PRESETS", "POOL", "backbone_choices", "backbone_status", "class_choices",
+           "default_backbone_value", "gallery_items", "image_by_thumbnail", "image_gallery", "method_choices",
+           "method_label", "model_choices", "model_label", "model_result", "model_summary", "parse_image_ids",
+           "pool_gallery", "pool_gallery_items", "top_text", "usage", "usage_snippet"]
