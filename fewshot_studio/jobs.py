@@ -1,9 +1,9 @@
-"""Background jobs: model training runs off the request thread (docs/design.md, "Background jobs").
+"""Background jobs: all long work runs off the request thread (docs/design.md, "Background jobs").
 
-`JobRunner.submit` runs any callable as a job; the app submits one kind, training
+`JobRunner.submit` runs any callable as a job. The app runs three kinds: training
 (`submit_training`: fit a method on a snapshot of the support set, retrying a GPU
-out-of-memory with half the batch size and then on the CPU). Pool labeling is not a job:
-it runs in the request that asks for it (`app.modeling.label_pool`).
+out-of-memory with half the batch size and then on the CPU), cross-validation
+(`app.modeling.start_evaluation`) and pool labeling (`app.modeling.start_labeling`).
 
 One queue: a job waits for its resource (one GPU job at a time; a bounded number of CPU
 jobs), reports Progress that callers poll (`get`) or subscribe to, stops within one

@@ -482,3 +482,74 @@ def test_an_example_is_found_again_before_copying(tmp_path, tiny):
     assert projects.example_project(ws, "shapes").id == p.id
     q = projects.load_example(ws, "shapes")
     assert q.name.endswith("(2)") and projects.example_project(ws, "shapes").id in (p.id, q.id)
+
+
+# ---- long work: cross-validation and pool labeling are jobs of the one runner ---------------------
+
+def test_cross_validation_and_pool_labeling_run_as_recorded_jobs(trained):
+    ws, p = trained
+    sc = ws.scope(p.id)
+    heard = []
+    job_id = modeling.start_evaluation(sc, ["zeroshot", "tip"], TINY)
+    ws.runner.subscribe(job_id, lambda s: heard.append((s.stage, s.step, s.total)))
+    state = wait_done(ws, job_id)
+    assert state.kind == "evaluate" and set(state.result.results) == {"zeroshot", "tip"}
+    assert state.result.results["tip"].n == 20  # leave-one-out over the 20 examples
+    assert any(total for _, _, total in heard)  # it reported progress on the way
+    rows = wait_done(ws, modeling.start_labeling(sc)).result
+    assert len(rows) == 15 and [r.confidence for r in rows] == sorted(r.confidence for r in rows)
+    recorded = {j.kind: j.status for j in ws.store.list_jobs(p.id)}
+    assert recorded["evaluate"] == "done" and recorded["label"] == "done" and recorded["train"] == "done"
+    # the training resume on page load follows only training jobs
+    assert modeling.active_job(ws, p.id) is None
+
+
+def test_bad_requests_fail_before_a_job_starts(trained, tiny, tmp_path):
+    ws, p = trained
+    sc = ws.scope(p.id)
+    before = len(ws.store.list_jobs(p.id))
+    with pytest.raises(DataError, match="Pick at least one method"):
+        modeling.start_evaluation(sc, [], TINY)
+    with pytest.raises(DataError, match="Unknown method 'nope'"):
+        modeling.start_evaluation(sc, ["nope"], TINY)
+    fresh = make_ws(tmp_path, tiny)
+    q = projects.create_project(fresh, "empty")
+    with pytest.raises(FewShotError, match="[Tt]rain"):  # no model yet: one sentence, no job
+        modeling.start_labeling(fresh.scope(q.id))
+    assert len(ws.store.list_jobs(p.id)) == before and fresh.store.list_jobs(q.id) == []
+    fresh.close()
+
+
+def test_a_cross_validation_is_cancelled_within_a_step_and_waits_its_turn(trained, monkeypatch):
+    ws, p = trained
+    sc = ws.scope(p.id)
+    # one CPU slot: a cross-validation started while a training runs waits in the same queue
+    training = modeling.start_training(sc, "mma", TINY, {"steps": 400})
+    evaluation = modeling.start_evaluation(sc, ["mma"], TINY)
+    time.sleep(0.5)
+    assert ws.runner.get(evaluation).status == "queued"
+    assert modeling.cancel(ws, training)
+    end = time.time() + 60
+    while ws.runner.get(evaluation).status == "queued" and time.time() < end:
+        time.sleep(0.1)
+    time.sleep(1.0)  # MMA's folds train 300 steps each: still running
+    assert ws.runner.get(evaluation).status == "running"
+    t = time.perf_counter()
+    assert modeling.cancel(ws, evaluation)
+    state = ws.runner.wait(evaluation, timeout=60)
+    assert state.status == "cancelled" and time.perf_counter() - t < 15
+    assert ws.store.get_job(int(evaluation)).status == "cancelled"
+
+
+def test_a_job_that_breaks_fails_in_one_sentence(trained, monkeypatch):
+    from fewshot_studio import evaluation
+
+    ws, p = trained
+
+    def broken(*a, **k):
+        raise RuntimeError("boom\nwith a second line")
+
+    monkeypatch.setattr(evaluation, "cross_validate", broken)
+    state = ws.runner.wait(modeling.start_evaluation(ws.scope(p.id), ["zeroshot"], TINY), timeout=60)
+    assert state.status == "failed" and state.message == "Cross-validation failed unexpectedly: boom."
+    assert one_sentence(state.message)

@@ -10,8 +10,8 @@ from PIL import Image
 
 from ..backbone import BackboneSpec, device_name, resolve_device
 from ..data import ImageRef
-from ..errors import DataError, FewShotError
-from ..jobs import FINISHED
+from ..errors import Cancelled, DataError, FewShotError
+from ..jobs import EVALUATE, FINISHED, LABEL, TRAIN
 from ..methods import KnowledgeGraph, Method, catalog, get_method_class
 from ..methods.base import cosine_matrix
 from ..progress import Progress, ProgressFn
@@ -97,11 +97,12 @@ def cancel(ws: Workspace, job_id: str) -> bool:
     return ws.runner.cancel(job_id)
 
 
-def active_job(ws: Workspace, project_id: int | None) -> Any:
-    """The newest unfinished training job of this project (to resume showing its progress)."""
+def active_job(ws: Workspace, project_id: int | None, kind: str = TRAIN) -> Any:
+    """The newest unfinished job of this kind (training by default) of this project (to resume
+    showing its progress)."""
     if project_id in (None, ""):
         return None
-    jobs = [j for j in ws.runner.jobs(int(project_id)) if j.status not in FINISHED]
+    jobs = [j for j in ws.runner.jobs(int(project_id)) if j.status not in FINISHED and j.kind == kind]
     return max(jobs, key=lambda j: j.created) if jobs else None
 
 
@@ -169,17 +170,42 @@ def knowledge_graph(scope: ProjectScope, model_id: int | None = None) -> Knowled
 
 def evaluate(scope: ProjectScope, methods: Sequence[str], spec: BackboneSpec | None = None,
              progress: ProgressFn | None = None, cancel=None, settings: dict[str, dict] | None = None):
-    """Cross-validate `methods` on the project's examples (the same folds for each): a Comparison."""
+    """Cross-validate `methods` on the project's examples (the same folds for each): a Comparison.
+    The work itself; the app runs it as a job (`start_evaluation`)."""
+    return _evaluation(scope, methods, spec, settings)(progress, cancel)
+
+
+def start_evaluation(scope: ProjectScope, methods: Sequence[str], spec: BackboneSpec | None = None,
+                     settings: dict[str, dict] | None = None) -> str:
+    """Cross-validation as a job of the one runner (its result: the Comparison): it waits for the
+    GPU like a training, reports progress, stops within one training step on `cancel`, and ends
+    in one sentence. Bad input fails here, in the request."""
+    run = _evaluation(scope, methods, spec, settings)
+    return scope.ws.runner.submit(EVALUATE, lambda job: run(job.report, job.cancel_event), scope.id,
+                                  device=str(run.device))
+
+
+def _evaluation(scope: ProjectScope, methods: Sequence[str], spec: BackboneSpec | None,
+                settings: dict[str, dict] | None):
+    """Check the request and snapshot the examples now; the returned run(progress, cancel) does the work."""
     from ..evaluation import cross_validate
 
     support = scope.store.support_set(scope.id)
     if not methods:
         raise DataError("Pick at least one method to compare.")
+    for m in methods:
+        get_method_class(m)  # an unknown method: one sentence naming the choices
     support.require_images("Cross-validation")  # classes with one image stay in training
     ws = scope.ws
     backbone = ws.backbone(spec)
-    return cross_validate(support, list(methods), backbone, ws.extractor(backbone), seed=0,
-                          overrides=settings, progress=progress, cancel=cancel)
+    extractor = ws.extractor(backbone)
+
+    def run(progress, cancel):
+        return cross_validate(support, list(methods), backbone, extractor, seed=0, overrides=settings,
+                              progress=progress, cancel=cancel)
+
+    run.device = backbone.device
+    return run
 
 
 # ---- prediction and labeling -----------------------------------------------------------------------
@@ -218,21 +244,42 @@ def predict(scope: ProjectScope, image, k: int = 5, model_id: int | None = None)
     return {method.classnames[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
 
 
-def label_pool(scope: ProjectScope, progress: ProgressFn | None = None, model_id: int | None = None
-               ) -> list[PoolRow]:
+def start_labeling(scope: ProjectScope, model_id: int | None = None) -> str:
+    """Pool labeling as a job of the one runner (its result: the rows of `label_pool`); no
+    model, or a model that lost a class, fails here in one sentence."""
+    info, method = model(scope, model_id)
+    _check_classes(scope, method)
+    return scope.ws.runner.submit(
+        LABEL, lambda job: label_pool(scope, job.report, info.id, cancel=job.cancel_event), scope.id,
+        device=str(method.backbone.device))
+
+
+def _check_classes(scope: ProjectScope, method: Method) -> dict[str, int]:
+    classes = {c.name: c.id for c in scope.store.list_classes(scope.id)}
+    missing = [c for c in method.classnames if c not in classes]
+    if missing:
+        raise DataError(f"The model's class {missing[0]!r} is no longer in the project; retrain first.")
+    return classes
+
+
+def label_pool(scope: ProjectScope, progress: ProgressFn | None = None, model_id: int | None = None,
+               cancel=None) -> list[PoolRow]:
     """Predict every unlabeled image with the current model, store the predictions and return
-    rows sorted least confident first (active learning)."""
+    rows sorted least confident first (active learning). `cancel` stops it between batches;
+    the predictions stored before stay as they were."""
     info, method = model(scope, model_id)
     store = scope.store
     pool = store.list_images(scope.id, pool=True)
     if not pool:
         return []
-    classes = {c.name: c.id for c in store.list_classes(scope.id)}
-    missing = [c for c in method.classnames if c not in classes]
-    if missing:
-        raise DataError(f"The model's class {missing[0]!r} is no longer in the project; retrain first.")
+    classes = _check_classes(scope, method)
     extractor = scope.ws.extractor(method.backbone)
-    report = (lambda p: progress(Progress("Labeling the pool", p.step, p.total))) if progress else None
+
+    def report(p: Progress) -> None:  # called between batches: the place to stop
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Labeling the pool was cancelled; the earlier predictions are kept.")
+        if progress is not None:
+            progress(Progress("Labeling the pool", p.step, p.total))
     P = method.predict_proba([p.ref() for p in pool], extractor, report)  # one streaming pass
     conf, idx = P.max(1)
     store.save_predictions(info.id, [

@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..app import Workspace
 from . import classes, evaluate, export, graph, label, projects, train
-from .common import CSS, UI, theme
+from .common import CSS, POLL_SECONDS, UI, theme
 
 DEFAULT_CONCURRENCY = 4
 
@@ -73,7 +73,7 @@ def build_app(workspace: Workspace | None = None) -> StudioBlocks:
         ui.job = gr.State(None)
         # polls the session's jobs; outside the tabs, because a component in a tab that is not
         # shown is not mounted, and a timer there would stop ticking
-        ui.timer = gr.Timer(train.POLL_SECONDS, active=False)
+        ui.timer = gr.Timer(POLL_SECONDS, active=False)
         ui.remembered = gr.BrowserState({"owner": None, "project": None}, storage_key="fewshot-studio",
                                         secret=ws.browser_secret())
         projects.build_header(ui)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
@@ -72,22 +73,49 @@ def who(owner: str | None, request: gr.Request | None) -> str | None:
 
 
 def friendly(fn: Callable) -> Callable:
-    """Show a user-caused error as its one sentence (gr.Error), never a stack trace."""
+    """Show a user-caused error as its one sentence (gr.Error), never a stack trace. A generator
+    handler (one that follows a job) stays a generator, so Gradio streams its updates."""
+
+    def translated(e: Exception) -> gr.Error:
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, FewShotError):
+            return gr.Error(str(e), print_exception=False)
+        log.exception("handler %s failed", getattr(fn, "__name__", fn))  # the page must keep working
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return gr.Error(f"Something went wrong: {first}", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise translated(e) from None
+        return streaming
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except FewShotError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except Exception as e:  # noqa: BLE001 - the page must keep working
-            log.exception("handler %s failed", getattr(fn, "__name__", fn))
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise gr.Error(f"Something went wrong: {first}", print_exception=False) from None
+        except Exception as e:  # noqa: BLE001
+            raise translated(e) from None
 
     return wrapper
+
+
+POLL_SECONDS = 0.5  # how often the page shows a job's progress (the training timer, followed jobs)
+
+
+def follow(ws: Workspace, job_id: str, bar) -> Iterator[dict]:
+    """Yield {bar: the job's progress bar} every POLL_SECONDS until the job finishes, then return
+    its final JobState (`state = yield from follow(...)`). The bar is the one training uses:
+    cross-validation and pool labeling show their progress the same way."""
+    while True:
+        state = ws.runner.wait(job_id, timeout=POLL_SECONDS)
+        if state.status in FINISHED:
+            return state
+        yield {bar: progress_html(state)}
 
 
 def need_project(project_id) -> int:

@@ -2,15 +2,13 @@
 confusion matrix, and methods side by side on the same folds with a "use the best" button."""
 from __future__ import annotations
 
-import threading
-
 import gradio as gr
 
 from .. import viz
-from ..errors import Cancelled, DataError
-from ..progress import Progress
 from ..app import modeling
-from .common import UI, friendly, need_project, who
+from ..errors import DataError, FewShotError
+from ..jobs import CANCELLED, FAILED
+from .common import UI, follow, friendly, need_project, progress_html, who
 from .presenters import method_choices, method_label
 from .train import settings_from
 
@@ -23,6 +21,7 @@ def build(ui: UI) -> None:
         ui.eval_btn = gr.Button("Cross-validate", variant="primary", scale=1, elem_id="eval-btn")
         ui.eval_cancel_btn = gr.Button("Cancel", variant="stop", scale=1, elem_id="eval-cancel-btn")
         ui.use_best_btn = gr.Button("Use the best in Train", scale=1, interactive=False, elem_id="use-best")
+    ui.eval_progress = gr.HTML(progress_html(None, idle=""), elem_id="eval-progress")
     ui.eval_md = gr.Markdown(INTRO, elem_id="eval-summary", min_height=60)
     with gr.Row():
         ui.comparison_plot = gr.Plot(label="Methods compared", elem_id="comparison-plot")
@@ -57,7 +56,7 @@ def details(comp, method):
 def wire(ui: UI) -> None:
     ws = ui.ws
     adv = [c for _, _, c in ui.adv]
-    running: dict[str | None, threading.Event] = {}  # session -> cancel flag of its evaluation
+    running: dict[str, str] = {}  # browser session -> the cross-validation job it started
 
     def cleared(message: str) -> dict:
         """No results on screen (a new run starts, or one was cancelled): nothing of an earlier
@@ -75,26 +74,28 @@ def wire(ui: UI) -> None:
         return cleared("Cross-validating…")
 
     @friendly
-    def evaluate(pid, methods, backbone, checkpoint, owner, request: gr.Request, progress=gr.Progress(), *values):
-        # (gr.Request and gr.Progress are injected at their positions; the advanced settings follow)
-        owner = who(owner, request)
-        pid = need_project(pid)
+    def evaluate(pid, methods, backbone, checkpoint, owner, request: gr.Request, *values):
+        """Start the cross-validation as a job, show its progress on the bar until it ends, then
+        its results (an API client gets the final results)."""
+        scope = ui.scope(need_project(pid), who(owner, request))
         settings = settings_from(ui, values)
         spec = modeling.backbone_spec(ws, backbone, None, checkpoint)
-
-        def report(p: Progress):
-            progress((p.step, p.total) if p.total else None, desc=p.stage)
-
-        flag = running[owner] = threading.Event()
+        job_id = running[request.session_hash] = modeling.start_evaluation(
+            scope, list(methods or []), spec, settings={m: settings.get(m, {}) for m in methods or []})
         try:
-            comp = modeling.evaluate(ui.scope(pid, owner), list(methods or []), spec, progress=report, cancel=flag,
-                                     settings={m: settings.get(m, {}) for m in methods or []})
-        except Cancelled:  # what the user asked for, not a failure
-            return {**cleared("Cross-validation cancelled: no results. Press Cross-validate to run it again."),
-                    ui.notice: "Cross-validation cancelled."}
+            state = yield from follow(ws, job_id, ui.eval_progress)
         finally:
-            if running.get(owner) is flag:
-                del running[owner]
+            if running.get(request.session_hash) == job_id:
+                del running[request.session_hash]
+        bar = {ui.eval_progress: progress_html(state)}
+        if state.status == CANCELLED:  # what the user asked for, not a failure
+            yield {**cleared("Cross-validation cancelled: no results. Press Cross-validate to run it again."),
+                   **bar, ui.notice: "Cross-validation cancelled."}
+            return
+        if state.status == FAILED:
+            yield bar
+            raise FewShotError(state.message)
+        comp = state.result
         best = comp.best
         md = comp.to_markdown()
         if best:
@@ -102,18 +103,16 @@ def wire(ui: UI) -> None:
         results = {method_label(m): r.accuracy for m, r in comp.results.items()}
         first = best or next(iter(comp.results), None)
         per_class, confusion = details(comp, first) if first else (None, None)
-        return {ui.notice: "Cross-validation finished.", ui.eval_md: md,
-                ui.comparison_plot: viz.comparison_figure(results),
-                ui.per_class_plot: per_class, ui.confusion_plot: confusion,
-                ui.eval_detail: gr.Dropdown(choices=[(method_label(m), m) for m in comp.results],
-                                            value=first),
-                ui.use_best_btn: gr.Button(interactive=best is not None), ui.eval_state: comp}
+        yield {**bar, ui.notice: "Cross-validation finished.", ui.eval_md: md,
+               ui.comparison_plot: viz.comparison_figure(results),
+               ui.per_class_plot: per_class, ui.confusion_plot: confusion,
+               ui.eval_detail: gr.Dropdown(choices=[(method_label(m), m) for m in comp.results], value=first),
+               ui.use_best_btn: gr.Button(interactive=best is not None), ui.eval_state: comp}
 
-    def cancel(owner, request: gr.Request):
-        flag = running.get(who(owner, request))
-        if flag is None:
+    def cancel(request: gr.Request):
+        job_id = running.get(request.session_hash)
+        if job_id is None or not modeling.cancel(ws, job_id):
             return {ui.notice: "No cross-validation is running."}
-        flag.set()
         return {ui.notice: "Cancelling the cross-validation (it stops within one training step)."}
 
     def show_detail(comp, method):
@@ -129,9 +128,9 @@ def wire(ui: UI) -> None:
                 ui.notice: f"The Train tab now uses **{method_label(best)}**, the best on your examples."}
 
     ui.eval_btn.click(check, [ui.project, ui.eval_methods, ui.owner], ui.eval_outs, api_visibility="private").success(
-        evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv], [*ui.eval_outs, ui.notice],
-        api_name="evaluate", show_progress_on=[ui.eval_md])
-    ui.eval_cancel_btn.click(cancel, [ui.owner], [ui.notice], api_name="cancel_evaluation", concurrency_limit=None)
+        evaluate, [ui.project, ui.eval_methods, ui.backbone, ui.checkpoint, ui.owner, *adv],
+        [*ui.eval_outs, ui.eval_progress, ui.notice], api_name="evaluate", show_progress="hidden")
+    ui.eval_cancel_btn.click(cancel, None, [ui.notice], api_name="cancel_evaluation", concurrency_limit=None)
     ui.eval_detail.input(show_detail, [ui.eval_state, ui.eval_detail], [ui.per_class_plot, ui.confusion_plot],
                          api_visibility="private")
     ui.use_best_btn.click(use_best, [ui.eval_state], [ui.method, ui.tabs, ui.notice], api_name="use_best")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..errors import DataError
 from ..app import library, modeling
 from ..app.library import POOL
+from ..errors import DataError, FewShotError
+from ..jobs import CANCELLED, FAILED
 from . import presenters
-from .common import UI, files_of, friendly, picked, progress_html, refused_text, unchanged, who
+from .common import UI, files_of, follow, friendly, picked, progress_html, refused_text, unchanged, who
 from .presenters import parse_image_ids
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
@@ -29,6 +30,7 @@ def build(ui: UI) -> None:
                                      file_types=["image", ".zip"], height=110, elem_id="pool-upload")
             with gr.Row():
                 ui.label_pool_btn = gr.Button("Label the pool", variant="primary", elem_id="label-pool-btn")
+                ui.label_cancel_btn = gr.Button("Cancel", variant="stop", elem_id="label-cancel-btn", scale=0)
                 ui.retrain_btn = gr.Button("Retrain with the accepted images (cached features)", elem_id="retrain-btn")
             ui.label_progress = gr.HTML(progress_html(None, idle=""), elem_id="label-progress")
             ui.pool_table = gr.Dataframe(headers=POOL_COLUMNS, value=[], interactive=False, max_height=300,
@@ -119,19 +121,43 @@ def wire(ui: UI) -> None:
         """Fails fast with the one sentence (no model, a stale model) before the long run."""
         modeling.current_model(ui.scope(pid, who(owner, request)))
 
+    labeling: dict[str, str] = {}  # browser session -> the pool-labeling job it started
+
     @friendly
-    def label_pool(pid, owner, request: gr.Request, progress=gr.Progress()):
+    def label_pool(pid, owner, request: gr.Request):
+        """Label the pool as a job: its progress on the bar until it ends, then the rows."""
         owner = who(owner, request)
         scope = ui.scope(pid, owner)
-        rows = modeling.label_pool(scope, progress=lambda p: progress((p.step, p.total) if p.total else None,
-                                                                      desc=p.stage))
+        job_id = labeling[request.session_hash] = modeling.start_labeling(scope)
+        try:
+            state = yield from follow(ui.ws, job_id, ui.label_progress)
+        finally:
+            if labeling.get(request.session_hash) == job_id:
+                del labeling[request.session_hash]
+        bar = {ui.label_progress: progress_html(state)}
+        if state.status == CANCELLED:
+            yield {**bar, ui.notice: state.message, **ui.pool_view(pid, owner),
+                   ui.label_model_md: presenters.model_summary(scope)}
+            return
+        if state.status == FAILED:
+            yield bar
+            raise FewShotError(state.message)
+        rows = state.result
         if not rows:
             msg = "The pool is empty: add unlabeled images first."
         else:
             low = sum(r.confidence < 0.5 for r in rows)
             msg = (f"Labeled {len(rows)} pool image{'s' if len(rows) != 1 else ''}, least confident first "
                    f"({low} below 50%). Select and accept, or correct.")
-        return {ui.notice: msg, **ui.pool_view(pid, owner, rows), ui.label_model_md: presenters.model_summary(scope)}
+        yield {**bar, ui.notice: msg, **ui.pool_view(pid, owner, rows),
+               ui.label_model_md: presenters.model_summary(scope)}
+
+    def cancel_labeling(request: gr.Request):
+        job_id = labeling.get(request.session_hash)
+        if job_id is None or not modeling.cancel(ui.ws, job_id):
+            return {ui.notice: "No pool labeling is running."}
+        return {ui.notice: "Cancelling the pool labeling (it stops after the current batch; "
+                           "earlier predictions are kept)."}
 
     def toggle(pid, selection, ids, owner, evt: gr.SelectData, request: gr.Request):
         """A click on a row or thumbnail selects its image, or unselects it; the view marks it."""
@@ -201,7 +227,8 @@ def wire(ui: UI) -> None:
                           api_name="add_pool")
     # the check fails fast in one sentence; the labeling itself shows its progress on the bar
     ui.label_pool_btn.click(check_label_pool, [ui.project, ui.owner], None, api_visibility="private").success(
-        label_pool, [ui.project, ui.owner], acts, api_name="label_pool", show_progress_on=[ui.label_progress])
+        label_pool, [ui.project, ui.owner], acts + [ui.label_progress], api_name="label_pool", show_progress="hidden")
+    ui.label_cancel_btn.click(cancel_labeling, None, [ui.notice], api_name="cancel_labeling", concurrency_limit=None)
     sel_ins = [ui.project, ui.pool_selection]
     ui.pool_table.select(toggle, [*sel_ins, ui.pool_row_ids, ui.owner], ui.pool_outs, api_visibility="private")
     ui.pool_gallery.select(toggle, [*sel_ins, ui.pool_ids, ui.owner], ui.pool_outs, api_visibility="private")

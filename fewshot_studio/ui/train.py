@@ -7,14 +7,13 @@ import time
 import gradio as gr
 
 from .. import shapes, viz
+from ..app import library, modeling
 from ..backbone import TINY
 from ..jobs import DONE, FINISHED
-from ..app import library, modeling
 from ..methods import catalog
 from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
-POLL_SECONDS = 0.5  # the page's job timer (ui/app.py)
 
 def label_for(method: str, key: str) -> str:
     """An advanced setting's label: "GraphAdapter · optimizer steps" (the catalog's help text)."""
