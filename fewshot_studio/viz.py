@@ -2,7 +2,7 @@
 training curves and evaluation.
 
 Pure, deterministic functions returning plotly Figures or plain table rows; the one module
-that imports plotly (evaluation.py and the methods return data); nothing here imports torch or gradio.
+that imports plotly (evaluation/ and the methods return data); nothing here imports torch or gradio.
 
     fig = knowledge_graph_figure(kg, mode="both", threshold=0.5)
     rows = edge_rows(kg, 0.5, sort_by="textual")  # header: EDGE_COLUMNS

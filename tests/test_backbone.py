@@ -23,6 +23,7 @@ def _shape_batch(backbone, n: int, seed: int):
     return x, y
 
 
+@pytest.mark.slow  # end to end: encodes 480 rendered images
 def test_tiny_zero_shot_far_above_chance(tiny):
     """Fresh images (a seed never used in pretraining) over all 48 colour-shape classes."""
     x, y = _shape_batch(tiny, 480, seed=2024)

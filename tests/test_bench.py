@@ -35,6 +35,7 @@ def small_results(tiny):
     return results
 
 
+@pytest.mark.slow  # runs the whole suite, with helper processes
 def test_every_key_is_measured_and_positive(small_results):
     r = small_results
     for key in TARGETS:
@@ -55,6 +56,7 @@ def test_every_key_is_measured_and_positive(small_results):
     assert r["config"]["classes"] == 3 and r["config"]["threads"] >= 1 and r["config"]["workers"] >= 1
 
 
+@pytest.mark.slow
 def test_report_prints_the_table_and_writes_json(small_results, tmp_path):
     out, err = io.StringIO(), io.StringIO()
     code = report(small_results, tmp_path / "sub" / "out.json", out, err)
@@ -145,6 +147,7 @@ def test_decode_on_access_matches_the_prepared_pixels(tiny):
 
 # ---- the feature pipeline's behaviour under the changes made for speed ---------------------------
 
+@pytest.mark.slow  # helper processes
 def test_pipeline_matches_encoding_image_by_image_for_many_chunks(tiny, tmp_path):
     refs = make_refs("blue star", 21, np.random.default_rng(3)) + make_refs("green cross", 20, np.random.default_rng(4))
     for workers in (1, 3):

@@ -211,7 +211,7 @@ def test_an_unregistered_method_is_gone_again():
 
 def test_a_registered_method_appears_in_the_app(ncm, tiny, tmp_path):
     from fewshot_studio.ui import presenters
-    from fewshot_studio.ui.train import label_for
+    from fewshot_studio.ui.presenters import label_for
 
     with workspace(tmp_path, tiny) as ws:
         assert presenters.method_choices()[-1] == ("Nearest class mean", "ncm")  # the Train tab's radio

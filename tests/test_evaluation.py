@@ -141,6 +141,7 @@ def test_best_breaks_ties_towards_the_cheaper_method():
 
 # ---- cross-validation ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: trains every method on every fold
 def test_cross_validate_ranks_trained_methods_above_zero_shot(tiny, shared_extractor, cv_task):
     stages = []
     cmp = cross_validate(cv_task, ["zeroshot", "tip", "graph"], tiny, shared_extractor, seed=0,

@@ -111,6 +111,7 @@ def test_failure_is_one_sentence_and_bad_request_refused_early(store, tiny, tmp_
     assert s.status == FAILED and s.message.count("\n") == 0 and "disk on fire" in s.message
 
 
+@pytest.mark.slow  # end to end: trains twice
 def test_retrain_after_adding_one_image_encodes_one_image(store, tiny, tmp_path):
     labels = ["red circle", "blue square", "green triangle", "yellow star", "purple cross"]
     p = make_project(store, labels, shots=4, seed=5)

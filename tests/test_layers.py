@@ -4,6 +4,7 @@ explains the layers; this test is their definition."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def modules() -> dict[str, Path]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def imports(name: str, path: Path) -> list[tuple[str, int]]:
     """Every import in the file, anywhere (functions included), as absolute dotted names
     ('fewshot_studio.methods.base', 'gradio', ...) with line numbers."""

@@ -118,6 +118,7 @@ def test_label_pool_accuracy_and_active_learning_order(trained):
     assert all(Path(thumb).is_file() for thumb, _ in gallery)
 
 
+@pytest.mark.slow  # end to end: trains twice
 def test_accept_correct_and_retrain_reuse_cache(tiny, tmp_path):
     ws = make_ws(tmp_path, tiny)
     p = projects.load_example(ws, "shapes")
@@ -466,7 +467,7 @@ def test_an_interrupted_training_is_found_after_a_restart(tmp_path, tiny):
 def test_progress_text_gives_the_time_left():
     from types import SimpleNamespace
 
-    from fewshot_studio.ui.common import duration_text, eta_text
+    from fewshot_studio.ui.presenters import duration_text, eta_text
 
     state = SimpleNamespace(stage_started=100.0, fraction=0.25)
     assert eta_text(state, now=130.0) == " · about 1 min 30 s left"
@@ -486,6 +487,7 @@ def test_an_example_is_found_again_before_copying(tmp_path, tiny):
 
 # ---- long work: cross-validation and pool labeling are jobs of the one runner ---------------------
 
+@pytest.mark.slow  # end to end: a cross-validation and a pool labeling
 def test_cross_validation_and_pool_labeling_run_as_recorded_jobs(trained):
     ws, p = trained
     sc = ws.scope(p.id)

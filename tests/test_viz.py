@@ -463,7 +463,7 @@ def test_figure_highlights_equal_table_rows_and_info_pair(which, threshold):
         assert highlighted_pairs(fig) == table
         assert highlighted_edges(fig) == table  # the drawn warning-coloured edges themselves
         assert len(segments(fig, viz.HIGHLIGHT_NAME)) == len(rows)
-        assert highlighted_edges(viz.knowledge_graph_figure(kg, mode, threshold, highlight=False)) == []
+    assert highlighted_edges(viz.knowledge_graph_figure(kg, "both", threshold, highlight=False)) == []
     # the info line names rows[0]: the largest gap among the highlighted pairs
     if rows:
         gaps = [r[4] for r in rows]

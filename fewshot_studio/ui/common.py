@@ -5,7 +5,6 @@ import functools
 import html
 import inspect
 import logging
-import time
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -13,7 +12,7 @@ import gradio as gr
 from ..errors import FewShotError
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
 from ..app.context import ProjectScope, Workspace
-from .presenters import method_label, model_result
+from .presenters import eta_text, method_label, model_result
 
 log = logging.getLogger("fewshot_studio.ui")
 
@@ -165,31 +164,6 @@ def status_bar(status: str, pct: int, head: str, text: str) -> str:
     return (f'<div class="fs-progress fs-{status}" data-status="{status}">'
             f'<div class="fs-bar"><div class="fs-fill" style="width:{pct}%"></div></div>'
             f'<div class="fs-stage"><b>{html.escape(head)}</b> {html.escape(text.strip())}</div></div>')
-
-
-def eta_text(state, now: float | None = None) -> str:
-    """" · about 1 min 20 s left" for the current stage, from its pace so far (nothing until
-    the pace is known: a few seconds and a few percent in)."""
-    started = getattr(state, "stage_started", None)
-    f = state.fraction
-    if started is None or not 0.03 <= f < 1.0:
-        return ""
-    spent = (now or time.time()) - started
-    if spent < 2.0:
-        return ""
-    left = spent * (1.0 - f) / f
-    return f" · about {duration_text(left)} left"
-
-
-def duration_text(seconds: float) -> str:
-    seconds = max(1, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    m, s = divmod(seconds, 60)
-    if m < 60:
-        return f"{m} min {s} s" if s else f"{m} min"
-    h, m = divmod(m, 60)
-    return f"{h} h {m} min"
 
 
 def files_of(value) -> list[str]:

@@ -13,9 +13,9 @@ from ..app.context import ProjectScope, Workspace
 from ..app.exports import usage_snippet
 from ..app.library import POOL
 from ..app.modeling import PoolRow
-from ..methods import catalog
 from ..backbone import TINY, BackboneSpec
 from ..errors import DataError
+from ..methods import catalog
 from ..store import ImageInfo, ModelInfo, NotFoundError
 
 # (value, label) of the backbone picker's presets; any open_clip "name/pretrained" also works.
@@ -211,3 +211,33 @@ __all__ = ["BACKBONE_PRESETS", "POOL", "backbone_choices", "backbone_status", "c
            "default_backbone_value", "gallery_items", "image_by_thumbnail", "image_gallery", "method_choices",
            "method_label", "model_choices", "model_label", "model_result", "model_summary", "parse_image_ids",
            "pool_gallery", "pool_gallery_items", "top_text", "usage", "usage_snippet"]
+
+
+def label_for(method: str, key: str) -> str:
+    """An advanced setting's label: "GraphAdapter · optimizer steps" (the catalog's help text)."""
+    return f"{catalog.label(method)} · {catalog.setting_help(method, key)}"
+
+
+def eta_text(state, now: float | None = None) -> str:
+    """" · about 1 min 20 s left" for the current stage, from its pace so far (nothing until
+    the pace is known: a few seconds and a few percent in)."""
+    started = getattr(state, "stage_started", None)
+    f = state.fraction
+    if started is None or not 0.03 <= f < 1.0:
+        return ""
+    spent = (now or time.time()) - started
+    if spent < 2.0:
+        return ""
+    left = spent * (1.0 - f) / f
+    return f" · about {duration_text(left)} left"
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(1, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m} min {s} s" if s else f"{m} min"
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min"

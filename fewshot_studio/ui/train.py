@@ -15,11 +15,6 @@ from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 
-def label_for(method: str, key: str) -> str:
-    """An advanced setting's label: "GraphAdapter · optimizer steps" (the catalog's help text)."""
-    return f"{catalog.label(method)} · {catalog.setting_help(method, key)}"
-
-
 def build(ui: UI) -> None:
     ws = ui.ws
     ui.adv = []  # (method, key, component), in input order
@@ -45,11 +40,11 @@ def build(ui: UI) -> None:
                                 for k in keys[i:i + 3]:
                                     v = defaults[k]
                                     if isinstance(v, bool):
-                                        c = gr.Checkbox(value=v, label=label_for(m, k))
+                                        c = gr.Checkbox(value=v, label=presenters.label_for(m, k))
                                     elif v is None:  # "auto": a blank box (a Number cannot be blank)
-                                        c = gr.Textbox(value="", label=label_for(m, k), placeholder="auto")
+                                        c = gr.Textbox(value="", label=presenters.label_for(m, k), placeholder="auto")
                                     else:
-                                        c = gr.Number(value=v, label=label_for(m, k),
+                                        c = gr.Number(value=v, label=presenters.label_for(m, k),
                                                       precision=0 if isinstance(v, int) else None, minimum=0)
                                     ui.adv.append((m, k, c))
                     ui.adv_groups[m] = grp
