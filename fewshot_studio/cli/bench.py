@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..bench.speed import BenchConfig, BenchError, random_weights_backbone, report, run_bench
-from .common import add_backbone_args, backbone_from
+from .common import add_backbone_args, backbone_from, config_from
 
 
 def add_parser(sub) -> None:
@@ -79,9 +79,7 @@ def cmd_bench(args) -> int:
     if args.random_weights:
         if args.pretrained or args.checkpoint:
             raise BenchError("--random-weights builds the model without weights; drop --pretrained/--checkpoint.")
-        from ..config import AppConfig
-
-        backbone = random_weights_backbone(args.backbone or AppConfig.from_env().backbone, args.device)
+        backbone = random_weights_backbone(args.backbone or config_from(args).backbone, args.device)
     else:
         backbone = backbone_from(args)
     results = run_bench(backbone, cfg, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -34,13 +34,11 @@ def config_from(args):
 
 
 def backbone_from(args):
+    """The backbone the flags name, the configured one (AppConfig) for what they leave out."""
     from ..backbone import BackboneSpec, load_backbone
 
-    name = args.backbone
-    pretrained = args.pretrained
-    if name == "tiny" and pretrained is None:
-        pretrained = None
-    spec = BackboneSpec.from_env(name=name, pretrained=pretrained, checkpoint=args.checkpoint, device=args.device)
+    spec = BackboneSpec.from_config(config_from(args), name=args.backbone, pretrained=args.pretrained,
+                                    checkpoint=args.checkpoint, device=args.device)
     if spec.name == "tiny" and not args.pretrained:
         spec = BackboneSpec("tiny", None, spec.checkpoint, spec.device)
     return load_backbone(spec)
