@@ -110,7 +110,7 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     assert Path(path).read_text(encoding="utf-8").lstrip().startswith("{")
     notice, path = client.predict(api_name="/export_imagefolder")
     with zipfile.ZipFile(path) as z:
-        assert {n.split("/")[0] for n in z.namelist()} == set(CLASSES)
+        assert {n.split("/")[0] for n in z.namelist()} == set(CLASSES) | {"manifest.json"}
     notice, path, snippet = client.predict(api_name="/export_model")
     with zipfile.ZipFile(path) as z:
         assert {"model/config.json", "model/model.safetensors"} <= set(z.namelist())
