@@ -32,7 +32,8 @@ Layout under the data directory ``root`` (default: `AppConfig.data_dir`)::
 
 Names are stripped and NFC-normalised; class names are unique per project ignoring
 case (Unicode case folding, so "Straße" and "STRASSE" collide) and at most
-:data:`MAX_NAME_LENGTH` characters.  Timestamps are Unix seconds (float).
+:data:`MAX_NAME_LENGTH` characters; no class may read as :data:`POOL_NAME`, the unlabeled
+pool's name in the app (:func:`is_reserved_class_name`).  Timestamps are Unix seconds (float).
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "MAX_NAME_LENGTH",
+    "POOL_NAME",
+    "is_reserved_class_name",
     "MAX_DESCRIPTION_LENGTH",
     "LABELED_BY",
     "JOB_STATUSES",
@@ -71,6 +74,7 @@ __all__ = [
     "NotFoundError",
     "ValidationError",
     "DuplicateNameError",
+    "ReservedNameError",
     "JobFinishedError",
     "Project",
     "ClassInfo",
@@ -83,6 +87,9 @@ __all__ = [
 
 #: Longest project or class name, in characters (after stripping).
 MAX_NAME_LENGTH = 200
+#: What pickers and tables call the unlabeled pool; no class may take this name (see
+#: :func:`is_reserved_class_name`).
+POOL_NAME = "(unlabeled pool)"
 #: Longest class description, in characters.
 MAX_DESCRIPTION_LENGTH = 2000
 #: Longest stored original file name; longer names are shortened, not refused.
@@ -241,6 +248,10 @@ class DuplicateNameError(ValidationError):
     """A class name is already used in the project (ignoring case and surrounding spaces)."""
 
 
+class ReservedNameError(ValidationError):
+    """A class name reads as the unlabeled pool's name (:data:`POOL_NAME`)."""
+
+
 class JobFinishedError(ValidationError):
     """A job that has finished (done, failed or cancelled) cannot change status again."""
 
@@ -370,6 +381,35 @@ def _clean_name(name: object, what: str) -> str:
 
 def _name_key(name: str) -> str:
     return unicodedata.normalize("NFC", name.strip().casefold())
+
+
+def _loose_key(name: str) -> str:
+    """A name as a reader sees it: compatibility-normalised (NFKC: full-width letters, ligatures),
+    case-folded, invisible format characters (zero-width spaces...) dropped, runs of whitespace
+    made one space and the ends stripped."""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    text = unicodedata.normalize("NFKC", text.casefold())
+    return " ".join(text.split())
+
+
+_POOL_KEY = _loose_key(POOL_NAME)
+
+
+def is_reserved_class_name(name: object) -> bool:
+    """Whether `name` would read as :data:`POOL_NAME` (ignoring case, Unicode compatibility
+    forms, invisible characters and whitespace), which no class may be called."""
+    return isinstance(name, str) and _loose_key(name) == _POOL_KEY
+
+
+def _clean_class_name(name: object) -> str:
+    """A project/class name check plus the one class-only rule: the pool's name is reserved.
+    Every way a class is created or renamed (the Classes tab, zip folders, examples, the CLI)
+    passes through :meth:`ProjectStore.add_class` or :meth:`ProjectStore.rename_class`, so here."""
+    cleaned = _clean_name(name, "class")
+    if is_reserved_class_name(cleaned):
+        raise ReservedNameError(f"{_short(str(name))} is reserved for the unlabeled pool; choose another class name.")
+    return cleaned
 
 
 def _clean_description(text: object) -> str:
@@ -838,7 +878,7 @@ class ProjectStore:
 
     def add_class(self, project_id: int, name: str, description: str = "") -> ClassInfo:
         """A new class at the end of the project's class order."""
-        name = _clean_name(name, "class")
+        name = _clean_class_name(name)
         description = _clean_description(description)
         now = time.time()
         with self._tx() as conn:
@@ -865,7 +905,7 @@ class ProjectStore:
         return [self._class(r) for r in rows]
 
     def rename_class(self, class_id: int, name: str) -> ClassInfo:
-        name = _clean_name(name, "class")
+        name = _clean_class_name(name)
         with self._tx() as conn:
             row = self._class_row(conn, class_id)
             self._check_unique(conn, row["project_id"], name, exclude=row["id"])

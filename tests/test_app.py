@@ -3,6 +3,7 @@ through its named endpoints with gradio_client (the user flows of docs/design.md
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     assert Path(path).read_text(encoding="utf-8").lstrip().startswith("{")
     notice, path = client.predict(api_name="/export_imagefolder")
     with zipfile.ZipFile(path) as z:
-        assert {n.split("/")[0] for n in z.namelist()} == set(CLASSES)
+        assert {n.split("/")[0] for n in z.namelist()} == set(CLASSES) | {"manifest.json"}
     notice, path, snippet = client.predict(api_name="/export_model")
     with zipfile.ZipFile(path) as z:
         assert {"model/config.json", "model/model.safetensors"} <= set(z.namelist())
@@ -239,3 +240,42 @@ def test_python_app_py_serves_the_page(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_reserved_pool_folder_and_csv_formulas_through_the_endpoints(app, client, tmp_path):
+    """#13 findings 7 and 9 over HTTP: a zip's '(UNLABELED POOL)' folder is refused in one
+    sentence on the Classes tab (the rest imported, one pool row), and labels.csv escapes formulas."""
+    from gradio_client import handle_file
+
+    studio = app.workspace
+    assert client.predict("Reserved via API", api_name="/create_project")[0].startswith("Created project")
+    pid = max(p.id for p in projects.list_projects(studio))
+    z = tmp_path / "classes.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(render(tmp_path / "p.png", "red circle", 1), "(UNLABELED POOL)/p.png")
+        zf.write(render(tmp_path / "f.png", "blue square", 2), "=HYPERLINK(\"x\")/f.png")
+        zf.write(render(tmp_path / "g.png", "green triangle", 3), "@SUM(1+1)/g.png")
+    out = Endpoint(client, "/add_zip")(**{"A zip of class_name/image folders": handle_file(str(z))})
+    notice, table = out[0], out[1]
+    assert notice.startswith("Added 2 images from the zip. Refused 1 file: (UNLABELED POOL)/ (in classes.zip): "
+                             "the folder name '(UNLABELED POOL)' is reserved for the unlabeled pool, so its 1 file "
+                             "was skipped; rename the folder."), notice
+    rows = table["data"]
+    assert [r[0] for r in rows].count("(unlabeled pool)") == 1 and len(rows) == 3
+    assert not any(r[0].casefold() == "(unlabeled pool)" and r[0] != "(unlabeled pool)" for r in rows)
+    assert {r[0]: r[2] for r in library.class_rows(studio.scope(pid))} == {
+        '=HYPERLINK("x")': 1, "@SUM(1+1)": 1, "(unlabeled pool)": 0}
+
+    notice, path = client.predict(api_name="/export_labels_csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["label"] for r in rows) == ["'=HYPERLINK(\"x\")", "'@SUM(1+1)"]
+    assert all(r["image_id"].isdigit() for r in rows)
+
+    notice, path = client.predict(api_name="/export_imagefolder")  # '"' is not allowed in a Windows folder name
+    assert notice.endswith(" 1 class name was changed to be a safe folder name; see manifest.json in the zip.")
+    with zipfile.ZipFile(path) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        assert {n.split("/")[0] for n in z.namelist()} == {"=HYPERLINK(_x_)", "@SUM(1+1)", "manifest.json"}
+    assert manifest["classes"] == [{"folder": "=HYPERLINK(_x_)", "class": '=HYPERLINK("x")', "images": 1},
+                                   {"folder": "@SUM(1+1)", "class": "@SUM(1+1)", "images": 1}]

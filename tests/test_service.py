@@ -156,11 +156,16 @@ def test_exports(trained, tmp_path):
     assert sum(r["label"] == "red circle" for r in rows) >= 4
     data = json.loads(exports.export_labels_json(sc).read_text(encoding="utf-8"))
     assert data["project"] == p.name and len(data["classes"]) == 5 and len(data["images"]) == 35
-    with zipfile.ZipFile(exports.export_imagefolder(sc)) as z:
-        names = z.namelist()
+    folder = exports.export_imagefolder(sc)
+    assert folder.renamed == 0 and presenters.renamed_folders(folder) == ""
+    with zipfile.ZipFile(folder.path) as z:
+        names = [n for n in z.namelist() if n != exports.MANIFEST]
+        manifest = json.loads(z.read(exports.MANIFEST))
     folders = {n.split("/")[0] for n in names}
     assert folders == {"blue square", "green triangle", "purple hexagon", "red circle", "yellow star"}
     assert all(n.count("/") == 1 and n.endswith(".png") for n in names) and len(names) >= 20
+    assert {r["folder"]: r["images"] for r in manifest["classes"]} == {
+        f: sum(n.startswith(f + "/") for n in names) for f in folders}
 
     zpath = exports.export_model(sc)
     with zipfile.ZipFile(zpath) as z:

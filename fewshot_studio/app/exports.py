@@ -9,8 +9,10 @@ import secrets
 import shutil
 import tempfile
 import time
+import unicodedata
 import zipfile
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 from .. import imageio
 from ..errors import ModelFileError
@@ -52,13 +54,28 @@ def label_records(scope: ProjectScope) -> list[dict]:
             for i in store.list_images(scope.id)]
 
 
+#: A CSV cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A CSV cell that a spreadsheet shows as text, never runs: text starting with =, +, -, @, a
+    tab or a carriage return gets a leading single quote (OWASP's advice against CSV injection);
+    numbers and empty cells are kept as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def export_labels_csv(scope: ProjectScope) -> Path:
+    """labels.csv: one row per image (LABEL_FIELDS); text cells are escaped by `csv_cell`, so a
+    class or file name that starts with = + - @ gains a leading ' (labels.json keeps them exact)."""
     rows = label_records(scope)
     path = export_path(scope, "labels.csv")
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=LABEL_FIELDS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return path
 
 
@@ -70,31 +87,115 @@ def export_labels_json(scope: ProjectScope) -> Path:
     return path
 
 
-def _safe_part(name: str) -> str:
-    bad = '<>:"/\\|?*\x00'
-    s = "".join("_" if ch in bad or ord(ch) < 32 else ch for ch in name).strip(" .")
-    return s[:100] or "_"
+# ---- safe file names -------------------------------------------------------------------------
+#: Longest folder or file name part an export writes, in characters and in UTF-8 bytes of the
+#: decomposed form (macOS stores NFD; Linux allows 255 bytes, Windows 255 UTF-16 units), leaving
+#: room for a " (12)" suffix and an extension.
+MAX_PART_CHARS = 100
+MAX_PART_BYTES = 200
+_UNSAFE = frozenset('<>:"/\\|?*')
+#: Names Windows reserves for devices, with or without an extension (CON, CON.txt...).
+WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{d}{i}" for d in ("COM", "LPT") for i in [*"0123456789", "¹", "²", "³"]])
+MANIFEST = "manifest.json"
 
 
-def export_imagefolder(scope: ProjectScope) -> Path:
-    """A zip of the labeled set as class_name/file folders."""
-    store = scope.store
-    names = {c.id: c.name for c in store.list_classes(scope.id)}
-    path = export_path(scope, "imagefolder.zip")
+def _fits(text: str, extra: int = 0) -> bool:
+    return (len(text) + extra <= MAX_PART_CHARS
+            and len(unicodedata.normalize("NFD", text).encode("utf-8")) + extra <= MAX_PART_BYTES)
+
+
+def _trim(text: str, extra: int = 0) -> str:
+    """`text` shortened (whole characters) so that it and `extra` more ASCII characters fit."""
+    while text and not _fits(text, extra):
+        text = text[:-1]
+    return text.rstrip(" .")
+
+
+def safe_name(name: str, fallback: str = "_") -> str:
+    """One folder or file name valid on Windows, macOS and Linux: NFC; path separators,
+    Windows-reserved characters (< > : " / \\ | ? *) and control characters become "_"; no
+    leading or trailing dots or spaces (no hidden files, nothing Windows drops); device names
+    (CON, nul.txt, COM1...) get a leading "_"; at most MAX_PART_CHARS characters and
+    MAX_PART_BYTES bytes. Different names can map to the same safe name: see `unique_name`."""
+    text = unicodedata.normalize("NFC", str(name))
+    text = "".join("_" if ch in _UNSAFE or unicodedata.category(ch) == "Cc" else ch for ch in text)
+    text = _trim(text.strip(" ."))
+    if not text:
+        return fallback
+    if text.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+        text = _trim("_" + text)
+    return text or fallback
+
+
+def _fold(name: str) -> str:
+    """Names that one file system may treat as the same (Windows and macOS ignore case)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def unique_name(base: str, used: set[str], ext: str = "") -> str:
+    """`base` + `ext`, or the first free `base (2)` + `ext`, `base (3)` + `ext`... (the base
+    shortened to stay within the length bound), compared ignoring case; added to `used`."""
+    name, k = base + ext, 2
+    while _fold(name) in used:
+        suffix = f" ({k}){ext}"
+        name = (_trim(base, len(suffix.encode("utf-8"))) or "_") + suffix
+        k += 1
+    used.add(_fold(name))
+    return name
+
+
+def class_folders(names: list[str]) -> dict[str, str]:
+    """A distinct safe folder per class name, deterministic: names that are already safe keep
+    themselves (class names are unique ignoring case), the others take their `safe_name`, or
+    `safe_name (2)`, `(3)`... in class order when that is taken."""
+    folders: dict[str, str] = {}
     used: set[str] = set()
+    for n in names:
+        if safe_name(n) == n and _fold(n) not in used:
+            folders[n] = n
+            used.add(_fold(n))
+    for n in names:
+        if n not in folders:
+            folders[n] = unique_name(safe_name(n), used)
+    return folders
+
+
+@dataclass(frozen=True)
+class FolderExport:
+    """An ImageFolder zip: where it is, its manifest rows (folder, class, images) in class
+    order, and how many class names had to change to be safe, distinct folder names."""
+    path: Path
+    folders: list[dict]
+    renamed: int
+
+
+def export_imagefolder(scope: ProjectScope) -> FolderExport:
+    """A zip of the labeled set as class_name/file folders (torchvision's ImageFolder layout)
+    plus manifest.json at its root: {"project", "classes": [{"folder", "class", "images"}]}, the
+    folder of every class with images. Folder and file names are safe on every system and
+    distinct ignoring case (class_folders, unique_name), so no two classes or images merge."""
+    store = scope.store
+    classes = store.list_classes(scope.id)
+    by_class: dict[int, list] = {c.id: [] for c in classes}
+    for img in store.list_images(scope.id):
+        if img.class_id is not None:
+            by_class[img.class_id].append(img)
+    exported = [c for c in classes if by_class[c.id]]
+    folders = class_folders([c.name for c in exported])
+    rows = [{"folder": folders[c.name], "class": c.name, "images": len(by_class[c.id])} for c in exported]
+    path = export_path(scope, "imagefolder.zip")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for img in store.list_images(scope.id):
-            if img.class_id is None:
-                continue
-            fmt = imageio.probe_image(img.path.read_bytes(), img.original_name)[0].lower()
-            ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
-            stem = Path(img.original_name).stem.replace("/", "_") or f"image_{img.id}"
-            arc = f"{_safe_part(names[img.class_id])}/{_safe_part(stem)}.{ext}"
-            if arc in used:
-                arc = f"{_safe_part(names[img.class_id])}/{_safe_part(stem)}_{img.id}.{ext}"
-            used.add(arc)
-            z.write(img.path, arc)
-    return path
+        for c in exported:
+            used: set[str] = set()
+            for img in by_class[c.id]:
+                fmt = imageio.probe_image(img.path.read_bytes(), img.original_name)[0].lower()
+                ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
+                stem = safe_name(PurePath(img.original_name.replace("\\", "/")).stem, f"image_{img.id}")
+                z.write(img.path, f"{folders[c.name]}/{unique_name(stem, used, '.' + ext)}")
+        z.writestr(MANIFEST, json.dumps({"project": scope.project.name, "classes": rows},
+                                        indent=1, ensure_ascii=False) + "\n")
+    return FolderExport(path, rows, sum(r["folder"] != r["class"] for r in rows))
 
 
 def usage_snippet(method: Method) -> str:

@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import os
 import threading
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .. import imageio
 from ..errors import DataError, FewShotError
-from ..store import ClassInfo, ImageInfo, NotFoundError
+from ..store import POOL_NAME, ClassInfo, ImageInfo, NotFoundError, is_reserved_class_name
 from .context import ProjectScope, Workspace
 
 THUMB_SIZE = 160
 MAX_UPLOAD_FILES = 1000  # loose files per upload; zips have their own limits (imageio.MAX_ZIP_*)
-POOL = "(unlabeled pool)"  # the pseudo-class naming the unlabeled pool in pickers
-
-
-def _not_reserved(name) -> None:
-    if isinstance(name, str) and name.strip().casefold() == POOL.casefold():
-        raise DataError(f"{POOL!r} names the pool of unlabeled images; choose another class name.")
+POOL = POOL_NAME  # the pseudo-class naming the unlabeled pool in pickers; the store refuses it as a class name
 
 
 # ---- classes ---------------------------------------------------------------------------------
 def add_class(scope: ProjectScope, name: str, description: str = "") -> ClassInfo:
-    _not_reserved(name)
     return scope.store.add_class(scope.id, name, description or "")
 
 
@@ -62,7 +57,6 @@ def class_id_for(scope: ProjectScope, name: str | None) -> int | None:
 
 def rename_class(scope: ProjectScope, class_id: int, name: str) -> ClassInfo:
     get_class(scope, class_id)
-    _not_reserved(name)
     return scope.store.rename_class(int(class_id), name)
 
 
@@ -82,6 +76,11 @@ def class_rows(scope: ProjectScope) -> list[list]:
     counts = class_counts(scope)
     rows = [[c.name, c.description, counts.get(c.id, 0)] for c in classes(scope)]
     return rows + [[POOL, "", counts.get(None, 0)]]
+
+
+def _key(name: str) -> str:
+    """Class names are unique ignoring case (and NFC form, and surrounding spaces) in the store."""
+    return unicodedata.normalize("NFC", name.strip().casefold())
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -122,18 +121,25 @@ def add_zip(scope: ProjectScope, source: str | os.PathLike | bytes, pool: bool =
         cls = None if pool or len(m.path) < 2 else m.path[0]
         by_class.setdefault(cls, []).append(("/".join(m.path), m.data))
     added = 0
-    existing = {c.name.casefold(): c for c in store.list_classes(pid)}
+    archive = Path(source).name if isinstance(source, (str, os.PathLike)) else "archive.zip"
+    existing = {_key(c.name): c for c in store.list_classes(pid)}
     for cls, items in by_class.items():
         class_id = None
         if cls is not None:
-            c = existing.get(cls.strip().casefold())
+            n = len(items)
+            skipped = f"so its {n} file{'s were' if n != 1 else ' was'} skipped"
+            if is_reserved_class_name(cls):  # before the look-up: never into a legacy class of that name
+                errors.append(f"{cls}/ (in {archive}): the folder name {cls!r} is reserved for the unlabeled "
+                              f"pool, {skipped}; rename the folder.")
+                continue
+            c = existing.get(_key(cls))
             if c is None:
                 try:
                     c = store.add_class(pid, cls)
                 except FewShotError as e:
-                    errors.append(f"{cls}/: {e}")
+                    errors.append(f"{cls}/ (in {archive}): {str(e).rstrip('.')}, {skipped}.")
                     continue
-                existing[c.name.casefold()] = c
+                existing[_key(c.name)] = c
             class_id = c.id
         infos, errs = store.add_images(pid, items, class_id=class_id, labeled_by="user" if class_id else None)
         added += len(infos)

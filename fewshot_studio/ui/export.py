@@ -44,7 +44,10 @@ def wire(ui: UI) -> None:
             elif kind == "json":
                 path, what = exports.export_labels_json(scope), "the labels as JSON"
             elif kind == "imagefolder":
-                path, what = exports.export_imagefolder(scope), "the labeled images as class folders"
+                folder = exports.export_imagefolder(scope)
+                path, what = folder.path, "the labeled images as class folders"
+                return {ui.export_file: str(path),
+                        ui.notice: f"Exported {what}: download it below.{presenters.renamed_folders(folder)}"}
             else:
                 path, what = exports.export_model(scope), "the trained model"
                 out[ui.usage] = presenters.usage(scope)

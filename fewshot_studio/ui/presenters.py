@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 from ..app import library, modeling
 from ..app.context import ProjectScope, Workspace
-from ..app.exports import usage_snippet
+from ..app.exports import MANIFEST, FolderExport, usage_snippet
 from ..app.library import POOL
 from ..app.modeling import PoolRow
 from ..backbone import TINY, BackboneSpec
@@ -207,10 +207,21 @@ def parse_image_ids(text: str | Iterable | None) -> list[int]:
     return out
 
 
+def renamed_folders(export: FolderExport) -> str:
+    """" 3 class names were changed to be safe folder names; see manifest.json." (nothing when
+    every class kept its name): the ImageFolder export's notice."""
+    n = export.renamed
+    if not n:
+        return ""
+    what = "1 class name was changed to be a safe folder name" if n == 1 else \
+        f"{n} class names were changed to be safe folder names"
+    return f" {what}; see {MANIFEST} in the zip."
+
+
 __all__ = ["BACKBONE_PRESETS", "POOL", "backbone_choices", "backbone_status", "class_choices",
            "default_backbone_value", "gallery_items", "image_by_thumbnail", "image_gallery", "method_choices",
            "method_label", "model_choices", "model_label", "model_result", "model_summary", "parse_image_ids",
-           "pool_gallery", "pool_gallery_items", "top_text", "usage", "usage_snippet"]
+           "pool_gallery", "pool_gallery_items", "renamed_folders", "top_text", "usage", "usage_snippet"]
 
 
 def label_for(method: str, key: str) -> str:
