@@ -154,6 +154,25 @@ def test_example_project_and_project_management(app, client):
     assert pid not in [p.id for p in projects.list_projects(studio)]
 
 
+def test_a_missing_image_file_never_takes_the_page_down(app, client):
+    """Bad luck: a stored image and its thumbnail vanish. Opening the project still shows every
+    tab (a placeholder for that image) and says so in one sentence."""
+    ws = app.workspace
+    client.predict("shapes", api_name="/load_example")
+    pid = max(p.id for p in projects.list_projects(ws))
+    sc = ws.scope(pid)
+    img = library.images(sc, "red circle")[0]
+    img.path.unlink()
+    (ws.thumbs_dir / img.hash[:2] / f"{img.hash}.png").unlink(missing_ok=True)
+    out = client.predict(pid, api_name="/open_project")
+    assert out[0].startswith("Opened **Example: coloured shapes") and "1 image file is missing" in out[0]
+    assert f"#{img.id} {img.original_name}" in out[0]
+    out = client.predict("red circle", api_name="/open_class")  # the class gallery with the placeholder
+    gallery = next(o for o in out if isinstance(o, list) and o and isinstance(o[0], dict) and "image" in o[0])
+    assert len(gallery) == 4
+    client.predict(api_name="/delete_project")
+
+
 def test_page_stays_responsive_during_training_and_cancel_works(app, client, tmp_path):
     from gradio_client.exceptions import AppError
 

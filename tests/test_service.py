@@ -560,3 +560,19 @@ def test_a_job_that_breaks_fails_in_one_sentence(trained, monkeypatch):
     state = ws.runner.wait(modeling.start_evaluation(ws.scope(p.id), ["zeroshot"], TINY), timeout=60)
     assert state.status == "failed" and state.message == "Cross-validation failed unexpectedly: boom."
     assert one_sentence(state.message)
+
+
+def test_a_missing_image_file_shows_a_placeholder_and_one_sentence(tiny, tmp_path):
+    ws = make_ws(tmp_path, tiny)
+    sc = ws.scope(projects.load_example(ws, "shapes").id)
+    items, ids = presenters.gallery_items(sc, "red circle")
+    gone = ws.store.get_image(ids[1])
+    gone.path.unlink()  # bad luck: the stored file (and its thumbnail) are deleted behind the app's back
+    Path(items[1][0]).unlink()
+    assert presenters.missing_notice(sc).startswith(f"1 image file is missing from the data folder (#{gone.id} ")
+    items, ids = presenters.gallery_items(sc, "red circle")  # no FileNotFoundError
+    assert len(items) == 4 and items[1][0] == library.placeholder(ws) and items[0][0] != items[1][0]
+    assert [i.id for i in library.missing_images(sc)] == [gone.id]
+    library.remove_image(sc, gone.id)  # it can be removed like any image
+    assert presenters.missing_notice(sc) == "" and len(presenters.gallery_items(sc, "red circle")[0]) == 3
+    ws.close()

@@ -205,13 +205,41 @@ def remove_images(scope: ProjectScope, image_ids: Sequence[int]) -> int:
 
 
 def thumbnail(ws: Workspace, img: ImageInfo) -> str:
-    """A small PNG for galleries, generated once per image content (named by its hash)."""
+    """A small PNG for galleries, generated once per image content (named by its hash). An
+    image whose stored file is gone or damaged gets the placeholder instead (`missing_images`
+    names them), so one lost file never takes a page down."""
     path = ws.thumbs_dir / img.hash[:2] / f"{img.hash}.png"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
+        try:
+            im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
+        except (OSError, imageio.ImageError):
+            return placeholder(ws)
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        im.save(tmp, "PNG")
-        os.replace(tmp, path)
+        _write_png(im, path)
     return str(path)
+
+
+def placeholder(ws: Workspace) -> str:
+    """The thumbnail of an image whose file is missing: a grey square with a cross."""
+    path = ws.thumbs_dir / "missing.png"
+    if not path.exists():
+        from PIL import Image, ImageDraw
+
+        im = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (229, 231, 235))
+        d, m = ImageDraw.Draw(im), THUMB_SIZE // 3
+        d.line((m, m, THUMB_SIZE - m, THUMB_SIZE - m), fill=(156, 163, 175), width=6)
+        d.line((m, THUMB_SIZE - m, THUMB_SIZE - m, m), fill=(156, 163, 175), width=6)
+        _write_png(im, path)
+    return str(path)
+
+
+def _write_png(im, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # atomic: readers never see half
+    im.save(tmp, "PNG")
+    os.replace(tmp, path)
+
+
+def missing_images(scope: ProjectScope) -> list[ImageInfo]:
+    """The project's images whose stored file is gone (deleted or moved outside the app)."""
+    return [i for i in scope.store.list_images(scope.id) if not i.path.is_file()]

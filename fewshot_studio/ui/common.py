@@ -46,16 +46,23 @@ class UI:
         return self.ws.scope(need_project(project_id), owner)
 
     def project_views(self, project_id, owner) -> dict:
-        out: dict = {}
-        for fn in self.views:
-            out.update(fn(project_id, owner))
-        return out
+        """{component: value} of everything that shows the project."""
+        return self._views(self.views, project_id, owner)
 
     def current_model_views(self, project_id, owner) -> dict:
         """{component: value} of everything that shows the current model."""
+        return self._views(self.model_views, project_id, owner)
+
+    @staticmethod
+    def _views(fns, project_id, owner) -> dict:
+        # a view that breaks on bad luck (a damaged file, a vanished record) leaves its own
+        # components as they were; it never turns the whole page into "Error"
         out: dict = {}
-        for fn in self.model_views:
-            out.update(fn(project_id, owner))
+        for fn in fns:
+            try:
+                out.update(fn(project_id, owner))
+            except Exception:  # noqa: BLE001
+                log.exception("a view of project %s failed", project_id)
         return out
 
 

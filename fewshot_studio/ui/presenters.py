@@ -252,3 +252,15 @@ def duration_text(seconds: float) -> str:
         return f"{m} min {s} s" if s else f"{m} min"
     h, m = divmod(m, 60)
     return f"{h} h {m} min"
+
+
+def missing_notice(scope: ProjectScope) -> str:
+    """One sentence when some of the project's image files are gone (they show as placeholders)."""
+    gone = library.missing_images(scope)
+    if not gone:
+        return ""
+    names = ", ".join(f"#{i.id} {i.original_name}" for i in gone[:3]) + (", …" if len(gone) > 3 else "")
+    files = "image file is" if len(gone) == 1 else "image files are"
+    return (f"{len(gone)} {files} missing from the data folder ({names}), shown as grey placeholders; "
+            "remove them here, or run `python -m fewshot_studio doctor` to check the folder.")
+

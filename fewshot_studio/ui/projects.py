@@ -74,7 +74,9 @@ def wire(ui: UI) -> None:
     outs = [ui.notice, ui.project, *ui.view_outputs]
 
     def show(pid, owner, message=""):
-        return {ui.notice: message, ui.project: pid, **ui.project_views(pid, owner)}
+        missing = presenters.missing_notice(ui.scope(pid, owner)) if pid is not None else ""
+        return {ui.notice: " ".join(t for t in (message, missing) if t), ui.project: pid,
+                **ui.project_views(pid, owner)}
 
     @friendly
     def create(name, owner, request: gr.Request):
@@ -179,6 +181,8 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
         if pid is not None and not notice and modeling.interrupted_training(ws.scope(pid, owner)) is not None:
             notice = ("The app stopped while this project's last training was running, so it was not saved; "
                       "press Train to run it again.")
+        if pid is not None:
+            notice = " ".join(t for t in (notice, presenters.missing_notice(ws.scope(pid, owner))) if t)
         out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
                ui.remembered: {"owner": owner, "project": pid}, ui.notice: notice}
         out.update(resume(pid))
