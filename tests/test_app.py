@@ -157,7 +157,7 @@ def test_page_stays_responsive_during_training_and_cancel_works(app, client, tmp
     from gradio_client.exceptions import AppError
 
     client.predict("shapes", api_name="/load_example")
-    Endpoint(client, "/train")(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 30000})
+    Endpoint(client, "/train")(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 20000})
     time.sleep(1.0)
     t = time.perf_counter()
     out = client.predict("red circle", api_name="/open_class")      # another action while training runs

@@ -15,6 +15,18 @@ from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 
+class SettingNumber(gr.Number):
+    """A method setting's number box: its minimum/maximum (the catalog's bounds) guide the
+    browser's input, and the server's check is the catalog's one rule (`coerce_settings`), whose
+    sentence names the method and the setting, rather than Number's own range message."""
+
+    def get_block_name(self) -> str:
+        return "number"  # the same front-end component as gr.Number
+
+    def preprocess(self, payload: float | None) -> float | int | None:
+        return None if payload is None else self.round_to_precision(payload, self.precision)
+
+
 def build(ui: UI) -> None:
     ws = ui.ws
     ui.adv = []  # (method, key, component), in input order
@@ -34,6 +46,7 @@ def build(ui: UI) -> None:
                 for m in catalog.method_ids():
                     with gr.Group(visible=m == "graph") as grp:
                         defaults = catalog.settings(m)
+                        limits = catalog.bounds(m)
                         keys = list(defaults)
                         for i in range(0, len(keys), 3):
                             with gr.Row():
@@ -44,8 +57,10 @@ def build(ui: UI) -> None:
                                     elif v is None:  # "auto": a blank box (a Number cannot be blank)
                                         c = gr.Textbox(value="", label=presenters.label_for(m, k), placeholder="auto")
                                     else:
-                                        c = gr.Number(value=v, label=presenters.label_for(m, k),
-                                                      precision=0 if isinstance(v, int) else None, minimum=0)
+                                        lo, hi = limits.get(k, (None, None))
+                                        c = SettingNumber(value=v, label=presenters.label_for(m, k),
+                                                          precision=0 if isinstance(v, int) else None,
+                                                          minimum=lo, maximum=hi)
                                     ui.adv.append((m, k, c))
                     ui.adv_groups[m] = grp
             with gr.Row():
