@@ -15,16 +15,20 @@ from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 
-class SettingNumber(gr.Number):
+def setting_number(value, label: str, precision: int | None, bounds: tuple) -> gr.Number:
     """A method setting's number box: its minimum/maximum (the catalog's bounds) guide the
     browser's input, and the server's check is the catalog's one rule (`coerce_settings`), whose
-    sentence names the method and the setting, rather than Number's own range message."""
+    sentence names the method and the setting, instead of Number's own range message. (An
+    instance override, not a subclass: Gradio writes a .pyi file next to every Component
+    subclass's module.)"""
+    lo, hi = bounds
+    box = gr.Number(value=value, label=label, precision=precision, minimum=lo, maximum=hi)
 
-    def get_block_name(self) -> str:
-        return "number"  # the same front-end component as gr.Number
+    def preprocess(payload):
+        return None if payload is None else box.round_to_precision(payload, box.precision)
 
-    def preprocess(self, payload: float | None) -> float | int | None:
-        return None if payload is None else self.round_to_precision(payload, self.precision)
+    box.preprocess = preprocess
+    return box
 
 
 def build(ui: UI) -> None:
@@ -57,10 +61,9 @@ def build(ui: UI) -> None:
                                     elif v is None:  # "auto": a blank box (a Number cannot be blank)
                                         c = gr.Textbox(value="", label=presenters.label_for(m, k), placeholder="auto")
                                     else:
-                                        lo, hi = limits.get(k, (None, None))
-                                        c = SettingNumber(value=v, label=presenters.label_for(m, k),
-                                                          precision=0 if isinstance(v, int) else None,
-                                                          minimum=lo, maximum=hi)
+                                        c = setting_number(v, presenters.label_for(m, k),
+                                                           0 if isinstance(v, int) else None,
+                                                           limits.get(k, (None, None)))
                                     ui.adv.append((m, k, c))
                     ui.adv_groups[m] = grp
             with gr.Row():
