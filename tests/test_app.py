@@ -177,7 +177,7 @@ def test_page_stays_responsive_during_training_and_cancel_works(app, client, tmp
     from gradio_client.exceptions import AppError
 
     client.predict("shapes", api_name="/load_example")
-    Endpoint(client, "/train")(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 30000})
+    Endpoint(client, "/train")(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 20000})
     time.sleep(1.0)
     t = time.perf_counter()
     out = client.predict("red circle", api_name="/open_class")      # another action while training runs
@@ -298,3 +298,73 @@ def test_reserved_pool_folder_and_csv_formulas_through_the_endpoints(app, client
         assert {n.split("/")[0] for n in z.namelist()} == {"=HYPERLINK(_x_)", "@SUM(1+1)", "manifest.json"}
     assert manifest["classes"] == [{"folder": "=HYPERLINK(_x_)", "class": '=HYPERLINK("x")', "images": 1},
                                    {"folder": "@SUM(1+1)", "class": "@SUM(1+1)", "images": 1}]
+
+
+def _poisoned_zip(src: str, dst: Path, **changes) -> str:
+    """A copy of the exported model zip `src` whose config.json has `changes` in its hyper-parameters."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for n in z.namelist():
+            data = z.read(n)
+            if n.endswith("config.json"):
+                cfg = json.loads(data)
+                cfg["hyperparameters"].update(changes)
+                data = json.dumps(cfg).encode()
+            out.writestr(n, data)
+    return str(dst)
+
+
+def test_out_of_bounds_settings_and_poisoned_models_are_refused_over_http(app, client, tmp_path):
+    """#13 findings 3 and 5: the Train form refuses steps=10**7 with the catalog's sentence and
+    queues nothing; a model zip with ill-typed or out-of-bounds hyper-parameters is refused with
+    one sentence and the project keeps its current model."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from fewshot_studio.app import exports
+
+    studio = app.workspace
+    # the page's number boxes take their range from the catalog
+    with urllib.request.urlopen(app.local_url.rstrip("/") + "/config", timeout=10) as r:
+        components = json.loads(r.read())["components"]
+    boxes = {c["props"].get("label"): c for c in components if c.get("type") == "number"}
+    assert (boxes["GraphAdapter · optimizer steps"]["props"]["minimum"],
+            boxes["GraphAdapter · optimizer steps"]["props"]["maximum"]) == (1, 20000)
+    assert boxes["MMA · adapter width r"]["props"]["maximum"] == 256
+
+    client.predict("shapes", api_name="/load_example")
+    pid = max(p.id for p in projects.list_projects(studio))
+    scope = studio.scope(pid)
+    train = Endpoint(client, "/train")
+    jobs_before = len(scope.store.list_jobs(pid))
+    with pytest.raises(AppError) as e:
+        train(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 10**7})
+    assert str(e.value) == "The GraphAdapter setting 'steps' must be between 1 and 20000, not 10000000."
+    with pytest.raises(AppError) as e:
+        train(Method="mma", Backbone="tiny", **{"MMA · adapter width r": 8000})
+    assert str(e.value) == "The MMA setting 'rank' must be between 1 and 256, not 8000."
+    assert len(scope.store.list_jobs(pid)) == jobs_before and modeling.active_job(studio, pid) is None
+
+    # two real models: MMA (few steps), then GraphAdapter, the current one; export both
+    train(Method="mma", Backbone="tiny", **{"MMA · steps": "20"})
+    assert 'data-status="done"' in wait_training(client)
+    mma_id = modeling.current_model_info(scope).id
+    train(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 20})
+    assert 'data-status="done"' in wait_training(client)
+    notice, graph_zip, _ = client.predict(api_name="/export_model")
+    mma_zip = str(exports.export_model(scope, mma_id))
+    current, count = modeling.current_model_info(scope).id, len(modeling.models(scope))
+
+    for src, changes, sentence in [
+        (graph_zip, {"alpha": "lots"}, "the GraphAdapter setting 'alpha' must be a number, not 'lots'."),
+        (graph_zip, {"steps": [1, 2]}, "the GraphAdapter setting 'steps' must be a whole number, not [1, 2]."),
+        (mma_zip, {"rank": 8000}, "the MMA setting 'rank' must be between 1 and 256, not 8000."),
+    ]:
+        bad = _poisoned_zip(src, tmp_path / f"bad-{len(list(tmp_path.iterdir()))}.zip", **changes)
+        with pytest.raises(AppError) as e:
+            client.predict(handle_file(bad), api_name="/import_model")
+        assert str(e.value) == f"The model's config.json has an invalid setting: {sentence}"
+        assert modeling.current_model_info(scope).id == current and len(modeling.models(scope)) == count
+    # the project still predicts with its model, and a clean zip still imports
+    assert client.predict(handle_file(render(tmp_path / "star.png", "yellow star", 999)), api_name="/predict")["label"]
+    out = client.predict(handle_file(graph_zip), api_name="/import_model")
+    assert out[0].startswith("Imported the model") and len(modeling.models(scope)) == count + 1

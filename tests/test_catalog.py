@@ -7,6 +7,7 @@ and is evaluated; then it is removed again."""
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -241,3 +242,159 @@ def test_a_registered_method_is_evaluated(ncm, tiny, shared_extractor, shapes_su
     cmp = evaluation.cross_validate(shapes_support, ["ncm", "zeroshot"], tiny, shared_extractor,
                                     overrides={"ncm": {"temperature": "0.2", "steps": 5}})
     assert cmp.skipped["ncm"].startswith("Nearest class mean has no setting 'steps'")
+
+
+# ---- bounds: declared once, next to the help; enforced on every path (#13 findings 3 and 5) ------
+
+def test_out_of_bounds_settings_are_refused_with_one_sentence():
+    c = catalog.coerce_settings
+    cases = [
+        ("graph", {"steps": 10**7}, "The GraphAdapter setting 'steps' must be between 1 and 20000, not 10000000."),
+        ("mma", {"rank": 8000}, "The MMA setting 'rank' must be between 1 and 256, not 8000."),
+        ("graph", {"lr": 0}, "The GraphAdapter setting 'lr' must be between 1e-07 and 1, not 0."),
+        ("graph", {"alpha": 2}, "The GraphAdapter setting 'alpha' must be between 0 and 1, not 2."),
+        ("mma", {"seed": -1}, "The MMA setting 'seed' must be between 0 and 4294967295, not -1."),
+        ("tip", {"search_steps": [5000, 20]},
+         "The Tip-Adapter setting 'search_steps' must hold whole numbers between 1 and 500, not [5000, 20]."),
+        ("tip", {"search_steps": [5, "a"]}, "The Tip-Adapter setting 'search_steps' must be a list of 2 whole numbers, "
+                                            "not [5, 'a']."),
+        ("zeroshot", {"templates": ["a {}", 3]},
+         "The Zero-shot CLIP setting 'templates' must be a non-empty list of texts, not ['a {}', 3]."),
+    ]
+    for method, raw, sentence in cases:
+        with pytest.raises(DataError) as e:
+            c(method, raw)
+        assert str(e.value) == sentence
+    # the bounds themselves are inside (inclusive), from strings as the form sends them too
+    assert c("graph", {"steps": 20000, "alpha": 0, "beta": 1, "lr": 1}) == {
+        "steps": 20000, "alpha": 0.0, "beta": 1.0, "lr": 1.0}
+    assert c("graph", {"steps": "1", "lr": "1e-7"}) == {"steps": 1, "lr": 1e-7}
+    assert c("mma", {"rank": 256, "augment_views": 64, "batch_size": 512}) == {
+        "rank": 256, "augment_views": 64, "batch_size": 512}
+    assert c("tip", {"search_steps": [500, 1]}) == {"search_steps": (500, 1)}
+
+
+def test_every_number_setting_has_bounds_and_every_default_lies_inside():
+    assert catalog.bounds("graph")["steps"] == (1, 20000) and catalog.bounds("mma")["rank"] == (1, 256)
+    for m in catalog.method_ids():
+        cls, limits = catalog.get_method_class(m), catalog.bounds(m)
+        for f in catalog.fields(cls.Config):
+            d = catalog._default(f)
+            numbers = d if isinstance(d, tuple) and all(isinstance(x, (int, float)) for x in d) else (
+                (d,) if isinstance(d, (int, float)) and not isinstance(d, bool) else ())
+            if numbers or f.name in ("start_block", "end_block", "steps"):
+                assert f.name in limits, f"{m}.{f.name} has no bounds"
+            lo, hi = limits.get(f.name, (None, None))
+            assert all(lo <= x <= hi for x in numbers), f"{m}.{f.name}: {d} outside {lo}..{hi}"
+        # the defaults pass the rule they declare
+        assert catalog.coerce_settings(m, catalog.settings(m)) == {
+            k: v for k, v in catalog.settings(m).items() if v is not None}
+
+
+def test_a_method_whose_default_is_out_of_its_bounds_is_not_registered():
+    @dataclass
+    class BadConfig(MethodConfig):
+        views: int = field(default=100, metadata={"help": "views", "min": 0, "max": 64})
+
+    class Bad(NearestClassMean):
+        name, label, Config = "bad", "Bad", BadConfig
+
+    with pytest.raises(ValueError, match="outside its bounds"):
+        catalog.register(Bad)
+    assert "bad" not in catalog.REGISTRY
+
+
+def test_make_method_refuses_a_huge_setting_before_building_anything(tiny, monkeypatch):
+    from fewshot_studio.methods.graph_adapter import GraphAdapter
+
+    built = []
+    monkeypatch.setattr(GraphAdapter, "__init__", lambda self, *a, **k: built.append(a))
+    t = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        make_method("graph", tiny, ["a", "b"], steps=10**9)
+    assert str(e.value) == "The GraphAdapter setting 'steps' must be between 1 and 20000, not 1000000000."
+    assert built == [] and time.perf_counter() - t < 1.0
+
+
+def test_the_cli_refuses_out_of_bounds_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSHOT_STUDIO_CACHE", str(tmp_path / "cache"))
+    code = cli.main(["train", "--data", str(SHAPES), "--method", "graph", "--backbone", "tiny",
+                     "--steps", "100000000", "--out", str(tmp_path / "m"), "--quiet"])
+    assert code == 2 and not (tmp_path / "m").exists()
+    assert capsys.readouterr().err == \
+        "error: The GraphAdapter setting 'steps' must be between 1 and 20000, not 100000000.\n"
+
+
+def test_the_train_form_refuses_out_of_bounds_before_loading_a_backbone(tiny, tmp_path):
+    loads = []
+    ws = Workspace.at(tmp_path / "data", TINY_SPEC, loader=lambda spec: loads.append(spec) or tiny)
+    scope = ws.scope(projects.load_example(ws, "shapes").id)
+    with pytest.raises(DataError) as e:
+        modeling.start_training(scope, "mma", TINY_SPEC, {"rank": 8000})
+    assert str(e.value) == "The MMA setting 'rank' must be between 1 and 256, not 8000."
+    assert loads == [] and ws.runner.jobs(scope.id) == []
+    ws.close()
+
+
+POISONS = [  # (method, change to the saved hyper-parameters, the sentence)
+    ("graph", {"alpha": "lots"}, "The model's config.json has an invalid setting: the GraphAdapter setting "
+                                 "'alpha' must be a number, not 'lots'."),
+    ("graph", {"steps": [1, 2]}, "The model's config.json has an invalid setting: the GraphAdapter setting "
+                                 "'steps' must be a whole number, not [1, 2]."),
+    ("graph", {"steps": 10**9}, "The model's config.json has an invalid setting: the GraphAdapter setting "
+                                "'steps' must be between 1 and 20000, not 1000000000."),
+    ("graph", {"gamma": 1}, f"The model's config.json has an invalid setting: GraphAdapter has no setting "
+                            f"'gamma'; its settings are {GRAPH_SETTINGS}."),
+    ("mma", {"rank": 8000}, "The model's config.json has an invalid setting: the MMA setting 'rank' must be "
+                            "between 1 and 256, not 8000."),
+]
+
+
+def test_load_model_checks_the_saved_config_before_building_anything(tiny, tmp_path, monkeypatch):
+    import json
+
+    from fewshot_studio.errors import ModelFileError
+    from fewshot_studio.methods import base
+    from fewshot_studio.methods.mma import MMA
+
+    saved = {m: make_method(m, tiny, ["red circle", "blue square"]).save(tmp_path / m) for m in ("graph", "mma")}
+    for m, d in saved.items():  # a clean saved model loads
+        assert load_model(d, backbone=tiny).name == m
+
+    def refused(*a, **k):
+        raise AssertionError("built or loaded something for a config that is refused")
+
+    monkeypatch.setattr(base, "load_backbone", refused)
+    monkeypatch.setattr(MMA, "__init__", refused)
+    from fewshot_studio.methods.graph_adapter import GraphAdapter
+    monkeypatch.setattr(GraphAdapter, "__init__", refused)
+
+    def poisoned(which, change=None, top=None):
+        d = tmp_path / f"p-{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        cfg = json.loads((saved[which] / "config.json").read_text())
+        cfg["hyperparameters"].update(change or {})
+        cfg.update(top or {})
+        (d / "config.json").write_text(json.dumps(cfg))
+        (d / "model.safetensors").write_bytes((saved[which] / "model.safetensors").read_bytes())
+        return d
+
+    for method, change, sentence in POISONS:
+        with pytest.raises(ModelFileError) as e:
+            load_model(poisoned(method, change))  # no backbone given: it would load one
+        assert str(e.value) == sentence
+    for top, sentence in [
+        ({"classes": []}, "The model's config.json must list its classes as a non-empty list of non-empty names."),
+        ({"classes": ["a", 3]}, "The model's config.json must list its classes as a non-empty list of non-empty names."),
+        ({"classes": ["a", " "]}, "The model's config.json must list its classes as a non-empty list of non-empty names."),
+        ({"descriptions": ["x"]}, "The model's config.json must give one text description (or null) for each of "
+                                  "its 2 classes."),
+        ({"descriptions": [None, 7]}, "The model's config.json must give one text description (or null) for each "
+                                      "of its 2 classes."),
+        ({"method": "nope"}, "The model's config.json names method 'nope', which is not one of "
+                             "graph, mma, tip, tip-f, zeroshot."),
+        ({"hyperparameters": [1]}, "The model's config.json has hyperparameters that are not an object of settings."),
+    ]:
+        with pytest.raises(ModelFileError) as e:
+            load_model(poisoned("graph", top=top))
+        assert str(e.value) == sentence

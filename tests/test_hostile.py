@@ -239,7 +239,7 @@ def test_killing_the_app_during_training_loses_nothing(tmp_path):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         client.predict("shapes", api_name="/load_example")
         train = Endpoint(client, "/train")
-        train(Method="mma", Backbone="tiny", **{"MMA · steps": "100000"})
+        train(Method="mma", Backbone="tiny", **{"MMA · steps": "20000"})
         end = time.time() + 60
         while time.time() < end:  # wait until the job is really training
             html = next((o for o in client.predict(api_name="/training_status")

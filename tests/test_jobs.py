@@ -65,7 +65,7 @@ def test_cancel_during_mma_leaves_project_unchanged(store, tiny, tmp_path):
     ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
     started = threading.Event()
 
-    job_id = runner.submit_training(p.id, "mma", tiny, ex, steps=100000)
+    job_id = runner.submit_training(p.id, "mma", tiny, ex, steps=20000)
     runner.subscribe(job_id, lambda s: started.set() if s.stage.lower().startswith("train") and s.step >= 2 else None)
     assert started.wait(120), "training never reached step 2"
     before = (store.list_models(p.id), store.list_images(p.id), store.list_classes(p.id))
@@ -73,7 +73,7 @@ def test_cancel_during_mma_leaves_project_unchanged(store, tiny, tmp_path):
     assert runner.cancel(job_id)
     state = runner.wait(job_id, timeout=60)
     assert state.status == CANCELLED and time.time() - t0 < 30
-    assert state.step < 100000
+    assert state.step < 20000
     assert (store.list_models(p.id), store.list_images(p.id), store.list_classes(p.id)) == before
     assert store.list_models(p.id) == [] and not any(store.staging_dir().iterdir())
     assert store.get_job(int(job_id)).status == CANCELLED
@@ -134,7 +134,7 @@ def test_interrupted_job_is_marked_failed_on_next_open(tmp_path):
     """A process killed mid-training leaves a 'running' job; reopening the store marks it failed."""
     root = tmp_path / "data"
     script = training_script(root, tmp_path / "c", then="""
-        jid = runner.submit_training(p.id, "mma", tiny, ex, steps=100000)
+        jid = runner.submit_training(p.id, "mma", tiny, ex, steps=20000)
         while runner.get(jid).step < 3:
             time.sleep(0.05)
         time.sleep(0.6)  # let the throttled progress write land

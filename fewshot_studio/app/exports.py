@@ -17,7 +17,7 @@ from pathlib import Path, PurePath
 from .. import imageio
 from ..errors import ModelFileError
 from ..methods import Method, load_model
-from ..methods.base import CONFIG_FILE, WEIGHTS_FILE, read_model_config
+from ..methods.base import CONFIG_FILE, WEIGHTS_FILE, check_model_config, read_model_config
 from ..store import ModelInfo
 from .context import ProjectScope
 from .modeling import model
@@ -226,8 +226,10 @@ def export_model(scope: ProjectScope, model_id: int | None = None) -> Path:
 
 
 def import_model(scope: ProjectScope, source: str | os.PathLike | bytes) -> ModelInfo:
-    """Import a model zip (safetensors + config.json only; never unpickles). Its backbone must
-    load and its classes must be this project's classes."""
+    """Import a model zip (safetensors + config.json only; never unpickles). Its config.json must
+    pass `check_model_config` (the catalog's rule for its hyper-parameters) before its backbone
+    loads; its backbone must load and its classes must be this project's classes. A refused zip
+    leaves the project (and its current model) as it was."""
     members, errors = imageio.read_zip(source)
     if errors:
         first = str(errors[0]).rstrip(".")
@@ -241,6 +243,7 @@ def import_model(scope: ProjectScope, source: str | os.PathLike | bytes) -> Mode
         for name, data in files.items():
             (staging / name).write_bytes(data)
         cfg = read_model_config(staging)
+        check_model_config(cfg)  # the catalog's rule, before a backbone loads or anything is built
         method = load_model(staging, backbone=scope.ws.backbone(scope.ws.saved_spec(cfg)))
         ours = [c.name for c in store.list_classes(scope.id)]
         if sorted(method.classnames) != sorted(ours):

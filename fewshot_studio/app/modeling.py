@@ -63,9 +63,10 @@ def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None =
                    settings: dict | None = None) -> str:
     """Start a training job in the background; its id (poll it with `job`)."""
     ws = scope.ws
-    backbone = ws.backbone(spec)
     cls = get_method_class(method)
-    settings = catalog.coerce_settings(method, settings)  # strict: an unknown setting is refused
+    # strict (unknown, ill-typed or out-of-bounds settings are refused), before any backbone loads
+    settings = catalog.coerce_settings(method, settings)
+    backbone = ws.backbone(spec)
     support = scope.store.support_set(scope.id)
     if not support.images and cls.needs_images:
         support.require_images(cls.label)

@@ -80,7 +80,7 @@ def run_load(clients: int = 8, requests: int = 25, backbone: str = "tiny", devic
             images.append(str(path))
         trainer = sessions[0]
         if during_training:  # a long MMA job runs in the background while predictions flow
-            trainer.predict(*_train_args(trainer, "mma", backbone, steps="100000"), api_name="/train")
+            trainer.predict(*_train_args(trainer, "mma", backbone, steps="20000"), api_name="/train")
             end = time.time() + 60
             while _progress_status(trainer) != "running" and time.time() < end:
                 time.sleep(0.2)

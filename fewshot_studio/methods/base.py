@@ -26,7 +26,7 @@ from torch import nn
 
 from ..backbone import Backbone, BackboneSpec, load_backbone
 from ..data import ImageRef, SupportSet
-from ..errors import ModelFileError
+from ..errors import DataError, ModelFileError
 from ..features import FeatureExtractor
 from ..progress import CancelFlag, ProgressFn
 from .catalog import REGISTRY, get_method_class, make_config, register  # noqa: F401  (re-exported)
@@ -48,7 +48,8 @@ def cosine_matrix(x: torch.Tensor) -> np.ndarray:
 class MethodConfig:
     """Settings every trained method shares; subclasses add their hyper-parameters."""
 
-    seed: int = field(default=0, metadata={"help": "seed"})
+    # numpy's seed range (torch's generator refuses larger numbers)
+    seed: int = field(default=0, metadata={"help": "seed", "min": 0, "max": 2**32 - 1})
 
 
 class Method(nn.Module):
@@ -248,16 +249,66 @@ def read_model_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
+def _first_lower(sentence: str) -> str:
+    """"The GraphAdapter setting ..." -> "the GraphAdapter setting ..." (to follow a colon)."""
+    return "t" + sentence[1:] if sentence.startswith("The ") else sentence
+
+
+def check_model_config(cfg: dict) -> tuple[type[Method], Any]:
+    """The method class and its Config of a saved model's config.json (as `read_model_config`
+    returns it), checked before anything is built: the method must be registered, the
+    hyper-parameters must pass the catalog's one rule (type and bounds; `coerce_settings`), the
+    classes must be a non-empty list of names, the descriptions (if any) one text or null per
+    class, and the backbone an object. Anything else is a ModelFileError of one sentence."""
+    from .catalog import coerce_settings
+
+    name = cfg.get("method")
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ModelFileError(f"The model's config.json names method {name!r}, which is not one of "
+                             f"{', '.join(sorted(REGISTRY))}.")
+    cls = REGISTRY[name]
+    hp = cfg.get("hyperparameters")
+    if hp is None:
+        hp = {}
+    if not isinstance(hp, dict):
+        raise ModelFileError("The model's config.json has hyperparameters that are not an object of settings.")
+    try:
+        config = cls.Config(**coerce_settings(name, hp))
+    except DataError as e:
+        raise ModelFileError(f"The model's config.json has an invalid setting: {_first_lower(str(e))}") from None
+    classes = cfg.get("classes")
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, str) and c.strip() for c in classes)):
+        raise ModelFileError("The model's config.json must list its classes as a non-empty list of non-empty names.")
+    descriptions = cfg.get("descriptions")
+    if descriptions is not None and (not isinstance(descriptions, list) or len(descriptions) != len(classes)
+                                     or not all(d is None or isinstance(d, str) for d in descriptions)):
+        raise ModelFileError(f"The model's config.json must give one text description (or null) for each of "
+                             f"its {len(classes)} classes.")
+    if not isinstance(cfg.get("backbone") or {}, dict):
+        raise ModelFileError("The model's config.json has a backbone entry that is not an object.")
+    for key, kind, words in (("metrics", dict, "an object"), ("history", list, "a list")):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise ModelFileError(f"The model's config.json has {key} that are not {words}.")
+    counts = cfg.get("support_counts")
+    if counts is not None and (not isinstance(counts, list) or len(counts) != len(classes) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)):
+        raise ModelFileError("The model's config.json must give one image count for each class.")
+    return cls, config
+
+
 def load_model(directory: str | os.PathLike, backbone: Backbone | None = None,
                device: str | None = None) -> Method:
-    """Load a saved model directory. Loads its backbone unless one is given; the backbone's
+    """Load a saved model directory. Its config.json is checked first (`check_model_config`:
+    the catalog's rule for the hyper-parameters), so nothing is built, and no backbone loaded,
+    for a model that will be refused. Loads its backbone unless one is given; the backbone's
     id must match the one the model was trained on."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     cfg = read_model_config(directory)
-    cls = get_method_class(cfg.get("method", ""))
+    cls, config = check_model_config(cfg)
     bb = cfg.get("backbone") or {}
     if backbone is None:
         spec = BackboneSpec(name=bb.get("name", ""), pretrained=bb.get("pretrained"),
@@ -266,12 +317,7 @@ def load_model(directory: str | os.PathLike, backbone: Backbone | None = None,
     if bb.get("id") and backbone.id != bb["id"]:
         raise ModelFileError(f"This model was trained on backbone {bb['id']}, but {backbone.id} is loaded; "
                              "load the matching backbone.")
-    try:
-        hp = {k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get("hyperparameters") or {}).items()}
-        config = cls.Config(**hp)
-        method = cls(backbone, cfg["classes"], cfg.get("descriptions"), config)
-    except (TypeError, KeyError) as e:
-        raise ModelFileError(f"{directory / CONFIG_FILE} has invalid settings ({e}).") from None
+    method = cls(backbone, cfg["classes"], cfg.get("descriptions"), config)
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:

@@ -2,12 +2,15 @@
 display order and settings are. The CLI, the app and the evaluation all read it from here.
 
 A method class declares these as ClassVars (`name`, `label`, `summary`, `cost`, `order`) plus its
-`Config` dataclass, whose fields carry their help text in `field(metadata={"help": ...})`; the
-`@register` decorator adds it. `fewshot_studio.methods` imports every method module, so
+`Config` dataclass, whose fields carry their help text and, for numbers, their inclusive bounds
+in `field(metadata={"help": ..., "min": ..., "max": ...})` (a tuple of numbers takes one bound for
+every element, or one per element); the `@register` decorator adds it and checks that every
+default lies inside its bounds. `fewshot_studio.methods` imports every method module, so
 importing anything from this package registers the built-in methods.
 
 Settings are coerced by one strict rule (`coerce_settings`), used by the CLI, the app's form,
-`make_config`/`make_method` and the evaluation's overrides alike.
+`make_config`/`make_method`, the evaluation's overrides and the loading of a saved model alike:
+a setting out of its bounds is refused before anything is built.
 """
 from __future__ import annotations
 
@@ -36,8 +39,10 @@ def register(cls: type["Method"]) -> type["Method"]:
     old = REGISTRY.get(name)
     if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"method id {name!r} is already registered by {old.__module__}.{old.__qualname__}")
-    REGISTRY[name] = cls
     _TYPES.pop(cls.Config, None)
+    _SHAPES.pop(cls.Config, None)
+    _check_bounds(cls)
+    REGISTRY[name] = cls
     return cls
 
 
@@ -106,20 +111,41 @@ ORDER: Sequence[str] = _Order()
 
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
                "tuple": "a list"}
+_PLURAL_WORDS = {"int": "whole numbers", "float": "numbers", "bool": "true/false values", "str": "texts"}
 _TYPES: dict[type, dict[str, str]] = {}  # Config class -> {field: kind}
+_SHAPES: dict[type, dict[str, tuple[str, int | None]]] = {}  # Config class -> {list field: (item kind, length)}
+
+
+def _optional_arg(tp: Any) -> Any:
+    """`tp` without Optional; None when it is a union of several types."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return tp
 
 
 def _kind(tp: Any) -> str:
     """'int', 'float', 'bool', 'str', 'tuple' or 'any' for a field's (resolved) type; Optional ignored."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) != 1:
-            return "any"
-        tp = args[0]
+    tp = _optional_arg(tp)
+    if tp is None:
+        return "any"
     tp = typing.get_origin(tp) or tp
     if tp in (bool, int, float, str):
         return tp.__name__
     return "tuple" if tp in (tuple, list) else "any"
+
+
+def _shape(tp: Any) -> tuple[str, int | None]:
+    """(item kind, fixed length or None) of a list/tuple field's type: tuple[int, int] -> ('int', 2),
+    tuple[str, ...] -> ('str', None); ('any', None) when the items are not one plain type."""
+    args = typing.get_args(_optional_arg(tp))
+    if not args:
+        return "any", None
+    if len(args) == 2 and args[1] is Ellipsis:
+        return _kind(args[0]), None
+    kinds = {_kind(a) for a in args}
+    item = kinds.pop() if len(kinds) == 1 else "any"
+    return item, (len(args) if typing.get_origin(_optional_arg(tp)) is tuple else None)
 
 
 def _kinds(cls: type["Method"]) -> dict[str, str]:
@@ -127,7 +153,13 @@ def _kinds(cls: type["Method"]) -> dict[str, str]:
     if cfg not in _TYPES:
         hints = typing.get_type_hints(cfg)
         _TYPES[cfg] = {f.name: _kind(hints.get(f.name, Any)) for f in fields(cfg)}
+        _SHAPES[cfg] = {f.name: _shape(hints.get(f.name, Any)) for f in fields(cfg) if _TYPES[cfg][f.name] == "tuple"}
     return _TYPES[cfg]
+
+
+def _shapes(cls: type["Method"]) -> dict[str, tuple[str, int | None]]:
+    _kinds(cls)
+    return _SHAPES[cls.Config]
 
 
 def _default(f) -> Any:
@@ -144,6 +176,64 @@ def settings(method: str) -> dict[str, Any]:
     cls = get_method_class(method)
     kinds = _kinds(cls)
     return {f.name: _default(f) for f in fields(cls.Config) if kinds[f.name] in ("int", "float", "bool")}
+
+
+def _bounds_of(cls: type["Method"]) -> dict[str, tuple[Any, Any]]:
+    return {f.name: (f.metadata.get("min"), f.metadata.get("max")) for f in fields(cls.Config)
+            if f.metadata.get("min") is not None or f.metadata.get("max") is not None}
+
+
+def bounds(method: str) -> dict[str, tuple[Any, Any]]:
+    """{setting: (min, max)} of a method's bounded settings, inclusive, as declared next to their
+    help (`metadata={"min": ..., "max": ...}`); None on a side without a bound. A list setting's
+    bounds hold for each of its numbers."""
+    return _bounds_of(get_method_class(method))
+
+
+def _num(x: Any) -> str:
+    """A number as a person writes it: 10000000, 0.5, 1e-07."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return str(x)
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_num(x) for x in v) + "]"
+    return _num(v)
+
+
+def _range_words(lo: Any, hi: Any) -> str:
+    if lo is not None and hi is not None:
+        return f"between {_num(lo)} and {_num(hi)}"
+    return f"at least {_num(lo)}" if lo is not None else f"at most {_num(hi)}"
+
+
+def _outside(x: Any, lo: Any, hi: Any) -> bool:
+    return (lo is not None and x < lo) or (hi is not None and x > hi)
+
+
+def _is_number(b: Any) -> bool:
+    return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+
+
+def _check_bounds(cls: type["Method"]) -> None:
+    """At registration: bounds are numbers on number settings, and every default lies inside."""
+    kinds, shapes = _kinds(cls), _shapes(cls)
+    for f in fields(cls.Config):
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is None and hi is None:
+            continue
+        where = f"{cls.__qualname__}.Config.{f.name}"
+        numeric = kinds[f.name] in ("int", "float") or shapes.get(f.name, ("",))[0] in ("int", "float")
+        if not numeric:
+            raise ValueError(f"{where}: only number settings take bounds")
+        if not all(b is None or _is_number(b) for b in (lo, hi)) or (lo is not None and hi is not None and lo > hi):
+            raise ValueError(f"{where}: bounds must be numbers with min <= max, not {lo!r}..{hi!r}")
+        d = _default(f)
+        values = d if isinstance(d, (tuple, list)) else () if d is None else (d,)
+        if any(_outside(x, lo, hi) for x in values):
+            raise ValueError(f"{where}: the default {d!r} is outside its bounds {lo!r}..{hi!r}")
 
 
 def _unknown(cls, names: Sequence[str]) -> DataError:
@@ -166,8 +256,9 @@ def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, str) and not v.strip())
 
 
-def _coerce(kind: str, v: Any) -> Any:
-    """One value to `kind`; ValueError when it does not fit."""
+def _coerce(kind: str, v: Any, shape: tuple[str, int | None] = ("any", None)) -> Any:
+    """One value to `kind` (a list's items to shape's item kind, and its length); ValueError when
+    it does not fit."""
     if kind == "bool":
         if isinstance(v, bool):
             return v
@@ -196,18 +287,30 @@ def _coerce(kind: str, v: Any) -> Any:
     if kind == "tuple":
         if isinstance(v, str) or not isinstance(v, (list, tuple)):
             raise ValueError
-        return tuple(v)
+        item, length = shape
+        if (length is not None and len(v) != length) or (length is None and item != "any" and not v):
+            raise ValueError
+        return tuple(v) if item == "any" else tuple(_coerce(item, x) for x in v)
     return v
+
+
+def _kind_words(kind: str, shape: tuple[str, int | None]) -> str:
+    item, length = shape
+    if kind != "tuple" or item == "any":
+        return _KIND_WORDS[kind]
+    return f"a list of {length} {_PLURAL_WORDS[item]}" if length else f"a non-empty list of {_PLURAL_WORDS[item]}"
 
 
 def coerce_settings(method: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
     """The one strict rule for a method's settings, wherever they come from (CLI, the app's form,
-    make_method, evaluation overrides). Blank values (None, "") mean "the default" and are left
-    out; whole-number settings take only whole numbers (2.0 is fine, 2.5 is not), switches only
-    true/false (or 1/0), numbers must parse. An unknown setting or a value that does not fit
+    make_method, evaluation overrides, a saved model's config.json). Blank values (None, "")
+    mean "the default" and are left out; whole-number settings take only whole numbers (2.0 is
+    fine, 2.5 is not), switches only true/false (or 1/0), numbers must parse and be finite,
+    lists must have their items' type (and length), and numbers must lie inside the bounds
+    declared next to their help (`bounds`). An unknown setting or a value that does not fit
     raises a DataError of one sentence naming the method, the setting and what it takes."""
     cls = get_method_class(method)
-    kinds = _kinds(cls)
+    kinds, shapes, limits = _kinds(cls), _shapes(cls), _bounds_of(cls)
     raw = dict(raw or {})
     unknown = sorted(k for k in raw if k not in kinds)
     if unknown:
@@ -216,10 +319,18 @@ def coerce_settings(method: str, raw: Mapping[str, Any] | None) -> dict[str, Any
     for k, v in raw.items():
         if _blank(v):
             continue
+        shape = shapes.get(k, ("any", None))
         try:
-            out[k] = _coerce(kinds[k], v)
+            x = _coerce(kinds[k], v, shape)
         except (TypeError, ValueError, OverflowError):
-            raise DataError(f"The {cls.label} setting {k!r} must be {_KIND_WORDS[kinds[k]]}, not {v!r}.") from None
+            raise DataError(f"The {cls.label} setting {k!r} must be {_kind_words(kinds[k], shape)}, "
+                            f"not {v!r}.") from None
+        if k in limits:
+            lo, hi = limits[k]
+            if any(_outside(n, lo, hi) for n in (x if isinstance(x, tuple) else (x,))):
+                which = "must be" if not isinstance(x, tuple) else f"must hold {_PLURAL_WORDS[shape[0]]}"
+                raise DataError(f"The {cls.label} setting {k!r} {which} {_range_words(lo, hi)}, not {_shown(x)}.")
+        out[k] = x
     return out
 
 

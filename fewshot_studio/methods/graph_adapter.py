@@ -69,16 +69,23 @@ from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 @dataclass
 class GraphAdapterConfig(MethodConfig):
     # text vs visual sub-graph fusion (official code)
-    alpha: float = field(default=0.7, metadata={"help": "α: textual vs visual sub-graph fusion"})
+    # (a weight of a convex combination, torch.lerp: 0..1)
+    alpha: float = field(default=0.7, metadata={"help": "α: textual vs visual sub-graph fusion", "min": 0, "max": 1})
     # residual weight of the frozen text classifier (see module docstring)
-    beta: float = field(default=0.5, metadata={"help": "β: weight of the zero-shot classifier"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    # (also a convex combination: 0..1)
+    beta: float = field(default=0.5, metadata={"help": "β: weight of the zero-shot classifier", "min": 0, "max": 1})
+    # AdamW: a rate above 1 only diverges; 0 would train nothing
+    lr: float = field(default=1e-3, metadata={"help": "learning rate", "min": 1e-7, "max": 1})
+    # decoupled decay shrinks the weights by lr·wd a step: above 1 it is meaningless
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay", "min": 0, "max": 1})
+    # a few-shot run never needs more; bounds one job to minutes on a GPU
+    steps: int = field(default=300, metadata={"help": "optimizer steps", "min": 1, "max": 20_000})
     # cached augmented views per support image (prototypes + training)
-    augment_views: int = field(default=10, metadata={"help": "augmented views per image"})
+    # (each view is one more encoded and cached image per support image: at most 64)
+    augment_views: int = field(default=10, metadata={"help": "augmented views per image", "min": 0, "max": 64})
     # 1: whole graph; 4: the official interleaved grouping
-    groups: int = field(default=1, metadata={"help": "node groups (4 = official code)"})
+    # (more groups than classes are clamped to the number of classes)
+    groups: int = field(default=1, metadata={"help": "node groups (4 = official code)", "min": 1, "max": 1000})
     templates: tuple[str, ...] | None = field(  # None: the backbone's prompt ensemble
         default=None, metadata={"help": "prompt templates (blank: the backbone's prompt ensemble)"})
 

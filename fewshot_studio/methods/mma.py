@@ -83,27 +83,37 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
 @dataclass
 class MMAConfig(MethodConfig):
     # adapter bottleneck width r
-    rank: int = field(default=32, metadata={"help": "adapter width r"})
+    # (the paper uses 32; every adapted block adds parameters in proportion: at most 256)
+    rank: int = field(default=32, metadata={"help": "adapter width r", "min": 1, "max": 256})
     # adapter output scale
-    scale: float = field(default=0.001, metadata={"help": "adapter scale"})
+    # (the adapters' output is added to features of norm ~1: more than 10 drowns them)
+    scale: float = field(default=0.001, metadata={"help": "adapter scale", "min": 0, "max": 10})
     # first adapted block, 1-based; None: top two-thirds
-    start_block: int | None = field(default=None, metadata={"help": "first adapted block (blank: top ⅔)"})
+    # (1-based; the method checks both against the backbone's depth; no CLIP tower has 1000 blocks)
+    start_block: int | None = field(default=None, metadata={"help": "first adapted block (blank: top ⅔)",
+                                                            "min": 1, "max": 1000})
     # last adapted block, 1-based, inclusive; None: the last block
-    end_block: int | None = field(default=None, metadata={"help": "last adapted block (blank: last)"})
+    end_block: int | None = field(default=None, metadata={"help": "last adapted block (blank: last)",
+                                                          "min": 1, "max": 1000})
     template: str = field(default="a photo of a {}.", metadata={"help": "prompt template"})
-    # paper setting
-    epochs: int = field(default=5, metadata={"help": "epochs"})
+    # paper setting; at most 100 (20× the paper): an epoch is N / batch_size steps of the tower
+    epochs: int = field(default=5, metadata={"help": "epochs", "min": 1, "max": 100})
     # total optimiser steps; overrides epochs and min_steps
-    steps: int | None = field(default=None, metadata={"help": "steps (blank: max(epochs, minimum))"})
+    # (a few-shot run never needs more than 20,000; bounds one job to minutes on a GPU)
+    steps: int | None = field(default=None, metadata={"help": "steps (blank: max(epochs, minimum))",
+                                                      "min": 1, "max": 20_000})
     # floor on the optimiser steps (see the module docstring)
-    min_steps: int = field(default=300, metadata={"help": "minimum steps"})
-    batch_size: int = field(default=16, metadata={"help": "batch size"})
-    lr: float = field(default=0.0015, metadata={"help": "learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
-    warmup: int = field(default=0, metadata={"help": "warm-up steps"})
+    min_steps: int = field(default=300, metadata={"help": "minimum steps", "min": 0, "max": 20_000})
+    # (images through the upper tower with gradients: more than 512 only runs out of memory)
+    batch_size: int = field(default=16, metadata={"help": "batch size", "min": 1, "max": 512})
+    # (SGD: above 1 only diverges; 0 trains nothing)
+    lr: float = field(default=0.0015, metadata={"help": "learning rate", "min": 1e-7, "max": 1})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "min": 0, "max": 1})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay", "min": 0, "max": 1})
+    warmup: int = field(default=0, metadata={"help": "warm-up steps", "min": 0, "max": 20_000})
     # augmented views per support image, besides the plain view
-    augment_views: int = field(default=8, metadata={"help": "augmented views per image"})
+    # (each view is one more encoded and cached image per support image: at most 64)
+    augment_views: int = field(default=8, metadata={"help": "augmented views per image", "min": 0, "max": 64})
     # cache the outputs of the blocks below the first adapted one
     cache_lower: bool = field(default=True, metadata={"help": "cache the lower blocks"})
 

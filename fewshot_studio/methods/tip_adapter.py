@@ -49,31 +49,40 @@ from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 @dataclass
 class TipAdapterConfig(MethodConfig):
     # paper default: weight of the cache logits
-    alpha: float = field(default=1.0, metadata={"help": "α: weight of the cache logits"})
+    # (≥ 0; the search's grids end at 13 by default: 100 is generous)
+    alpha: float = field(default=1.0, metadata={"help": "α: weight of the cache logits", "min": 0, "max": 100})
     # paper default: sharpness of the affinity
-    beta: float = field(default=5.5, metadata={"help": "β: sharpness of the affinity"})
+    # (≥ 0; exp(-β(1 - cos)) is 0 for every other image long before 100)
+    beta: float = field(default=5.5, metadata={"help": "β: sharpness of the affinity", "min": 0, "max": 100})
     # augmented views averaged into each key (the paper's augment epochs)
-    augment_views: int = field(default=10, metadata={"help": "augmented views per image"})
+    # (each view is one more encoded and cached image per support image: at most 64)
+    augment_views: int = field(default=10, metadata={"help": "augmented views per image", "min": 0, "max": 64})
     # leave-one-out search of α and β on the support set
     search: bool = field(default=True, metadata={"help": "search α and β on the support set"})
     search_scale: tuple[float, float] = field(  # upper ends of the β and α grids (official code)
-        default=(13.0, 13.0), metadata={"help": "upper ends of the β and α search grids"})
-    search_steps: tuple[int, int] = field(  # grid sizes for β and α (official code)
-        default=(200, 20), metadata={"help": "sizes of the β and α search grids"})
+        default=(13.0, 13.0), metadata={"help": "upper ends of the β and α search grids", "min": 0, "max": 100})
+    # grid sizes for β and α (official code); the α grid is held as (steps, images, classes)
+    # logits at once, and every β is one pass over the support set: at most 500 each
+    search_steps: tuple[int, int] = field(
+        default=(200, 20), metadata={"help": "sizes of the β and α search grids", "min": 1, "max": 500})
     templates: tuple[str, ...] | None = field(  # None: the backbone's prompt ensemble
         default=None, metadata={"help": "prompt templates (blank: the backbone's prompt ensemble)"})
 
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig):
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    eps: float = field(default=1e-4, metadata={"help": "AdamW ε"})
+    # (AdamW: above 1 only diverges; 0 trains nothing)
+    lr: float = field(default=1e-3, metadata={"help": "learning rate", "min": 1e-7, "max": 1})
+    # (a denominator guard: positive, and above 1 it swamps the update)
+    eps: float = field(default=1e-4, metadata={"help": "AdamW ε", "min": 1e-12, "max": 1})
     # torch's AdamW default, which the official code keeps
-    weight_decay: float = field(default=0.01, metadata={"help": "weight decay"})
-    epochs: int = field(default=20, metadata={"help": "epochs"})
-    batch_size: int = field(default=256, metadata={"help": "batch size"})
+    weight_decay: float = field(default=0.01, metadata={"help": "weight decay", "min": 0, "max": 1})
+    # (with min_steps, a few-shot run never needs more; bounds one job to minutes on a GPU)
+    epochs: int = field(default=20, metadata={"help": "epochs", "min": 1, "max": 1000})
+    # (rows of cached features, not images: 4096 is far more than a few-shot set)
+    batch_size: int = field(default=256, metadata={"help": "batch size", "min": 1, "max": 4096})
     # a few shots make an epoch one step; guarantee enough steps to learn
-    min_steps: int = field(default=200, metadata={"help": "minimum steps"})
+    min_steps: int = field(default=200, metadata={"help": "minimum steps", "min": 0, "max": 20_000})
 
 
 def cache_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta) -> torch.Tensor:

@@ -15,6 +15,22 @@ from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
 
 
+def setting_number(value, label: str, precision: int | None, bounds: tuple) -> gr.Number:
+    """A method setting's number box: its minimum/maximum (the catalog's bounds) guide the
+    browser's input, and the server's check is the catalog's one rule (`coerce_settings`), whose
+    sentence names the method and the setting, instead of Number's own range message. (An
+    instance override, not a subclass: Gradio writes a .pyi file next to every Component
+    subclass's module.)"""
+    lo, hi = bounds
+    box = gr.Number(value=value, label=label, precision=precision, minimum=lo, maximum=hi)
+
+    def preprocess(payload):
+        return None if payload is None else box.round_to_precision(payload, box.precision)
+
+    box.preprocess = preprocess
+    return box
+
+
 def build(ui: UI) -> None:
     ws = ui.ws
     ui.adv = []  # (method, key, component), in input order
@@ -34,6 +50,7 @@ def build(ui: UI) -> None:
                 for m in catalog.method_ids():
                     with gr.Group(visible=m == "graph") as grp:
                         defaults = catalog.settings(m)
+                        limits = catalog.bounds(m)
                         keys = list(defaults)
                         for i in range(0, len(keys), 3):
                             with gr.Row():
@@ -44,8 +61,9 @@ def build(ui: UI) -> None:
                                     elif v is None:  # "auto": a blank box (a Number cannot be blank)
                                         c = gr.Textbox(value="", label=presenters.label_for(m, k), placeholder="auto")
                                     else:
-                                        c = gr.Number(value=v, label=presenters.label_for(m, k),
-                                                      precision=0 if isinstance(v, int) else None, minimum=0)
+                                        c = setting_number(v, presenters.label_for(m, k),
+                                                           0 if isinstance(v, int) else None,
+                                                           limits.get(k, (None, None)))
                                     ui.adv.append((m, k, c))
                     ui.adv_groups[m] = grp
             with gr.Row():
