@@ -78,6 +78,13 @@ def _base_layout(title: str, **extra) -> dict:
     return layout
 
 
+def label_text(name) -> str:
+    """A class name for a plotly label or hover text. Plotly renders a subset of HTML there
+    (<a href>, <span style>, <b>, <br>) and turns entities back into characters, so escaping
+    & < > shows a name exactly as typed and never as a link or styled text."""
+    return str(name).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _tick_angle(names: Sequence[str]) -> int:
     """Slant category labels when side by side they would not fit (a half-width plot holds
     about 40 characters of labels), so they never overlap."""
@@ -304,6 +311,8 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=HIGHLIGHT_NAME, legendgroup=HIGHLIGHT_NAME,
                                  line=dict(color=WARN_COLOR, width=4.5), opacity=0.95, hoverinfo="skip"))
 
+    names = [label_text(n) for n in kg.classes]  # class names are user text: shown, never markup
+
     # Invisible midpoint markers carry each shown pair's exact weights.
     def pair_text(i: int, j: int) -> str:
         parts = [f"text {_fmt(mats['text'][i, j])}"]
@@ -311,7 +320,7 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
             parts.append(f"visual {_fmt(mats['visual'][i, j])}")
         if mats["fused"] is not None and "fused" in subs:
             parts.append(f"fused {_fmt(mats['fused'][i, j])}")
-        return f"{kg.classes[i]} — {kg.classes[j]}: " + ", ".join(parts)
+        return f"{names[i]} — {names[j]}: " + ", ".join(parts)
 
     shown = sorted(set(p for s in subs for p in drawn[s]) | set(shown_hi))
     if shown:
@@ -331,7 +340,7 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
     counts = list(kg.counts) if kg.counts is not None and len(kg.counts) == c else None
     rank = np.mean([mats[s] for s in subs], axis=0)
     node_text = []
-    for i, name in enumerate(kg.classes):
+    for i, name in enumerate(names):
         lines = [f"<b>{name}</b>"]
         if counts is not None:
             n = int(counts[i])
@@ -341,12 +350,12 @@ def knowledge_graph_figure(kg: KnowledgeGraph, mode: str = "both", threshold: fl
             lines.append("strongest neighbours:")
             for j in others:
                 a, b = min(i, j), max(i, j)
-                lines.append("  " + kg.classes[j] + ": " + pair_text(a, b).split(": ", 1)[1])
+                lines.append("  " + names[j] + ": " + pair_text(a, b).split(": ", 1)[1])
         node_text.append("<br>".join(lines))
     colors = [EMPTY_NODE_COLOR if counts is not None and counts[i] == 0 else NODE_COLOR for i in range(c)]
     fig.add_trace(go.Scatter(
         x=pos[:, 0].tolist(), y=pos[:, 1].tolist(), mode="markers+text", name=NODES_NAME, showlegend=False,
-        text=list(kg.classes), textposition="top center", textfont=dict(size=13, color="#1f1f1f"),
+        text=names, textposition="top center", textfont=dict(size=13, color="#1f1f1f"),
         hovertext=node_text, hoverinfo="text",
         marker=dict(size=_node_sizes(counts, c).round(2).tolist(), color=colors,
                     line=dict(color="white", width=1.5))))
@@ -462,7 +471,7 @@ def confusion_figure(confusion, classes: Sequence[str], title: str = "Confusion 
     counts = [[int(round(x)) if float(x).is_integer() else float(x) for x in row] for row in m]
     custom = [[[counts[i][j], 100 * frac[i, j]] for j in range(c)] for i in range(c)]
     fig = go.Figure(go.Heatmap(
-        z=frac.round(6).tolist(), x=classes, y=classes, text=[[str(x) for x in row] for row in counts],
+        z=frac.round(6).tolist(), x=[label_text(n) for n in classes], y=[label_text(n) for n in classes], text=[[str(x) for x in row] for row in counts],
         texttemplate="%{text}" if c <= 30 else None, customdata=custom, zmin=0.0, zmax=1.0,
         colorscale="Blues", colorbar=dict(title=dict(text="share of<br>true class"), tickformat=".0%"),
         hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata[0]} images (%{customdata[1]:.1f}%)<extra></extra>",
@@ -479,8 +488,8 @@ def per_class_figure(per_class: Mapping[str, float | None], title: str = "Accura
     """Bar per class of its accuracy (0–1, shown as %); None means no test images."""
     if not per_class:
         return _empty_figure("No evaluation yet.", title)
-    names = list(per_class)
-    vals = [None if per_class[n] is None else float(per_class[n]) for n in names]
+    vals = [None if v is None else float(v) for v in per_class.values()]
+    names = [label_text(n) for n in per_class]
     fig = go.Figure(go.Bar(
         x=names, y=[0.0 if v is None else v for v in vals],
         text=["no test images" if v is None else _pct(v) for v in vals], textposition="outside",

@@ -158,15 +158,16 @@ def test_a_missing_image_file_never_takes_the_page_down(app, client):
     """Bad luck: a stored image and its thumbnail vanish. Opening the project still shows every
     tab (a placeholder for that image) and says so in one sentence."""
     ws = app.workspace
-    client.predict("shapes", api_name="/load_example")
+    if client.predict("shapes", api_name="/load_example")[0].startswith("Opened your copy"):
+        client.predict("shapes", api_name="/load_example")  # a fresh copy, the newest project
     pid = max(p.id for p in projects.list_projects(ws))
     sc = ws.scope(pid)
     img = library.images(sc, "red circle")[0]
     img.path.unlink()
     (ws.thumbs_dir / img.hash[:2] / f"{img.hash}.png").unlink(missing_ok=True)
     out = client.predict(pid, api_name="/open_project")
-    assert out[0].startswith("Opened **Example: coloured shapes") and "1 image file is missing" in out[0]
-    assert f"#{img.id} {img.original_name}" in out[0]
+    assert out[0].startswith("Opened **Example\\: coloured shapes") and "1 image file is missing" in out[0]
+    assert f"#{img.id} {presenters.md(img.original_name)}" in out[0]
     out = client.predict("red circle", api_name="/open_class")  # the class gallery with the placeholder
     gallery = next(o for o in out if isinstance(o, list) and o and isinstance(o[0], dict) and "image" in o[0])
     assert len(gallery) == 4
@@ -331,7 +332,9 @@ def test_out_of_bounds_settings_and_poisoned_models_are_refused_over_http(app, c
             boxes["GraphAdapter · optimizer steps"]["props"]["maximum"]) == (1, 20000)
     assert boxes["MMA · adapter width r"]["props"]["maximum"] == 256
 
-    client.predict("shapes", api_name="/load_example")
+    out = client.predict("shapes", api_name="/load_example")
+    if out[0].startswith("Opened your copy"):  # an earlier test of this module loaded it: a fresh copy
+        client.predict("shapes", api_name="/load_example")
     pid = max(p.id for p in projects.list_projects(studio))
     scope = studio.scope(pid)
     train = Endpoint(client, "/train")

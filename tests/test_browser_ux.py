@@ -375,3 +375,29 @@ def test_train_shows_its_progress_and_warns_that_tiny_knows_only_shapes(studio, 
     page.wait_for_timeout(1_000)  # the smooth scroll
     box = page.locator("#train-progress").bounding_box()
     assert 0 <= box["y"] and box["y"] + box["height"] <= 900, f"the progress bar is off-screen: {box}"
+
+
+def test_names_with_markdown_or_html_are_shown_as_typed(studio, app, page):
+    """A project or class name is user text: on the page it reads exactly as typed, and it never
+    becomes an image, a link or styled text (notices are Markdown, toasts and plots HTML)."""
+    from playwright.sync_api import expect
+
+    name = "![x](http://127.0.0.1:9/x.png) [Session expired](http://127.0.0.1:9/) <b>bold</b>"
+    page.fill("#new-project-name textarea, #new-project-name input", name)
+    page.click("#create-project")
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("Created project", timeout=30_000)
+    expect(notice).to_contain_text(name)
+    assert notice.locator("img").count() == 0 and notice.locator("a").count() == 0
+    assert notice.locator("b").count() == 0
+    cls = "<a href='http://127.0.0.1:9/'>sign in</a>"
+    for attempt in range(2):  # the second time it is a duplicate: an error toast quotes the name
+        page.fill("#new-class-name textarea, #new-class-name input", cls)
+        page.click("#add-class")
+        if attempt == 0:
+            expect(notice).to_contain_text("Added the class", timeout=30_000)
+            expect(notice).to_contain_text(cls)
+    toast = page.locator(".toast-body").filter(has_text="already").first
+    expect(toast).to_be_visible(timeout=15_000)
+    assert toast.locator("a").count() == 0 and "<a href" in toast.inner_text()
+    assert page.locator("#notice a, #notice img").count() == 0

@@ -576,3 +576,15 @@ def test_a_missing_image_file_shows_a_placeholder_and_one_sentence(tiny, tmp_pat
     library.remove_image(sc, gone.id)  # it can be removed like any image
     assert presenters.missing_notice(sc) == "" and len(presenters.gallery_items(sc, "red circle")[0]) == 3
     ws.close()
+
+
+def test_user_text_in_notices_is_escaped_markdown():
+    from fewshot_studio.ui.presenters import md
+
+    hostile = "![x](http://evil.example/x.png) [Session expired](http://evil.example) <b>hi</b> *a* www.evil.example"
+    out = md(hostile)
+    for raw in ("![", "](", "<b>", "*a*", "www.evil"):
+        assert raw not in out
+    # every escape is a backslash before the very character typed: the text reads the same
+    assert out.replace("\\", "") == hostile and md("red circle") == "red circle"
+    assert md("two\nlines") == "two lines"

@@ -607,3 +607,25 @@ def test_knowledge_graph_lives_in_a_numpy_only_module():
             assert node.level == 0, "imports nothing of the package"
             mods.add(node.module.split(".")[0])
     assert mods <= {"__future__", "dataclasses", "typing", "numpy"}
+
+
+HOSTILE = ['<a href="http://evil.example/">Session expired: sign in</a>', '<span style="font-size:80px">big</span>',
+           "cat & <b>dog</b>"]
+
+
+def test_class_names_are_shown_as_text_never_as_markup():
+    """Plotly renders <a href>, <span style>, <b> in labels and hover texts: a class name must
+    show exactly as typed (escaped; plotly turns the entities back into characters)."""
+    t = np.eye(3)
+    kg = KnowledgeGraph(list(HOSTILE), t, np.eye(3) + 0.5 * (1 - np.eye(3)))
+    escaped = [viz.label_text(n) for n in HOSTILE]
+    assert escaped[0] == '&lt;a href="http://evil.example/"&gt;Session expired: sign in&lt;/a&gt;'
+    figures = [viz.knowledge_graph_figure(kg, mode, -1.0) for mode in viz.MODES]
+    figures += [viz.confusion_figure(np.eye(3), HOSTILE), viz.per_class_figure(dict.fromkeys(HOSTILE, 0.5))]
+    for fig in figures:
+        blob = json.dumps(fig.to_plotly_json()["data"])
+        for tag in ("<a ", "<span", "<b>dog"):
+            assert tag not in blob, (tag, blob[:300])
+    nodes = next(tr for tr in figures[0].data if tr.name == viz.NODES_NAME)
+    assert list(nodes.text) == escaped
+    assert list(figures[-2].data[0].x) == escaped and list(figures[-1].data[0].x) == escaped

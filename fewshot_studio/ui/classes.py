@@ -10,7 +10,8 @@ from ..errors import DataError
 from ..app import library
 from ..app.library import POOL
 from . import presenters
-from .common import UI, files_of, friendly, need_project, picked, refused_text, unchanged, who
+from .presenters import md
+from .common import UI, files_of, friendly, need_project, picked, refused_text, toast_text, unchanged, who
 
 
 def build(ui: UI) -> None:
@@ -104,7 +105,7 @@ def build(ui: UI) -> None:
     def add_class(pid, name, desc, owner, request: gr.Request):
         owner = who(owner, request)
         c = library.add_class(ui.scope(pid, owner), name or "", desc or "")
-        return {ui.notice: f"Added the class **{c.name}**; now drop a few images into it.",
+        return {ui.notice: f"Added the class **{md(c.name)}**; now drop a few images into it.",
                 **class_view(pid, owner, c.name), ui.new_class: "", ui.new_class_desc: ""}
 
     @friendly
@@ -128,7 +129,7 @@ def build(ui: UI) -> None:
         scope = ui.scope(pid, owner)
         c = library.class_by_name(scope, _real_class(name))
         c2 = library.rename_class(scope, c.id, new_name or "")
-        return {ui.notice: f"Renamed **{c.name}** to **{c2.name}**.", **class_view(pid, owner, c2.name)}
+        return {ui.notice: f"Renamed **{md(c.name)}** to **{md(c2.name)}**.", **class_view(pid, owner, c2.name)}
 
     @friendly
     def set_description(pid, name, desc, owner, request: gr.Request):
@@ -136,7 +137,7 @@ def build(ui: UI) -> None:
         scope = ui.scope(pid, owner)
         c = library.class_by_name(scope, _real_class(name))
         library.set_description(scope, c.id, desc or "")
-        return {ui.notice: f"Saved the description of **{c.name}**.", **class_view(pid, owner, c.name)}
+        return {ui.notice: f"Saved the description of **{md(c.name)}**.", **class_view(pid, owner, c.name)}
 
     @friendly
     def delete_class(pid, name, owner, request: gr.Request):
@@ -145,7 +146,7 @@ def build(ui: UI) -> None:
         c = library.class_by_name(scope, _real_class(name))
         moved = library.delete_class(scope, c.id)
         extra = f" Its {moved} image{'s' if moved != 1 else ''} moved to the unlabeled pool." if moved else ""
-        return {ui.notice: f"Deleted the class **{c.name}**.{extra}", **class_view(pid, owner)}
+        return {ui.notice: f"Deleted the class **{md(c.name)}**.{extra}", **class_view(pid, owner)}
 
     @friendly
     def add_images(pid, name, files, owner, request: gr.Request):
@@ -154,9 +155,9 @@ def build(ui: UI) -> None:
         if name in (None, ""):
             raise DataError("Pick a class first (the Class menu), then drop the images.")
         added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), name)
-        where = "the unlabeled pool" if name == POOL else f"**{name}**"
+        where = "the unlabeled pool" if name == POOL else f"**{md(name)}**"
         if errors:
-            gr.Warning(refused_text(errors).strip())
+            gr.Warning(refused_text(errors, escape=toast_text).strip())
         return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to {where}.{refused_text(errors)}",
                 **class_view(pid, owner, name), ui.class_upload: None}
 
@@ -165,7 +166,7 @@ def build(ui: UI) -> None:
         owner = who(owner, request)
         added, errors = library.add_uploads(ui.scope(pid, owner), files_of(file), None)
         if errors:
-            gr.Warning(refused_text(errors).strip())
+            gr.Warning(refused_text(errors, escape=toast_text).strip())
         return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} from the zip.{refused_text(errors)}",
                 **class_view(pid, owner, name), ui.zip_upload: None}
 
@@ -192,7 +193,7 @@ def build(ui: UI) -> None:
         scope = ui.scope(pid, owner)
         img = presenters.image_by_thumbnail(scope, name, thumb)
         library.remove_images(scope, [img.id])
-        return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
+        return {ui.notice: f"Removed **{md(img.original_name)}**.", **class_view(pid, owner, name)}
 
     def gallery_upload(pid, name, value, owner, request: gr.Request):
         # the gallery's value: its thumbnails (files named by the image's content hash, see
@@ -210,7 +211,7 @@ def build(ui: UI) -> None:
         scope = ui.scope(pid, owner)
         img = library.image(scope, int(image_id))
         library.remove_images(scope, [img.id])
-        return {ui.notice: f"Removed **{img.original_name}**.", **class_view(pid, owner, name)}
+        return {ui.notice: f"Removed **{md(img.original_name)}**.", **class_view(pid, owner, name)}
 
     ui.add_class_btn.click(add_class, [ui.project, ui.new_class, ui.new_class_desc, ui.owner],
                            acts + [ui.new_class, ui.new_class_desc], api_name="add_class")

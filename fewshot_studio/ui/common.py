@@ -12,7 +12,7 @@ import gradio as gr
 from ..errors import FewShotError
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
 from ..app.context import ProjectScope, Workspace
-from .presenters import eta_text, method_label, model_result
+from .presenters import eta_text, md, method_label, model_result
 
 log = logging.getLogger("fewshot_studio.ui")
 
@@ -85,11 +85,11 @@ def friendly(fn: Callable) -> Callable:
     def translated(e: Exception) -> gr.Error:
         if isinstance(e, gr.Error):
             return e
-        if isinstance(e, FewShotError):
-            return gr.Error(str(e), print_exception=False)
+        if isinstance(e, FewShotError):  # its sentence may quote user text (a name, a file)
+            return gr.Error(toast_text(str(e)), print_exception=False)
         log.exception("handler %s failed", getattr(fn, "__name__", fn))  # the page must keep working
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return gr.Error(f"Something went wrong: {first}", print_exception=False)
+        return gr.Error(toast_text(f"Something went wrong: {first}"), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -189,10 +189,17 @@ def files_of(value) -> list[str]:
     return out
 
 
-def refused_text(errors: list[str], limit: int = 20) -> str:
+def toast_text(text: str) -> str:
+    """User text for a toast (Gradio renders toasts as sanitized HTML): shown, never markup."""
+    return html.escape(str(text), quote=False)
+
+
+def refused_text(errors: list[str], limit: int = 20, escape: Callable[[str], str] = md) -> str:
+    """" Refused N files: …" for a notice (Markdown, `md`) or a toast (`toast_text`); the
+    sentences name uploaded files, which are user text."""
     if not errors:
         return ""
-    shown = "; ".join(errors[:limit])
+    shown = "; ".join(escape(e) for e in errors[:limit])
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return f" Refused {len(errors)} file{'s' if len(errors) != 1 else ''}: {shown}{more}"
 

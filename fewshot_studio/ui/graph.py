@@ -9,6 +9,7 @@ from ..errors import DataError
 from ..app import modeling
 from ..methods.knowledge_graph import KnowledgeGraph
 from . import presenters
+from .presenters import md
 from .common import UI, friendly, who
 
 MODE_CHOICES = [("textual + visual", "both"), ("textual", "text"), ("visual", "visual"),
@@ -63,7 +64,7 @@ def build(ui: UI) -> None:
         info = presenters.model_summary(scope)
         if pairs:
             a, b, t, v, _ = pairs[0]
-            info += f" · most confusable pair: **{a}** and **{b}** (visual {v:.2f}, textual {t:.2f})"
+            info += f" · most confusable pair: **{md(a)}** and **{md(b)}** (visual {v:.2f}, textual {t:.2f})"
         return {ui.graph_plot: viz.knowledge_graph_figure(kg, mode, threshold),
                 ui.edge_table: viz.edge_rows(kg, threshold, sort_by or viz.DEFAULT_EDGE_SORT),
                 ui.confusable_table: pairs, ui.graph_info: info}

@@ -10,8 +10,8 @@ from ..app.library import POOL
 from ..errors import DataError, FewShotError
 from ..jobs import CANCELLED, FAILED
 from . import presenters
-from .common import UI, files_of, follow, friendly, picked, progress_html, refused_text, unchanged, who
-from .presenters import parse_image_ids
+from .common import UI, files_of, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
+from .presenters import md, parse_image_ids
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
 MARK = "✓"
@@ -112,7 +112,7 @@ def wire(ui: UI) -> None:
         owner = who(owner, request)
         added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), POOL)
         if errors:
-            gr.Warning(refused_text(errors).strip())
+            gr.Warning(refused_text(errors, escape=toast_text).strip())
         return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to the pool; press Label the pool."
                            f"{refused_text(errors)}", **ui.pool_view(pid, owner), ui.pool_upload: None}
 
@@ -200,7 +200,7 @@ def wire(ui: UI) -> None:
         if not class_name:
             raise DataError("Pick the class to label them with.")
         n = modeling.correct(ui.scope(pid, owner), ids, class_name)
-        return after_change(pid, owner, f"Labeled {n} image{'s' if n != 1 else ''} as **{class_name}**. "
+        return after_change(pid, owner, f"Labeled {n} image{'s' if n != 1 else ''} as **{md(class_name)}**. "
                                         f"Retrain to use {them(n)}.")
 
     @friendly

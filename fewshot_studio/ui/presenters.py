@@ -259,8 +259,19 @@ def missing_notice(scope: ProjectScope) -> str:
     gone = library.missing_images(scope)
     if not gone:
         return ""
-    names = ", ".join(f"#{i.id} {i.original_name}" for i in gone[:3]) + (", …" if len(gone) > 3 else "")
+    names = ", ".join(f"#{i.id} {md(i.original_name)}" for i in gone[:3]) + (", …" if len(gone) > 3 else "")
     files = "image file is" if len(gone) == 1 else "image files are"
     return (f"{len(gone)} {files} missing from the data folder ({names}), shown as grey placeholders; "
             "remove them here, or run `python -m fewshot_studio doctor` to check the folder.")
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&:])")
+
+
+def md(text) -> str:
+    """User text (a project, class or file name) for a Markdown notice, shown exactly as typed:
+    the punctuation Markdown or HTML could act on is backslash-escaped (CommonMark allows that for
+    every ASCII punctuation mark; ':' and '.' too, so no bare URL becomes a link), so no name can
+    become a link, an image, HTML or emphasis; newlines become spaces."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 

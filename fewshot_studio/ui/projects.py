@@ -10,6 +10,7 @@ from ..errors import FewShotError
 from ..app import modeling, projects
 from ..app.projects import EXAMPLES
 from . import presenters
+from .presenters import md
 from .common import UI, friendly, who
 
 
@@ -82,13 +83,13 @@ def wire(ui: UI) -> None:
     def create(name, owner, request: gr.Request):
         owner = who(owner, request)
         p = projects.create_project(ws, name or "", owner)
-        return {**show(p.id, owner, f"Created project **{p.name}**. Add classes below."), ui.new_project: ""}
+        return {**show(p.id, owner, f"Created project **{md(p.name)}**. Add classes below."), ui.new_project: ""}
 
     @friendly
     def open_project(pid, owner, request: gr.Request):
         owner = who(owner, request)
         p = ui.scope(pid, owner).project
-        return show(p.id, owner, f"Opened **{p.name}**.")
+        return show(p.id, owner, f"Opened **{md(p.name)}**.")
 
     @friendly
     def load_example(name, opened, owner, request: gr.Request):
@@ -96,10 +97,10 @@ def wire(ui: UI) -> None:
         name = name or "shapes"
         have = projects.example_project(ws, name, owner)
         if have is not None and opened != name:  # a second press makes the fresh copy
-            return {**show(have.id, owner, f"Opened your copy of the example, **{have.name}**. Press *Load example* "
+            return {**show(have.id, owner, f"Opened your copy of the example, **{md(have.name)}**. Press *Load example* "
                                            "again for a fresh copy."), ui.example_copy: name}
         p = projects.load_example(ws, name, owner)
-        return {**show(p.id, owner, f"Loaded the example project **{p.name}**: its classes and images are below, "
+        return {**show(p.id, owner, f"Loaded the example project **{md(p.name)}**: its classes and images are below, "
                                     "and its unlabeled pool waits in Predict & label."), ui.example_copy: None}
 
     @friendly
@@ -113,7 +114,7 @@ def wire(ui: UI) -> None:
     def rename(pid, name, owner, request: gr.Request):
         owner = who(owner, request)
         p = projects.rename_project(ui.scope(pid, owner), name or "")
-        return show(p.id, owner, f"Renamed the project to **{p.name}**.")
+        return show(p.id, owner, f"Renamed the project to **{md(p.name)}**.")
 
     def ask_delete(pid):
         return gr.Button(visible=pid is not None)
@@ -125,7 +126,7 @@ def wire(ui: UI) -> None:
         projects.delete_project(scope)
         nxt = projects.last_project(ws, owner)
         name = scope.project.name
-        return show(nxt.id if nxt else None, owner, f"Deleted **{name}**.")
+        return show(nxt.id if nxt else None, owner, f"Deleted **{md(name)}**.")
 
     ui.create_btn.click(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_name="create_project")
     ui.new_project.submit(create, [ui.new_project, ui.owner], outs + [ui.new_project], api_visibility="private")
@@ -149,7 +150,7 @@ def wire(ui: UI) -> None:
             token = projects.project_link(scope, renew=renew)
             what = "A new link" if renew else "The link"
             return {ui.share_token: token,
-                    ui.notice: f"{what} to **{name}** is below{'; the old one no longer opens it' if renew else ''}."}
+                    ui.notice: f"{what} to **{md(name)}** is below{'; the old one no longer opens it' if renew else ''}."}
         return handler
 
     # the page knows its own address (behind a proxy or in a Space, the server may not)
@@ -173,7 +174,7 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
         if link:  # the page was opened through a project link (?project=<token>)
             try:
                 shared = projects.open_link(ws, link, owner)
-                preferred, notice = shared.id, f"Opened **{shared.name}** from its link."
+                preferred, notice = shared.id, f"Opened **{md(shared.name)}** from its link."
             except FewShotError as e:
                 notice = str(e)
         p = projects.last_project(ws, owner, preferred)
