@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from .markup import html_text
+
 if TYPE_CHECKING:  # typing only: importing the methods package at run time would pull in torch
     from .evaluation import ProtocolReport
     from .methods.knowledge_graph import KnowledgeGraph
@@ -82,7 +84,7 @@ def label_text(name) -> str:
     """A class name for a plotly label or hover text. Plotly renders a subset of HTML there
     (<a href>, <span style>, <b>, <br>) and turns entities back into characters, so escaping
     & < > shows a name exactly as typed and never as a link or styled text."""
-    return str(name).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html_text(name)
 
 
 def _tick_angle(names: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fewshot_studio"
 # layer (importing a later one is "sideways" and fails). A unit is a top-level module or a
 # sub-package (all of its modules).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("L0 foundation", ["errors", "progress", "config"]),
+    ("L0 foundation", ["errors", "progress", "config", "markup"]),
     ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
                                 "workers", "tiny", "backbone", "features"]),
     ("L2 methods", ["training", "methods"]),

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..markup import md
 from .splits import labels_array
 
 
@@ -112,7 +113,7 @@ class Comparison:
             per_class = len(self.classnames) <= 8
         head = ["Method", "Accuracy (%)", "Correct"]
         if per_class:
-            head += [_md_cell(c) for c in self.classnames]
+            head += [md(c) for c in self.classnames]  # class names are user text: never markup
         head.append("Time (s)")
         lines = [f"Cross-validation: {self.folds}.", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]

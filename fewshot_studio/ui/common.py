@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from ..errors import FewShotError
+from ..markup import html_text
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
 from ..app.context import ProjectScope, Workspace
 from .presenters import eta_text, md, method_label, model_result
@@ -191,7 +192,7 @@ def files_of(value) -> list[str]:
 
 def toast_text(text: str) -> str:
     """User text for a toast (Gradio renders toasts as sanitized HTML): shown, never markup."""
-    return html.escape(str(text), quote=False)
+    return html_text(text)
 
 
 def refused_text(errors: list[str], limit: int = 20, escape: Callable[[str], str] = md) -> str:

@@ -15,6 +15,7 @@ from ..app.library import POOL
 from ..app.modeling import PoolRow
 from ..backbone import TINY, BackboneSpec
 from ..errors import DataError
+from ..markup import md
 from ..methods import catalog
 from ..store import ImageInfo, ModelInfo, NotFoundError
 
@@ -263,15 +264,4 @@ def missing_notice(scope: ProjectScope) -> str:
     files = "image file is" if len(gone) == 1 else "image files are"
     return (f"{len(gone)} {files} missing from the data folder ({names}), shown as grey placeholders; "
             "remove them here, or run `python -m fewshot_studio doctor` to check the folder.")
-
-
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&:])")
-
-
-def md(text) -> str:
-    """User text (a project, class or file name) for a Markdown notice, shown exactly as typed:
-    the punctuation Markdown or HTML could act on is backslash-escaped (CommonMark allows that for
-    every ASCII punctuation mark; ':' and '.' too, so no bare URL becomes a link), so no name can
-    become a link, an image, HTML or emphasis; newlines become spaces."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 

@@ -1,0 +1,22 @@
+"""User text (project, class and file names) inside Markdown or HTML: shown exactly as typed,
+never as markup. One definition for the notices (`ui`), the evaluation tables (`evaluation`),
+the toasts (`ui`) and the plot labels (`viz`)."""
+from __future__ import annotations
+
+import re
+
+# the punctuation Markdown or HTML could act on (CommonMark lets a backslash escape every ASCII
+# punctuation mark; ':' and '.' too, so no bare URL or www. address becomes a link)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&:])")
+
+
+def md(text) -> str:
+    """`text` for a Markdown document: backslash-escaped, so it cannot become a link, an image,
+    HTML or emphasis; newlines become spaces (a name never starts a block)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def html_text(text) -> str:
+    """`text` for HTML (Gradio toasts render sanitized HTML; plotly renders <a>, <span>, <b>
+    in labels and turns entities back into characters): & < > escaped."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
