@@ -46,6 +46,7 @@ class JobState:
     kind: str
     project_id: Any
     status: str = QUEUED
+    owner: str | None = None  # the browser session that started it (its limit and its Cancel)
     stage: str = "Waiting in the queue"
     step: int = 0
     total: int = 0
@@ -156,10 +157,11 @@ class JobRunner:
         self._lock = threading.Lock()
 
     # ---- generic jobs ------------------------------------------------------------
-    def submit(self, kind: str, fn: Callable[[Job], Any], project_id: Any = None, device: str = "cpu") -> str:
+    def submit(self, kind: str, fn: Callable[[Job], Any], project_id: Any = None, device: str = "cpu",
+               owner: str | None = None) -> str:
         """Queue `fn(job)`; its return value becomes the job's result."""
         job_id = self._new_id(kind, project_id)
-        job = Job(JobState(job_id, kind, project_id, device=device))
+        job = Job(JobState(job_id, kind, project_id, device=device, owner=owner))
         with self._lock:
             self._jobs[job_id] = job
         if self.store is not None:
@@ -245,7 +247,7 @@ class JobRunner:
 
     # ---- training ----------------------------------------------------------------------
     def submit_training(self, project_id: Any, method: str, backbone, extractor, support=None,
-                        descriptions=None, **overrides) -> str:
+                        descriptions=None, owner: str | None = None, **overrides) -> str:
         """Train `method` on the project's support set (snapshotted now, so later edits don't
         leak into this run) and register the model in the store when it finishes."""
         if support is None:
@@ -262,7 +264,7 @@ class JobRunner:
         def work(job: Job):
             return self._train(job, project_id, method, backbone, extractor, support, overrides)
 
-        return self.submit(TRAIN, work, project_id, device=str(backbone.device))
+        return self.submit(TRAIN, work, project_id, device=str(backbone.device), owner=owner)
 
     def _train(self, job: Job, project_id, method_name, backbone, extractor, support, overrides):
         from .methods import make_method

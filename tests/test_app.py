@@ -372,3 +372,40 @@ def test_out_of_bounds_settings_and_poisoned_models_are_refused_over_http(app, c
     assert client.predict(handle_file(render(tmp_path / "star.png", "yellow star", 999)), api_name="/predict")["label"]
     out = client.predict(handle_file(graph_zip), api_name="/import_model")
     assert out[0].startswith("Imported the model") and len(modeling.models(scope)) == count + 1
+
+
+def test_a_visitor_cannot_fill_the_queue_and_cancel_stops_every_training(tmp_path):
+    """#13 finding 3 over HTTP in hosted mode: a third job is refused in one sentence while two
+    of the visitor's trainings are queued or running; Cancel stops both, not only the latest;
+    meanwhile another visitor's training still runs to the end."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from fewshot_studio.app import Workspace
+    from fewshot_studio.backbone import BackboneSpec
+    from fewshot_studio.ui.app import build_app
+
+    ws = Workspace.at(tmp_path, BackboneSpec("tiny", None, device="cpu"), hosted=True)
+    demo = build_app(ws)
+    demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        alice, bob = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+        for c in (alice, bob):
+            c.predict("shapes", api_name="/load_example")
+        train = Endpoint(alice, "/train")
+        for _ in range(2):
+            train(Method="graph", Backbone="tiny", **{"GraphAdapter · optimizer steps": 20000})
+        with pytest.raises(AppError) as e:
+            train(Method="zeroshot", Backbone="tiny")
+        assert str(e.value).startswith("You already have 2 jobs queued or running")
+        Endpoint(bob, "/train")(Method="zeroshot", Backbone="tiny")
+        assert "the 2 jobs stop" in alice.predict(api_name="/cancel_training")
+        end = time.time() + 60
+        while time.time() < end and any(j.status not in ("done", "failed", "cancelled") for j in ws.runner.jobs()):
+            time.sleep(0.2)
+        by_status = sorted((j.owner is not None, j.status) for j in ws.runner.jobs())
+        assert [s for _, s in by_status].count("cancelled") == 2 and [s for _, s in by_status].count("done") == 1
+        assert 'data-status="done"' in wait_training(bob)
+    finally:
+        demo.close()
+        ws.close()

@@ -588,3 +588,26 @@ def test_user_text_in_notices_is_escaped_markdown():
     # every escape is a backslash before the very character typed: the text reads the same
     assert out.replace("\\", "") == hostile and md("red circle") == "red circle"
     assert md("two\nlines") == "two lines"
+
+
+def test_a_visitor_has_at_most_two_jobs_and_cancel_reaches_all_of_them(tiny, tmp_path):
+    """#13 finding 3: in hosted mode one visitor cannot fill the queue, and Cancel stops every job
+    the visitor started (not only the latest); another visitor is not held by either."""
+    ws = make_ws(tmp_path, tiny, hosted=True)
+    alice = ws.scope(projects.load_example(ws, "shapes", "alice").id, "alice")
+    bob = ws.scope(projects.load_example(ws, "shapes", "bob").id, "bob")
+    long = {"steps": 20000}
+    first = modeling.start_training(alice, "graph", TINY, long)
+    second = modeling.start_training(alice, "graph", TINY, long)
+    with pytest.raises(DataError) as e:
+        modeling.start_evaluation(alice, ["zeroshot"], TINY)
+    assert str(e.value) == ("You already have 2 jobs queued or running, the most one visitor may have at a time; "
+                            "wait for one to finish or cancel it.")
+    assert [j.id for j in modeling.owner_jobs(ws, "alice")] == [first, second]
+    theirs = modeling.start_training(bob, "zeroshot", TINY)  # Bob's own limit is untouched
+    assert modeling.cancel_owner_jobs(ws, "alice", "train") == 2
+    for job_id in (first, second):
+        assert ws.runner.wait(job_id, timeout=60).status == "cancelled"
+    assert ws.runner.wait(theirs, timeout=120).status == "done"
+    wait_done(ws, modeling.start_training(alice, "zeroshot", TINY))  # room again
+    ws.close()

@@ -70,8 +70,9 @@ def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None =
     support = scope.store.support_set(scope.id)
     if not support.images and cls.needs_images:
         support.require_images(cls.label)
+    check_job_limit(scope)
     return ws.runner.submit_training(scope.id, method, backbone, ws.extractor(backbone), support=support,
-                                     **settings)
+                                     owner=scope.owner, **settings)
 
 
 def retrain(scope: ProjectScope) -> str:
@@ -96,6 +97,35 @@ def job(ws: Workspace, job_id: str):
 
 def cancel(ws: Workspace, job_id: str) -> bool:
     return ws.runner.cancel(job_id)
+
+
+#: Jobs (training, cross-validation, pool labeling) one visitor may have queued or running at
+#: once in hosted mode: one CPU slot serves everybody, so a visitor's queue must stay short.
+MAX_JOBS_PER_VISITOR = 2
+
+
+def owner_jobs(ws: Workspace, owner: str | None, kind: str | None = None) -> list:
+    """The unfinished jobs a browser session started (of one kind, or all), oldest first."""
+    jobs = [j for j in ws.runner.jobs() if j.owner == owner and j.status not in FINISHED
+            and (kind is None or j.kind == kind)]
+    return sorted(jobs, key=lambda j: j.created)
+
+
+def check_job_limit(scope: ProjectScope) -> None:
+    """Hosted mode: one sentence instead of a new job when this visitor already has
+    MAX_JOBS_PER_VISITOR queued or running."""
+    ws = scope.ws
+    if not ws.hosted or scope.owner is None:
+        return
+    n = len(owner_jobs(ws, scope.owner))
+    if n >= MAX_JOBS_PER_VISITOR:
+        raise DataError(f"You already have {n} jobs queued or running, the most one visitor may have at a time; "
+                        "wait for one to finish or cancel it.")
+
+
+def cancel_owner_jobs(ws: Workspace, owner: str | None, kind: str | None = None) -> int:
+    """Cancel every unfinished job (of this kind) the session started, not only its latest; how many."""
+    return sum(ws.runner.cancel(j.id) for j in owner_jobs(ws, owner, kind))
 
 
 def active_job(ws: Workspace, project_id: int | None, kind: str = TRAIN) -> Any:
@@ -182,8 +212,9 @@ def start_evaluation(scope: ProjectScope, methods: Sequence[str], spec: Backbone
     GPU like a training, reports progress, stops within one training step on `cancel`, and ends
     in one sentence. Bad input fails here, in the request."""
     run = _evaluation(scope, methods, spec, settings)
+    check_job_limit(scope)
     return scope.ws.runner.submit(EVALUATE, lambda job: run(job.report, job.cancel_event), scope.id,
-                                  device=str(run.device))
+                                  device=str(run.device), owner=scope.owner)
 
 
 def _evaluation(scope: ProjectScope, methods: Sequence[str], spec: BackboneSpec | None,
@@ -250,9 +281,10 @@ def start_labeling(scope: ProjectScope, model_id: int | None = None) -> str:
     model, or a model that lost a class, fails here in one sentence."""
     info, method = model(scope, model_id)
     _check_classes(scope, method)
+    check_job_limit(scope)
     return scope.ws.runner.submit(
         LABEL, lambda job: label_pool(scope, job.report, info.id, cancel=job.cancel_event), scope.id,
-        device=str(method.backbone.device))
+        device=str(method.backbone.device), owner=scope.owner)
 
 
 def _check_classes(scope: ProjectScope, method: Method) -> dict[str, int]:

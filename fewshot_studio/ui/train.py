@@ -9,7 +9,7 @@ import gradio as gr
 from .. import shapes, viz
 from ..app import library, modeling
 from ..backbone import TINY
-from ..jobs import DONE, FINISHED
+from ..jobs import DONE, FINISHED, TRAIN
 from ..methods import catalog
 from . import presenters
 from .common import UI, friendly, need_project, progress_html, status_bar, who
@@ -153,10 +153,14 @@ def wire(ui: UI) -> None:
         return start_outputs(ui, job_id, notice) | {ui.banner: presenters.backbone_status(ws, spec)[1]}
 
     @friendly
-    def cancel(job):
-        if not job or not modeling.cancel(ws, job["id"]):
+    def cancel(job, owner, request: gr.Request):
+        """Cancel the shown training and every other training this session started."""
+        ids = {j.id for j in modeling.owner_jobs(ws, who(owner, request), TRAIN)} | ({job["id"]} if job else set())
+        n = sum(modeling.cancel(ws, i) for i in ids)
+        if not n:
             return {ui.notice: "No training is running."}
-        return {ui.notice: "Cancelling: the job stops within one step and the project stays as it was."}
+        what = "the job stops" if n == 1 else f"the {n} jobs stop"
+        return {ui.notice: f"Cancelling: {what} within one step and the project stays as it was."}
 
     def poll(job, pid, owner, request: gr.Request):
         """One timer tick: progress, stage text and curve of the current job; stops the timer
@@ -194,7 +198,7 @@ def wire(ui: UI) -> None:
     ui.train_btn.click(train, train_inputs, outs, api_name="train", concurrency_limit=None, show_progress="hidden")
     # the progress bar may be below the fold (Advanced settings open): bring it into view
     ui.train_btn.click(None, None, None, js=SCROLL_TO_PROGRESS, api_visibility="private")
-    ui.cancel_btn.click(cancel, [ui.job], [ui.notice], api_name="cancel_training", concurrency_limit=None)
+    ui.cancel_btn.click(cancel, [ui.job, ui.owner], [ui.notice], api_name="cancel_training", concurrency_limit=None)
     poll_outs = [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve,
                  *[o for o in ui.model_view_outputs if o not in (ui.progress, ui.curve)]]
     ui.timer.tick(poll, [ui.job, ui.project, ui.owner], poll_outs,
