@@ -104,11 +104,15 @@ def cancel(ws: Workspace, job_id: str) -> bool:
 MAX_JOBS_PER_VISITOR = 2
 
 
+def _unfinished(jobs, kind: str | None = None) -> list:
+    """The jobs not yet finished (of one kind, or all), oldest first."""
+    return sorted((j for j in jobs if j.status not in FINISHED and (kind is None or j.kind == kind)),
+                  key=lambda j: j.created)
+
+
 def owner_jobs(ws: Workspace, owner: str | None, kind: str | None = None) -> list:
     """The unfinished jobs a browser session started (of one kind, or all), oldest first."""
-    jobs = [j for j in ws.runner.jobs() if j.owner == owner and j.status not in FINISHED
-            and (kind is None or j.kind == kind)]
-    return sorted(jobs, key=lambda j: j.created)
+    return _unfinished((j for j in ws.runner.jobs() if j.owner == owner), kind)
 
 
 def check_job_limit(scope: ProjectScope) -> None:
@@ -123,9 +127,11 @@ def check_job_limit(scope: ProjectScope) -> None:
                         "wait for one to finish or cancel it.")
 
 
-def cancel_owner_jobs(ws: Workspace, owner: str | None, kind: str | None = None) -> int:
-    """Cancel every unfinished job (of this kind) the session started, not only its latest; how many."""
-    return sum(ws.runner.cancel(j.id) for j in owner_jobs(ws, owner, kind))
+def cancel_owner_jobs(ws: Workspace, owner: str | None, kind: str | None = None, also: str | None = None) -> int:
+    """Cancel every unfinished job (of this kind) the session started, not only its latest, and
+    the job `also` (the one the page shows); how many, each counted once."""
+    ids = {j.id for j in owner_jobs(ws, owner, kind)} | ({also} if also else set())
+    return sum(ws.runner.cancel(i) for i in ids)
 
 
 def active_job(ws: Workspace, project_id: int | None, kind: str = TRAIN) -> Any:
@@ -133,8 +139,8 @@ def active_job(ws: Workspace, project_id: int | None, kind: str = TRAIN) -> Any:
     showing its progress)."""
     if project_id in (None, ""):
         return None
-    jobs = [j for j in ws.runner.jobs(int(project_id)) if j.status not in FINISHED and j.kind == kind]
-    return max(jobs, key=lambda j: j.created) if jobs else None
+    jobs = _unfinished(ws.runner.jobs(int(project_id)), kind)
+    return jobs[-1] if jobs else None
 
 
 # ---- models --------------------------------------------------------------------------------------

@@ -155,8 +155,7 @@ def wire(ui: UI) -> None:
     @friendly
     def cancel(job, owner, request: gr.Request):
         """Cancel the shown training and every other training this session started."""
-        ids = {j.id for j in modeling.owner_jobs(ws, who(owner, request), TRAIN)} | ({job["id"]} if job else set())
-        n = sum(modeling.cancel(ws, i) for i in ids)
+        n = modeling.cancel_owner_jobs(ws, who(owner, request), TRAIN, also=job["id"] if job else None)
         if not n:
             return {ui.notice: "No training is running."}
         what = "the job stops" if n == 1 else f"the {n} jobs stop"
