@@ -678,12 +678,14 @@ class ProjectStore:
         removed afterwards.  While in use it holds a lock (``.lock``, flock) that the OS
         drops if the process dies, so :meth:`clean_staging` can tell a killed import's
         leftovers from a live one's, even across processes."""
-        folder = self.staging_dir() / f"{prefix}-{uuid.uuid4().hex}"
-        try:
-            folder.mkdir()
-            fd = _lock_staging(folder)
+        name = f"{prefix}-{uuid.uuid4().hex}"
+        folder, fresh = self.staging_dir() / name, self.staging_dir() / f".new-{name}"
+        try:  # locked before it takes its name, so a folder by that name without a held lock is dead
+            fresh.mkdir()
+            fd = _lock_staging(fresh)
+            os.rename(fresh, folder)
         except OSError as e:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(fresh, ignore_errors=True)
             raise StoreError(f"A staging folder could not be made in {self.root} "
                              f"({e.strerror or type(e).__name__}); check the free disk space and permissions.") from None
         try:
@@ -696,9 +698,9 @@ class ProjectStore:
     def clean_staging(self) -> int:
         """Remove the staging folders of imports that are no longer running (killed or
         crashed); call it at start.  A folder is left alone while its import's process
-        holds its lock, and any folder younger than :data:`STALE_STAGING_SECONDS`
-        (just made, not locked yet).  Job folders (``job-*``) are the job runner's.
-        Returns how many were removed."""
+        holds its lock; one without a lock file (being made, or from an older version)
+        only once it is older than :data:`STALE_STAGING_SECONDS`.  Job folders
+        (``job-*``) are the job runner's.  Returns how many were removed."""
         staging = self.root / "staging"
         removed = 0
         for d in staging.iterdir() if staging.is_dir() else ():
@@ -1505,6 +1507,8 @@ def _staging_locked(folder: Path) -> bool:
 def _staging_is_stale(folder: Path) -> bool:
     if _staging_locked(folder):
         return False
+    if fcntl is not None and not folder.name.startswith(".") and (folder / _STAGING_LOCK).is_file():
+        return True  # locked from birth (see staging_folder) and no longer: its process is gone
     try:
         age = time.time() - folder.lstat().st_mtime
     except OSError:
