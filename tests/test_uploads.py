@@ -67,7 +67,7 @@ def zero_zip(path: Path, n: int = 2048, size: int = MiB) -> Path:
 def class_zip(path: Path, n: int, classes=("red circle", "blue square")) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         for i in range(n):
-            label = classes[i % len(classes)]
+            label = classes[i * len(classes) // n]  # one folder after the other, as zip tools write them
             z.writestr(f"{label}/{i:04d}.png", shape_png(label, i))
     return path
 
@@ -292,24 +292,24 @@ def test_deeply_nested_config_over_http(hosted, tmp_path):
 
 
 KILLED_IMPORT = textwrap.dedent("""
-    import os, sys, time
+    import sys, time
+    from fewshot_studio import imageio
     from fewshot_studio.app import Workspace, library, projects
     from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.store import ImageImport
 
     ws = Workspace.at(sys.argv[1], BackboneSpec("tiny", None, device="cpu"), hosted=False, loader=lambda s: None)
     scope = ws.scope(projects.create_project(ws, "big").id)
-    real = ImageImport.add
+    real, seen = imageio.decode_image, []
 
-    def add(self, *args, **kwargs):  # signal half-way, then go on slowly until killed
-        out = real(self, *args, **kwargs)
-        if self.staged == 20:
+    def decode(*args, **kwargs):  # past the first class's images, signal, then go on slowly until killed
+        seen.append(1)
+        if len(seen) == 120:
             open(sys.argv[3], "w").close()
-        if self.staged >= 20:
+        if len(seen) >= 120:
             time.sleep(0.2)
-        return out
+        return real(*args, **kwargs)
 
-    ImageImport.add = add
+    imageio.decode_image = decode
     library.add_uploads(scope, [sys.argv[2]], None)
 """)
 
@@ -319,7 +319,7 @@ def test_a_killed_zip_import_leaves_no_half_imported_class(tmp_path):
     """Finding 12: a kill during a large zip import used to leave a class half-imported. Now
     nothing is stored before the one transaction at the end, and the killed import's staging
     folder is removed when the app starts again."""
-    z = class_zip(tmp_path / "big.zip", 200)
+    z = class_zip(tmp_path / "big.zip", 200)  # 100 red circles, then 100 blue squares
     flag = tmp_path / "half-way"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_IMPORT, str(tmp_path / "data"), str(z), str(flag)],
@@ -337,7 +337,7 @@ def test_a_killed_zip_import_leaves_no_half_imported_class(tmp_path):
         (p,) = store.list_projects()
         assert store.list_classes(p.id) == [] and store.list_images(p.id) == []
         (left,) = store.staging_dir().iterdir()  # what the kill left behind
-        assert left.name.startswith("import-") and len(list(left.iterdir())) > 20
+        assert left.name.startswith("import-") and len(list(left.iterdir())) > 100
     finally:
         store.close()
     ws = Workspace.at(tmp_path / "data", TINY, hosted=False, loader=lambda spec: None)  # the app starts again
