@@ -5,7 +5,8 @@ Layout under the data directory ``root`` (default: `AppConfig.data_dir`)::
     root/studio.db                 SQLite database (WAL mode, foreign keys on)
     root/images/<hash[:2]>/<hash>  image bytes, named by their SHA-256 (no extension)
     root/models/<model id>/        a registered model directory (weights + config)
-    root/staging/                  scratch space for model directories before registration
+    root/staging/                  scratch space: model directories before registration, and
+                                   uploads staged by an import (ImageImport) before its commit
 
 * **Schema migrations** are the numbered entries of :data:`MIGRATIONS` (SQL scripts or
   callables taking the connection); ``PRAGMA user_version`` holds how many have been
