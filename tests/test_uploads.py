@@ -25,7 +25,7 @@ from fewshot_studio.app import Workspace, exports, library, projects
 from fewshot_studio.app.library import POOL
 from fewshot_studio.backbone import BackboneSpec
 from fewshot_studio.errors import ModelFileError
-from fewshot_studio.store import STALE_STAGING_SECONDS, ProjectStore
+from fewshot_studio.store import STALE_STAGING_SECONDS, ImageImport, ProjectStore
 from fewshot_studio.ui import presenters
 from helpers import ROOT, launch
 
@@ -129,7 +129,7 @@ def test_zip_upload_within_memory_budget(scope, tmp_path):
 def test_an_import_interrupted_between_entries_adds_nothing(scope, tmp_path, monkeypatch):
     z = class_zip(tmp_path / "set.zip", 10)
     store = scope.store
-    real_add, calls = store.begin_import(scope.id).__class__.add, []
+    real_add, calls = ImageImport.add, []
 
     def add(self, *args, **kwargs):
         calls.append(1)
@@ -137,7 +137,7 @@ def test_an_import_interrupted_between_entries_adds_nothing(scope, tmp_path, mon
             raise KeyboardInterrupt  # as a kill would, half-way through
         return real_add(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(store.begin_import(scope.id)), "add", add)
+    monkeypatch.setattr(ImageImport, "add", add)
     with pytest.raises(KeyboardInterrupt):
         library.add_uploads(scope, [z], None)
     assert store.list_classes(scope.id) == [] and store.list_images(scope.id) == []

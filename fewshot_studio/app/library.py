@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +77,6 @@ def class_rows(scope: ProjectScope) -> list[list]:
     counts = class_counts(scope)
     rows = [[c.name, c.description, counts.get(c.id, 0)] for c in classes(scope)]
     return rows + [[POOL, "", counts.get(None, 0)]]
-
-
-def _key(name: str) -> str:
-    """Class names are unique ignoring case (and NFC form, and surrounding spaces) in the store."""
-    return unicodedata.normalize("NFC", name.strip().casefold())
 
 
 # ---- images -------------------------------------------------------------------------------------
