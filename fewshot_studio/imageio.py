@@ -20,8 +20,8 @@ Every upload is treated as hostile:
 * JPEGs can be decoded at reduced scale (``draft_size``) when the caller will
   downscale anyway.
 
-Zip archives of ``class_name/image`` folders are read by :func:`read_zip` entirely in
-memory (never extracted to disk) with limits on entry count, sizes and compression
+Zip archives of ``class_name/image`` folders are read one entry at a time by
+:class:`ZipReader` (never extracted to disk; :func:`read_zip` reads all) with limits on entry count, sizes and compression
 ratio, and rejection of path traversal, absolute paths, symlinks, nested archives
 and encrypted entries.
 """
@@ -59,6 +59,7 @@ __all__ = [
     "decode_image",
     "probe_image",
     "read_zip",
+    "ZipReader",
 ]
 
 #: Largest accepted image, in pixels (width × height), checked from the header before
@@ -571,8 +572,114 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
+class ZipReader:
+    """A zip of ``class_name/image`` folders, opened for reading one entry at a time.
+
+    Streaming keeps memory bounded by ONE entry (at most :data:`MAX_FILE_BYTES`), whatever
+    the archive holds: iterate and decode/store each :class:`ZipMember` before taking the
+    next (a zip of 2,048 zero-filled 1 MiB entries once cost 2 GB held at once).  The
+    listing is checked when opened: it raises :class:`ImageError` for the whole archive if
+    it is not a readable zip or holds more than :data:`MAX_ZIP_MEMBERS` files, and
+    :attr:`errors` holds one :class:`ImageError` per entry refused by its name.  Iterating
+    yields those errors first, then, in archive order, a :class:`ZipMember` or an
+    :class:`ImageError` per remaining entry (see :func:`read_zip` for what is refused).
+    Use as a context manager (or :meth:`close`).
+    """
+
+    def __init__(self, source: Source, name: str | None = None):
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            archive = name or "archive.zip"
+            data = bytes(source)
+            if not data:
+                raise ImageError(archive, "the file is empty.")
+            fileobj: object = io.BytesIO(data)
+            head = data[:4096]
+        elif isinstance(source, (str, os.PathLike)):
+            path = os.fsdecode(os.fspath(source))
+            archive = name or os.path.basename(path.rstrip("/\\")) or path
+            try:
+                st = os.stat(path)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageError(archive, "this is not a regular file.")
+                if st.st_size == 0:
+                    raise ImageError(archive, "the file is empty.")
+                with open(path, "rb") as f:
+                    head = f.read(4096)
+            except ImageError:
+                raise
+            except FileNotFoundError:
+                raise ImageError(archive, "the file does not exist.") from None
+            except OSError as e:
+                raise ImageError(archive, f"the file could not be read ({e.strerror or type(e).__name__}).") from None
+            fileobj = path
+        else:
+            raise TypeError(f"expected bytes or a path, got {type(source).__name__}")
+        self.archive = archive
+        try:
+            zf = zipfile.ZipFile(fileobj)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001
+            if head.startswith(b"PK"):
+                raise ImageError(archive, "the zip archive is truncated or corrupt.") from None
+            reason = _describe_non_image(head)
+            if "not an image (" in reason:
+                reason = reason.replace("not an image", "not a zip archive")
+            else:
+                reason = "the file is not a zip archive."
+            raise ImageError(archive, reason) from None
+        self._zf = zf
+        self.errors: list[ImageError] = []
+        self._entries: list[tuple[zipfile.ZipInfo, str, tuple[str, ...]]] = []
+        try:
+            for info in zf.infolist():
+                raw = _entry_name(info)
+                try:
+                    parts = _sanitize(raw)
+                except _Skip:
+                    continue
+                except ValueError as e:
+                    self.errors.append(_member_error(archive, raw, f"{e}, so it was skipped."))
+                    continue
+                self._entries.append((info, raw, parts))
+            if len(self._entries) > MAX_ZIP_MEMBERS:
+                raise ImageError(
+                    archive, f"the archive holds {len(self._entries):,} files, above the {MAX_ZIP_MEMBERS:,}-file limit."
+                )
+        except BaseException:
+            zf.close()
+            raise
+
+    def __len__(self) -> int:
+        """Entries to read (files whose names passed), not counting :attr:`errors`."""
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Union[ZipMember, ImageError]]:
+        yield from self.errors
+        total = 0
+        for info, raw, parts in self._entries:
+            try:
+                data = _read_member(self._zf, info, total)
+            except ValueError as e:
+                yield _member_error(self.archive, raw, str(e))
+                continue
+            total += len(data)
+            yield ZipMember(parts, data)
+            del data  # the caller holds the only reference: one entry in memory at a time
+
+    def close(self) -> None:
+        self._zf.close()
+
+    def __enter__(self) -> "ZipReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_zip(source: Source, name: str | None = None) -> tuple[list[ZipMember], list[ImageError]]:
-    """Read a zip of ``class_name/image`` folders in memory; never extracts to disk.
+    """Read a whole zip of ``class_name/image`` folders in memory; never extracts to disk.
+
+    For small archives and tests: uploads stream with :class:`ZipReader` instead, since
+    this holds every entry at once.
 
     Returns the accepted entries (with sanitized paths, in archive order) and one
     :class:`ImageError` per refused entry, named ``"<entry> (in <archive>)"``.  Refused:
@@ -589,74 +696,11 @@ def read_zip(source: Source, name: str | None = None) -> tuple[list[ZipMember], 
     holds more than :data:`MAX_ZIP_MEMBERS` files.  ``name`` defaults to the path's base
     name, or ``"archive.zip"`` for bytes.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        archive = name or "archive.zip"
-        data = bytes(source)
-        if not data:
-            raise ImageError(archive, "the file is empty.")
-        fileobj: object = io.BytesIO(data)
-        head = data[:4096]
-    elif isinstance(source, (str, os.PathLike)):
-        path = os.fsdecode(os.fspath(source))
-        archive = name or os.path.basename(path.rstrip("/\\")) or path
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageError(archive, "this is not a regular file.")
-            if st.st_size == 0:
-                raise ImageError(archive, "the file is empty.")
-            with open(path, "rb") as f:
-                head = f.read(4096)
-        except ImageError:
-            raise
-        except FileNotFoundError:
-            raise ImageError(archive, "the file does not exist.") from None
-        except OSError as e:
-            raise ImageError(archive, f"the file could not be read ({e.strerror or type(e).__name__}).") from None
-        fileobj = path
-    else:
-        raise TypeError(f"expected bytes or a path, got {type(source).__name__}")
-
-    try:
-        zf = zipfile.ZipFile(fileobj)  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001
-        if head.startswith(b"PK"):
-            raise ImageError(archive, "the zip archive is truncated or corrupt.") from None
-        reason = _describe_non_image(head)
-        if "not an image (" in reason:
-            reason = reason.replace("not an image", "not a zip archive")
-        else:
-            reason = "the file is not a zip archive."
-        raise ImageError(archive, reason) from None
-
     members: list[ZipMember] = []
     errors: list[ImageError] = []
-    with zf:
-        entries: list[tuple[zipfile.ZipInfo, str, tuple[str, ...]]] = []
-        for info in zf.infolist():
-            raw = _entry_name(info)
-            try:
-                parts = _sanitize(raw)
-            except _Skip:
-                continue
-            except ValueError as e:
-                errors.append(_member_error(archive, raw, f"{e}, so it was skipped."))
-                continue
-            entries.append((info, raw, parts))
-        if len(entries) > MAX_ZIP_MEMBERS:
-            raise ImageError(
-                archive, f"the archive holds {len(entries):,} files, above the {MAX_ZIP_MEMBERS:,}-file limit."
-            )
-
-        total = 0
-        for info, raw, parts in entries:
-            try:
-                data = _read_member(zf, info, total)
-            except ValueError as e:
-                errors.append(_member_error(archive, raw, str(e)))
-                continue
-            total += len(data)
-            members.append(ZipMember(parts, data))
+    with ZipReader(source, name) as z:
+        for item in z:
+            (errors if isinstance(item, ImageError) else members).append(item)
     return members, errors
 
 

@@ -5,7 +5,8 @@ Layout under the data directory ``root`` (default: `AppConfig.data_dir`)::
     root/studio.db                 SQLite database (WAL mode, foreign keys on)
     root/images/<hash[:2]>/<hash>  image bytes, named by their SHA-256 (no extension)
     root/models/<model id>/        a registered model directory (weights + config)
-    root/staging/                  scratch space for model directories before registration
+    root/staging/                  scratch space: model directories before registration, and
+                                   uploads staged by an import (ImageImport) before its commit
 
 * **Schema migrations** are the numbered entries of :data:`MIGRATIONS` (SQL scripts or
   callables taking the connection); ``PRAGMA user_version`` holds how many have been
@@ -55,6 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
+try:  # POSIX: a live import holds a lock on its staging folder, released by the OS if it dies
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: staging folders are judged by age alone
+    fcntl = None  # type: ignore[assignment]
+
 from . import imageio
 from .config import AppConfig
 from .data import ImageRef, SupportSet
@@ -67,6 +73,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "POOL_NAME",
     "is_reserved_class_name",
+    "check_class_name",
     "MAX_DESCRIPTION_LENGTH",
     "LABELED_BY",
     "JOB_STATUSES",
@@ -83,6 +90,9 @@ __all__ = [
     "JobInfo",
     "PredictionInfo",
     "ProjectStore",
+    "ImageImport",
+    "ImportResult",
+    "STALE_STAGING_SECONDS",
 ]
 
 #: Longest project or class name, in characters (after stripping).
@@ -101,6 +111,11 @@ _JOB_FINISHED = FINISHED
 #: Decoding an upload to validate it may use JPEG draft mode down to about this size.
 _VALIDATE_DRAFT = 256
 _BUSY_TIMEOUT_MS = 15_000
+#: A staging folder that holds no live lock (its import was killed) and is older than this
+#: is removed at start (:meth:`ProjectStore.clean_staging`); the age only matters where
+#: locks are unavailable, or in the instant between creating a folder and locking it.
+STALE_STAGING_SECONDS = 60
+_STAGING_LOCK = ".lock"
 _DB_NAME = "studio.db"
 
 Migration = Union[str, Callable[[sqlite3.Connection], None]]
@@ -412,6 +427,13 @@ def _clean_class_name(name: object) -> str:
     return cleaned
 
 
+def check_class_name(name: object) -> str:
+    """``name`` as a class would be called (stripped, NFC), or a one-sentence
+    :class:`ValidationError` / :class:`ReservedNameError`; touches no database.  Lets an
+    import refuse a bad folder name before staging its files."""
+    return _clean_class_name(name)
+
+
 def _clean_description(text: object) -> str:
     if text is None:
         return ""
@@ -650,6 +672,53 @@ class ProjectStore:
         path = self.root / "staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @contextmanager
+    def staging_folder(self, prefix: str = "import") -> Iterator[Path]:
+        """A private folder ``staging/<prefix>-<random>`` for the duration of the ``with``,
+        removed afterwards.  While in use it holds a lock (``.lock``, flock) that the OS
+        drops if the process dies, so :meth:`clean_staging` can tell a killed import's
+        leftovers from a live one's, even across processes."""
+        name = f"{prefix}-{uuid.uuid4().hex}"
+        folder, fresh = self.staging_dir() / name, self.staging_dir() / f".new-{name}"
+        try:  # locked before it takes its name, so a folder by that name without a held lock is dead
+            fresh.mkdir()
+            fd = _lock_staging(fresh)
+            os.rename(fresh, folder)
+        except OSError as e:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise StoreError(f"A staging folder could not be made in {self.root} "
+                             f"({e.strerror or type(e).__name__}); check the free disk space and permissions.") from None
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            if fd is not None:
+                os.close(fd)
+
+    def clean_staging(self) -> int:
+        """Remove the staging folders of imports that are no longer running (killed or
+        crashed); call it at start.  A folder is left alone while its import's process
+        holds its lock; one without a lock file (being made, or from an older version)
+        only once it is older than :data:`STALE_STAGING_SECONDS`.  Job folders
+        (``job-*``) are the job runner's.  Returns how many were removed."""
+        staging = self.root / "staging"
+        removed = 0
+        for d in staging.iterdir() if staging.is_dir() else ():
+            if d.name.startswith("job-") or not _staging_is_stale(d):
+                continue
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+            removed += not os.path.lexists(d)
+        return removed
+
+    def begin_import(self, project_id: int) -> "ImageImport":
+        """An all-or-nothing import of uploads into ``project_id``: see :class:`ImageImport`."""
+        with self._read() as conn:  # fail fast, before decoding a large batch
+            pid = self._project_row(conn, project_id)["id"]
+        return ImageImport(self, pid)
 
     def _write_blob(self, digest: str, data: bytes) -> bool:
         """Store ``data`` atomically under its hash; False if an intact copy was already there."""
@@ -983,70 +1052,30 @@ class ProjectStore:
         sentence naming the file and the reason, and the other items are still stored.
         Returns ``(stored images in input order, error sentences)``.  Bytes already in the
         same project with the same label are not added twice: the existing image is
-        returned.  The same bytes in another class or project share one file.
+        returned.  The same bytes in another class or project share one file.  All the
+        good items are stored in one transaction, one upload in memory at a time
+        (:class:`ImageImport`, which also counts duplicates).
         """
         labeled_by = self._labeled_by(class_id, labeled_by)
         if class_id is not None:
             class_id = _check_id(class_id, "class")
-        with self._read() as conn:  # fail fast before decoding a large batch
-            pid = self._project_row(conn, project_id)["id"]
-            if class_id is not None:
-                self._class_row(conn, class_id, pid)
-
-        good: list[tuple[str, bytes, str, int, int]] = []
         errors: list[str] = []
-        for position, item in enumerate(items, 1):
-            try:
-                raw_name, source = item
-            except (TypeError, ValueError):
-                errors.append(f"Upload #{position} was skipped: expected a (file name, data) pair.")
-                continue
-            name = _clean_file_name(raw_name, position)
-            try:
-                data, name = imageio.read_bytes(source, name)
-                image = imageio.decode_image(data, name, draft_size=_VALIDATE_DRAFT)
-                width, height = image.size
-                image.close()
-            except imageio.ImageError as e:
-                errors.append(str(e))
-                continue
-            except TypeError:
-                errors.append(f"{name}: the upload is neither file data nor a file path.")
-                continue
-            good.append((name, data, imageio.content_hash(data), width, height))
-        if not good:
-            return [], errors
-
-        written: list[str] = []
-        with self._lock:
-            try:
-                with self._tx() as conn:
-                    # Re-check inside the transaction: the project or class may have gone meanwhile.
-                    self._project_row(conn, pid)
-                    if class_id is not None:
-                        self._class_row(conn, class_id, pid)
-                    now = time.time()
-                    ids: list[int] = []
-                    for name, data, digest, width, height in good:
-                        if self._write_blob(digest, data):
-                            written.append(digest)
-                        row = conn.execute("SELECT id FROM images WHERE project_id = ? AND hash = ? AND class_id IS ? "
-                                           "ORDER BY id LIMIT 1", (pid, digest, class_id)).fetchone()
-                        if row is not None:
-                            ids.append(row[0])
-                            continue
-                        cur = conn.execute(
-                            "INSERT INTO images (project_id, hash, original_name, class_id, labeled_by, width, height, "
-                            "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (pid, digest, name, class_id, labeled_by, width, height, now))
-                        ids.append(cur.lastrowid)
-                    self._touch(conn, pid, now)
-                    rows = {r["id"]: r for r in conn.execute(
-                        f"SELECT * FROM images WHERE id IN ({','.join('?' * len(ids))})", ids)}
-            except BaseException:
-                self._release_blobs(written)
-                raise
-        return [self._image(rows[i]) for i in ids], errors
+        with self.begin_import(project_id) as batch:
+            if class_id is not None:
+                batch.check_class(class_id)  # fail fast before decoding a large batch
+            for position, item in enumerate(items, 1):
+                try:
+                    raw_name, source = item
+                except (TypeError, ValueError):
+                    errors.append(f"Upload #{position} was skipped: expected a (file name, data) pair.")
+                    continue
+                error = batch.add(raw_name, source, class_id, labeled_by, position=position)
+                if error:
+                    errors.append(error)
+            if not batch.staged:
+                return [], errors
+            result = batch.commit()
+        return result.images, errors
 
     def get_image(self, image_id: int) -> ImageInfo:
         with self._read() as conn:
@@ -1434,12 +1463,249 @@ class ProjectStore:
                 else:
                     d.unlink(missing_ok=True)
             for d in staging.iterdir() if staging.is_dir() else ():
+                if _staging_locked(d):
+                    continue  # a live import in another process
                 removed["temporary"] += 1
                 if d.is_dir():
                     shutil.rmtree(d, ignore_errors=True)
                 else:
                     d.unlink(missing_ok=True)
         return removed
+
+
+def _lock_staging(folder: Path) -> int | None:
+    """Create and lock ``folder/.lock``; the open descriptor keeps the lock (None without flock)."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder / _STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _staging_locked(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s staging lock."""
+    if fcntl is None or folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        fd = os.open(folder / _STAGING_LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True  # held: its import is running
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _staging_is_stale(folder: Path) -> bool:
+    if _staging_locked(folder):
+        return False
+    if fcntl is not None and not folder.name.startswith(".") and (folder / _STAGING_LOCK).is_file():
+        return True  # locked from birth (see staging_folder) and no longer: its process is gone
+    try:
+        age = time.time() - folder.lstat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_STAGING_SECONDS
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What :meth:`ImageImport.commit` stored: one image per staged upload, in order (the
+    existing image for a duplicate); ``added`` rows were new, ``duplicates`` were already
+    in the project with that label (or repeated within the import)."""
+
+    images: list[ImageInfo]
+    added: int
+    duplicates: int
+    classes_created: list[str] = field(default_factory=list)
+
+
+class ImageImport:
+    """Uploads staged on disk, then stored in ONE transaction: all of them or none.
+
+    Made by :meth:`ProjectStore.begin_import`; use it as a context manager.  :meth:`add`
+    judges one upload by its content (decoding it outside the store's lock) and writes
+    its bytes to a private, locked staging folder, so an import holds one upload in
+    memory at a time however many it has.  :meth:`commit` moves the staged files into
+    the store, creates the named classes and inserts every row in one transaction.  A
+    kill or crash before the commit changes nothing in the project: it leaves only the
+    staging folder, which :meth:`ProjectStore.clean_staging` removes at the next start
+    (and a crash during the commit at worst unreferenced files, see
+    :meth:`ProjectStore.collect_garbage`).
+    """
+
+    def __init__(self, store: ProjectStore, project_id: int):
+        self.store = store
+        self.project_id = project_id
+        self._folder_cm = store.staging_folder("import")
+        self.folder = self._folder_cm.__enter__()
+        # (name, digest, width, height, target, labeled_by): a few hundred bytes per upload
+        self._items: list[tuple[str, str, int, int, int | str | None, str | None]] = []
+        self._checked: set[int] = set()
+        self._closed = False
+
+    def __enter__(self) -> "ImageImport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop what is staged (after :meth:`commit`, the files are already moved)."""
+        if not self._closed:
+            self._closed = True
+            self._folder_cm.__exit__(None, None, None)
+
+    @property
+    def staged(self) -> int:
+        """Uploads staged so far (accepted by content, not yet committed)."""
+        return len(self._items)
+
+    def check_class(self, class_id: int) -> int:
+        """``class_id`` if it is a class of this project, else NotFoundError."""
+        class_id = _check_id(class_id, "class")
+        if class_id not in self._checked:
+            with self.store._read() as conn:
+                self.store._class_row(conn, class_id, self.project_id)
+            self._checked.add(class_id)
+        return class_id
+
+    def add(self, name: object, source: bytes | str | os.PathLike, target: int | str | None = None,
+            labeled_by: str | None = "user", position: int | None = None) -> str | None:
+        """Stage one upload: ``target`` is a class id, a class NAME (made at commit unless the
+        project has it, ignoring case) or None (the unlabeled pool).  Returns None if it was
+        staged, else one sentence naming the file and why it was refused."""
+        if self._closed:
+            raise StoreError("This import is finished; begin another one.")
+        if isinstance(target, str):
+            target = check_class_name(target)
+        elif target is not None:
+            target = self.check_class(target)
+        labeled_by = self.store._labeled_by(None if target is None else 0, labeled_by)
+        name = _clean_file_name(name, position or len(self._items) + 1)
+        try:
+            data, name = imageio.read_bytes(source, name)
+            image = imageio.decode_image(data, name, draft_size=_VALIDATE_DRAFT)
+            width, height = image.size
+            image.close()
+            del image
+        except imageio.ImageError as e:
+            return str(e)
+        except TypeError:
+            return f"{name}: the upload is neither file data nor a file path."
+        digest = imageio.content_hash(data)
+        staged = self.folder / digest
+        if not staged.exists():
+            self._stage(staged, data)
+        self._items.append((name, digest, width, height, target, labeled_by))
+        return None
+
+    def _stage(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".tmp-{path.name}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StoreError(
+                f"An upload could not be staged in {self.store.root} ({e.strerror or type(e).__name__}); "
+                "check the free disk space and permissions; nothing was imported."
+            ) from None
+
+    def commit(self) -> ImportResult:
+        """Store everything staged in one transaction and return what was stored."""
+        if self._closed:
+            raise StoreError("This import is finished; begin another one.")
+        store, pid = self.store, self.project_id
+        moved: list[str] = []
+        created: list[str] = []
+        with store._lock:
+            try:
+                with store._tx() as conn:
+                    store._project_row(conn, pid)  # the project may have gone meanwhile
+                    class_ids: dict[int | str | None, int | None] = {None: None}
+                    for *_, target, _lb in self._items:
+                        if target in class_ids:
+                            continue
+                        if isinstance(target, int):
+                            class_ids[target] = store._class_row(conn, target, pid)["id"]
+                            continue
+                        row = conn.execute("SELECT id FROM classes WHERE project_id = ? AND name_key = ?",
+                                           (pid, _name_key(target))).fetchone()
+                        if row is None:
+                            position = conn.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM classes "
+                                                    "WHERE project_id = ?", (pid,)).fetchone()[0]
+                            cur = conn.execute(
+                                "INSERT INTO classes (project_id, name, name_key, description, position, created) "
+                                "VALUES (?, ?, ?, '', ?, ?)", (pid, target, _name_key(target), position, time.time()))
+                            created.append(target)
+                            class_ids[target] = cur.lastrowid
+                        else:
+                            class_ids[target] = row[0]
+                    now = time.time()
+                    ids: list[int] = []
+                    added = 0
+                    dirs: set[Path] = set()
+                    for name, digest, width, height, target, labeled_by in self._items:
+                        class_id = class_ids[target]
+                        if self._place(digest):
+                            moved.append(digest)
+                            dirs.add(_blob_path(store.root, digest).parent)
+                        row = conn.execute("SELECT id FROM images WHERE project_id = ? AND hash = ? AND class_id IS ? "
+                                           "ORDER BY id LIMIT 1", (pid, digest, class_id)).fetchone()
+                        if row is not None:
+                            ids.append(row[0])
+                            continue
+                        cur = conn.execute(
+                            "INSERT INTO images (project_id, hash, original_name, class_id, labeled_by, width, height, "
+                            "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (pid, digest, name, class_id, labeled_by if class_id is not None else None,
+                             width, height, now))
+                        ids.append(cur.lastrowid)
+                        added += 1
+                    store._touch(conn, pid, now)
+                    for d in dirs:  # the renames are durable before the rows that need them
+                        _fsync_dir(d)
+                    rows: dict[int, sqlite3.Row] = {}
+                    unique = list(dict.fromkeys(ids))
+                    for i in range(0, len(unique), 500):
+                        chunk = unique[i:i + 500]
+                        rows.update((r["id"], r) for r in conn.execute(
+                            f"SELECT * FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+            except BaseException:
+                store._release_blobs(moved)
+                raise
+        self.close()
+        return ImportResult([store._image(rows[i]) for i in ids], added, len(ids) - added, created)
+
+    def _place(self, digest: str) -> bool:
+        """Move a staged file into the store unless an intact copy is there; True if moved."""
+        target = _blob_path(self.store.root, digest)
+        staged = self.folder / digest
+        try:
+            if not staged.exists():
+                return False  # moved already, for an earlier upload of the same bytes
+            if target.is_file() and target.stat().st_size == staged.stat().st_size:
+                return False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+        except OSError as e:
+            raise StoreError(
+                f"An image could not be saved in {self.store.root} ({e.strerror or type(e).__name__}); "
+                "check the free disk space and permissions; nothing was imported."
+            ) from None
+        return True
 
 
 def _split_sql(script: str) -> list[str]:

@@ -163,9 +163,9 @@ def test_zip_folders_named_like_the_pool_are_refused_and_the_rest_imported(ws, t
         zf.writestr("(Unlabeled Pool) /c.png", png(3))
         zf.writestr("dogs/d.png", png(4))
         zf.writestr("loose.png", png(5))
-    added, errors = library.add_uploads(sc, [z], None)
-    assert added == 2
-    assert errors == [
+    up = library.add_uploads(sc, [z], None)
+    assert up.added == 2
+    assert up.errors == [
         "(unlabeled pool)/ (in set.zip): the folder name '(unlabeled pool)' is reserved for the unlabeled pool, "
         "so its 1 file was skipped; rename the folder.",
         "(Unlabeled Pool) / (in set.zip): the folder name '(Unlabeled Pool) ' is reserved for the unlabeled "
@@ -173,6 +173,6 @@ def test_zip_folders_named_like_the_pool_are_refused_and_the_rest_imported(ws, t
     rows = library.class_rows(sc)
     assert [r[0] for r in rows] == ["dogs", POOL] and rows[-1][2] == 1 and rows[0][2] == 1
     # uploaded to the pool on purpose, the same zip's images all go there
-    added, errors = library.add_uploads(sc, [z], POOL)
-    assert added == 5 and errors == []
+    up = library.add_uploads(sc, [z], POOL)
+    assert up.added == 4 and up.duplicates == 1 and up.errors == []  # loose.png was in the pool already
     assert [r[:3:2] for r in library.class_rows(sc)] == [["dogs", 1], [POOL, 5]]  # loose.png once

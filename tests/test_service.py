@@ -271,25 +271,23 @@ def test_uploads_files_and_zips(tiny, tmp_path):
     files = [png(tmp_path / f"r{i}.png", "red circle", i) for i in range(2)]
     junk = tmp_path / "notes.png"
     junk.write_text("not an image")
-    added, errors = library.add_uploads(sc, files + [junk], "red circle")
-    assert added == 2 and len(errors) == 1 and "notes.png" in errors[0]
+    up = library.add_uploads(sc, files + [junk], "red circle")
+    assert up.added == 2 and up.duplicates == 0 and len(up.errors) == 1 and "notes.png" in up.errors[0]
     z = tmp_path / "set.zip"
     with zipfile.ZipFile(z, "w") as zf:
         zf.write(png(tmp_path / "b.png", "blue square", 3), "blue square/b.png")
         zf.write(png(tmp_path / "r9.png", "red circle", 9), "red circle/r9.png")
         zf.write(png(tmp_path / "g.png", "green triangle", 4), "loose.png")
-    added, errors = library.add_uploads(sc, [z], None)
-    assert added == 3 and errors == []
+    up = library.add_uploads(sc, [z], None)
+    assert up.added == 3 and up.errors == []
     rows = {r[0]: r[2] for r in library.class_rows(sc)}
     assert rows == {"red circle": 3, "blue square": 1, POOL: 1}
     library.add_class(sc, "mixed")
     with zipfile.ZipFile(tmp_path / "pool.zip", "w") as zf:
         for i in range(3):
             zf.write(png(tmp_path / f"y{i}.png", "yellow star", 20 + i), f"some/folder/y{i}.png")
-    added, _ = library.add_uploads(sc, [tmp_path / "pool.zip"], POOL)
-    assert added == 3 and {r[0]: r[2] for r in library.class_rows(sc)}[POOL] == 4
-    added, _ = library.add_uploads(sc, [z], "mixed")
-    assert added == 3 and {r[0]: r[2] for r in library.class_rows(sc)}["mixed"] == 3
+    assert library.add_uploads(sc, [tmp_path / "pool.zip"], POOL).added == 3 and {r[0]: r[2] for r in library.class_rows(sc)}[POOL] == 4
+    assert library.add_uploads(sc, [z], "mixed").added == 3 and {r[0]: r[2] for r in library.class_rows(sc)}["mixed"] == 3
     gal, gal_ids = presenters.gallery_items(sc, "red circle")
     assert len(gal) == 3 and gal[0][1].startswith("#") and gal == presenters.image_gallery(sc, "red circle")
     assert [int(c.split()[0][1:]) for _, c in gal] == gal_ids  # the ids in gallery order

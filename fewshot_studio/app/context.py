@@ -41,6 +41,7 @@ class Workspace:
         self.loader: BackboneLoader = loader or load_backbone
         self.store = ProjectStore(self.root)
         self.interrupted_jobs = self.store.mark_interrupted_jobs()
+        self.store.clean_staging()  # what killed imports left (never a live one: see clean_staging)
         self.runner = JobRunner(self.store, max_cpu_jobs=max_cpu_jobs)
         self.cache = FeatureCache(config.cache_dir)
         self.exports_dir = self.root / "exports"

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import time
 import unicodedata
 import zipfile
@@ -230,18 +229,25 @@ def import_model(scope: ProjectScope, source: str | os.PathLike | bytes) -> Mode
     pass `check_model_config` (the catalog's rule for its hyper-parameters) before its backbone
     loads; its backbone must load and its classes must be this project's classes. A refused zip
     leaves the project (and its current model) as it was."""
-    members, errors = imageio.read_zip(source)
-    if errors:
-        first = str(errors[0]).rstrip(".")
-        raise ModelFileError(f"The model zip has an unsafe or unreadable entry ({first}); nothing was imported.")
-    files = {m.path[-1]: m.data for m in members if m.path[-1] in (CONFIG_FILE, WEIGHTS_FILE)}
-    if set(files) != {CONFIG_FILE, WEIGHTS_FILE}:
-        raise ModelFileError("The zip must contain a model folder with config.json and model.safetensors.")
     store = scope.store
-    staging = Path(tempfile.mkdtemp(prefix="import-", dir=store.staging_dir()))
-    try:
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
+    # locked while in use, so a killed import's folder is cleaned at start; the model is built in a
+    # subfolder, which register_model renames into models/ (the lock file stays behind)
+    with store.staging_folder("import") as folder:
+        staging = folder / "model"
+        staging.mkdir()
+        found: set[str] = set()
+        with imageio.ZipReader(source) as z:  # one entry in memory at a time
+            for m in z:
+                if isinstance(m, imageio.ImageError):
+                    first = str(m).rstrip(".")
+                    raise ModelFileError(f"The model zip has an unsafe or unreadable entry ({first}); "
+                                         "nothing was imported.")
+                if m.path[-1] in (CONFIG_FILE, WEIGHTS_FILE):
+                    (staging / m.path[-1]).write_bytes(m.data)
+                    found.add(m.path[-1])
+                del m
+        if found != {CONFIG_FILE, WEIGHTS_FILE}:
+            raise ModelFileError("The zip must contain a model folder with config.json and model.safetensors.")
         cfg = read_model_config(staging)
         check_model_config(cfg)  # the catalog's rule, before a backbone loads or anything is built
         method = load_model(staging, backbone=scope.ws.backbone(scope.ws.saved_spec(cfg)))
@@ -251,6 +257,4 @@ def import_model(scope: ProjectScope, source: str | os.PathLike | bytes) -> Mode
                                  f"project's classes ({', '.join(ours) or 'none'}).")
         info = store.register_model(scope.id, method.name, method.backbone.id, cfg,
                                     cfg.get("metrics") or {}, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return info

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
-import unicodedata
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .. import imageio
 from ..errors import DataError, FewShotError
-from ..store import POOL_NAME, ClassInfo, ImageInfo, NotFoundError, is_reserved_class_name
+from ..store import (POOL_NAME, ClassInfo, ImageImport, ImageInfo, NotFoundError, check_class_name,
+                     is_reserved_class_name)
 from .context import ProjectScope, Workspace
 
 THUMB_SIZE = 160
@@ -78,17 +79,29 @@ def class_rows(scope: ProjectScope) -> list[list]:
     return rows + [[POOL, "", counts.get(None, 0)]]
 
 
-def _key(name: str) -> str:
-    """Class names are unique ignoring case (and NFC form, and surrounding spaces) in the store."""
-    return unicodedata.normalize("NFC", name.strip().casefold())
-
-
 # ---- images -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UploadResult:
+    """What an upload stored: `added` new images, `duplicates` uploads whose bytes were
+    already there with that label (or repeated in the upload: stored once), and one
+    sentence per refused file or folder."""
+
+    added: int
+    duplicates: int
+    errors: list[str]
+
+
 def add_images(scope: ProjectScope, files: Iterable[str | os.PathLike | tuple[str, bytes]],
                class_id: int | None = None) -> tuple[list[ImageInfo], list[str]]:
     """Upload files into a class (or the pool when class_id is None); bad files are reported."""
     if class_id is not None:
         get_class(scope, class_id)
+    items = _loose_items(files)
+    return scope.store.add_images(scope.id, items, class_id=class_id,
+                                  labeled_by="user" if class_id is not None else None)
+
+
+def _loose_items(files) -> list[tuple[str, object]]:
     items = []
     for f in files or []:
         if isinstance(f, tuple):
@@ -100,76 +113,108 @@ def add_images(scope: ProjectScope, files: Iterable[str | os.PathLike | tuple[st
     if len(items) > MAX_UPLOAD_FILES:
         raise DataError(f"That is {len(items)} files at once; upload at most {MAX_UPLOAD_FILES} per batch "
                         "(or a zip).")
-    return scope.store.add_images(scope.id, items, class_id=class_id,
-                                  labeled_by="user" if class_id is not None else None)
+    return items
 
 
 def add_zip(scope: ProjectScope, source: str | os.PathLike | bytes, pool: bool = False,
-            class_id: int | None = None) -> tuple[int, list[str]]:
+            class_id: int | None = None) -> UploadResult:
     """A zip of `class_name/image` folders: classes are created as needed. Files at the top
     level (or everything, with pool=True) go to the unlabeled pool; with `class_id`, every
-    image joins that class whatever its folder."""
-    store, pid = scope.store, scope.id
-    members, errors = imageio.read_zip(source)
-    errors = [str(e) for e in errors]
+    image joins that class whatever its folder. All or nothing (see `add_uploads`)."""
     if class_id is not None:
-        infos, errs = store.add_images(pid, [("/".join(m.path), m.data) for m in members],
-                                       class_id=class_id, labeled_by="user")
-        return len(infos), errors + list(errs)
-    by_class: dict[str | None, list[tuple[str, bytes]]] = {}
-    for m in members:
-        cls = None if pool or len(m.path) < 2 else m.path[0]
-        by_class.setdefault(cls, []).append(("/".join(m.path), m.data))
-    added = 0
+        get_class(scope, class_id)
+    with scope.store.begin_import(scope.id) as batch:
+        errors = _stage_zip(batch, source, pool, class_id)
+        return _commit(batch, errors)
+
+
+def _stage_zip(batch: ImageImport, source, pool: bool, class_id: int | None) -> list[str]:
+    """Stage a zip's images one entry at a time (only one entry is ever in memory: the
+    archive is read with imageio.ZipReader and each image is written to the staging folder
+    before the next is read). Returns one sentence per refused entry or class folder."""
     archive = Path(source).name if isinstance(source, (str, os.PathLike)) else "archive.zip"
-    existing = {_key(c.name): c for c in store.list_classes(pid)}
-    for cls, items in by_class.items():
-        class_id = None
-        if cls is not None:
-            n = len(items)
-            skipped = f"so its {n} file{'s were' if n != 1 else ' was'} skipped"
-            if is_reserved_class_name(cls):  # before the look-up: never into a legacy class of that name
-                errors.append(f"{cls}/ (in {archive}): the folder name {cls!r} is reserved for the unlabeled "
-                              f"pool, {skipped}; rename the folder.")
+    errors: list[str] = []
+    folders: dict[str, str | None] = {}  # folder -> class name to use, or None if refused
+    skipped: dict[str, int] = {}  # refused folder -> files in it
+    refusal: dict[str, Callable[[str], str]] = {}
+    with imageio.ZipReader(source) as z:
+        for m in z:
+            if isinstance(m, imageio.ImageError):
+                errors.append(str(m))
                 continue
-            c = existing.get(_key(cls))
-            if c is None:
-                try:
-                    c = store.add_class(pid, cls)
-                except FewShotError as e:
-                    errors.append(f"{cls}/ (in {archive}): {str(e).rstrip('.')}, {skipped}.")
+            path, data = m.path, m.data
+            del m  # so that only `data` holds the entry, dropped before the next one is read
+            target: int | str | None = class_id
+            if class_id is None and not pool and len(path) >= 2:
+                folder = path[0]
+                if folder not in folders:
+                    folders[folder] = _folder_class(folder, archive, refusal)
+                target = folders[folder]
+                if target is None:
+                    skipped[folder] = skipped.get(folder, 0) + 1
+                    del data
                     continue
-                existing[_key(c.name)] = c
-            class_id = c.id
-        infos, errs = store.add_images(pid, items, class_id=class_id, labeled_by="user" if class_id else None)
-        added += len(infos)
-        errors += errs
-    return added, errors
+            error = batch.add("/".join(path), data, target, labeled_by="user" if target is not None else None)
+            del data
+            if error:
+                errors.append(error)
+    for folder, n in skipped.items():
+        errors.append(refusal[folder](f"so its {n} file{'s were' if n != 1 else ' was'} skipped"))
+    return errors
+
+
+def _folder_class(folder: str, archive: str, refusal: dict[str, Callable[[str], str]]) -> str | None:
+    """The class a zip folder's images join (made at commit if new), or None with the
+    folder's refusal sentence (given the "so its N files were skipped" clause) in `refusal`."""
+    if is_reserved_class_name(folder):  # never into a legacy class of that name
+        refusal[folder] = lambda skipped: (f"{folder}/ (in {archive}): the folder name {folder!r} is reserved for "
+                                           f"the unlabeled pool, {skipped}; rename the folder.")
+        return None
+    try:
+        return check_class_name(folder)
+    except FewShotError as e:
+        reason = str(e).rstrip(".")
+        refusal[folder] = lambda skipped: f"{folder}/ (in {archive}): {reason}, {skipped}."
+        return None
+
+
+def _commit(batch: ImageImport, errors: list[str]) -> UploadResult:
+    if not batch.staged:
+        return UploadResult(0, 0, errors)
+    result = batch.commit()
+    return UploadResult(result.added, result.duplicates, errors)
 
 
 def add_uploads(scope: ProjectScope, files: Iterable[str | os.PathLike], class_name: str | None = None
-                ) -> tuple[int, list[str]]:
+                ) -> UploadResult:
     """Add uploaded files. `class_name`: a class (every image, zipped or not, joins it), POOL
     (everything goes to the unlabeled pool) or None (a zip's `class_name/image` folders make
-    classes as needed; loose files go to the pool). Zip archives are judged by content.
-    Returns (images added, one sentence per refused file)."""
+    classes as needed; loose files go to the pool). Every file, zip or image, is judged by its
+    content, never its name: one that is neither is refused alone, in one sentence.
+
+    All or nothing: the accepted images are staged on disk one at a time, then stored (and
+    the zip's classes made) in one transaction, so an upload killed half-way adds nothing
+    and memory holds one image or zip entry at a time."""
     class_id = class_id_for(scope, class_name)
     paths = [Path(f) for f in files or []]
     if not paths:
         raise DataError("Choose at least one image to upload.")
-    added, errors, plain = 0, [], []
-    for path in paths:
-        if zipfile.is_zipfile(path):
-            n, errs = add_zip(scope, path, pool=class_name == POOL, class_id=class_id)
-            added += n
-            errors += errs
-        else:
-            plain.append(path)
-    if plain:
-        infos, errs = add_images(scope, plain, class_id=class_id)
-        added += len(infos)
-        errors += errs
-    return added, [str(e) for e in errors]
+    zips = [p for p in paths if zipfile.is_zipfile(p)]
+    plain = [p for p in paths if p not in zips]
+    items = _loose_items(plain) if plain else []  # the batch-size check, before any work
+    errors: list[str] = []
+    with scope.store.begin_import(scope.id) as batch:
+        for path in zips:
+            try:
+                errors += _stage_zip(batch, path, pool=class_name == POOL, class_id=class_id)
+            except imageio.ImageError as e:  # the whole archive: unreadable, too many files
+                errors.append(str(e))
+        labeled_by = "user" if class_id is not None else None
+        for position, (name, source) in enumerate(items, 1):
+            error = batch.add(name, source, class_id, labeled_by=labeled_by, position=position)
+            if error:
+                errors.append(error)
+        return _commit(batch, errors)
 
 
 def image(scope: ProjectScope, image_id: int) -> ImageInfo:

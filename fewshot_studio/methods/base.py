@@ -242,6 +242,9 @@ def read_model_config(directory: str | os.PathLike) -> dict:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{path} is not valid JSON ({e}).") from None
+    except RecursionError:  # e.g. 100,000 nested lists: json gives up; a model config is a few levels deep
+        raise ModelFileError(f"The model's {CONFIG_FILE} nests lists or objects too deeply to be a "
+                             "Few-Shot Studio model config.") from None
     if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a Few-Shot Studio model config.")
     if cfg.get("format_version", 0) > MODEL_FORMAT_VERSION:

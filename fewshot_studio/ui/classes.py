@@ -11,7 +11,7 @@ from ..app import library
 from ..app.library import POOL
 from . import presenters
 from .presenters import md
-from .common import UI, files_of, friendly, need_project, picked, refused_text, toast_text, unchanged, who
+from .common import UI, added_text, files_of, friendly, need_project, picked, refused_text, toast_text, unchanged, who
 
 
 def build(ui: UI) -> None:
@@ -39,14 +39,17 @@ def build(ui: UI) -> None:
             with gr.Row(elem_classes="fs-inline"):
                 ui.desc_box = gr.Textbox(label="Description", scale=4, elem_id="class-description")
                 ui.save_desc_btn = gr.Button("Save description", scale=1, elem_id="save-description")
+            # No `file_types` on upload components: Gradio refuses a WHOLE batch on the server if one
+            # name does not match (a .txt-named JPEG, a .tga); the core judges each file by content
+            # and refuses only the bad ones (imageio).
             with gr.Tabs():
                 with gr.Tab("Upload images"):
                     ui.class_upload = gr.File(label="Drop images here (or click) — they join the class above",
-                                              file_count="multiple", file_types=["image", ".zip"], height=130,
+                                              file_count="multiple", height=130,
                                               elem_id="class-upload")
                 with gr.Tab("Zip of class folders"):
                     ui.zip_upload = gr.File(label="A zip of class_name/image folders: classes are created as "
-                                                  "needed, loose files go to the pool", file_types=[".zip"],
+                                                  "needed, loose files go to the pool",
                                             height=130, elem_id="zip-upload")
                 with gr.Tab("Webcam"):
                     with gr.Row(elem_classes="fs-inline"):
@@ -56,8 +59,7 @@ def build(ui: UI) -> None:
             # interactive: each thumbnail has a delete (✕) button, and images dropped on it join the class
             ui.class_gallery = gr.Gallery(label="Images (✕ on a thumbnail removes it; drop images here to add them)",
                                           columns=6, height=300, allow_preview=False, object_fit="contain",
-                                          elem_id="class-gallery", interactive=True, sources=["upload"],
-                                          file_types=["image"])
+                                          elem_id="class-gallery", interactive=True, sources=["upload"])
             # what the gallery shows, in order: a click's position maps to an image id here
             ui.class_ids = gr.State([])
             with gr.Row(elem_classes="fs-inline"):
@@ -154,20 +156,20 @@ def build(ui: UI) -> None:
         need_project(pid)
         if name in (None, ""):
             raise DataError("Pick a class first (the Class menu), then drop the images.")
-        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), name)
+        up = library.add_uploads(ui.scope(pid, owner), files_of(files), name)
         where = "the unlabeled pool" if name == POOL else f"**{md(name)}**"
-        if errors:
-            gr.Warning(refused_text(errors, escape=toast_text).strip())
-        return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to {where}.{refused_text(errors)}",
+        if up.errors:
+            gr.Warning(refused_text(up.errors, escape=toast_text).strip())
+        return {ui.notice: added_text(up.added, up.duplicates, f"to {where}") + refused_text(up.errors),
                 **class_view(pid, owner, name), ui.class_upload: None}
 
     @friendly
     def add_zip(pid, name, file, owner, request: gr.Request):
         owner = who(owner, request)
-        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(file), None)
-        if errors:
-            gr.Warning(refused_text(errors, escape=toast_text).strip())
-        return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} from the zip.{refused_text(errors)}",
+        up = library.add_uploads(ui.scope(pid, owner), files_of(file), None)
+        if up.errors:
+            gr.Warning(refused_text(up.errors, escape=toast_text).strip())
+        return {ui.notice: added_text(up.added, up.duplicates, "from the zip") + refused_text(up.errors),
                 **class_view(pid, owner, name), ui.zip_upload: None}
 
     @friendly

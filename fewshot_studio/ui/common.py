@@ -195,6 +195,16 @@ def toast_text(text: str) -> str:
     return html_text(text)
 
 
+def added_text(added: int, duplicates: int, where: str) -> str:
+    """"Added N images {where}." and, if any upload was a duplicate, how many were not stored
+    again: the count is of what was stored, never of what was sent."""
+    text = f"Added {added} image{'s' if added != 1 else ''} {where}."
+    if duplicates:
+        text += (f" {duplicates} duplicate{'s' if duplicates != 1 else ''} (the same bytes as an image already "
+                 f"there) {'were' if duplicates != 1 else 'was'} not stored again.")
+    return text
+
+
 def refused_text(errors: list[str], limit: int = 20, escape: Callable[[str], str] = md) -> str:
     """" Refused N files: …" for a notice (Markdown, `md`) or a toast (`toast_text`); the
     sentences name uploaded files, which are user text."""

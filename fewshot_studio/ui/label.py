@@ -10,7 +10,7 @@ from ..app.library import POOL
 from ..errors import DataError, FewShotError
 from ..jobs import CANCELLED, FAILED
 from . import presenters
-from .common import UI, files_of, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
+from .common import UI, added_text, files_of, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
 from .presenters import md, parse_image_ids
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
@@ -27,7 +27,7 @@ def build(ui: UI) -> None:
             ui.label_model_md = gr.Markdown("", elem_id="label-model-summary")
         with gr.Column(scale=3):
             ui.pool_upload = gr.File(label="Add unlabeled images to the pool (files or a zip)", file_count="multiple",
-                                     file_types=["image", ".zip"], height=110, elem_id="pool-upload")
+                                     height=110, elem_id="pool-upload")  # no file_types: judged by content
             with gr.Row():
                 ui.label_pool_btn = gr.Button("Label the pool", variant="primary", elem_id="label-pool-btn")
                 ui.label_cancel_btn = gr.Button("Cancel", variant="stop", elem_id="label-cancel-btn", scale=0)
@@ -110,11 +110,11 @@ def wire(ui: UI) -> None:
     @friendly
     def add_pool(pid, files, owner, request: gr.Request):
         owner = who(owner, request)
-        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), POOL)
-        if errors:
-            gr.Warning(refused_text(errors, escape=toast_text).strip())
-        return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to the pool; press Label the pool."
-                           f"{refused_text(errors)}", **ui.pool_view(pid, owner), ui.pool_upload: None}
+        up = library.add_uploads(ui.scope(pid, owner), files_of(files), POOL)
+        if up.errors:
+            gr.Warning(refused_text(up.errors, escape=toast_text).strip())
+        return {ui.notice: added_text(up.added, up.duplicates, "to the pool") + " Press Label the pool to label them."
+                           + refused_text(up.errors), **ui.pool_view(pid, owner), ui.pool_upload: None}
 
     @friendly
     def check_label_pool(pid, owner, request: gr.Request):
