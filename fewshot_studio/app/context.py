@@ -130,7 +130,11 @@ class Workspace:
                 return self._backbones[key]
             while self._backbones and len(self._backbones) >= max(1, self.config.max_backbones):
                 self._evict(next(iter(self._backbones)))
-            b = self._backbones[key] = self.loader(spec)
+            try:
+                b = self._backbones[key] = self.loader(spec)
+            except BaseException:
+                release_memory()  # whatever a failed load allocated goes back too
+                raise
             return b
 
     def _evict(self, key: tuple) -> None:
