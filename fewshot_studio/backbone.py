@@ -66,6 +66,33 @@ class BackboneSpec:
         return f"{self.name} / {self.pretrained}"
 
 
+def split_backbone(value: str) -> tuple[str, str | None]:
+    """A picker's "name/pretrained" (or "tiny", or an "hf-hub:org/repo" name) as (name, pretrained)."""
+    name = (value or "").strip()
+    if name == TINY:
+        return name, None
+    if "/" in name and not name.startswith(("hf-hub:", "local-dir:")):
+        name, pretrained = name.split("/", 1)
+        return name.strip(), pretrained.strip() or None
+    return name, None
+
+
+def release_memory() -> None:
+    """Hand freed tensors back to the system: a collection (models hold reference cycles), the
+    CUDA cache, and glibc's free lists (else the process's RSS never shrinks)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +111,47 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_digests: dict[tuple, str] = {}
+_digests_lock = threading.Lock()
+
+
+def _cached_sha256(path: Path) -> str:
+    """file_sha256 of a resolved path, remembered by (path, size, mtime_ns) so that asking for
+    the same checkpoint again costs a stat, not a re-read of hundreds of MB."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _digests_lock:
+        if key in _digests:
+            return _digests[key]
+    digest = file_sha256(path)
+    with _digests_lock:
+        if len(_digests) > 256:  # a bound: stale entries of rewritten files go
+            _digests.clear()
+        _digests[key] = digest
+    return digest
+
+
+def checkpoint_digest(checkpoint: str | os.PathLike) -> str | None:
+    """What a local checkpoint holds, whatever the spelling of its path: the sha256 of the file
+    (of a folder: of its weights file and its open_clip_config.json); None when there is
+    nothing to read (loading it then says why in one sentence)."""
+    import open_clip
+
+    try:
+        path = Path(checkpoint).expanduser().resolve()
+        if path.is_file():
+            return _cached_sha256(path)
+        if path.is_dir():
+            weights = open_clip.factory._find_checkpoint_in_dir(path)
+            config = path / "open_clip_config.json"
+            parts = [_cached_sha256(Path(weights).resolve()) if weights else "-",
+                     _cached_sha256(config.resolve()) if config.is_file() else "-"]
+            return "dir:" + ":".join(parts)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return None
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -231,6 +299,72 @@ def _create(name: str, pretrained: str | None, device: torch.device):
     return model, open_clip.get_tokenizer(name)
 
 
+def _meta_model(arch: str):
+    """The architecture with no memory behind its weights (the `meta` device): its tensor names
+    and shapes, in well under a second even for ViT-L-14."""
+    import logging
+
+    import open_clip
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # "No pretrained weights loaded": intended here
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(arch, pretrained=None, device="meta", load_weights=False)
+    finally:
+        logging.disable(previous)
+
+
+def _lazy_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors without reading their data: `meta` tensors of the right shapes
+    from a safetensors header, memory-mapped tensors from a torch zip file (weights only,
+    never unpickling code). Raises on anything else."""
+    if str(weights).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                out[k] = torch.empty(f.get_slice(k).get_shape(), device="meta")
+        state = out
+    else:
+        state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("it holds no tensors")
+    if next(iter(state)).startswith("module"):
+        state = {k[7:]: v for k, v in state.items()}
+    return state
+
+
+def check_checkpoint(arch: str, weights: str) -> None:
+    """Refuse (ValueError, a short reason) a checkpoint whose tensors are not the architecture's,
+    before the model is built: names and shapes are compared with the architecture on the
+    `meta` device. Only the differences open_clip's loader mends itself pass: resized position
+    embeddings, a scalar-vs-1-d logit scale, a missing logit bias, old text-tower names."""
+    import open_clip
+
+    model = _meta_model(arch)
+    state = _lazy_state_dict(weights)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = open_clip.factory.convert_to_custom_text_state_dict(state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith(("logit_bias", "position_ids"))]
+    unexpected = [k for k in state if k not in expected and not k.endswith("position_ids")]
+    if missing or unexpected:
+        k = (missing or unexpected)[0]
+        n = len(missing) + len(unexpected)
+        raise ValueError(f"{n} tensor names differ from the architecture's, e.g. '{k[:80]}'")
+    for k, t in expected.items():
+        got = state.get(k)
+        if got is None or tuple(got.shape) == tuple(t.shape):
+            continue
+        if "positional_embedding" in k or (k.startswith("logit_") and got.numel() == t.numel()):
+            continue
+        raise ValueError(f"'{k[:80]}' has shape {tuple(got.shape)}, the architecture {tuple(t.shape)}")
+
+
 def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
     """Load a frozen backbone.
 
@@ -258,7 +392,7 @@ def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
                 "run 'python -m fewshot_studio pretrain-tiny' to rebuild them.")
         model, tok = _create(tiny.MODEL_NAME, str(tiny.WEIGHTS_PATH), device)
         spec = BackboneSpec(name=TINY, pretrained=None, checkpoint=None, device=spec.device)
-        bid = f"tiny-{file_sha256(tiny.WEIGHTS_PATH)[:12]}"
+        bid = f"tiny-{_cached_sha256(tiny.WEIGHTS_PATH.resolve())[:12]}"
         return Backbone(model, tok, spec, bid, device, templates=templates_for(tiny=True))
 
     arch = tiny.MODEL_NAME if spec.name == TINY else spec.name
@@ -271,17 +405,21 @@ def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
                 f"The checkpoint {path} does not exist; give the path of a checkpoint file or "
                 f"directory, or use the offline test backbone 'tiny'.")
         try:
+            # every check before a weight is allocated: a file that is not a checkpoint of this
+            # architecture costs a header read, not a model (issue #13)
             if path.is_dir():
+                weights = open_clip.factory._find_checkpoint_in_dir(path)
+                if weights is None:
+                    raise FileNotFoundError("no .safetensors, .bin or .pth file inside")
                 if (path / "open_clip_config.json").exists():
+                    check_checkpoint(f"local-dir:{path}", weights)
                     model, tok = _create(f"local-dir:{path}", None, device)
-                    weights = open_clip.factory._find_checkpoint_in_dir(path)
                 else:
-                    weights = open_clip.factory._find_checkpoint_in_dir(path)
-                    if weights is None:
-                        raise FileNotFoundError("no .safetensors, .bin or .pth file inside")
+                    check_checkpoint(arch, weights)
                     model, tok = _create(arch, weights, device)
             else:
                 weights = str(path)
+                check_checkpoint(arch, weights)
                 model, tok = _create(arch, weights, device)
         except WeightsUnavailableError:
             raise
@@ -290,7 +428,7 @@ def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
                 f"Could not load the checkpoint {path} as an open_clip '{arch}' model "
                 f"({_short(e)}); check the model name matches the checkpoint, or use the "
                 f"offline test backbone 'tiny'.") from None
-        bid = f"{arch}@sha256-{file_sha256(weights)[:16]}" if weights else f"{arch}@{path.name}"
+        bid = f"{arch}@sha256-{_cached_sha256(Path(weights).resolve())[:16]}" if weights else f"{arch}@{path.name}"
         return Backbone(model, tok, spec, bid, device, templates=templates)
 
     if spec.name not in open_clip.list_models():
@@ -298,12 +436,20 @@ def load_backbone(spec: BackboneSpec | str | None = None, **kwargs) -> Backbone:
             f"'{spec.name}' is not an open_clip model name; pick one of open_clip.list_models() "
             f"(e.g. ViT-B-32) or the offline test backbone 'tiny'.")
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
-    if spec.pretrained and spec.pretrained not in tags and not Path(spec.pretrained).exists():
+    if spec.pretrained and spec.pretrained not in tags:
+        if Path(spec.pretrained).expanduser().exists():  # a path given as the tag: checked like one
+            return load_backbone(replace(spec, pretrained=None, checkpoint=spec.pretrained))
         raise WeightsUnavailableError(
             f"'{spec.pretrained}' is not a pretrained tag of {spec.name} "
             f"(known: {', '.join(tags) or 'none'}); pick one of those, or {_fix_hint()}.")
+    offline = False
     try:
         with _offline_unless_reachable() as offline:
+            if spec.pretrained:  # the weights file first: no model is built for weights that cannot be had
+                from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+                if not download_pretrained(get_pretrained_cfg(spec.name, spec.pretrained)):
+                    raise FileNotFoundError("no weights file for this tag")
             model, tok = _create(spec.name, spec.pretrained, device)
     except Exception as e:
         why = "this machine is offline and they are not in the local cache" if offline else _short(e)

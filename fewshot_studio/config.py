@@ -14,6 +14,11 @@ Environment variables (all optional):
     FEWSHOT_STUDIO_PRETRAINED  open_clip pretrained tag (default openai)
     FEWSHOT_STUDIO_CHECKPOINT  a local checkpoint used instead of a download
     FEWSHOT_STUDIO_DEVICE      cpu or cuda (default: cuda when present)
+    FEWSHOT_STUDIO_BACKBONES   hosted mode: the backbones visitors may pick, comma-separated
+                               "name/pretrained" or "tiny" (default: the default backbone and
+                               tiny); visitors never name a checkpoint path
+    FEWSHOT_STUDIO_MAX_BACKBONES  how many loaded backbones stay in memory (default 2; the least
+                               recently used one is freed to make room)
     FEWSHOT_STUDIO_HOSTED      1/0: each browser sees only its own projects (default: 1 in a
                                Hugging Face Space, where SPACE_ID is set, else 0)
 """
@@ -27,6 +32,9 @@ from typing import Mapping
 
 DEFAULT_BACKBONE = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
+#: Loaded backbones kept in memory at once (the least recently used is freed): the default and
+#: one other. A ViT-B-32 is about 0.6 GB and a ViT-L-14 1.7 GB in fp32.
+DEFAULT_MAX_BACKBONES = 2
 
 
 def default_data_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -45,6 +53,13 @@ def _flag(value: str | None) -> bool | None:
     return None if not v else v in ("1", "true", "yes")
 
 
+def _positive(value: str | None, default: int) -> int:
+    try:
+        return max(1, int(value)) if value and value.strip() else default
+    except ValueError:
+        return default
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """Where data lives, which backbone is the default, and whether the app is public."""
@@ -56,6 +71,9 @@ class AppConfig:
     checkpoint: str | None = None
     device: str | None = None
     hosted: bool = False
+    #: hosted mode: what visitors may pick ("name/pretrained" or "tiny"); empty: the default and tiny
+    backbones: tuple[str, ...] = ()
+    max_backbones: int = DEFAULT_MAX_BACKBONES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags) -> "AppConfig":
@@ -74,6 +92,8 @@ class AppConfig:
             device=env.get("FEWSHOT_STUDIO_DEVICE") or None,
             # a public Space never shows one visitor's projects to another unless told otherwise
             hosted=bool(env.get("SPACE_ID")) if hosted is None else hosted,
+            backbones=tuple(b.strip() for b in (env.get("FEWSHOT_STUDIO_BACKBONES") or "").split(",") if b.strip()),
+            max_backbones=_positive(env.get("FEWSHOT_STUDIO_MAX_BACKBONES"), DEFAULT_MAX_BACKBONES),
         )
         return replace(base, **flags)
 

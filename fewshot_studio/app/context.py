@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..backbone import Backbone, BackboneSpec, load_backbone
+from ..backbone import (TINY, Backbone, BackboneSpec, checkpoint_digest, load_backbone, release_memory,
+                        resolve_device, split_backbone)
 from ..cache import FeatureCache
 from ..config import AppConfig
-from ..errors import DataError
+from ..errors import DataError, WeightsUnavailableError
 from ..features import FeatureExtractor
 from ..jobs import JobRunner
 from ..methods import Method, load_model
@@ -47,7 +49,8 @@ class Workspace:
         self.exports_dir = self.root / "exports"
         self.thumbs_dir = self.root / "thumbs"
         self.lock = threading.RLock()
-        self._backbones: dict[tuple, Backbone] = {}
+        # least recently used first; at most config.max_backbones (issue #13: memory stays bounded)
+        self._backbones: OrderedDict[tuple, Backbone] = OrderedDict()
         self._extractors: dict[str, FeatureExtractor] = {}
         self._models: dict[int, Method] = {}
 
@@ -82,13 +85,71 @@ class Workspace:
         return ProjectScope(self, p, owner)
 
     # ---- loaded things -----------------------------------------------------------------------
+    def allowed_backbones(self) -> list[str]:
+        """Hosted mode: the backbones visitors may pick, as "name/pretrained" or "tiny"
+        (AppConfig.backbones; by default the configured default backbone and tiny)."""
+        if self.config.backbones:
+            return list(dict.fromkeys(self.config.backbones))
+        d = self.default_spec
+        default = TINY if d.name == TINY else (f"{d.name}/{d.pretrained}" if d.pretrained else d.name)
+        return list(dict.fromkeys([default, TINY]))
+
+    def check_backbone(self, spec: BackboneSpec) -> None:
+        """Hosted mode: refuse, in one sentence and before anything is read or built, a backbone
+        off the allow-list or any checkpoint path but the operator's own. The sentence is the
+        same for every path, so it says nothing about the server's files."""
+        if not self.hosted:
+            return
+        d = self.default_spec
+        if (spec.name, spec.pretrained, spec.checkpoint) == (d.name, d.pretrained, d.checkpoint):
+            return  # the operator's own choice (its checkpoint included)
+        choices = self.allowed_backbones()
+        if spec.checkpoint:
+            raise WeightsUnavailableError("This public app does not load checkpoints from the server's disk; "
+                                          f"pick one of: {', '.join(choices)}.")
+        if (spec.name, spec.pretrained or None) not in {split_backbone(c) for c in choices}:
+            raise WeightsUnavailableError(f"This public app offers only these backbones: {', '.join(choices)}; "
+                                          "pick one of them.")
+
+    def _backbone_key(self, spec: BackboneSpec) -> tuple:
+        """What a backbone is: a checkpoint by its content (any spelling of its path, any copy of
+        the file, is one backbone), a named model by (name, pretrained); and the device."""
+        device = str(resolve_device(spec.device))
+        if spec.checkpoint:
+            return spec.name, "checkpoint", checkpoint_digest(spec.checkpoint) or spec.checkpoint, device
+        return spec.name, spec.pretrained, None, device
+
     def backbone(self, spec: BackboneSpec | None = None) -> Backbone:
+        """The loaded backbone of `spec` (the default one when None): checked (hosted mode), then
+        cached, the least recently used one freed when config.max_backbones are loaded."""
         spec = spec or self.default_spec
-        key = (spec.name, spec.pretrained, spec.checkpoint, spec.device)
+        self.check_backbone(spec)
+        key = self._backbone_key(spec)
         with self.lock:
-            if key not in self._backbones:
-                self._backbones[key] = self.loader(spec)
-            return self._backbones[key]
+            if key in self._backbones:
+                self._backbones.move_to_end(key)
+                return self._backbones[key]
+            while self._backbones and len(self._backbones) >= max(1, self.config.max_backbones):
+                self._evict(next(iter(self._backbones)))
+            try:
+                b = self._backbones[key] = self.loader(spec)
+            except BaseException:
+                release_memory()  # whatever a failed load allocated goes back too
+                raise
+            return b
+
+    def _evict(self, key: tuple) -> None:
+        """Forget a backbone and what holds it (its extractor, the models loaded on it) so its
+        memory really goes back; a job still running on it keeps it until it ends."""
+        b = self._backbones.pop(key)
+        for bid, ext in list(self._extractors.items()):
+            if ext.backbone is b:
+                del self._extractors[bid]
+        for mid, m in list(self._models.items()):
+            if getattr(m, "backbone", None) is b:
+                del self._models[mid]
+        del b
+        release_memory()
 
     def extractor(self, backbone: Backbone) -> FeatureExtractor:
         with self.lock:
@@ -98,8 +159,14 @@ class Workspace:
 
     def saved_spec(self, config: dict) -> BackboneSpec:
         """The backbone a saved model's config names, on this workspace's device."""
-        bb = config.get("backbone") or {}
-        return BackboneSpec(bb.get("name", ""), bb.get("pretrained"), bb.get("checkpoint"), self.default_spec.device)
+        bb = config.get("backbone")
+        bb = bb if isinstance(bb, dict) else {}
+
+        def text(key: str) -> str | None:  # an imported config is untrusted: strings or nothing
+            v = bb.get(key)
+            return v if isinstance(v, str) and v else None
+
+        return BackboneSpec(text("name") or "", text("pretrained"), text("checkpoint"), self.default_spec.device)
 
     def load_method(self, model: ModelInfo) -> Method:
         """A stored model, loaded once (with its backbone)."""

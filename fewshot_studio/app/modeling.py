@@ -228,6 +228,7 @@ def _evaluation(scope: ProjectScope, methods: Sequence[str], spec: BackboneSpec 
     """Check the request and snapshot the examples now; the returned run(progress, cancel) does the work."""
     from ..evaluation import cross_validate
 
+    scope.ws.check_backbone(spec or scope.ws.default_spec)  # hosted mode: an allowed backbone, first
     support = scope.store.support_set(scope.id)
     if not methods:
         raise DataError("Pick at least one method to compare.")

@@ -40,9 +40,12 @@ def backbone_status(ws: Workspace, spec: BackboneSpec | None = None) -> tuple[bo
     st = modeling.backbone_status(ws, spec)
     if st.ok:
         return True, f"**Backbone:** {st.label} · **Device:** {st.device}"
-    how = ("Both are in the Train tab (Backbone, Local checkpoint); `tiny` only knows coloured shapes."
-           if "tiny" in st.error else
-           "In the Train tab pick `tiny` (it only knows coloured shapes) or fill in Local checkpoint.")
+    if ws.hosted:
+        how = "Pick another backbone in the Train tab."
+    else:
+        how = ("Both are in the Train tab (Backbone, Local checkpoint); `tiny` only knows coloured shapes."
+               if "tiny" in st.error else
+               "In the Train tab pick `tiny` (it only knows coloured shapes) or fill in Local checkpoint.")
     return False, f"⚠️ **Backbone unavailable:** {st.error} {how} · **Device:** {st.device}"
 
 
@@ -54,10 +57,14 @@ def default_backbone_value(ws: Workspace) -> str:
 
 
 def backbone_choices(ws: Workspace) -> list[tuple[str, str]]:
-    """(label, value) pairs for a backbone picker: the default first, then the presets.
-    A value is "name/pretrained" or "tiny"; any open_clip "name/pretrained" works too."""
+    """(label, value) pairs for a backbone picker: the default first, then the presets (in
+    hosted mode, the allowed backbones). A value is "name/pretrained" or "tiny"; on one's own
+    machine any open_clip "name/pretrained" works too."""
     default = default_backbone_value(ws)
     out = [(label, value) for value, label in BACKBONE_PRESETS]
+    if ws.hosted:  # only what this public app offers (Workspace.allowed_backbones)
+        labels = {value: label for value, label in BACKBONE_PRESETS}
+        out = [(labels.get(v, v), v) for v in ws.allowed_backbones()]
     if default not in {v for _, v in out}:
         out.insert(0, (f"{default} (default)", default))
     else:

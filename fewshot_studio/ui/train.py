@@ -40,11 +40,15 @@ def build(ui: UI) -> None:
             ui.method_note = gr.Markdown(catalog.summary("graph"), elem_classes="fs-hint")
             ui.backbone = gr.Dropdown(presenters.backbone_choices(ws), value=presenters.default_backbone_value(ws),
                                       label="Backbone", allow_custom_value=True, elem_id="backbone",
-                                      info="An open_clip model/pretrained tag, or tiny (offline; it only knows "
-                                           "coloured shapes).")
+                                      info=("One of the backbones this public app offers; tiny (offline) only "
+                                            "knows coloured shapes." if ws.hosted else
+                                            "An open_clip model/pretrained tag, or tiny (offline; it only knows "
+                                            "coloured shapes)."))
+            # a public app never reads a path a visitor names (Workspace.check_backbone refuses it too)
             ui.checkpoint = gr.Textbox(label="Local checkpoint (optional)", elem_id="checkpoint",
                                        placeholder="/path/to/weights.safetensors or an open_clip folder",
-                                       info="For offline machines: used instead of downloading the weights.")
+                                       info="For offline machines: used instead of downloading the weights.",
+                                       visible=not ws.hosted)
             with gr.Accordion("Advanced settings (the papers' defaults)", open=False, elem_id="advanced"):
                 ui.adv_groups = {}
                 for m in catalog.method_ids():
