@@ -328,7 +328,13 @@ def _lazy_state_dict(weights: str) -> dict[str, torch.Tensor]:
                 out[k] = torch.empty(f.get_slice(k).get_shape(), device="meta")
         state = out
     else:
-        state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # a legacy (pre-zip) torch file cannot be memory-mapped: read it, still weights only
+            state = torch.load(weights, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

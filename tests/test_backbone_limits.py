@@ -12,6 +12,7 @@ import weakref
 import zipfile
 
 import pytest
+import torch
 
 from fewshot_studio import backbone as bb, tiny as tiny_mod
 from fewshot_studio.app import Workspace, exports, modeling, projects
@@ -291,3 +292,15 @@ def test_local_checkpoints_are_validated_first_and_cached_by_content(tmp_path, j
     finally:
         demo.close()
         ws.close()
+
+
+def test_a_legacy_torch_checkpoint_is_still_checked_from_its_tensors(tmp_path):
+    """Files saved before torch's zip format cannot be memory-mapped: their tensors are read
+    (weights only) and checked the same way, not refused for their format."""
+    from fewshot_studio.backbone import _lazy_state_dict
+
+    path = tmp_path / "legacy.pt"
+    torch.save({"state_dict": {"module.visual.proj": torch.zeros(2, 3)}}, path,
+               _use_new_zipfile_serialization=False)
+    state = _lazy_state_dict(str(path))
+    assert list(state) == ["visual.proj"] and tuple(state["visual.proj"].shape) == (2, 3)
