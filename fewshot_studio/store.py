@@ -221,8 +221,10 @@ CREATE TABLE current_models (
 );
 """
 
-#: The message (lower case) of a job that was queued or running when the app stopped.
+#: The message (lower case) of a job that was running when the app stopped.
 INTERRUPTED = "the app stopped while this job was running"
+#: The message (lower case) of a job that was still queued when the app stopped.
+INTERRUPTED_QUEUED = "the app stopped before this job started"
 
 MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS, _SCHEMA_V3_CURRENT_MODEL]
 #: The schema version this code writes (``PRAGMA user_version`` after opening).
@@ -1367,18 +1369,24 @@ class ProjectStore:
             rows = conn.execute(sql + " ORDER BY id DESC", args).fetchall()
         return [self._job(r) for r in rows]
 
-    def mark_interrupted_jobs(self, reason: str = INTERRUPTED) -> int:
-        """Mark every queued or running job failed with ``reason`` (call once on start-up,
-        before any job runs).  Returns how many jobs were marked."""
-        message = reason.strip()
-        if message:
-            message = message[0].upper() + message[1:]
-            if message[-1] not in ".!?":
-                message += "."
+    def mark_interrupted_jobs(self, reason: str = INTERRUPTED, queued_reason: str = INTERRUPTED_QUEUED) -> int:
+        """Mark every running job failed with ``reason`` and every queued one with
+        ``queued_reason`` (call once on start-up, before any job runs); finished jobs keep
+        their status and message.  Returns how many jobs were marked."""
+        def sentence(text: str) -> str:
+            text = text.strip()
+            if text:
+                text = text[0].upper() + text[1:]
+                if text[-1] not in ".!?":
+                    text += "."
+            return text
+
+        now = time.time()
         with self._tx() as conn:
-            cur = conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? "
-                               "WHERE status IN ('queued', 'running')", (message, time.time()))
-            return cur.rowcount
+            n = conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? WHERE status = 'running'",
+                             (sentence(reason), now)).rowcount
+            return n + conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? "
+                                    "WHERE status = 'queued'", (sentence(queued_reason), now)).rowcount
 
     # ------------------------------------------------------------ maintenance
 

@@ -367,10 +367,10 @@ def test_mark_interrupted_jobs(tmp_path):
         done = s.create_job(pid, "train", status="done", message="Finished.")
     with ProjectStore(root) as s:  # the app restarts
         assert s.mark_interrupted_jobs() == 2
-        for job in (queued, running):
-            after = s.get_job(job.id)
-            assert after.status == "failed"
-            assert after.message == "The app stopped while this job was running."
+        assert s.get_job(running.id).status == "failed"
+        assert s.get_job(running.id).message == "The app stopped while this job was running."
+        assert s.get_job(queued.id).status == "failed"  # it never ran: the sentence says so
+        assert s.get_job(queued.id).message == "The app stopped before this job started."
         assert s.get_job(done.id).status == "done" and s.get_job(done.id).message == "Finished."
         assert s.mark_interrupted_jobs() == 0
 
