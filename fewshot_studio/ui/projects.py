@@ -187,6 +187,8 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
                       "press Train to run it again.")
         if pid is not None:
             notice = " ".join(t for t in (notice, presenters.missing_notice(ws.scope(pid, owner))) if t)
+        if ws.storage_notice:  # the database was damaged and set aside when the app started
+            notice = " ".join(t for t in (f"⚠️ {md(ws.storage_notice)}", notice) if t)
         out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
                ui.remembered: {"owner": owner, "project": pid}, ui.notice: notice}
         out.update(resume(pid))
