@@ -654,7 +654,7 @@ class ProjectStore:
                              f"({e.strerror or type(e).__name__}).") from None
         if head and head != _SQLITE_MAGIC:
             raise self._damaged_main()
-        if not head and not (wal.exists() and wal.stat().st_size):
+        if not head:  # (a database in WAL mode always has its header in the file, log or not)
             self._refuse_if_files_stored()  # now, before SQLite writes a header into the empty file
 
     def _refuse_if_files_stored(self) -> None:
@@ -672,8 +672,33 @@ class ProjectStore:
             f"The project database {self.db_path} is damaged or not a SQLite database; "
             "move it aside to start with an empty one.", "main")
 
+    def _inspect(self, fresh: bool) -> None:
+        """quick_check, and no tables while files are stored, through a read-only connection:
+        it leaves the files exactly as they are (a writable one would checkpoint a damaged
+        database on closing).  Other errors are left to the real connection to report."""
+        if not self.db_path.is_file():
+            return
+        try:
+            ro = sqlite3.connect(self.db_path.resolve().as_uri() + "?mode=ro", uri=True,
+                                 timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        except sqlite3.Error:
+            return
+        try:
+            if ro.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise self._damaged_main()
+            tables = ro.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise self._damaged_main() from None
+            return
+        finally:
+            ro.close()
+        if not tables and not fresh:
+            self._refuse_if_files_stored()
+
     def _open(self, fresh: bool = False) -> None:
         """Connect, check and migrate; ``fresh``: an empty database is expected (just set aside)."""
+        self._inspect(fresh)
         try:
             conn = sqlite3.connect(str(self.db_path), timeout=_BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
@@ -685,10 +710,6 @@ class ProjectStore:
             conn.execute("PRAGMA journal_mode = WAL").fetchone()
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise self._damaged_main()
-            if not fresh and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                self._refuse_if_files_stored()
             self._conn = conn
             self._migrate()
         except sqlite3.DatabaseError as e:
