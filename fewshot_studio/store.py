@@ -632,6 +632,9 @@ class ProjectStore:
             except DamagedDatabaseError as again:  # what was put back of a damaged log is damaged too
                 self.recovery = self._set_aside(again)
                 self._open(fresh=True)
+            # into the database file at once, leaving an empty log: later writes must not land
+            # in front of the damaged log's leftover frames
+            self.checkpoint()
         if checkpoint_every:
             threading.Thread(target=_checkpoint_loop, args=(weakref.ref(self), self._stop, checkpoint_every),
                              name="store-checkpoint", daemon=True).start()
@@ -744,8 +747,9 @@ class ProjectStore:
                     if (aside / name).exists():
                         shutil.copyfile(aside / name, self.root / name)
         except OSError as e:
-            raise StoreError(f"The damaged project database could not be set aside in {aside} "
-                             f"({e.strerror or type(e).__name__}); {damage}") from None
+            raise StoreError(f"The project database {self.db_path} is damaged and could not be set aside in "
+                             f"{aside} ({e.strerror or type(e).__name__}); move {_DB_NAME} and its -wal file "
+                             "out of the data folder by hand.") from None
         _fsync_dir(self.root)
         where = aside.name
         if damage.kind == "log":
@@ -753,9 +757,14 @@ class ProjectStore:
                     f"stopped may be missing; the damaged files were kept in the data folder's {where} "
                     "and the app carries on with everything that could be read.")
         if damage.kind == "empty":
-            return (f"The project database was found empty although images and models were stored, so the "
-                    f"projects could not be shown; the empty file was kept in the data folder's {where}, "
-                    "the image files were left in place, and the app started with an empty project list.")
+            images, models = _stored_files(self.root)
+            what = " and ".join(t for t in (images and _plural(images, "image file"),
+                                            models and _plural(models, "model")) if t)
+            kept = (f"the empty file was kept in the data folder's {where}" if (aside / _DB_NAME).exists()
+                    else "it is missing")
+            return (f"The project database was found empty although the data folder holds {what}, so the projects "
+                    f"could not be shown; {kept}, the files were left in place, and the app started with an "
+                    "empty project list.")
         return (f"The project database was damaged, so the app started with an empty project list; the "
                 f"damaged file was kept in the data folder's {where} (nothing was deleted).")
 

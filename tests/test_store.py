@@ -805,6 +805,7 @@ def test_junk_in_the_log_is_found_and_set_aside_with_one_sentence(tmp_path, wher
         assert aside.name in again.recovery
         assert (aside / "studio.db-wal").read_bytes() == bytes(data)  # kept as it was
         assert names(again) == ["early"]  # what the last checkpoint holds
+        assert wal.stat().st_size == 0  # taken into the database file at once: no damaged frames left
         assert len(again.list_images(again.list_projects()[0].id)) == 3
         again.create_project("after")  # and the store works
     with ProjectStore(root) as third:  # the next start is a normal one
