@@ -7,7 +7,11 @@ out-of-memory with half the batch size and then on the CPU), cross-validation
 
 One queue: a job waits for its resource (one GPU job at a time; a bounded number of CPU
 jobs), reports Progress that callers poll (`get`) or subscribe to, stops within one
-step on `cancel`, and ends as done, failed (one sentence) or cancelled. A finished
+step on `cancel`, and ends as done, failed (one sentence) or cancelled. The slots are
+shared fairly between visitors (`FairSlots`): waiting jobs are served round-robin by
+owner, and a job that has held its slot for `TIME_SLICE_SECONDS` lends it, at its next
+progress report, to a waiting job of another owner, so one visitor's long training cannot
+hold the machine while another's waits. A finished
 training writes its model into the ProjectStore atomically; a cancelled or failed one
 leaves the project exactly as it was.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import shutil
 import tempfile
 import threading
@@ -36,6 +41,11 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = (s.value for s in JobStatus)
 # the kinds of long work the app runs as jobs, and how a sentence names each
 TRAIN, EVALUATE, LABEL = "train", "evaluate", "label"
 KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool"}
+#: How long a job keeps its slot while a job of another owner (visitor) waits: at its next
+#: progress report after this many seconds it lets the waiting job run, then queues again.
+TIME_SLICE_SECONDS = 5.0
+#: The stage a started job shows while it waits for its turn again.
+PAUSED_STAGE = "Paused: sharing the machine with another visitor"
 
 
 @dataclass
@@ -87,6 +97,12 @@ class Job:
         self.cancel_event = threading.Event()
         self.done_event = threading.Event()
         self._listeners: list[Callable[[JobState], None]] = []
+        # set by the runner: called after each report so the job can lend its slot (fair share)
+        self.on_report: Callable[["Job"], None] | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return self._state.owner
 
     def snapshot(self) -> JobState:
         with self._lock:
@@ -108,6 +124,25 @@ class Job:
             if p.loss is not None:
                 s.loss, s.accuracy = p.loss, p.accuracy
                 s.history.append({"step": p.step, "loss": p.loss, "accuracy": p.accuracy})
+        self._notify()
+        if self.on_report is not None:
+            self.on_report(self)
+
+    def pause(self) -> tuple[str, float | None, float]:
+        """Show PAUSED_STAGE while the job waits for its slot again; what `resume` needs."""
+        with self._lock:
+            saved = (self._state.stage, self._state.stage_started, time.time())
+            self._state.stage = PAUSED_STAGE
+        self._notify()
+        return saved
+
+    def resume(self, saved: tuple[str, float | None, float]) -> None:
+        """Back to the stage it paused in; the pause does not count in the stage's pace."""
+        stage, started, paused_at = saved
+        with self._lock:
+            if self._state.stage == PAUSED_STAGE:
+                self._state.stage = stage
+                self._state.stage_started = None if started is None else started + (time.time() - paused_at)
         self._notify()
 
     def subscribe(self, fn: Callable[[JobState], None]) -> None:
@@ -142,17 +177,84 @@ def gpu_wrap(fn: Callable) -> Callable:
     return spaces.GPU(duration=300)(fn)
 
 
+class FairSlots:
+    """`n` slots that jobs of several owners (browser sessions) share fairly.
+
+    A free slot goes to the waiting job whose owner's last turn is the longest ago (an owner
+    who has had none goes first), that owner's oldest job first: round-robin by owner, not
+    first come first served. A job that has held its slot for `quantum` seconds while a job
+    of another owner waits should lend it (`should_yield`): release, then `acquire` again.
+    Jobs of one owner never preempt each other."""
+
+    def __init__(self, n: int = 1, quantum: float = TIME_SLICE_SECONDS):
+        self.n, self.quantum = max(1, n), quantum
+        self._cond = threading.Condition()
+        self._holders: dict[Job, float] = {}  # job -> when it got its slot
+        self._waiting: list[Job] = []
+        self._arrival: dict[Job, int] = {}  # a job keeps its place among its owner's jobs
+        self._turns: dict[str | None, int] = {}  # owner -> number of its last grant
+        self._count = itertools.count()
+
+    def _next(self) -> Job | None:
+        live = [j for j in self._waiting if not j.cancel_event.is_set()]
+        if not live:
+            return None
+        return min(live, key=lambda j: (self._turns.get(j.owner, -1), self._arrival[j]))
+
+    def acquire(self, job: Job) -> bool:
+        """Wait for a slot; False (without one) when the job is cancelled meanwhile."""
+        with self._cond:
+            self._arrival.setdefault(job, next(self._count))
+            self._waiting.append(job)
+            try:
+                while True:
+                    if job.cancel_event.is_set():
+                        return False
+                    if len(self._holders) < self.n and self._next() is job:
+                        self._holders[job] = time.monotonic()
+                        self._turns[job.owner] = next(self._count)
+                        return True
+                    self._cond.wait()
+            finally:
+                self._waiting.remove(job)
+                self._cond.notify_all()
+
+    def release(self, job: Job, *, done: bool = True) -> None:
+        """Give the slot back (harmless when the job holds none)."""
+        with self._cond:
+            self._holders.pop(job, None)
+            if done:
+                self._arrival.pop(job, None)
+            self._cond.notify_all()
+
+    def should_yield(self, job: Job) -> bool:
+        with self._cond:
+            since = self._holders.get(job)
+            return (since is not None and time.monotonic() - since >= self.quantum
+                    and any(w.owner != job.owner and not w.cancel_event.is_set() for w in self._waiting))
+
+    def wake(self) -> None:
+        """Let waiting jobs look at their cancel flags again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+
 class JobRunner:
-    """Runs jobs in worker threads: one GPU job at a time, at most `max_cpu_jobs` CPU jobs.
+    """Runs jobs in worker threads: one GPU job at a time, at most `max_cpu_jobs` CPU jobs,
+    shared fairly between owners (`FairSlots`, time slices of `time_slice` seconds).
 
     `store` (a ProjectStore, optional) mirrors each job's status into the database so a
     restart can mark interrupted jobs failed.
     """
 
-    def __init__(self, store=None, max_cpu_jobs: int = 1):
+    def __init__(self, store=None, max_cpu_jobs: int = 1, time_slice: float = TIME_SLICE_SECONDS):
         self.store = store
-        self._gpu = threading.Semaphore(1)
-        self._cpu = threading.Semaphore(max(1, max_cpu_jobs))
+        self._gpu = FairSlots(1, time_slice)
+        self._cpu = FairSlots(max_cpu_jobs, time_slice)
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -165,7 +267,7 @@ class JobRunner:
         with self._lock:
             self._jobs[job_id] = job
         if self.store is not None:
-            job.subscribe(functools.partial(self._persist, last=[0.0]))
+            job.subscribe(functools.partial(self._persist, last=[0.0, QUEUED]))
         threading.Thread(target=self._run, args=(job, fn), name=f"job-{job_id}", daemon=True).start()
         return job_id
 
@@ -174,25 +276,49 @@ class JobRunner:
             return str(self.store.create_job(project_id, kind).id)
         return uuid.uuid4().hex[:12]
 
-    def _persist(self, s: JobState, last: list[float]) -> None:
-        # throttle progress writes; status changes always land
+    def _persist(self, s: JobState, last: list) -> None:
+        # throttle progress writes; status changes always land (retried: a restart must not
+        # read a cancelled or finished job as one the app was running)
+        from .store import JobFinishedError
+
         now = time.time()
-        if s.status == RUNNING and now - last[0] < 0.5:
+        changed = s.status != last[1]
+        if not changed and s.status == RUNNING and now - last[0] < 0.5:
             return
-        last[0] = now
-        with contextlib.suppress(Exception):
-            self.store.update_job(int(s.id), status=s.status, message=s.message,
-                                  progress={"stage": s.stage, "step": s.step, "total": s.total,
-                                            "loss": s.loss, "accuracy": s.accuracy})
+        for attempt in range(4 if changed else 1):
+            try:
+                self.store.update_job(int(s.id), status=s.status, message=s.message,
+                                      progress={"stage": s.stage, "step": s.step, "total": s.total,
+                                                "loss": s.loss, "accuracy": s.accuracy})
+            except JobFinishedError:  # a late progress write after the job ended: nothing to say
+                return
+            except Exception:  # noqa: BLE001 - busy database, closed store: progress is best effort
+                if attempt < 3 and changed:
+                    time.sleep(0.1 * (attempt + 1))
+                continue
+            last[:] = [now, s.status]
+            return
+
+    def _lend_slot(self, slots: FairSlots, worker: threading.Thread, job: Job) -> None:
+        """At a progress report: after a time slice, let a waiting job of another owner run
+        (the job stands still meanwhile, showing PAUSED_STAGE), then carry on."""
+        if threading.current_thread() is not worker or not slots.should_yield(job):
+            return
+        saved = job.pause()
+        slots.release(job, done=False)
+        slots.acquire(job)  # False when cancelled meanwhile: the fit loop stops at its next check
+        job.resume(saved)
 
     def _run(self, job: Job, fn: Callable[[Job], Any]) -> None:
-        sem = self._gpu if job.snapshot().device.startswith("cuda") else self._cpu
-        with sem:
-            if job.cancel_event.is_set():
-                job.update(status=CANCELLED, message="Cancelled before it started; nothing changed.",
-                           finished=time.time())
-                job.done_event.set()
-                return
+        slots = self._gpu if job.snapshot().device.startswith("cuda") else self._cpu
+        if not slots.acquire(job):
+            job.update(status=CANCELLED, message="Cancelled before it started; nothing changed.",
+                       finished=time.time())
+            slots.release(job)
+            job.done_event.set()
+            return
+        job.on_report = functools.partial(self._lend_slot, slots, threading.current_thread())
+        try:
             job.update(status=RUNNING, started=time.time(), stage="Starting")
             try:
                 result = fn(job)
@@ -211,8 +337,10 @@ class JobRunner:
                 s = job.snapshot()
                 job.update(status=DONE, result=result, finished=time.time(), stage="Done",
                            step=s.total or s.step, message=s.message)
-            finally:
-                job.done_event.set()
+        finally:
+            job.on_report = None
+            slots.release(job)
+            job.done_event.set()
 
     # ---- queries -------------------------------------------------------------------
     def get(self, job_id: str) -> JobState:
@@ -233,6 +361,9 @@ class JobRunner:
         if job is None or job.snapshot().status in FINISHED:
             return False
         job.cancel_event.set()
+        # a queued (or paused) job leaves the queue now, and its cancellation is recorded now
+        self._cpu.wake()
+        self._gpu.wake()
         return True
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobState:

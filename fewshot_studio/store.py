@@ -25,6 +25,19 @@ Layout under the data directory ``root`` (default: `AppConfig.data_dir`)::
   part of an upload, happens outside the lock.  Several ``ProjectStore`` instances or
   processes may share a database (WAL + ``busy_timeout``), but run
   :meth:`~ProjectStore.collect_garbage` only when no other process writes to the store.
+* **Damage** (docs: SECURITY.md) is looked for before SQLite touches the files, because SQLite
+  silently ignores a damaged write-ahead log and reads a zero-byte file as a new database:
+  the log's header and frame checksums are verified (:func:`wal_damage`), the main file's
+  header and ``PRAGMA quick_check`` are checked, and a database without tables while image
+  or model files are stored means the projects were lost.  ``ProjectStore(root)`` refuses a
+  damaged database with one sentence (:class:`DamagedDatabaseError`);
+  ``ProjectStore(root, recover=True)`` (the app) moves the damaged files, never deleting
+  them, into ``root/damaged-<time>/``, carries on with what SQLite can still read (a
+  damaged log: the main file plus the log's intact part) or an empty database, and says
+  what happened in one sentence (:attr:`ProjectStore.recovery`).
+* **Checkpoints**: the write-ahead log is copied into the main file (``PRAGMA
+  wal_checkpoint(TRUNCATE)``) every :data:`CHECKPOINT_SECONDS` after a write, and on
+  :meth:`ProjectStore.close`, so the main file alone holds (nearly) everything.
 * **Errors** a user can cause raise :class:`StoreError` subclasses whose ``str()`` is
   one sentence: :class:`NotFoundError` for unknown ids (an id that belongs to another
   project is reported as unknown, so hosted sessions learn nothing about each other's
@@ -47,10 +60,12 @@ import re
 import secrets
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 import unicodedata
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +98,9 @@ __all__ = [
     "DuplicateNameError",
     "ReservedNameError",
     "JobFinishedError",
+    "DamagedDatabaseError",
+    "CHECKPOINT_SECONDS",
+    "wal_damage",
     "Project",
     "ClassInfo",
     "ImageInfo",
@@ -117,6 +135,9 @@ _BUSY_TIMEOUT_MS = 15_000
 STALE_STAGING_SECONDS = 60
 _STAGING_LOCK = ".lock"
 _DB_NAME = "studio.db"
+#: Seconds between checkpoints of the write-ahead log into the database file while writes happen.
+CHECKPOINT_SECONDS = 60.0
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 Migration = Union[str, Callable[[sqlite3.Connection], None]]
 
@@ -236,8 +257,10 @@ CREATE TABLE current_models (
 );
 """
 
-#: The message (lower case) of a job that was queued or running when the app stopped.
+#: The message (lower case) of a job that was running when the app stopped.
 INTERRUPTED = "the app stopped while this job was running"
+#: The message (lower case) of a job that was still queued when the app stopped.
+INTERRUPTED_QUEUED = "the app stopped before this job started"
 
 MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS, _SCHEMA_V3_CURRENT_MODEL]
 #: The schema version this code writes (``PRAGMA user_version`` after opening).
@@ -269,6 +292,15 @@ class ReservedNameError(ValidationError):
 
 class JobFinishedError(ValidationError):
     """A job that has finished (done, failed or cancelled) cannot change status again."""
+
+
+class DamagedDatabaseError(StoreError):
+    """The database files are damaged: ``kind`` is "log" (studio.db-wal), "main" (studio.db)
+    or "empty" (no tables although images or models are stored: the projects are lost)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 # ------------------------------------------------------------------------ dataclasses
@@ -499,6 +531,87 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ------------------------------------------------------------------------------ damage
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums little-endian / big-endian
+_WAL_HEADER, _FRAME_HEADER = 32, 24
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int = 0, s1: int = 0) -> tuple[int, int]:
+    """SQLite's WAL checksum (https://www.sqlite.org/fileformat.html#checksum_algorithm)."""
+    fmt = ">II" if big_endian else "<II"
+    for x0, x1 in struct.iter_unpack(fmt, data):
+        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
+        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_damage(path: str | os.PathLike) -> str | None:
+    """Why the write-ahead log at ``path`` is damaged, or None (absent, empty or sound).
+
+    SQLite reads a log up to its first bad frame and silently drops the rest, committed
+    transactions included; this reads it the same way and calls it damaged when the header
+    is not a log's or when a committed frame of this log follows a frame that fails its
+    checksum.  Frames of an earlier log generation (other salts) and an unfinished last
+    transaction are what SQLite leaves normally and are not damage."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or type(e).__name__})"
+    if not data:
+        return None
+    if len(data) < _WAL_HEADER:
+        return "it is too short to be a log"
+    magic, version, page_size, _seq, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:_WAL_HEADER])
+    if magic not in _WAL_MAGIC or version != 3007000:
+        return "its header is not a SQLite log's"
+    big = magic & 1 == 1
+    if _wal_checksum(data[:24], big) != (c1, c2):
+        return "its header fails its checksum"
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+        return "its header names an impossible page size"
+    frame = _FRAME_HEADER + page_size
+    sums, broken = (c1, c2), False
+    for off in range(_WAL_HEADER, len(data) - frame + 1, frame):
+        head = data[off:off + _FRAME_HEADER]
+        _page, commit, f_salt1, f_salt2, f1, f2 = struct.unpack(">6I", head)
+        if (f_salt1, f_salt2) != (salt1, salt2):
+            if broken:
+                continue  # look further for committed frames of this log beyond the damage
+            break  # an earlier generation's frames: SQLite stops here, and so do we
+        if broken:
+            if commit:
+                return "a committed transaction follows a frame that fails its checksum"
+            continue
+        sums = _wal_checksum(head[:8] + data[off + _FRAME_HEADER:off + frame], big, *sums)
+        if sums != (f1, f2):
+            broken = True
+    return None
+
+
+def _stored_files(root: Path) -> tuple[int, int]:
+    """(image files, model directories) under the data folder: what a lost database leaves."""
+    images = 0
+    try:
+        for sub in (root / "images").iterdir():
+            if sub.is_dir():
+                images += sum(1 for f in sub.iterdir() if not f.name.startswith(".tmp-"))
+    except OSError:
+        pass
+    try:
+        models = sum(1 for d in (root / "models").iterdir() if d.name.isdigit())
+    except OSError:
+        models = 0
+    return images, models
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 # ------------------------------------------------------------------------------ store
 
 
@@ -510,11 +623,14 @@ class ProjectStore:
     """
 
     def __init__(self, root: str | os.PathLike | None = None, *,
-                 migrations: Sequence[Migration] | None = None):
+                 migrations: Sequence[Migration] | None = None, recover: bool = False,
+                 checkpoint_every: float | None = CHECKPOINT_SECONDS):
         self.root = Path(root).expanduser() if root is not None else AppConfig.from_env().data_dir
         self.db_path = self.root / _DB_NAME
         self.migrations: list[Migration] = list(MIGRATIONS if migrations is None else migrations)
         self._lock = threading.RLock()
+        #: One sentence when the database was found damaged and set aside on opening (recover=True).
+        self.recovery = ""
         try:
             (self.root / "images").mkdir(parents=True, exist_ok=True)
             (self.root / "models").mkdir(parents=True, exist_ok=True)
@@ -524,6 +640,90 @@ class ProjectStore:
                 "choose a writable folder with FEWSHOT_STUDIO_DATA or --data-dir."
             ) from None
         self._conn: sqlite3.Connection | None = None
+        self._dirty = False
+        self._stop = threading.Event()
+        try:
+            self._check_files()
+            self._open()
+        except DamagedDatabaseError as e:
+            if not recover:
+                raise
+            self.recovery = self._set_aside(e)
+            try:
+                self._open(fresh=True)
+            except DamagedDatabaseError as again:  # what was put back of a damaged log is damaged too
+                self.recovery = self._set_aside(again)
+                self._open(fresh=True)
+            # into the database file at once, leaving an empty log: later writes must not land
+            # in front of the damaged log's leftover frames
+            self.checkpoint()
+        if checkpoint_every:
+            threading.Thread(target=_checkpoint_loop, args=(weakref.ref(self), self._stop, checkpoint_every),
+                             name="store-checkpoint", daemon=True).start()
+
+    def _check_files(self) -> None:
+        """Damage SQLite would not report: a damaged log, a main file that is no database."""
+        wal = self.db_path.with_name(_DB_NAME + "-wal")
+        why = wal_damage(wal)
+        if why:
+            raise DamagedDatabaseError(
+                f"The project database's log {wal} is damaged ({why}), so SQLite would silently drop "
+                "the changes it holds; Few-Shot Studio sets it aside when it starts.", "log")
+        try:
+            with open(self.db_path, "rb") as f:
+                head = f.read(len(_SQLITE_MAGIC))
+        except FileNotFoundError:
+            head = b""
+        except OSError as e:
+            raise StoreError(f"The project database {self.db_path} could not be read "
+                             f"({e.strerror or type(e).__name__}).") from None
+        if head and head != _SQLITE_MAGIC:
+            raise self._damaged_main()
+        if not head:  # (a database in WAL mode always has its header in the file, log or not)
+            self._refuse_if_files_stored()  # now, before SQLite writes a header into the empty file
+
+    def _refuse_if_files_stored(self) -> None:
+        """An empty database is new, unless images or models are stored: then it was lost."""
+        images, models = _stored_files(self.root)
+        if images or models:
+            what = " and ".join(t for t in (images and _plural(images, "image file"),
+                                            models and _plural(models, "model")) if t)
+            raise DamagedDatabaseError(
+                f"The project database {self.db_path} is empty although the data folder holds {what}, "
+                "so its projects were lost; Few-Shot Studio sets it aside when it starts.", "empty")
+
+    def _damaged_main(self) -> DamagedDatabaseError:
+        return DamagedDatabaseError(
+            f"The project database {self.db_path} is damaged or not a SQLite database; "
+            "move it aside to start with an empty one.", "main")
+
+    def _inspect(self, fresh: bool) -> None:
+        """quick_check, and no tables while files are stored, through a read-only connection:
+        it leaves the files exactly as they are (a writable one would checkpoint a damaged
+        database on closing).  Other errors are left to the real connection to report."""
+        if not self.db_path.is_file():
+            return
+        try:
+            ro = sqlite3.connect(self.db_path.resolve().as_uri() + "?mode=ro", uri=True,
+                                 timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        except sqlite3.Error:
+            return
+        try:
+            if ro.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise self._damaged_main()
+            tables = ro.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise self._damaged_main() from None
+            return
+        finally:
+            ro.close()
+        if not tables and not fresh:
+            self._refuse_if_files_stored()
+
+    def _open(self, fresh: bool = False) -> None:
+        """Connect, check and migrate; ``fresh``: an empty database is expected (just set aside)."""
+        self._inspect(fresh)
         try:
             conn = sqlite3.connect(str(self.db_path), timeout=_BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
@@ -541,15 +741,54 @@ class ProjectStore:
             conn.close()
             self._conn = None
             if "not a database" in str(e) or "malformed" in str(e):
-                raise StoreError(
-                    f"The project database {self.db_path} is damaged or not a SQLite database; "
-                    "move it aside to start with an empty one."
-                ) from None
+                raise self._damaged_main() from None
             raise StoreError(f"The project database {self.db_path} could not be opened ({e}).") from None
         except BaseException:
             conn.close()
             self._conn = None
             raise
+
+    def _set_aside(self, damage: DamagedDatabaseError) -> str:
+        """Move the damaged database files into ``damaged-<time>/`` (never deleting them) and
+        put back what can still be read; the sentence that tells the user."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.root / f"damaged-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.root / f"damaged-{stamp}-{n}"
+        names = [_DB_NAME + suffix for suffix in ("", "-wal", "-shm")]
+        try:
+            aside.mkdir()
+            for name in names:
+                if (self.root / name).exists():
+                    os.replace(self.root / name, aside / name)
+            if damage.kind == "log" and (aside / _DB_NAME).exists():
+                # what SQLite can still read: the main file and the log's intact part
+                for name in names[:2]:
+                    if (aside / name).exists():
+                        shutil.copyfile(aside / name, self.root / name)
+        except OSError as e:
+            raise StoreError(f"The project database {self.db_path} is damaged and could not be set aside in "
+                             f"{aside} ({e.strerror or type(e).__name__}); move {_DB_NAME} and its -wal file "
+                             "out of the data folder by hand.") from None
+        _fsync_dir(self.root)
+        where = aside.name
+        if damage.kind == "log":
+            return (f"The project database's log was damaged, so changes saved shortly before the app last "
+                    f"stopped may be missing; the damaged files were kept in the data folder's {where} "
+                    "and the app carries on with everything that could be read.")
+        if damage.kind == "empty":
+            images, models = _stored_files(self.root)
+            what = " and ".join(t for t in (images and _plural(images, "image file"),
+                                            models and _plural(models, "model")) if t)
+            kept = (f"the empty file was kept in the data folder's {where}" if (aside / _DB_NAME).exists()
+                    else "it is missing")
+            return (f"The project database was found empty although the data folder holds {what}, so the projects "
+                    f"could not be shown; {kept}, the files were left in place, and the app started with an "
+                    "empty project list.")
+        return (f"The project database was damaged, so the app started with an empty project list; the "
+                f"damaged file was kept in the data folder's {where} (nothing was deleted).")
 
     # ----------------------------------------------------------------- plumbing
 
@@ -563,15 +802,28 @@ class ProjectStore:
         return f"ProjectStore({str(self.root)!r})"
 
     def close(self) -> None:
-        """Close the database (idempotent).  Every committed change is already durable."""
+        """Checkpoint the log into the database file and close (idempotent).  Every committed
+        change is already durable; the checkpoint makes the database file hold it alone."""
+        self._stop.set()
         with self._lock:
             if self._conn is not None:
-                try:
-                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    pass
+                self.checkpoint()
                 self._conn.close()
                 self._conn = None
+
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the database file and empty the log
+        (``wal_checkpoint(TRUNCATE)``); False when another connection kept it from finishing."""
+        with self._lock:
+            if self._conn is None:
+                return False
+            try:
+                busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.Error:
+                return False
+            if not busy:
+                self._dirty = False
+            return not busy
 
     @property
     def closed(self) -> bool:
@@ -616,6 +868,7 @@ class ProjectStore:
             try:
                 yield conn
                 conn.execute("COMMIT")
+                self._dirty = True
             except BaseException as e:
                 if conn.in_transaction:
                     try:
@@ -1396,18 +1649,24 @@ class ProjectStore:
             rows = conn.execute(sql + " ORDER BY id DESC", args).fetchall()
         return [self._job(r) for r in rows]
 
-    def mark_interrupted_jobs(self, reason: str = INTERRUPTED) -> int:
-        """Mark every queued or running job failed with ``reason`` (call once on start-up,
-        before any job runs).  Returns how many jobs were marked."""
-        message = reason.strip()
-        if message:
-            message = message[0].upper() + message[1:]
-            if message[-1] not in ".!?":
-                message += "."
+    def mark_interrupted_jobs(self, reason: str = INTERRUPTED, queued_reason: str = INTERRUPTED_QUEUED) -> int:
+        """Mark every running job failed with ``reason`` and every queued one with
+        ``queued_reason`` (call once on start-up, before any job runs); finished jobs keep
+        their status and message.  Returns how many jobs were marked."""
+        def sentence(text: str) -> str:
+            text = text.strip()
+            if text:
+                text = text[0].upper() + text[1:]
+                if text[-1] not in ".!?":
+                    text += "."
+            return text
+
+        now = time.time()
         with self._tx() as conn:
-            cur = conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? "
-                               "WHERE status IN ('queued', 'running')", (message, time.time()))
-            return cur.rowcount
+            n = conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? WHERE status = 'running'",
+                             (sentence(reason), now)).rowcount
+            return n + conn.execute("UPDATE jobs SET status = 'failed', message = ?, updated = ? "
+                                    "WHERE status = 'queued'", (sentence(queued_reason), now)).rowcount
 
     # ------------------------------------------------------------ maintenance
 
@@ -1721,3 +1980,15 @@ def _split_sql(script: str) -> list[str]:
     if rest and not all(line.strip().startswith("--") or not line.strip() for line in rest.splitlines()):
         raise StoreError("A schema migration script ends with an incomplete SQL statement.")
     return statements
+
+
+def _checkpoint_loop(ref: "weakref.ref[ProjectStore]", stop: threading.Event, every: float) -> None:
+    """Checkpoint a store every ``every`` seconds while it has new writes (holds no strong
+    reference, so a store nobody closes can still be collected)."""
+    while not stop.wait(every):
+        store = ref()
+        if store is None:
+            return
+        if store._dirty:
+            store.checkpoint()
+        del store

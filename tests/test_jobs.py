@@ -205,3 +205,146 @@ def test_gpu_out_of_memory_halves_the_batch_then_moves_to_the_cpu(store, tiny, t
     assert attempts == [(16, True), (8, True), (8, False)]
     assert "retried with batch size 8" in state.message and "continued on the CPU" in state.message
     assert state.device == "cpu" and len(store.list_models(p.id)) == 1
+
+
+# ---- fair scheduling (#13 finding 3): fake jobs, deterministic and fast -------------------------
+from fewshot_studio.errors import Cancelled  # noqa: E402
+from fewshot_studio.jobs import PAUSED_STAGE, QUEUED, RUNNING  # noqa: E402
+from fewshot_studio.progress import Progress  # noqa: E402
+
+
+def endless(job):
+    """A training that never ends on its own: a progress report every 5 ms, cancel checked."""
+    step = 0
+    while not job.cancel_event.is_set():
+        step += 1
+        job.report(Progress("Training", step, 10**6, loss=1.0))
+        time.sleep(0.005)
+    raise Cancelled()
+
+
+def steps(n, log=None, name=None):
+    def fn(job):
+        if log is not None:
+            log.append(name)
+        for k in range(n):
+            if job.cancel_event.is_set():
+                raise Cancelled()
+            job.report(Progress("Training", k + 1, n))
+            time.sleep(0.005)
+        return name
+    return fn
+
+
+def until(predicate, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_another_visitors_job_progresses_while_a_long_one_runs(device):
+    runner = JobRunner(max_cpu_jobs=1, time_slice=0.2)
+    stages = []
+    a = runner.submit("train", endless, device=device, owner="visitor A")
+    runner.subscribe(a, lambda s: stages.append(s.stage))
+    assert until(lambda: runner.get(a).step > 5)
+    b = runner.submit("train", steps(40), device=device, owner="visitor B")
+    sb = runner.wait(b, timeout=10)
+    assert sb.status == DONE, (sb.status, sb.stage)  # B finished ...
+    sa = runner.get(a)
+    assert sa.status == RUNNING  # ... while A's long job still runs,
+    assert PAUSED_STAGE in stages  # which said that it was paused meanwhile
+    assert until(lambda: runner.get(a).stage == "Training" and runner.get(a).step > sa.step)  # and resumed
+    assert runner.cancel(a)
+    assert runner.wait(a, timeout=10).status == CANCELLED
+
+
+def test_one_visitors_jobs_do_not_preempt_each_other():
+    runner = JobRunner(max_cpu_jobs=1, time_slice=0.05)
+    a = runner.submit("train", endless, owner="A")
+    assert until(lambda: runner.get(a).step > 5)
+    a2 = runner.submit("train", steps(5), owner="A")
+    time.sleep(0.5)  # ten time slices: the same visitor's second job still waits its turn
+    assert runner.get(a2).status == QUEUED and PAUSED_STAGE != runner.get(a).stage
+    runner.cancel(a)
+    assert runner.wait(a2, timeout=10).status == DONE
+
+
+def test_the_queue_is_served_round_robin_by_visitor_not_first_come():
+    runner = JobRunner(max_cpu_jobs=1, time_slice=60)
+    order, gate = [], threading.Event()
+
+    def blocker(job):
+        order.append("A1")
+        gate.wait(10)
+
+    a1 = runner.submit("train", blocker, owner="A")
+    assert until(lambda: order == ["A1"])
+    a2 = runner.submit("train", steps(3, order, "A2"), owner="A")
+    time.sleep(0.05)
+    b1 = runner.submit("train", steps(3, order, "B1"), owner="B")
+    time.sleep(0.05)
+    gate.set()
+    for j in (a1, a2, b1):
+        assert runner.wait(j, timeout=10).status == DONE
+    assert order == ["A1", "B1", "A2"]  # B had no turn yet, so B1 goes before A's second job
+
+
+def test_a_paused_job_is_cancelled_within_its_pause():
+    runner = JobRunner(max_cpu_jobs=1, time_slice=0.1)
+    gate = threading.Event()
+
+    def hog(job):  # B's job reports once, then keeps the slot (no more reports) until the gate opens
+        job.report(Progress("Training", 1, 2))
+        gate.wait(10)
+
+    a = runner.submit("train", endless, owner="A")
+    assert until(lambda: runner.get(a).step > 3)
+    b = runner.submit("train", hog, owner="B")
+    assert until(lambda: runner.get(a).stage == PAUSED_STAGE and runner.get(b).status == RUNNING)
+    t0 = time.time()
+    runner.cancel(a)
+    assert runner.wait(a, timeout=5).status == CANCELLED and time.time() - t0 < 2
+    gate.set()
+    assert runner.wait(b, timeout=5).status == DONE
+
+
+def test_pause_does_not_count_in_the_stage_pace():
+    from fewshot_studio.jobs import Job, JobState
+
+    job = Job(JobState("1", "train", None))
+    job.report(Progress("Training", 1, 100))
+    started = job.snapshot().stage_started
+    saved = job.pause()
+    assert job.snapshot().stage == PAUSED_STAGE
+    time.sleep(0.2)
+    job.resume(saved)
+    s = job.snapshot()
+    assert s.stage == "Training" and s.stage_started >= started + 0.2
+
+
+# ---- a cancelled queued job keeps its status across a restart (#13 finding 12) ------------------
+def test_cancelled_queued_job_is_recorded_at_once_and_survives_a_restart(tmp_path):
+    root = tmp_path / "data"
+    store = ProjectStore(root)
+    p = store.create_project("p")
+    runner = JobRunner(store, max_cpu_jobs=1)
+    a = runner.submit("train", endless, p.id, owner="A")
+    assert until(lambda: runner.get(a).step > 3)
+    queued = runner.submit("train", steps(3), p.id, owner="A")
+    assert runner.cancel(queued)
+    # recorded now, while the slot is still held by the running job
+    assert until(lambda: store.get_job(int(queued)).status == CANCELLED, timeout=3)
+    assert runner.get(a).status == RUNNING
+    store.close()  # the app is killed: the running job stays 'running' in the database
+    with ProjectStore(root) as again:
+        assert again.mark_interrupted_jobs() == 1
+        assert again.get_job(int(queued)).status == CANCELLED
+        assert again.get_job(int(queued)).message == "Cancelled before it started; nothing changed."
+        assert again.get_job(int(a)).message == "The app stopped while this job was running."
+    runner.cancel(a)
+    runner.wait(a, timeout=10)

@@ -462,7 +462,15 @@ def test_an_interrupted_training_is_found_after_a_restart(tmp_path, tiny):
     ws = Workspace.at(tmp_path / "d", BackboneSpec("tiny", None, device="cpu"))
     try:
         job = modeling.interrupted_training(ws.scope(p.id))
-        assert job is not None and job.status == "failed"
+        assert job is not None and job.status == "failed" and not modeling.never_started(job)
+    finally:
+        ws.close()
+    with ProjectStore(tmp_path / "d") as store:  # a training that was still queued says so
+        store.create_job(p.id, "train")
+    ws = Workspace.at(tmp_path / "d", BackboneSpec("tiny", None, device="cpu"))
+    try:
+        job = modeling.interrupted_training(ws.scope(p.id))
+        assert job is not None and modeling.never_started(job) and "before this job started" in job.message
     finally:
         ws.close()
 

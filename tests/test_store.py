@@ -367,10 +367,10 @@ def test_mark_interrupted_jobs(tmp_path):
         done = s.create_job(pid, "train", status="done", message="Finished.")
     with ProjectStore(root) as s:  # the app restarts
         assert s.mark_interrupted_jobs() == 2
-        for job in (queued, running):
-            after = s.get_job(job.id)
-            assert after.status == "failed"
-            assert after.message == "The app stopped while this job was running."
+        assert s.get_job(running.id).status == "failed"
+        assert s.get_job(running.id).message == "The app stopped while this job was running."
+        assert s.get_job(queued.id).status == "failed"  # it never ran: the sentence says so
+        assert s.get_job(queued.id).message == "The app stopped before this job started."
         assert s.get_job(done.id).status == "done" and s.get_job(done.id).message == "Finished."
         assert s.mark_interrupted_jobs() == 0
 
@@ -737,3 +737,147 @@ def test_project_links_and_members(tmp_path):
         with pytest.raises(NotFoundError):
             s.project_by_link(new)
         assert s.list_projects(owner="bob") == []
+
+
+# ------------------------------------------------- damage and checkpoints (#13 finding 10)
+
+def killed_copy(store: ProjectStore, to: Path) -> Path:
+    """The data folder as a process killed now leaves it: the database file and its
+    write-ahead log as they are on disk (nothing checkpointed at exit), and the images."""
+    import shutil
+
+    to.mkdir(parents=True)
+    for name in ("studio.db", "studio.db-wal"):
+        if (store.root / name).exists():
+            shutil.copyfile(store.root / name, to / name)
+    shutil.copytree(store.root / "images", to / "images")
+    return to
+
+
+def filled(root: Path, *, checkpointed: bool) -> ProjectStore:
+    """A store with project 'early' (checkpointed into the database file when asked) and
+    project 'late' (only in the log)."""
+    s = ProjectStore(root, checkpoint_every=None)
+    p = s.create_project("early")
+    s.add_images(p.id, [(f"{k}.png", png(k)) for k in range(3)])
+    if checkpointed:
+        assert s.checkpoint()
+    s.create_project("late")
+    return s
+
+
+def names(store: ProjectStore) -> list[str]:
+    return sorted(p.name for p in store.list_projects())
+
+
+def test_a_sound_log_left_by_a_kill_is_not_damage(tmp_path):
+    s = filled(tmp_path / "a", checkpointed=False)
+    try:
+        root = killed_copy(s, tmp_path / "b")
+    finally:
+        s.close()
+    assert (root / "studio.db-wal").stat().st_size > 0 and store_mod.wal_damage(root / "studio.db-wal") is None
+    with ProjectStore(root) as again:
+        assert names(again) == ["early", "late"] and again.recovery == ""
+
+
+@pytest.mark.parametrize("where", ["header", "middle"])
+def test_junk_in_the_log_is_found_and_set_aside_with_one_sentence(tmp_path, where):
+    s = filled(tmp_path / "a", checkpointed=True)
+    try:
+        root = killed_copy(s, tmp_path / "b")
+    finally:
+        s.close()
+    wal = root / "studio.db-wal"
+    data = bytearray(wal.read_bytes())
+    if where == "header":
+        data[:] = os.urandom(len(data))
+    else:  # one frame's page overwritten: SQLite would drop it and every later transaction
+        data[32 + 24 + 100:32 + 24 + 200] = os.urandom(100)
+    wal.write_bytes(bytes(data))
+    assert store_mod.wal_damage(wal)
+    with pytest.raises(store_mod.DamagedDatabaseError) as e:  # plain opening refuses; nothing moved
+        ProjectStore(root)
+    assert one_sentence(str(e.value)) and "log" in str(e.value) and wal.read_bytes() == bytes(data)
+    with ProjectStore(root, recover=True) as again:
+        assert one_sentence(again.recovery) and "log was damaged" in again.recovery
+        (aside,) = root.glob("damaged-*")
+        assert aside.name in again.recovery
+        assert (aside / "studio.db-wal").read_bytes() == bytes(data)  # kept as it was
+        assert names(again) == ["early"]  # what the last checkpoint holds
+        assert wal.stat().st_size == 0  # taken into the database file at once: no damaged frames left
+        assert len(again.list_images(again.list_projects()[0].id)) == 3
+        again.create_project("after")  # and the store works
+    with ProjectStore(root) as third:  # the next start is a normal one
+        assert third.recovery == "" and names(third) == ["after", "early"]
+
+
+def test_a_zero_byte_database_with_stored_images_is_reported_not_shown_empty(tmp_path):
+    s = filled(tmp_path / "a", checkpointed=True)
+    s.close()
+    root = tmp_path / "a"
+    (root / "studio.db").write_bytes(b"")
+    images = sorted(p for p in (root / "images").rglob("*") if p.is_file())
+    with pytest.raises(store_mod.DamagedDatabaseError, match="empty although the data folder holds 3 image files"):
+        ProjectStore(root)
+    with ProjectStore(root, recover=True) as again:
+        assert one_sentence(again.recovery) and "found empty" in again.recovery
+        (aside,) = root.glob("damaged-*")
+        assert (aside / "studio.db").stat().st_size == 0
+        assert names(again) == []
+        assert sorted(p for p in (root / "images").rglob("*") if p.is_file()) == images  # nothing deleted
+
+
+def test_an_empty_data_folder_is_not_damage(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "studio.db").write_bytes(b"")
+    with ProjectStore(root, recover=True) as s:
+        assert s.recovery == "" and not list(root.glob("damaged-*"))
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated page"])
+def test_a_damaged_database_file_is_set_aside_and_a_fresh_one_starts(tmp_path, damage):
+    s = filled(tmp_path / "d", checkpointed=True)
+    s.close()
+    root = tmp_path / "d"
+    db = root / "studio.db"
+    if damage == "junk":
+        db.write_bytes(b"this is not sqlite at all" * 100)
+    else:  # a sound header, then garbage over the schema and tables
+        data = bytearray(db.read_bytes())
+        data[100:] = os.urandom(len(data) - 100)
+        db.write_bytes(bytes(data))
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match="damaged or not a SQLite database"):
+        ProjectStore(root)
+    with ProjectStore(root, recover=True) as again:
+        assert one_sentence(again.recovery) and "database was damaged" in again.recovery
+        (aside,) = root.glob("damaged-*")
+        assert (aside / "studio.db").read_bytes() == before
+        assert names(again) == []
+        again.create_project("fresh")
+
+
+def test_the_log_is_checkpointed_at_intervals_and_on_close(tmp_path):
+    import time
+
+    root = tmp_path / "d"
+    s = ProjectStore(root, checkpoint_every=0.2)
+    try:
+        s.create_project("saved")
+        wal = root / "studio.db-wal"
+        assert wal.stat().st_size > 0
+        end = time.time() + 5
+        while wal.stat().st_size and time.time() < end:
+            time.sleep(0.05)
+        assert wal.stat().st_size == 0  # the timer checkpointed it
+        copy = killed_copy(s, tmp_path / "only-db")
+        (copy / "studio.db-wal").unlink()
+        with ProjectStore(copy, checkpoint_every=None) as alone:  # the database file alone holds it
+            assert names(alone) == ["saved"]
+        s.create_project("second")
+        assert wal.stat().st_size > 0
+    finally:
+        s.close()
+    assert not wal.exists() or wal.stat().st_size == 0

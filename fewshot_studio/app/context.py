@@ -6,8 +6,10 @@ may see the project (hosted mode: `AppConfig.hosted`) and hands back a `ProjectS
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -41,9 +43,13 @@ class Workspace:
         self.default_spec = spec or BackboneSpec.from_config(config)
         self.hosted = config.hosted
         self.loader: BackboneLoader = loader or load_backbone
-        self.store = ProjectStore(self.root)
+        # a damaged database is set aside (never deleted) and the app still starts: the page
+        # says so in one sentence (storage_notice), instead of an empty list or no app at all
+        self.store = ProjectStore(self.root, recover=True)
+        self.storage_notice = self.store.recovery
         self.interrupted_jobs = self.store.mark_interrupted_jobs()
         self.store.clean_staging()  # what killed imports left (never a live one: see clean_staging)
+        _OPEN.add(self)
         self.runner = JobRunner(self.store, max_cpu_jobs=max_cpu_jobs)
         self.cache = FeatureCache(config.cache_dir)
         self.exports_dir = self.root / "exports"
@@ -204,7 +210,23 @@ class Workspace:
             return s
 
     def close(self) -> None:
+        """Checkpoint and close the store (idempotent; also run at interpreter exit)."""
+        _OPEN.discard(self)
         self.store.close()
+
+
+# Workspaces still open when the interpreter exits (app.py turns SIGTERM into an exit) are
+# closed then, so the database file holds everything and the log is empty.
+_OPEN: "weakref.WeakSet[Workspace]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_workspaces() -> None:
+    for ws in list(_OPEN):
+        try:
+            ws.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; the log keeps every committed change
+            pass
 
 
 @dataclass(frozen=True)

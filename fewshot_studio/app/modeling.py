@@ -15,7 +15,7 @@ from ..jobs import EVALUATE, FINISHED, LABEL, TRAIN
 from ..methods import KnowledgeGraph, Method, catalog, get_method_class
 from ..methods.base import cosine_matrix
 from ..progress import Progress, ProgressFn
-from ..store import INTERRUPTED, JobInfo, ModelInfo, NotFoundError
+from ..store import INTERRUPTED, INTERRUPTED_QUEUED, JobInfo, ModelInfo, NotFoundError
 from .context import ProjectScope, Workspace
 from .library import class_by_name, image
 
@@ -82,12 +82,18 @@ def retrain(scope: ProjectScope) -> str:
 
 
 def interrupted_training(scope: ProjectScope) -> JobInfo | None:
-    """The project's last training job when the app stopped while it ran and nothing was
-    trained since, so the page can say so; else None."""
+    """The project's last training job when the app stopped while it ran or waited in the
+    queue and nothing was trained since, so the page can say so; else None."""
     jobs = [j for j in scope.store.list_jobs(scope.id) if j.kind == "train"]
-    if not jobs or jobs[0].status != "failed" or not jobs[0].message.casefold().startswith(INTERRUPTED):
+    if not jobs or jobs[0].status != "failed" or not jobs[0].message.casefold().startswith(
+            (INTERRUPTED, INTERRUPTED_QUEUED)):
         return None
     return jobs[0]
+
+
+def never_started(job: JobInfo) -> bool:
+    """Whether an interrupted job was still waiting in the queue when the app stopped."""
+    return job.message.casefold().startswith(INTERRUPTED_QUEUED)
 
 
 def job(ws: Workspace, job_id: str):

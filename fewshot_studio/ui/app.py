@@ -51,6 +51,13 @@ class StudioBlocks(gr.Blocks):
         kwargs.setdefault("footer_links", ["api", "gradio"])
         return super().launch(*args, **kwargs)
 
+    def close(self, *args, **kwargs):
+        # the server stops: the database file takes in the log now (the workspace may live on)
+        ws = getattr(self, "workspace", None)
+        if ws is not None:
+            ws.store.checkpoint()
+        return super().close(*args, **kwargs)
+
     def queue(self, *args, **kwargs):
         kwargs.setdefault("default_concurrency_limit", DEFAULT_CONCURRENCY)
         return super().queue(*args, **kwargs)

@@ -179,11 +179,16 @@ def wire_session(ui: UI, demo: gr.Blocks, resume_outputs: list, resume) -> None:
                 notice = str(e)
         p = projects.last_project(ws, owner, preferred)
         pid = p.id if p else None
-        if pid is not None and not notice and modeling.interrupted_training(ws.scope(pid, owner)) is not None:
-            notice = ("The app stopped while this project's last training was running, so it was not saved; "
+        lost = modeling.interrupted_training(ws.scope(pid, owner)) if pid is not None and not notice else None
+        if lost is not None:
+            notice = ("The app stopped before this project's last training started, so it did not run; "
+                      "press Train to run it again." if modeling.never_started(lost) else
+                      "The app stopped while this project's last training was running, so it was not saved; "
                       "press Train to run it again.")
         if pid is not None:
             notice = " ".join(t for t in (notice, presenters.missing_notice(ws.scope(pid, owner))) if t)
+        if ws.storage_notice:  # the database was damaged and set aside when the app started
+            notice = " ".join(t for t in (f"⚠️ {md(ws.storage_notice)}", notice) if t)
         out = {ui.owner: owner, ui.project: pid, **ui.project_views(pid, owner),
                ui.remembered: {"owner": owner, "project": pid}, ui.notice: notice}
         out.update(resume(pid))

@@ -112,9 +112,10 @@ def idle_progress(scope) -> str:
     if job is None:
         return progress_html(None)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
-    return status_bar("interrupted", 0, "Interrupted:",
-                f"the app stopped while the training started at {when} was running, so it was not saved. "
-                "Press Train to run it again.")
+    what = (f"the app stopped before the training queued at {when} could start, so it did not run. "
+            if modeling.never_started(job) else
+            f"the app stopped while the training started at {when} was running, so it was not saved. ")
+    return status_bar("interrupted", 0, "Interrupted:", what + "Press Train to run it again.")
 
 
 def shapes_only_warning(scope, spec) -> str:
