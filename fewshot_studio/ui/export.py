@@ -7,7 +7,8 @@ import gradio as gr
 from ..errors import DataError
 from ..app import exports
 from . import presenters
-from .common import UI, files_of, friendly, who
+from .common import UI, consumed, files_of, friendly, who
+from .uploads import discard
 
 
 def build(ui: UI) -> None:
@@ -36,8 +37,11 @@ def wire(ui: UI) -> None:
 
     def exporter(kind):
         @friendly
-        def run(pid, owner, request: gr.Request):
+        def run(pid, shown, owner, request: gr.Request):
             scope = ui.scope(pid, who(owner, request))
+            # the copy of this session's previous export that Gradio keeps for the download
+            # goes: a visitor holds one export at a time (exports.write_export removes ours)
+            discard(files_of(shown))
             out = {}
             if kind == "csv":
                 path, what = exports.export_labels_csv(scope), "the labels as CSV"
@@ -55,19 +59,20 @@ def wire(ui: UI) -> None:
         return run
 
     outs = [ui.notice, ui.export_file]
-    ui.export_csv_btn.click(exporter("csv"), [ui.project, ui.owner], outs, api_name="export_labels_csv")
-    ui.export_json_btn.click(exporter("json"), [ui.project, ui.owner], outs, api_name="export_labels_json")
-    ui.export_folder_btn.click(exporter("imagefolder"), [ui.project, ui.owner], outs, api_name="export_imagefolder")
-    ui.export_model_btn.click(exporter("model"), [ui.project, ui.owner], outs + [ui.usage], api_name="export_model")
+    ins = [ui.project, ui.export_file, ui.owner]
+    ui.export_csv_btn.click(exporter("csv"), ins, outs, api_name="export_labels_csv")
+    ui.export_json_btn.click(exporter("json"), ins, outs, api_name="export_labels_json")
+    ui.export_folder_btn.click(exporter("imagefolder"), ins, outs, api_name="export_imagefolder")
+    ui.export_model_btn.click(exporter("model"), ins, outs + [ui.usage], api_name="export_model")
 
     @friendly
     def import_model(pid, file, owner, request: gr.Request):
         owner = who(owner, request)
-        paths = files_of(file)
-        if not paths:
-            raise DataError("Choose a model zip to import.")
-        scope = ui.scope(pid, owner)
-        info = exports.import_model(scope, paths[0])
+        with consumed(file) as paths:
+            if not paths:
+                raise DataError("Choose a model zip to import.")
+            scope = ui.scope(pid, owner)
+            info = exports.import_model(scope, paths[0])
         return {ui.notice: f"Imported the model as #{info.id}; it is now the model in use (the Model menu at "
                            "the top switches back).",
                 ui.import_file: None, ui.usage: presenters.usage(scope), **ui.current_model_views(pid, owner)}

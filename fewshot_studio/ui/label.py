@@ -10,7 +10,7 @@ from ..app.library import POOL
 from ..errors import DataError, FewShotError
 from ..jobs import CANCELLED, FAILED
 from . import presenters
-from .common import UI, files_of, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
+from .common import UI, consumed, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
 from .presenters import md, parse_image_ids
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
@@ -110,7 +110,8 @@ def wire(ui: UI) -> None:
     @friendly
     def add_pool(pid, files, owner, request: gr.Request):
         owner = who(owner, request)
-        added, errors = library.add_uploads(ui.scope(pid, owner), files_of(files), POOL)
+        with consumed(files) as paths:
+            added, errors = library.add_uploads(ui.scope(pid, owner), paths, POOL)
         if errors:
             gr.Warning(refused_text(errors, escape=toast_text).strip())
         return {ui.notice: f"Added {added} image{'s' if added != 1 else ''} to the pool; press Label the pool."
