@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from ..errors import FewShotError
-from ..markup import html_text
+from ..markup import html_text, no_paths
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
 from ..app.context import ProjectScope, Workspace
 from .presenters import eta_text, md, method_label, model_result
@@ -89,9 +89,9 @@ def friendly(fn: Callable) -> Callable:
         if isinstance(e, gr.Error):
             return e
         if isinstance(e, FewShotError):  # its sentence may quote user text (a name, a file)
-            return gr.Error(toast_text(str(e)), print_exception=False)
+            return gr.Error(toast_text(no_paths(str(e))), print_exception=False)
         log.exception("handler %s failed", getattr(fn, "__name__", fn))  # the page must keep working
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]  # no server paths
         return gr.Error(toast_text(f"Something went wrong: {first}"), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
