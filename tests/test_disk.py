@@ -200,11 +200,12 @@ def test_discard_deletes_only_gradio_uploads(tmp_path):
 
 
 # ---- over HTTP -------------------------------------------------------------------------------
-@pytest.fixture
-def hosted(tmp_path, monkeypatch):
+@pytest.fixture(params=[None])
+def hosted(request, tmp_path, monkeypatch):
     from fewshot_studio.ui import app as ui_app
 
-    monkeypatch.setattr(ui_app, "CACHE_SWEEP", (1, 2))  # Gradio's sweep, every second, of files 2 s old
+    if request.param:
+        monkeypatch.setattr(ui_app, "CACHE_SWEEP", request.param)
     studio = Workspace.at(tmp_path / "data", TINY, hosted=True)
     demo = ui_app.build_app(studio)
     demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -240,10 +241,18 @@ def test_the_upload_cache_is_cleaned(hosted, tmp_path):
         z.write(good, "blue square/b.png")
     client.predict("red circle", handle_file(str(zpath)), api_name="/add_zip")
     assert uploads_named(zmarker) == []
-    with pytest.raises(AppError):  # a refused call (no such class) still deletes its upload
-        client.predict("no such class", [handle_file(str(good))], api_name="/add_images")
+    client.predict(api_name="/delete_project")
+    with pytest.raises(AppError, match="project first"):  # a refused call deletes its upload too
+        client.predict(None, [handle_file(str(good))], api_name="/add_images")
     assert uploads_named(marker) == []
-    # an upload no handler ever reads is swept by Gradio's delete_cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hosted", [(1, 2)], indirect=True)  # Gradio's sweep: every second, files 2 s old
+def test_an_upload_no_handler_reads_is_swept(hosted):
+    import httpx
+
+    demo, studio = hosted
     orphan = f"orphan-{uuid.uuid4().hex}.bin"
     r = httpx.post(demo.local_url + "gradio_api/upload", files={"files": (orphan, b"\0" * 4096)})
     assert r.status_code == 200 and uploads_named(orphan)
@@ -277,11 +286,16 @@ def test_exports_over_http_keep_one_copy_per_visitor(hosted):
     demo, studio = hosted
     client = Client(demo.local_url, verbose=False)
     client.predict("shapes", api_name="/load_example")
+    t0 = time.time() - 1
     _, first = client.predict(api_name="/export_labels_csv")
-    served_first = client.predict(api_name="/export_labels_json")[1]
+    served = [p for p in upload_folder().rglob("labels.csv")
+              if p.stat().st_ctime >= t0 and p.read_bytes() == Path(first).read_bytes()
+              and p.resolve() != Path(first).resolve()]  # (not the client's download, kept in the same folder)
+    assert served  # Gradio's copy, which it serves for the download
+    _, second = client.predict(api_name="/export_labels_json")
     exports_left = [p for p in studio.exports_dir.rglob("*") if p.is_file()]
-    assert len(exports_left) == 1 and exports_left[0].name == "labels.json"
-    assert Path(served_first).exists()
+    assert len(exports_left) == 1 and exports_left[0].name == "labels.json"  # ours: the latest only
+    assert not any(p.exists() for p in served)  # Gradio's copy of the previous one went too
 
 
 @pytest.mark.slow
@@ -295,13 +309,14 @@ def test_members_and_paths_over_http(hosted):
     (p,) = studio.store.list_projects()
     token = alice.predict(api_name="/share_project")[0]
     projects.open_link(studio, token, bob.session_hash)  # what opening ?project=<token> does
+    bob.predict("bob's own", api_name="/create_project")  # bob's project menu now lists both
     assert bob.predict(p.id, api_name="/open_project")[0].startswith("Opened")
     for api, args in (("/rename_project", ("bob's now",)), ("/delete_project", ()), ("/renew_project_link", ()),
                       ("/stop_sharing", ())):
         with pytest.raises(AppError, match="Only the session that created this project"):
             bob.predict(*args, api_name=api)
     assert "no longer see" in alice.predict(api_name="/stop_sharing")[-1]
-    with pytest.raises(AppError):
+    with pytest.raises(AppError, match="no project"):
         bob.predict(p.id, api_name="/open_project")
     # a failing action's sentence names no part of the data folder
     img = library.images(studio.scope(p.id, p.owner), "red circle")[0]

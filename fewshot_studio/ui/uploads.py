@@ -130,3 +130,15 @@ def discard(paths: Iterable[str | os.PathLike | None]) -> int:
         except OSError:
             pass
     return n
+
+
+def served_copy(path: str | os.PathLike) -> str:
+    """Where Gradio will keep the copy of an output file it serves (its cache folder, a folder
+    named by the seeded hash of the content, the file's name), so a handler can delete the
+    copy of its previous output when it makes a new one. A guess at Gradio's layout: if it is
+    wrong, `discard` finds nothing and the copy goes with Gradio's age-based sweep."""
+    from gradio import processing_utils
+    from gradio_client import utils as client_utils
+
+    name = client_utils.strip_invalid_filename_characters(Path(path).name)
+    return str(upload_folder() / processing_utils.hash_file(path) / name)
