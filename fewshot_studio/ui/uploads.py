@@ -138,7 +138,7 @@ def served_copy(path: str | os.PathLike) -> str:
     copy of its previous output when it makes a new one. A guess at Gradio's layout: if it is
     wrong, `discard` finds nothing and the copy goes with Gradio's age-based sweep."""
     from gradio import processing_utils
-    from gradio_client import utils as client_utils
 
-    name = client_utils.strip_invalid_filename_characters(Path(path).name)
+    # the name as Gradio cleans it (its own helper, through the module that uses it)
+    name = processing_utils.client_utils.strip_invalid_filename_characters(Path(path).name)
     return str(upload_folder() / processing_utils.hash_file(path) / name)
