@@ -29,6 +29,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import statistics
@@ -41,6 +42,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .config import AppConfig
+
+log = logging.getLogger("fewshot_studio.cache")
 
 Key = tuple[str, int]  # (content hash, view)
 _F32 = np.dtype("<f4")
@@ -117,6 +120,8 @@ class FeatureCache:
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
         self._compacting = False
+        self.write_failures = 0  # pack writes that failed (e.g. a full disk): those entries live in memory only
+        self._last_errno: int | None = None
 
     def folder(self, backbone_id: str) -> str:
         """The folder holding `backbone_id`'s packs."""
@@ -238,7 +243,8 @@ class FeatureCache:
                     done.append(p)
             if len(done) < 2:
                 return 0
-            self.put_many(backbone_id, list(merged), np.stack(list(merged.values())), remember=False)
+            if not self.put_many(backbone_id, list(merged), np.stack(list(merged.values())), remember=False):
+                return 0  # the merged pack could not be written: the small ones stay
             for p in done:
                 with contextlib.suppress(OSError):
                     os.unlink(p.path)
@@ -260,22 +266,35 @@ class FeatureCache:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray, remember: bool = True) -> None:
-        """Write the entries as one pack (atomically), and remember them in memory."""
+    def put_many(self, backbone_id: str, keys: Sequence[Key], features: np.ndarray, remember: bool = True) -> bool:
+        """Write the entries as one pack (atomically), and remember them in memory. Returns
+        whether the pack is on disk: a write that fails (a full disk, a quota, a read-only
+        folder) leaves no file and the entries uncached on disk, and the caller goes on with
+        the features it has (the cache only saves time; it must never make work fail)."""
         keys = [(h, int(v)) for h, v in keys]
         if not keys:
-            return
+            return True
         data = encode_pack(keys, features)
         folder = self.folder(backbone_id)
         name = f"{self._tag}{next(self._count)}{PACK_SUFFIX}"
-        if folder not in self._dirs:
-            os.makedirs(folder, exist_ok=True)
-            self._dirs.add(folder)
         try:
-            self._write(folder, name, data)
-        except FileNotFoundError:  # the folder was deleted behind this instance's back
-            os.makedirs(folder, exist_ok=True)
-            self._write(folder, name, data)
+            if folder not in self._dirs:
+                os.makedirs(folder, exist_ok=True)
+                self._dirs.add(folder)
+            try:
+                self._write(folder, name, data)
+            except FileNotFoundError:  # the folder was deleted behind this instance's back
+                os.makedirs(folder, exist_ok=True)
+                self._write(folder, name, data)
+        except OSError as e:
+            self.write_failures += 1
+            if self.write_failures == 1 or e.errno != self._last_errno:
+                log.warning("the feature cache could not write to %s (%s); features are kept in memory only",
+                            folder, e.strerror or e)
+            self._last_errno = e.errno
+            if remember:
+                self.remember(backbone_id, keys, features)
+            return False
         dim = int(np.shape(features)[1])
         pack = _Pack(os.path.join(folder, name), keys, len(data) - 4 * len(keys) * dim, dim)
         with self._lock:
@@ -285,6 +304,7 @@ class FeatureCache:
                 index.update((key, (pack, r)) for r, key in enumerate(keys))
         if remember:
             self.remember(backbone_id, keys, features)
+        return True
 
     def _write(self, folder: str, name: str, data: bytes) -> None:
         path = os.path.join(folder, name)

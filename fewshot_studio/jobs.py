@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import Cancelled, FewShotError
+from .markup import no_paths
 from .progress import FINISHED, JobStatus, Progress
 
 # plain strings (what the store keeps and JobState carries), named once in progress.JobStatus
@@ -165,7 +166,7 @@ def _os_error_sentence(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return ("The disk is full, so the result could not be saved; free some space and try again "
                 "(nothing saved before was lost).")
-    return f"Could not write the result ({e.strerror or e}); nothing saved before was lost."
+    return f"Could not write the result ({e.strerror or no_paths(e)}); nothing saved before was lost."
 
 
 def gpu_wrap(fn: Callable) -> Callable:
@@ -325,12 +326,12 @@ class JobRunner:
             except Cancelled as e:
                 job.update(status=CANCELLED, message=str(e), finished=time.time())
             except FewShotError as e:
-                job.update(status=FAILED, message=str(e), finished=time.time())
+                job.update(status=FAILED, message=no_paths(e), finished=time.time())
             except OSError as e:
                 job.update(status=FAILED, message=_os_error_sentence(e), finished=time.time())
             except Exception as e:  # noqa: BLE001 - report any failure as one sentence
                 traceback.print_exc()
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
                 job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed unexpectedly: {first}.",
                            finished=time.time())
             else:

@@ -20,3 +20,19 @@ def html_text(text) -> str:
     """`text` for HTML (Gradio toasts render sanitized HTML; plotly renders <a>, <span>, <b>
     in labels and turns entities back into characters): & < > escaped."""
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# an absolute path (POSIX /a/b... with at least one folder, or Windows C:\a...) that is not part
+# of a URL or of a relative path
+_ABS_PATH = re.compile(r"(?<![\w.~:/\\-])(?:/(?:[^\s/'\"`<>|]+/)+[^\s/'\"`<>|]*"
+                       r"|[A-Za-z]:\\(?:[^\s\\'\"`<>|]+\\)*[^\s\\'\"`<>|]*)")
+
+
+def no_paths(text) -> str:
+    """`text` with every absolute path cut to its last part (a file's or folder's name): a
+    sentence a visitor sees never shows where the server keeps its data."""
+    def name(m: re.Match) -> str:
+        parts = [p for p in re.split(r"[/\\]", m.group(0)) if p]
+        return parts[-1] if parts else m.group(0)
+
+    return _ABS_PATH.sub(name, str(text))

@@ -995,7 +995,7 @@ class ProjectStore:
             except OSError:
                 pass
             raise StoreError(
-                f"An image could not be saved in {self.root} ({e.strerror or type(e).__name__}); "
+                f"An image could not be saved in the data folder ({e.strerror or type(e).__name__}); "
                 "check the free disk space and permissions."
             ) from None
         _fsync_dir(path.parent)
@@ -1154,6 +1154,20 @@ class ProjectStore:
             pid = self._project_row(conn, project_id)["id"]
             conn.execute("INSERT OR IGNORE INTO project_members (project_id, owner, joined) VALUES (?, ?, ?)",
                          (pid, owner, time.time()))
+
+    def stop_sharing(self, project_id: int) -> int:
+        """Delete the project's link and every member it let in (they no longer see the
+        project); returns how many members were removed. A later `project_link` makes a new link."""
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            conn.execute("DELETE FROM project_links WHERE project_id = ?", (pid,))
+            return conn.execute("DELETE FROM project_members WHERE project_id = ?", (pid,)).rowcount
+
+    def members(self, project_id: int) -> int:
+        """How many sessions joined the project through its link."""
+        with self._read() as conn:
+            return conn.execute("SELECT COUNT(*) FROM project_members WHERE project_id = ?",
+                                (int(project_id),)).fetchone()[0]
 
     def is_member(self, project_id: int, owner: str | None) -> bool:
         if owner is None:

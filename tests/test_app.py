@@ -164,7 +164,8 @@ def test_a_missing_image_file_never_takes_the_page_down(app, client):
     sc = ws.scope(pid)
     img = library.images(sc, "red circle")[0]
     img.path.unlink()
-    (ws.thumbs_dir / img.hash[:2] / f"{img.hash}.png").unlink(missing_ok=True)
+    key = library.thumbnail_key(ws, img.hash)
+    (ws.thumbs_dir / key[:2] / f"{key}.png").unlink(missing_ok=True)
     out = client.predict(pid, api_name="/open_project")
     assert out[0].startswith("Opened **Example\\: coloured shapes") and "1 image file is missing" in out[0]
     assert f"#{img.id} {presenters.md(img.original_name)}" in out[0]

@@ -168,19 +168,29 @@ def test_first_bad_image_in_order_is_the_one_reported(tiny, tmp_path):
         ex.image_features(refs)
 
 
-def test_a_failed_cache_write_is_raised(tiny, tmp_path, monkeypatch):
-    def no_space(self, *a, **k):
+@pytest.mark.parametrize("decode", ["thread", "process"])
+def test_a_full_disk_leaves_features_uncached_not_failed(tiny, tmp_path, monkeypatch, decode):
+    """#13 finding 11: a pack write in this process that fails with ENOSPC leaves the entries in
+    memory only, and the features come back as if the cache were not there. (The helper
+    processes, started before the patch, still write theirs: they run the same put_many.)"""
+    def no_space(self, folder, name, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(FeatureCache, "put_many", no_space)
-    ex = FeatureExtractor(tiny, FeatureCache(tmp_path), batch_size=4, decode="thread")
-    with pytest.raises(OSError, match="No space"):
-        ex.image_features(make_refs("red circle", 10, np.random.default_rng(6)))
+    refs = make_refs("red circle", 10, np.random.default_rng(6))
+    want = FeatureExtractor(tiny, None, batch_size=4, decode="thread").image_features(refs)
+    monkeypatch.setattr(FeatureCache, "_write", no_space)
+    cache = FeatureCache(tmp_path / "cache")
+    ex = FeatureExtractor(tiny, cache, batch_size=4, decode=decode)
+    got = ex.image_features(refs)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert cache.write_failures >= 1
+    if decode == "thread":  # every write was this process's: nothing on disk, nothing half-written
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert torch.allclose(ex.image_features(refs), want, atol=1e-5)  # the in-memory layer serves them
 
 
-def test_a_cache_write_failing_in_a_helper_process_keeps_its_errno(tiny, tmp_path):
+def test_a_cache_folder_that_cannot_be_written_does_not_fail_extraction(tiny, tmp_path):
     (tmp_path / "file").write_text("not a folder")
+    refs = make_refs("red circle", 10, np.random.default_rng(6))
     ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "file" / "cache"), batch_size=4)
-    with pytest.raises(OSError) as e:
-        ex.image_features(make_refs("red circle", 10, np.random.default_rng(6)))
-    assert e.value.errno == errno.ENOTDIR and shared_pool(1).alive >= 1  # raised from the helper
+    assert ex.image_features(refs).shape[0] == 10  # ENOTDIR in this process and in the helpers

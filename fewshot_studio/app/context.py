@@ -59,6 +59,7 @@ class Workspace:
         self._backbones: OrderedDict[tuple, Backbone] = OrderedDict()
         self._extractors: dict[str, FeatureExtractor] = {}
         self._models: dict[int, Method] = {}
+        self._secret: str | None = None
 
     @classmethod
     def at(cls, data_dir: str | os.PathLike, spec: BackboneSpec | None = None, *, hosted: bool | None = None,
@@ -192,9 +193,12 @@ class Workspace:
         browser remembers, so that it survives restarts."""
         path = self.root / "browser.secret"
         with self.lock:
+            if self._secret is not None:
+                return self._secret
             try:
                 s = path.read_text().strip()
                 if len(s) >= 16:
+                    self._secret = s
                     return s
             except OSError:
                 pass
@@ -207,6 +211,7 @@ class Workspace:
                 os.replace(tmp, path)
             except OSError:
                 pass
+            self._secret = s
             return s
 
     def close(self) -> None:

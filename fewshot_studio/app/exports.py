@@ -3,6 +3,9 @@ zip, a trained model as a zip (config.json + model.safetensors + USAGE.md), and 
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -12,35 +15,76 @@ import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Callable
 
 from .. import imageio
-from ..errors import ModelFileError
+from ..errors import DataError, ModelFileError
 from ..methods import Method, load_model
 from ..methods.base import CONFIG_FILE, WEIGHTS_FILE, check_model_config, read_model_config
 from ..store import ModelInfo
 from .context import ProjectScope
 from .modeling import model
 
-EXPORT_TTL = 3600.0  # seconds an export stays on disk for downloading
+EXPORT_TTL = 600.0  # seconds an export stays on disk for downloading (Gradio serves its own copy)
 LABEL_FIELDS = ["image_id", "file", "sha256", "label", "labeled_by"]
+PARTIAL = ".partial"  # an export being written; renamed to its name only when complete
+
+
+def _visitor_tag(scope: ProjectScope) -> str:
+    """Names a visitor's exports of a project without revealing its owner token (served paths
+    are seen by the browser): an HMAC under the installation's secret."""
+    secret = scope.ws.browser_secret().encode()
+    return hmac.new(secret, b"export:" + (scope.owner or "").encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def sweep_exports(exports: Path, now: float | None = None, keep: Path | None = None) -> int:
+    """Remove every export folder older than EXPORT_TTL (any project's); returns how many."""
+    now = time.time() if now is None else now
+    n = 0
+    for old in exports.glob("*-*"):
+        try:
+            if old != keep and now - old.stat().st_mtime > EXPORT_TTL:
+                shutil.rmtree(old)
+                n += 1
+        except OSError:
+            pass
+    return n
 
 
 def export_path(scope: ProjectScope, filename: str) -> Path:
     """A fresh, unguessable folder per export (exports are served for download, so another
-    session must not be able to guess a path), named exports/<project>-<random>/filename;
-    the project's exports older than EXPORT_TTL are removed."""
+    session must not be able to guess a path), named exports/<project>-<visitor tag>-<random>/
+    filename. Every export older than EXPORT_TTL is removed first; `write_export` removes this
+    visitor's previous export of the project once the new one is complete."""
     exports = scope.ws.exports_dir
     exports.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in exports.glob(f"{scope.id}-*"):
-        try:
-            if now - old.stat().st_mtime > EXPORT_TTL:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-    d = exports / f"{scope.id}-{secrets.token_urlsafe(12)}"
+    sweep_exports(exports)
+    d = exports / f"{scope.id}-{_visitor_tag(scope)}-{secrets.token_urlsafe(12)}"
     d.mkdir(parents=True)
     return d / filename
+
+
+def write_export(scope: ProjectScope, filename: str, what: str, write: Callable[[Path], None]) -> Path:
+    """Write one export: `write(path)` fills a temporary file, renamed to `filename` when it is
+    complete, so a full disk never leaves a truncated zip or an empty CSV to download (the
+    partial file goes, and one sentence says why). The visitor's previous export of the
+    project is removed: each keeps at most one."""
+    path = export_path(scope, filename)
+    tmp = path.with_name(path.name + PARTIAL)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DataError(f"The server's disk is full, so {what} could not be exported; nothing was kept. "
+                            "Try again later.") from None
+        raise DataError(f"{what[0].upper()}{what[1:]} could not be exported ({e.strerror or type(e).__name__}); "
+                        "nothing was kept.") from None
+    for old in scope.ws.exports_dir.glob(f"{scope.id}-{_visitor_tag(scope)}-*"):
+        if old != path.parent:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def label_records(scope: ProjectScope) -> list[dict]:
@@ -70,20 +114,21 @@ def export_labels_csv(scope: ProjectScope) -> Path:
     """labels.csv: one row per image (LABEL_FIELDS); text cells are escaped by `csv_cell`, so a
     class or file name that starts with = + - @ gains a leading ' (labels.json keeps them exact)."""
     rows = label_records(scope)
-    path = export_path(scope, "labels.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=LABEL_FIELDS)
-        w.writeheader()
-        w.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
-    return path
+
+    def write(path: Path) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=LABEL_FIELDS)
+            w.writeheader()
+            w.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
+
+    return write_export(scope, "labels.csv", "the labels", write)
 
 
 def export_labels_json(scope: ProjectScope) -> Path:
-    path = export_path(scope, "labels.json")
     classes = [{"name": c.name, "description": c.description} for c in scope.store.list_classes(scope.id)]
-    path.write_text(json.dumps({"project": scope.project.name, "classes": classes, "images": label_records(scope)},
-                               indent=1, ensure_ascii=False), encoding="utf-8")
-    return path
+    text = json.dumps({"project": scope.project.name, "classes": classes, "images": label_records(scope)},
+                      indent=1, ensure_ascii=False)
+    return write_export(scope, "labels.json", "the labels", lambda path: path.write_text(text, encoding="utf-8"))
 
 
 # ---- safe file names -------------------------------------------------------------------------
@@ -183,17 +228,25 @@ def export_imagefolder(scope: ProjectScope) -> FolderExport:
     exported = [c for c in classes if by_class[c.id]]
     folders = class_folders([c.name for c in exported])
     rows = [{"folder": folders[c.name], "class": c.name, "images": len(by_class[c.id])} for c in exported]
-    path = export_path(scope, "imagefolder.zip")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for c in exported:
-            used: set[str] = set()
-            for img in by_class[c.id]:
-                fmt = imageio.probe_image(img.path.read_bytes(), img.original_name)[0].lower()
-                ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
-                stem = safe_name(PurePath(img.original_name.replace("\\", "/")).stem, f"image_{img.id}")
-                z.write(img.path, f"{folders[c.name]}/{unique_name(stem, used, '.' + ext)}")
-        z.writestr(MANIFEST, json.dumps({"project": scope.project.name, "classes": rows},
-                                        indent=1, ensure_ascii=False) + "\n")
+    missing = [img for c in exported for img in by_class[c.id] if not img.path.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} labeled image file{'s are' if len(missing) != 1 else ' is'} missing from "
+                        f"the server (the first: #{missing[0].id} {missing[0].original_name}); remove "
+                        f"{'them' if len(missing) != 1 else 'it'} from the project, then export again.")
+
+    def write(path: Path) -> None:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for c in exported:
+                used: set[str] = set()
+                for img in by_class[c.id]:
+                    fmt = imageio.probe_image(img.path.read_bytes(), img.original_name)[0].lower()
+                    ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
+                    stem = safe_name(PurePath(img.original_name.replace("\\", "/")).stem, f"image_{img.id}")
+                    z.write(img.path, f"{folders[c.name]}/{unique_name(stem, used, '.' + ext)}")
+            z.writestr(MANIFEST, json.dumps({"project": scope.project.name, "classes": rows},
+                                            indent=1, ensure_ascii=False) + "\n")
+
+    path = write_export(scope, "imagefolder.zip", "the labeled set", write)
     return FolderExport(path, rows, sum(r["folder"] != r["class"] for r in rows))
 
 
@@ -216,12 +269,14 @@ def usage_snippet(method: Method) -> str:
 def export_model(scope: ProjectScope, model_id: int | None = None) -> Path:
     """The trained model directory (config.json + model.safetensors + USAGE.md) as a zip."""
     info, method = model(scope, model_id)
-    path = export_path(scope, f"model-{info.id}-{info.method}.zip")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        z.write(info.path / CONFIG_FILE, f"model/{CONFIG_FILE}")
-        z.write(info.path / WEIGHTS_FILE, f"model/{WEIGHTS_FILE}")
-        z.writestr("model/USAGE.md", "```python\n" + usage_snippet(method) + "```\n")
-    return path
+
+    def write(path: Path) -> None:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(info.path / CONFIG_FILE, f"model/{CONFIG_FILE}")
+            z.write(info.path / WEIGHTS_FILE, f"model/{WEIGHTS_FILE}")
+            z.writestr("model/USAGE.md", "```python\n" + usage_snippet(method) + "```\n")
+
+    return write_export(scope, f"model-{info.id}-{info.method}.zip", "the model", write)
 
 
 def import_model(scope: ProjectScope, source: str | os.PathLike | bytes) -> ModelInfo:

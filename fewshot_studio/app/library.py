@@ -2,6 +2,8 @@
 zips; find and remove images; counts; thumbnails."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import threading
 import zipfile
@@ -249,19 +251,49 @@ def remove_images(scope: ProjectScope, image_ids: Sequence[int]) -> int:
     return scope.store.remove_images(ids)
 
 
+THUMB_KEY_CHARS = 40  # hex characters of a thumbnail's name (a content hash has 64: see forget_hash_thumbnails)
+
+
+def thumbnail_key(ws: Workspace, digest: str) -> str:
+    """A thumbnail's file name (without .png): an HMAC of the image's content hash under the
+    installation's secret, so that nobody can compute the URL of an image's thumbnail from its
+    content (or from a hash seen elsewhere), while the same image keeps one thumbnail."""
+    secret = ws.browser_secret().encode()
+    return hmac.new(secret, b"thumbnail:" + digest.encode(), hashlib.sha256).hexdigest()[:THUMB_KEY_CHARS]
+
+
 def thumbnail(ws: Workspace, img: ImageInfo) -> str:
-    """A small PNG for galleries, generated once per image content (named by its hash). An
-    image whose stored file is gone or damaged gets the placeholder instead (`missing_images`
-    names them), so one lost file never takes a page down."""
-    path = ws.thumbs_dir / img.hash[:2] / f"{img.hash}.png"
+    """A small PNG for galleries, generated once per image content (named by `thumbnail_key`).
+    An image whose stored file is gone or damaged gets the placeholder instead
+    (`missing_images` names them), so one lost file never takes a page down; nor does a full
+    disk (the thumbnail is then made again next time)."""
+    key = thumbnail_key(ws, img.hash)
+    path = ws.thumbs_dir / key[:2] / f"{key}.png"
     if not path.exists():
         try:
             im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
         except (OSError, imageio.ImageError):
             return placeholder(ws)
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        _write_png(im, path)
+        try:
+            _write_png(im, path)
+        except OSError:
+            return placeholder(ws)
     return str(path)
+
+
+def forget_hash_thumbnails(ws: Workspace) -> int:
+    """Delete thumbnails of the old layout, named by the image's content hash (servable to
+    whoever knew the hash); `thumbnail` makes keyed ones again as needed. Returns how many."""
+    n = 0
+    for f in ws.thumbs_dir.glob("??/*.png"):
+        if len(f.stem) == 64:
+            try:
+                f.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def placeholder(ws: Workspace) -> str:
@@ -281,8 +313,12 @@ def placeholder(ws: Workspace) -> str:
 def _write_png(im, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # atomic: readers never see half
-    im.save(tmp, "PNG")
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, "PNG")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def missing_images(scope: ProjectScope) -> list[ImageInfo]:

@@ -39,16 +39,27 @@ def list_projects(ws: Workspace, owner: str | None = None) -> list[Project]:
     return ws.store.list_projects()
 
 
+def is_owner(scope: ProjectScope) -> bool:
+    """Whether the scope's session created the project (always, outside hosted mode)."""
+    return not scope.ws.hosted or scope.project.owner == scope.owner
+
+
+def need_owner(scope: ProjectScope, action: str) -> None:
+    """Members (sessions that joined by the link) view and label; only the creator may `action`."""
+    if not is_owner(scope):
+        raise ValidationError(f"Only the session that created this project can {action}; "
+                              "you opened it through its link.")
+
+
 def rename_project(scope: ProjectScope, name: str) -> Project:
+    need_owner(scope, "rename it")
     return scope.store.rename_project(scope.id, name)
 
 
 def delete_project(scope: ProjectScope) -> None:
     """Delete the project with its images and models (only its creator may, in hosted mode)."""
+    need_owner(scope, "delete it")
     ws = scope.ws
-    if ws.hosted and scope.project.owner != scope.owner:
-        raise ValidationError("Only the session that created this project can delete it; "
-                              "you opened it through its link.")
     ws.forget_models(m.id for m in ws.store.list_models(scope.id))
     ws.store.delete_project(scope.id)
 
@@ -56,8 +67,18 @@ def delete_project(scope: ProjectScope) -> None:
 def project_link(scope: ProjectScope, renew: bool = False) -> str:
     """The token of the project's link (`?project=<token>` on the app's address): whoever
     opens it sees the project next to their own (hosted mode). `renew`: a new token, and
-    the old link stops working (who already opened it keeps the project)."""
+    the old link stops working (who already opened it keeps the project; only the creator
+    may renew)."""
+    if renew:
+        need_owner(scope, "replace its link")
     return scope.store.project_link(scope.id, renew=renew)
+
+
+def stop_sharing(scope: ProjectScope) -> int:
+    """The creator revokes the project's link and every member it let in (they no longer see
+    the project; what they labeled stays). Returns how many members lost access."""
+    need_owner(scope, "stop sharing it")
+    return scope.store.stop_sharing(scope.id)
 
 
 def open_link(ws: Workspace, token: str, owner: str | None = None) -> Project:

@@ -234,21 +234,27 @@ def make_method(method: str, backbone: Backbone, classnames: Sequence[str],
 
 
 def read_model_config(directory: str | os.PathLike) -> dict:
+    """A saved model's config. Errors name the model folder by its own name, never its full
+    path (the app's data folder is nobody's business on a public server)."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
+    shown = f"{directory.name}/{CONFIG_FILE}"
     if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise ModelFileError(f"{directory} is not a saved model: it needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
+        raise ModelFileError(f"The model folder {directory.name!r} is not a saved model: "
+                             f"it needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path} is not valid JSON ({e}).") from None
+    except OSError as e:
+        raise ModelFileError(f"{shown} could not be read ({e.strerror or type(e).__name__}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{shown} is not valid JSON ({e}).") from None
     except RecursionError:  # e.g. 100,000 nested lists: json gives up; a model config is a few levels deep
         raise ModelFileError(f"The model's {CONFIG_FILE} nests lists or objects too deeply to be a "
                              "Few-Shot Studio model config.") from None
     if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path} is not a Few-Shot Studio model config.")
+        raise ModelFileError(f"{shown} is not a Few-Shot Studio model config.")
     if cfg.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise ModelFileError(f"{path} was written by a newer Few-Shot Studio; upgrade to load it.")
+        raise ModelFileError(f"{shown} was written by a newer Few-Shot Studio; upgrade to load it.")
     return cfg
 
 

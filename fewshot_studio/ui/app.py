@@ -7,12 +7,17 @@ its inputs, calls one use case of `fewshot_studio.app` and shows the result (ui/
 from __future__ import annotations
 
 import gradio as gr
+from starlette.middleware import Middleware
 
-from ..app import Workspace
+from ..app import Workspace, library
 from . import classes, evaluate, export, graph, label, projects, train
 from .common import CSS, POLL_SECONDS, UI, theme
+from .uploads import UploadBudget, UploadBudgetMiddleware
 
 DEFAULT_CONCURRENCY = 4
+#: Gradio's delete_cache (every, age) in seconds: uploads no handler consumed and the copies of
+#: outputs (thumbnails, exports) Gradio keeps for serving go once they are an hour old.
+CACHE_SWEEP = (300, 3600)
 
 
 class StudioBlocks(gr.Blocks):
@@ -20,10 +25,13 @@ class StudioBlocks(gr.Blocks):
     workspace's thumbnail and export folders (whoever calls launch: app.py, a Space, a test)."""
 
     workspace: Workspace
+    upload_budget: UploadBudget  # hosted mode's upload budget (tests may set a smaller one)
     status_sink: gr.components.Component | None = None
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("delete_cache", CACHE_SWEEP)
         super().__init__(*args, **kwargs)
+        self.upload_budget = UploadBudget()
         # One way to report a user error: the handler raises gr.Error (a toast with its one
         # sentence, and an error for API clients), and its pending/error status goes to the
         # hidden sink instead of the outputs, so no component turns into an "Error" badge.
@@ -42,10 +50,16 @@ class StudioBlocks(gr.Blocks):
     def launch(self, *args, **kwargs):
         st = self.workspace
         st.thumbs_dir.mkdir(parents=True, exist_ok=True)
+        library.forget_hash_thumbnails(st)  # the old layout was servable to whoever knew an image's hash
         st.exports_dir.mkdir(parents=True, exist_ok=True)
         allowed = [str(st.thumbs_dir.resolve()), str(st.exports_dir.resolve())]
         kwargs["allowed_paths"] = list(kwargs.get("allowed_paths") or []) + allowed
         kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)  # Gradio refuses bigger uploads with a message
+        if st.hosted:  # a public server: a budget of upload bytes per visitor and in total
+            app_kwargs = dict(kwargs.get("app_kwargs") or {})
+            app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
+                                        Middleware(UploadBudgetMiddleware, budget=self.upload_budget)]
+            kwargs["app_kwargs"] = app_kwargs
         kwargs.setdefault("css", CSS)
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("footer_links", ["api", "gradio"])

@@ -11,7 +11,7 @@ from ..app import library
 from ..app.library import POOL
 from . import presenters
 from .presenters import md
-from .common import UI, added_text, files_of, friendly, need_project, picked, refused_text, toast_text, unchanged, who
+from .common import UI, added_text, consumed, friendly, need_project, picked, refused_text, toast_text, unchanged, who
 
 
 def build(ui: UI) -> None:
@@ -153,10 +153,11 @@ def build(ui: UI) -> None:
     @friendly
     def add_images(pid, name, files, owner, request: gr.Request):
         owner = who(owner, request)
-        need_project(pid)
-        if name in (None, ""):
-            raise DataError("Pick a class first (the Class menu), then drop the images.")
-        up = library.add_uploads(ui.scope(pid, owner), files_of(files), name)
+        with consumed(files) as paths:
+            need_project(pid)
+            if name in (None, ""):
+                raise DataError("Pick a class first (the Class menu), then drop the images.")
+            up = library.add_uploads(ui.scope(pid, owner), paths, name)
         where = "the unlabeled pool" if name == POOL else f"**{md(name)}**"
         if up.errors:
             gr.Warning(refused_text(up.errors, escape=toast_text).strip())
@@ -166,7 +167,8 @@ def build(ui: UI) -> None:
     @friendly
     def add_zip(pid, name, file, owner, request: gr.Request):
         owner = who(owner, request)
-        up = library.add_uploads(ui.scope(pid, owner), files_of(file), None)
+        with consumed(file) as paths:
+            up = library.add_uploads(ui.scope(pid, owner), paths, None)
         if up.errors:
             gr.Warning(refused_text(up.errors, escape=toast_text).strip())
         return {ui.notice: added_text(up.added, up.duplicates, "from the zip") + refused_text(up.errors),
@@ -198,8 +200,8 @@ def build(ui: UI) -> None:
         return {ui.notice: f"Removed **{md(img.original_name)}**.", **class_view(pid, owner, name)}
 
     def gallery_upload(pid, name, value, owner, request: gr.Request):
-        # the gallery's value: its thumbnails (files named by the image's content hash, see
-        # library.thumbnail) plus the files just dropped on it
+        # the gallery's value: its thumbnails (files named by library.thumbnail_key) plus the
+        # files just dropped on it
         shown = ({Path(t).stem for t, _ in presenters.image_gallery(ui.scope(pid, who(owner, request)), name)}
                  if pid and value else set())
         files = [item[0] for item in value or [] if Path(str(item[0])).stem not in shown]

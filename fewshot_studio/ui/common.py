@@ -1,6 +1,7 @@
 """Shared pieces of the page: the per-page context, error handling, owners, progress HTML, CSS."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import inspect
@@ -10,10 +11,11 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from ..errors import FewShotError
-from ..markup import html_text
+from ..markup import html_text, no_paths
 from ..jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED
 from ..app.context import ProjectScope, Workspace
 from .presenters import eta_text, md, method_label, model_result
+from .uploads import discard
 
 log = logging.getLogger("fewshot_studio.ui")
 
@@ -87,9 +89,9 @@ def friendly(fn: Callable) -> Callable:
         if isinstance(e, gr.Error):
             return e
         if isinstance(e, FewShotError):  # its sentence may quote user text (a name, a file)
-            return gr.Error(toast_text(str(e)), print_exception=False)
+            return gr.Error(toast_text(no_paths(str(e))), print_exception=False)
         log.exception("handler %s failed", getattr(fn, "__name__", fn))  # the page must keep working
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]  # no server paths
         return gr.Error(toast_text(f"Something went wrong: {first}"), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
@@ -190,6 +192,18 @@ def files_of(value) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def consumed(value) -> Iterator[list[str]]:
+    """The paths of a gr.File value, deleted from Gradio's upload folder when the block ends
+    (accepted, refused or failed alike): the handler owns the upload, and what it stored lives
+    in the data dir, so the temporary copy would only fill the disk (uploads.discard)."""
+    paths = files_of(value)
+    try:
+        yield paths
+    finally:
+        discard(paths)
+
+
 def toast_text(text: str) -> str:
     """User text for a toast (Gradio renders toasts as sanitized HTML): shown, never markup."""
     return html_text(text)
@@ -256,5 +270,5 @@ def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald", neutral_hue="slate")
 
 
-__all__ = ["CSS", "FINISHED", "UI", "files_of", "friendly", "need_project", "picked", "progress_html",
+__all__ = ["CSS", "FINISHED", "UI", "consumed", "files_of", "friendly", "need_project", "picked", "progress_html",
            "refused_text", "theme", "who"]

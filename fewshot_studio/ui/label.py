@@ -10,7 +10,7 @@ from ..app.library import POOL
 from ..errors import DataError, FewShotError
 from ..jobs import CANCELLED, FAILED
 from . import presenters
-from .common import UI, added_text, files_of, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
+from .common import UI, added_text, consumed, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
 from .presenters import md, parse_image_ids
 
 POOL_COLUMNS = ["id", "file", "prediction", "confidence (%)", "top 3", "selected"]
@@ -110,7 +110,8 @@ def wire(ui: UI) -> None:
     @friendly
     def add_pool(pid, files, owner, request: gr.Request):
         owner = who(owner, request)
-        up = library.add_uploads(ui.scope(pid, owner), files_of(files), POOL)
+        with consumed(files) as paths:
+            up = library.add_uploads(ui.scope(pid, owner), paths, POOL)
         if up.errors:
             gr.Warning(refused_text(up.errors, escape=toast_text).strip())
         return {ui.notice: added_text(up.added, up.duplicates, "to the pool") + " Press Label the pool to label them."

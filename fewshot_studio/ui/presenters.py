@@ -103,10 +103,10 @@ def image_gallery(scope: ProjectScope, class_name: str | None) -> Gallery:
 
 def image_by_thumbnail(scope: ProjectScope, class_name: str | None, thumbnail: str) -> ImageInfo:
     """The image of a class (or of the pool, for POOL/None) shown by the gallery thumbnail
-    file `thumbnail` (thumbnails are named by the image's content hash, see library.thumbnail)."""
-    digest = Path(str(thumbnail or "")).stem
+    file `thumbnail` (named by library.thumbnail_key of the image's content hash)."""
+    key = Path(str(thumbnail or "")).stem
     for img in library.images(scope, class_name):
-        if img.hash == digest:
+        if library.thumbnail_key(scope.ws, img.hash) == key:
             return img
     raise NotFoundError("That image is no longer here; the gallery now shows what is.")
 

@@ -43,9 +43,12 @@ def build_bar(ui: UI) -> None:
         with gr.Row(elem_classes="fs-inline"):
             ui.share_link = gr.Textbox(label="Link to this project", interactive=False, scale=4, buttons=["copy"],
                                        elem_id="share-link", placeholder="press Share link",
-                                       info="Whoever opens it sees this project next to their own and can work on it.")
+                                       info="Whoever opens it sees this project next to their own and can label "
+                                            "it; only you can rename, delete, renew or stop sharing it.")
             ui.share_btn = gr.Button("Share link", scale=1, elem_id="share-project")
             ui.renew_link_btn = gr.Button("New link (the old one stops working)", scale=1, elem_id="renew-link")
+            ui.stop_sharing_btn = gr.Button("Stop sharing (who joined loses access)", scale=1, variant="stop",
+                                            elem_id="stop-sharing")
             ui.share_token = gr.Textbox(visible=False)
     ui.model_dd = gr.Dropdown(label="Model in use (graph, predictions, labeling, retraining and export)",
                               choices=[], value=None, elem_id="model-select",
@@ -152,6 +155,19 @@ def wire(ui: UI) -> None:
             return {ui.share_token: token,
                     ui.notice: f"{what} to **{md(name)}** is below{'; the old one no longer opens it' if renew else ''}."}
         return handler
+
+    @friendly
+    def stop_sharing(pid, owner, request: gr.Request):
+        owner = who(owner, request)
+        scope = ui.scope(pid, owner)
+        n = projects.stop_sharing(scope)
+        joined = (f"the {n} session{'s' if n != 1 else ''} that joined through it no longer see{'s' if n == 1 else ''} it"
+                  if n else "nobody had joined through it")
+        return {ui.share_token: "", ui.share_link: "",
+                ui.notice: f"Stopped sharing **{md(scope.project.name)}**: its link no longer opens it, and {joined}."}
+
+    ui.stop_sharing_btn.click(stop_sharing, [ui.project, ui.owner], [ui.share_token, ui.share_link, ui.notice],
+                              api_name="stop_sharing")
 
     # the page knows its own address (behind a proxy or in a Space, the server may not)
     to_link = ("(t) => t ? window.location.origin + window.location.pathname + '?project=' + "
