@@ -144,8 +144,9 @@ def handle(header: dict, blobs: list[bytes]) -> tuple[dict, list]:
         cache = _caches.get(header["root"])
         if cache is None:  # one per folder: it remembers which sub-folders exist
             cache = _caches[header["root"]] = FeatureCache(header["root"], memory=False)
-        cache.put_many(header["backbone"], [tuple(k) for k in header["keys"]], feats)
-        return {"ok": True}, []
+        # a failed write (a full disk) is not an error: the features were computed all the same
+        stored = cache.put_many(header["backbone"], [tuple(k) for k in header["keys"]], feats)
+        return {"ok": True, "stored": bool(stored)}, []
     raise ValueError(f"unknown request {header['op']!r}")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fewshot_studio import workers
 from fewshot_studio.cache import FeatureCache
 from fewshot_studio.data import ImageRef
 from fewshot_studio.features import FeatureExtractor, _ramp
@@ -100,8 +101,9 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_errors_travel_as_data():
-    """serve() answers an image error, an OS error and a bug each with a header, never a pickle."""
+def test_errors_travel_as_data(monkeypatch):
+    """serve() answers an image error, an OS error and a bug each with a header, never a pickle;
+    a feature-cache write that fails (a full disk) is no error, only "not stored"."""
     def ask(header, blobs):
         inp, out = io.BytesIO(), io.BytesIO()
         write_message(inp, header, blobs)
@@ -114,8 +116,15 @@ def test_errors_travel_as_data():
            "tasks": [{"i": 0, "js": [0], "name": "x.png", "key": "k", "views": [0], "blob": 0}]}
     assert ask(bad, [b"not an image"])["image_error"][0] == "x.png"
     put = {"op": "put", "root": "/proc/version/cache", "backbone": "b", "keys": [["ab" * 32, 0]], "shape": [1, 4]}
-    assert ask(put, [np.zeros((1, 4), np.float32)])["os_error"][0] in (errno.ENOTDIR, errno.ENOENT, errno.EACCES)
+    answer = ask(put, [np.zeros((1, 4), np.float32)])
+    assert answer["ok"] and answer["stored"] is False
     assert "unknown request" in ask({"op": "nope"}, [])["error"]
+
+    def disk_full(header, blobs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x")
+
+    monkeypatch.setattr(workers, "handle", disk_full)
+    assert ask({"op": "decode"}, [])["os_error"][:2] == [errno.ENOSPC, "No space left on device"]
 
 
 def test_threads_and_processes_give_identical_features(tiny, tmp_path):
