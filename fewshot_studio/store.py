@@ -402,6 +402,24 @@ class PredictionInfo:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file, fsync, rename); a failed
+    write removes the temporary file and raises its OSError."""
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
 def _blob_path(root: Path, digest: str) -> Path:
     return root / "images" / digest[:2] / digest
 
@@ -982,18 +1000,9 @@ class ProjectStore:
         except FileNotFoundError:
             pass
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            _write_atomic(path, data)
         except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             raise StoreError(
                 f"An image could not be saved in the data folder ({e.strerror or type(e).__name__}); "
                 "check the free disk space and permissions."
@@ -1883,16 +1892,11 @@ class ImageImport:
         return None
 
     def _stage(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".tmp-{path.name}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            _write_atomic(path, data)
         except OSError as e:
             raise StoreError(
-                f"An upload could not be staged in {self.store.root} ({e.strerror or type(e).__name__}); "
+                f"An upload could not be staged in the data folder ({e.strerror or type(e).__name__}); "
                 "check the free disk space and permissions; nothing was imported."
             ) from None
 
