@@ -143,7 +143,8 @@ class ProKeR(Method):
         y = onehot.repeat_interleave(v, dim=0)
         k = rbf(x, x, beta)
         # the code's closed form, as written there
-        self.coef = torch.linalg.solve(k / lmbda + torch.eye(len(x), device=dev), y - x @ self.text_weights.T)
+        coef = torch.linalg.solve(k / lmbda + torch.eye(len(x), device=dev), y - x @ self.text_weights.T)
+        self.coef = coef.contiguous()  # solve returns column-major; a loaded copy is row-major (same sums)
         self.support_keys = x.clone()
         self.beta = torch.tensor(beta, device=dev)
         self.lmbda = torch.tensor(lmbda, device=dev)
