@@ -117,7 +117,7 @@ class GDA(Method):
     label = "GDA"
     summary = ("GDA (Wang et al., ICLR 2024), training-free: a Gaussian per class with a shared, shrunk "
                "covariance; α from the official grid by cross-validation on the support set.")
-    cost = 1  # measured: ~20 ms a fit on cached features, below Tip-Adapter's search (~200 ms)
+    cost = 1  # measured: ~8 ms CPU a fit on cached features (5 classes × 4 shots), Tip-Adapter ~110 ms
     order = 4
     Config = GDAConfig
 
