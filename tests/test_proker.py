@@ -72,7 +72,8 @@ def test_equals_a_plain_transcription_of_the_closed_form(tiny, nato_task, shared
     ref = plain_proker(S, support.labels_tensor().repeat_interleave(v), m.text_weights, test_features[::7], beta, lmbda)
     with torch.no_grad():
         assert torch.allclose(m.raw_logits(test_features[::7]).double(), ref, atol=1e-4)
-        assert torch.allclose(m.logits_from_features(test_features[::7]), tiny.logit_scale * m.raw_logits(test_features[::7]))
+        x = test_features[::7]
+        assert torch.allclose(m.logits_from_features(x), tiny.logit_scale * m.raw_logits(x))
     assert (float(m.beta), float(m.lmbda)) == pytest.approx((beta, lmbda))
 
 
