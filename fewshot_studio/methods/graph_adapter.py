@@ -176,7 +176,7 @@ class GraphAdapter(Method):
     name = "graph"
     label = "GraphAdapter"
     summary = "GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph, α = 0.7 as in the official code."
-    cost = 2
+    cost = 3
     order = 0
     Config = GraphAdapterConfig
 

@@ -315,7 +315,7 @@ class MMA(Method):
     label = "MMA"
     summary = ("MMA (Yang et al., CVPR 2024): adapters in the top two-thirds of both towers, r = 32, scale 0.001, "
                "SGD lr 0.0015; at least 300 steps however few images you have.")
-    cost = 4
+    cost = 5
     order = 1
     Config = MMAConfig
     needs_images = False  # image-less classes still work through the adapted text encoder

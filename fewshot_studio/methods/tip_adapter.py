@@ -95,7 +95,7 @@ class TipAdapter(Method):
     name = "tip"
     label = "Tip-Adapter"
     summary = "Tip-Adapter (Zhang et al., ECCV 2022), training-free: α = 1, β = 5.5, then a search on the support set."
-    cost = 1
+    cost = 2
     order = 2
     Config = TipAdapterConfig
     trainable_keys = False
@@ -207,7 +207,7 @@ class TipAdapterF(TipAdapter):
     name = "tip-f"
     label = "Tip-Adapter-F"
     summary = "Tip-Adapter-F: fine-tunes the cache keys (AdamW lr 1e-3, 20 epochs, at least 200 steps)."
-    cost = 3
+    cost = 4
     order = 3
     Config = TipAdapterFConfig
     trainable_keys = True
