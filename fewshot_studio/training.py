@@ -86,10 +86,11 @@ def run_steps(
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterable[torch.Tensor]:
     """Endless shuffled index batches as Dassl's training loader draws them (RandomSampler,
     `drop_last=len(data) >= batch_size`): each epoch a fresh permutation cut into n // batch_size
-    full batches, the remainder dropped; with fewer than batch_size images, one batch of all n."""
+    full batches, the remainder dropped; with fewer than batch_size images, one batch of all n;
+    with none, nothing."""
     per_epoch = batches_per_epoch(n, batch_size)
     size = batch_size if n >= batch_size else n
-    while True:
+    while per_epoch:  # no images: no batches (rather than an endless loop of empty epochs)
         perm = torch.randperm(n, generator=generator)
         for b in range(per_epoch):
             yield perm[b * size:(b + 1) * size]

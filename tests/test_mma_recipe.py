@@ -256,3 +256,31 @@ def test_recipe_round_trips_through_save_and_load(tiny, nato_task, tmp_path):
     back = load_model(tmp_path / "m", tiny)
     assert back.config.recipe == "official" and back.metrics["recipe"] == "official"
     torch.testing.assert_close(back.predict_proba(test[:10], None), m.predict_proba(test[:10], None))
+
+
+@pytest.mark.slow  # runs the CLI in subprocesses
+def test_cli_train_recipe(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fewshot_studio import shapes
+
+    shapes.write_image_folder(tmp_path / "train", {"red circle": "red circle", "blue square": "blue square"},
+                              per_class=2, seed=3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEWSHOT_STUDIO_CACHE": str(tmp_path / "cache")}
+
+    def train(method, *extra):
+        return subprocess.run([sys.executable, "-m", "fewshot_studio", "train", "--data", str(tmp_path / "train"),
+                               "--method", method, "--backbone", "tiny", "--out", str(tmp_path / method),
+                               "--quiet", *extra], capture_output=True, text=True, env=env, timeout=300)
+
+    r = train("mma", "--recipe", "official", "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "mma" / "config.json").read_text())
+    assert cfg["hyperparameters"]["recipe"] == "official" and cfg["metrics"]["steps"] == 2
+    r = train("tip", "--recipe", "official")
+    assert r.returncode != 0 and "Tip-Adapter has no setting 'recipe'" in r.stderr
+    r = train("mma", "--recipe", "fast")
+    assert r.returncode != 0 and "must be one of default, official, not 'fast'" in r.stderr

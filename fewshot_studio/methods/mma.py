@@ -59,11 +59,14 @@ Shared: SGD lr 0.0015, momentum 0.9, weight decay 5e-4, batch 16, 5 epochs, r = 
 blocks 5-12 of 12, "a photo of a {}.". Under the official recipe `steps`, `min_steps`, `warmup`
 and `augment_views` do not apply; the lower text blocks are still cached (prompts do not change),
 the visual tower runs whole on every fresh crop. Why the default differs: with a user's few images
-the official recipe is a handful of steps (20 images, batch 16: 5 steps) that leave the adapters
-where they started (measured in tests/test_mma_recipe.py's note: tiny backbone, uninformative
-names, zero-shot 20%: official 20%, default 99%); per-step cosine keeps the decay smooth over few
-steps; cached crops make a step run only the adapted blocks (about 3× cheaper on the tiny
-backbone), and scale 0.5-1 crops keep the few images' objects in view; bf16 needs no loss scaler.
+the official recipe is a handful of steps that leave the adapters where they started. Measured on
+the tiny backbone, 5 classes × 4 shots with uninformative names, held-out accuracy, seeds 0/1
+(zero-shot 20%/22%): official 20%/22% (5 steps), official with 60 epochs 20%/22% (60 steps),
+official with 100 epochs at batch 4 99%/100% (500 steps), default 99%/98% (300 steps): the
+number of steps decides, not the schedule or the crops. Per-step cosine keeps the decay smooth
+over any number of steps; cached crops let a step run only the adapted blocks (official steps
+cost 1.3-1.5× as much on the tiny backbone, 5 × 16 images, batch 16: 212 against 143-168 ms on
+a busy CPU) and need no decoded originals in memory; bf16 keeps fp32's range without a scaler.
 The official recipe holds the support images decoded at full size (at most ORIGINALS_BYTES).
 """
 from __future__ import annotations
@@ -677,7 +680,7 @@ class MMA(Method):
             else:
                 loss.backward()
                 opt.step()
-            if not official or (i + 1) % per_epoch == 0:  # official: once per epoch, after its last batch
+            if not official or (i + 1) % max(1, per_epoch) == 0:  # official: once per epoch, after its last batch
                 sched.step()
             acc = (logits.detach().argmax(1) == y).float().mean()
             return float(loss.detach()), float(acc)
