@@ -33,8 +33,8 @@ def workspace(root, tiny) -> Workspace:
     return Workspace.at(root, TINY_SPEC, loader=lambda spec: tiny)
 
 SHAPES = ASSETS / "shapes" / "train"  # 5 classes x 4 images, bundled
-BUILTIN_DISPLAY = ["graph", "mma", "tip", "tip-f", "zeroshot"]
-BUILTIN_COST = ["zeroshot", "tip", "graph", "tip-f", "mma"]
+BUILTIN_DISPLAY = ["graph", "mma", "tip", "tip-f", "gda", "proker", "zeroshot"]
+BUILTIN_COST = ["zeroshot", "gda", "tip", "proker", "graph", "tip-f", "mma"]
 
 
 # ---- a real method, defined outside the package ------------------------------------------------
@@ -105,7 +105,7 @@ def test_the_builtin_methods_in_display_and_cost_order():
     assert catalog.by_cost(["mma", "nope", "zeroshot"]) == ["zeroshot", "mma", "nope"]
     assert list(evaluation.COST_ORDER) == BUILTIN_COST == list(evaluation.DEFAULT_METHODS)
     assert [catalog.label(m) for m in BUILTIN_DISPLAY] == [
-        "GraphAdapter", "MMA", "Tip-Adapter", "Tip-Adapter-F", "Zero-shot CLIP"]
+        "GraphAdapter", "MMA", "Tip-Adapter", "Tip-Adapter-F", "GDA", "ProKeR", "Zero-shot CLIP"]
     assert dict(catalog.LABELS) == {m: catalog.label(m) for m in BUILTIN_DISPLAY} and list(catalog.ORDER) == BUILTIN_DISPLAY
     assert all(catalog.summary(m) for m in BUILTIN_DISPLAY)
     assert catalog.setting_help("graph", "alpha") == "α: textual vs visual sub-graph fusion"
@@ -116,7 +116,7 @@ def test_the_builtin_methods_in_display_and_cost_order():
     assert catalog.settings("mma")["steps"] is None and catalog.settings("tip")["search"] is True
     with pytest.raises(DataError) as e:
         catalog.get_method_class("nope")
-    assert str(e.value) == "Unknown method 'nope'; choose one of graph, mma, tip, tip-f, zeroshot."
+    assert str(e.value) == "Unknown method 'nope'; choose one of graph, mma, tip, tip-f, gda, proker, zeroshot."
     with pytest.raises(DataError, match="no setting 'gamma'"):
         catalog.setting_help("graph", "gamma")
 
@@ -179,7 +179,7 @@ def test_a_registered_method_appears_in_the_cli(ncm, tiny, tmp_path, monkeypatch
     parser = cli.build_parser()
     assert option(subparser(parser, "train"), "--method").choices == catalog.method_ids() == BUILTIN_DISPLAY + ["ncm"]
     methods = option(subparser(parser, "eval"), "--methods")
-    assert methods.default == "zeroshot,ncm,tip,graph,tip-f,mma" and "ncm" in methods.help
+    assert methods.default == "zeroshot,ncm,gda,tip,proker,graph,tip-f,mma" and "ncm" in methods.help
     assert parser.parse_args(["eval", "--data", "x"]).methods.split(",") == list(evaluation.DEFAULT_METHODS)
 
     monkeypatch.setenv("FEWSHOT_STUDIO_CACHE", str(tmp_path / "cache"))
@@ -392,7 +392,7 @@ def test_load_model_checks_the_saved_config_before_building_anything(tiny, tmp_p
         ({"descriptions": [None, 7]}, "The model's config.json must give one text description (or null) for each "
                                       "of its 2 classes."),
         ({"method": "nope"}, "The model's config.json names method 'nope', which is not one of "
-                             "graph, mma, tip, tip-f, zeroshot."),
+                             "gda, graph, mma, proker, tip, tip-f, zeroshot."),
         ({"hyperparameters": [1]}, "The model's config.json has hyperparameters that are not an object of settings."),
     ]:
         with pytest.raises(ModelFileError) as e:

@@ -81,7 +81,7 @@ def test_help(cmd):
     assert r.returncode == 0 and "usage" in r.stdout
 
 
-@pytest.mark.parametrize("method", ["tip", "tip-f", "graph", "mma"])
+@pytest.mark.parametrize("method", ["tip", "tip-f", "graph", "mma", "gda", "proker"])
 def test_every_method_trains_predicts_and_graphs(folder, tmp_path, method):
     env = {"FEWSHOT_STUDIO_CACHE": str(tmp_path / "cache")}
     extra = ["--steps", "40"] if method == "mma" else []

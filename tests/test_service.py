@@ -304,7 +304,7 @@ def test_helpers(tiny, tmp_path):
         with pytest.raises(DataError) as e:
             parse_image_ids(caption)
         assert one_sentence(str(e.value))
-    assert [v for _, v in presenters.method_choices()] == ["graph", "mma", "tip", "tip-f", "zeroshot"]
+    assert [v for _, v in presenters.method_choices()] == ["graph", "mma", "tip", "tip-f", "gda", "proker", "zeroshot"]
     graph = catalog.settings("graph")
     assert graph["alpha"] == 0.7 and graph["steps"] == 300 and "templates" not in graph
     mma = catalog.settings("mma")

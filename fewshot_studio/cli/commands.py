@@ -16,7 +16,8 @@ def cmd_train(args) -> int:
     from ..methods.catalog import coerce_settings, settings
 
     # the catalog's one rule: a setting this method lacks (e.g. --steps for tip) is an error
-    given = {k: getattr(args, k) for k in ("epochs", "steps", "lr", "batch_size") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("epochs", "steps", "lr", "batch_size", "recipe")
+             if getattr(args, k, None) is not None}
     if "seed" in settings(args.method):
         given["seed"] = args.seed
     overrides = coerce_settings(args.method, given)
@@ -150,6 +151,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--recipe", default=None,
+                   help="MMA's training recipe: default (few-shot) or official (the MMA code's; README)")
     p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors)")
     p.add_argument("--quiet", action="store_true")
     add_store_args(p)

@@ -1,4 +1,5 @@
-"""Methods behind one interface (see base.Method): zero-shot CLIP, Tip-Adapter(-F), GraphAdapter, MMA.
+"""Methods behind one interface (see base.Method): zero-shot CLIP, Tip-Adapter(-F), GraphAdapter, MMA,
+GDA, ProKeR.
 
 The catalog (catalog.py) lists them; each module below registers its class(es) on import, so a
 new method is one module plus one import line here (README, "Adding a method").
@@ -9,6 +10,8 @@ from . import zeroshot  # noqa: F401
 from . import tip_adapter  # noqa: F401
 from . import graph_adapter  # noqa: F401
 from . import mma  # noqa: F401
+from . import gda  # noqa: F401
+from . import proker  # noqa: F401
 from .base import Method, load_model, make_method, read_model_config
 from .knowledge_graph import KnowledgeGraph
 from .catalog import REGISTRY, get_method_class, make_config, register

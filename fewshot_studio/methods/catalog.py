@@ -4,8 +4,9 @@ display order and settings are. The CLI, the app and the evaluation all read it 
 A method class declares these as ClassVars (`name`, `label`, `summary`, `cost`, `order`) plus its
 `Config` dataclass, whose fields carry their help text and, for numbers, their inclusive bounds
 in `field(metadata={"help": ..., "min": ..., "max": ...})` (a tuple of numbers takes one bound for
-every element, or one per element); the `@register` decorator adds it and checks that every
-default lies inside its bounds. `fewshot_studio.methods` imports every method module, so
+every element, or one per element), and for a text setting with fixed values its `"choices"`;
+the `@register` decorator adds it and checks that every default lies inside its bounds (and
+among its choices). `fewshot_studio.methods` imports every method module, so
 importing anything from this package registers the built-in methods.
 
 Settings are coerced by one strict rule (`coerce_settings`), used by the CLI, the app's form,
@@ -183,6 +184,13 @@ def _bounds_of(cls: type["Method"]) -> dict[str, tuple[Any, Any]]:
             if f.metadata.get("min") is not None or f.metadata.get("max") is not None}
 
 
+def choices(method: str) -> dict[str, tuple[str, ...]]:
+    """{setting: its allowed values} of a method's text settings with fixed values (declared as
+    `metadata={"choices": (...)}`, e.g. MMA's recipe)."""
+    return {f.name: tuple(f.metadata["choices"]) for f in fields(get_method_class(method).Config)
+            if f.metadata.get("choices") is not None}
+
+
 def bounds(method: str) -> dict[str, tuple[Any, Any]]:
     """{setting: (min, max)} of a method's bounded settings, inclusive, as declared next to their
     help (`metadata={"min": ..., "max": ...}`); None on a side without a bound. A list setting's
@@ -222,9 +230,15 @@ def _check_bounds(cls: type["Method"]) -> None:
     kinds, shapes = _kinds(cls), _shapes(cls)
     for f in fields(cls.Config):
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        where = f"{cls.__qualname__}.Config.{f.name}"
+        options = f.metadata.get("choices")
+        if options is not None:
+            if kinds[f.name] != "str" or not options or not all(isinstance(o, str) for o in options):
+                raise ValueError(f"{where}: only text settings take choices, and they must be texts")
+            if _default(f) not in options:
+                raise ValueError(f"{where}: the default {_default(f)!r} is not one of its choices {tuple(options)!r}")
         if lo is None and hi is None:
             continue
-        where = f"{cls.__qualname__}.Config.{f.name}"
         numeric = kinds[f.name] in ("int", "float") or shapes.get(f.name, ("",))[0] in ("int", "float")
         if not numeric:
             raise ValueError(f"{where}: only number settings take bounds")
@@ -306,11 +320,13 @@ def coerce_settings(method: str, raw: Mapping[str, Any] | None) -> dict[str, Any
     make_method, evaluation overrides, a saved model's config.json). Blank values (None, "")
     mean "the default" and are left out; whole-number settings take only whole numbers (2.0 is
     fine, 2.5 is not), switches only true/false (or 1/0), numbers must parse and be finite,
-    lists must have their items' type (and length), and numbers must lie inside the bounds
-    declared next to their help (`bounds`). An unknown setting or a value that does not fit
+    lists must have their items' type (and length), numbers must lie inside the bounds
+    declared next to their help (`bounds`) and a text with fixed values must be one of them
+    (`choices`). An unknown setting or a value that does not fit
     raises a DataError of one sentence naming the method, the setting and what it takes."""
     cls = get_method_class(method)
     kinds, shapes, limits = _kinds(cls), _shapes(cls), _bounds_of(cls)
+    options = {f.name: tuple(f.metadata["choices"]) for f in fields(cls.Config) if f.metadata.get("choices")}
     raw = dict(raw or {})
     unknown = sorted(k for k in raw if k not in kinds)
     if unknown:
@@ -330,6 +346,8 @@ def coerce_settings(method: str, raw: Mapping[str, Any] | None) -> dict[str, Any
             if any(_outside(n, lo, hi) for n in (x if isinstance(x, tuple) else (x,))):
                 which = "must be" if not isinstance(x, tuple) else f"must hold {_PLURAL_WORDS[shape[0]]}"
                 raise DataError(f"The {cls.label} setting {k!r} {which} {_range_words(lo, hi)}, not {_shown(x)}.")
+        if k in options and x not in options[k]:
+            raise DataError(f"The {cls.label} setting {k!r} must be one of {', '.join(options[k])}, not {x!r}.")
         out[k] = x
     return out
 

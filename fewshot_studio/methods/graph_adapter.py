@@ -43,6 +43,13 @@ Training defaults and why:
     uninformative-names task the training loss has converged by then (≈0.02).
   * Each step uses every support image once, with one randomly chosen cached augmented view
     per image (views 1..augment_views), so no image is re-encoded.
+  * Not the official recipe: the official trainer (baseclip_graph_v1.py, `GraphCLIP_v1`) takes
+    its optimiser and schedule from the Dassl config (`build_optimizer`/`build_lr_scheduler` on
+    cfg.OPTIM; the repository publishes no config file), steps the schedule once per epoch
+    (`update_lr` after an epoch's last batch), encodes a fresh Dassl-augmented batch every step,
+    and builds V as the class means of the image features of 10 augmented passes over the
+    training set (`_get_base_image_features`).
+    The AdamW / lr / weight decay / per-step cosine here are this project's few-shot choices.
   * β = 0.5: the residual keeps half of the zero-shot classifier. β near 1 leaves the learned
     part too small to fix classes whose names carry no information (measured on the synthetic
     uninformative-names task, 5 classes × 4 shots, 300 steps: β=0.9 → 37% held-out, β=0.7 →
@@ -176,7 +183,7 @@ class GraphAdapter(Method):
     name = "graph"
     label = "GraphAdapter"
     summary = "GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph, α = 0.7 as in the official code."
-    cost = 2
+    cost = 3
     order = 0
     Config = GraphAdapterConfig
 

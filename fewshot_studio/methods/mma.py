@@ -36,27 +36,62 @@ effect on the features grows slowly at first and then quickly (a plateau), and o
 (5 classes × 4 shots, uninformative names, zero-shot 20%) held-out accuracy over two seeds was
 20%/20% after 50 steps, 28%/24% after 100, 70%/41% after 150, 71%/61% after 200 and 99%/79% after
 300. Only data sets under 960 images (5 epochs × 60 batches of 16) are affected; a 16-shot,
-100-class data set still runs exactly the paper's 5 epochs. On one CPU thread a step costs ~20 ms
-on the tiny backbone and ~1 s on ViT-B-32 (batch 16), so there use a GPU or lower `steps`.
+100-class data set still runs the paper's 5 epochs' worth of steps. On one CPU thread a step
+costs ~20 ms on the tiny backbone and ~1 s on ViT-B-32 (batch 16), so there use a GPU or lower
+`steps`.
+
+Recipes (`recipe`). The default above is this project's few-shot recipe; `recipe="official"`
+trains exactly as the official code does (configs/trainers/MultiModalAdapter/vit_b16_ep5.yaml,
+trainers/mmadapter.py, and Dassl's build_lr_scheduler, build_transform and data loader):
+
+                  default (few-shot)                      official
+    steps         max(epochs·ceil(N/bs), min_steps=300),  epochs · batches, batches = N // bs
+                  or `steps`                              (drop_last), 1 when N < bs
+    schedule      cosine to 0 over the steps, updated     CosineAnnealingLR(T_max=epochs), stepped
+                  every step, optional `warmup` steps     after each epoch's last batch; no warm-up
+    augmentation  `augment_views` crops per image (scale  a fresh RandomResizedCrop(scale 0.08-1,
+                  0.5-1, bicubic, flip), drawn once and   ratio 3/4-4/3, bicubic) + flip of the
+                  cached with the lower blocks            full-size image every step
+    precision     bf16 autocast on CUDA where supported   fp16 autocast + GradScaler on CUDA
+                  (else fp16 + GradScaler); CPU fp32      (PREC "amp"); CPU fp32 (amp is CUDA-only)
+
+Shared: SGD lr 0.0015, momentum 0.9, weight decay 5e-4, batch 16, 5 epochs, r = 32, scale 0.001,
+blocks 5-12 of 12, "a photo of a {}.". Under the official recipe `steps`, `min_steps`, `warmup`
+and `augment_views` do not apply; the lower text blocks are still cached (prompts do not change),
+the visual tower runs whole on every fresh crop. Why the default differs: with a user's few images
+the official recipe is a handful of steps that leave the adapters where they started. Measured on
+the tiny backbone, 5 classes × 4 shots with uninformative names, held-out accuracy, seeds 0/1
+(zero-shot 20%/22%): official 20%/22% (5 steps), official with 60 epochs 20%/22% (60 steps),
+official with 100 epochs at batch 4 99%/100% (500 steps), default 99%/98% (300 steps): the
+number of steps decides, not the schedule or the crops. Per-step cosine keeps the decay smooth
+over any number of steps; cached crops let a step run only the adapted blocks (official steps
+cost 1.3-1.5× as much on the tiny backbone, 5 × 16 images, batch 16: 212 against 143-168 ms on
+a busy CPU) and need no decoded originals in memory; bf16 keeps fp32's range without a scaler.
+The official recipe holds the support images decoded at full size (at most ORIGINALS_BYTES).
 """
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..data import ImageRef, SupportSet
 from ..errors import BackboneError, DataError
 from ..features import load_pixels
-from ..precision import autocast_for
+from ..precision import autocast_as, autocast_dtype, autocast_for
+from ..preprocess import normalize
 from ..progress import Progress
 from ..prompts import class_prompts
-from ..training import check_cancel, cosine_schedule, minibatches, run_steps, seed_everything
+from ..training import (batches_per_epoch, check_cancel, cosine_schedule, epoch_batches, minibatches,
+                        random_resized_crop_flip, run_steps, seed_everything)
 from .base import KnowledgeGraph, Method, MethodConfig, cosine_matrix, register
 
 
@@ -80,6 +115,20 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # ---- configuration -----------------------------------------------------------------------------
+RECIPES = ("default", "official")
+
+
+def training_precision(recipe: str, device_type: str, bf16_supported: bool) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler scales the loss) of a training run.
+    Official recipe: fp16 autocast + GradScaler on CUDA (the MMA code's PREC "amp": torch.cuda.amp
+    autocast, whose dtype is fp16, and GradScaler), fp32 elsewhere. Default recipe: the project's
+    policy (precision.py: bf16 where the GPU has it, else fp16, which then needs the scaler)."""
+    if device_type != "cuda":
+        return None, False  # CPU/MPS: exact fp32 in both recipes; the official "amp" is CUDA-only
+    dtype = torch.float16 if recipe == "official" else autocast_dtype(device_type, bf16_supported)
+    return dtype, dtype == torch.float16
+
+
 @dataclass
 class MMAConfig(MethodConfig):
     # adapter bottleneck width r
@@ -100,22 +149,27 @@ class MMAConfig(MethodConfig):
     epochs: int = field(default=5, metadata={"help": "epochs", "min": 1, "max": 100})
     # total optimiser steps; overrides epochs and min_steps
     # (a few-shot run never needs more than 20,000; bounds one job to minutes on a GPU)
-    steps: int | None = field(default=None, metadata={"help": "steps (blank: max(epochs, minimum))",
+    steps: int | None = field(default=None, metadata={"help": "steps (blank: max(epochs, minimum); default recipe)",
                                                       "min": 1, "max": 20_000})
     # floor on the optimiser steps (see the module docstring)
-    min_steps: int = field(default=300, metadata={"help": "minimum steps", "min": 0, "max": 20_000})
+    min_steps: int = field(default=300, metadata={"help": "minimum steps (default recipe)", "min": 0, "max": 20_000})
     # (images through the upper tower with gradients: more than 512 only runs out of memory)
     batch_size: int = field(default=16, metadata={"help": "batch size", "min": 1, "max": 512})
     # (SGD: above 1 only diverges; 0 trains nothing)
     lr: float = field(default=0.0015, metadata={"help": "learning rate", "min": 1e-7, "max": 1})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "min": 0, "max": 1})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay", "min": 0, "max": 1})
-    warmup: int = field(default=0, metadata={"help": "warm-up steps", "min": 0, "max": 20_000})
+    warmup: int = field(default=0, metadata={"help": "warm-up steps (default recipe)", "min": 0, "max": 20_000})
     # augmented views per support image, besides the plain view
     # (each view is one more encoded and cached image per support image: at most 64)
-    augment_views: int = field(default=8, metadata={"help": "augmented views per image", "min": 0, "max": 64})
+    augment_views: int = field(default=8, metadata={"help": "augmented views per image (default recipe)",
+                                                    "min": 0, "max": 64})
     # cache the outputs of the blocks below the first adapted one
     cache_lower: bool = field(default=True, metadata={"help": "cache the lower blocks"})
+    # "default": the few-shot recipe above; "official": the MMA code's (module docstring, "Recipes")
+    recipe: str = field(default="default", metadata={
+        "help": "training recipe: default (few-shot) or official (the MMA code's)",
+        "choices": RECIPES})
 
 
 def auto_start_block(layers: int) -> int:
@@ -299,6 +353,9 @@ class MMATrainData:
     text: torch.Tensor       # (C, L, D) lower-block outputs, or (C, ctx) tokens
     text_mask: torch.Tensor | None
     tokens: torch.Tensor     # (C, ctx)
+    # official recipe: the decoded support images, cropped afresh every step (images then holds
+    # the plain view only, for the visual means)
+    originals: list[Image.Image] | None = None
 
     @property
     def num_images(self) -> int:
@@ -315,12 +372,15 @@ class MMA(Method):
     label = "MMA"
     summary = ("MMA (Yang et al., CVPR 2024): adapters in the top two-thirds of both towers, r = 32, scale 0.001, "
                "SGD lr 0.0015; at least 300 steps however few images you have.")
-    cost = 4
+    cost = 5
     order = 1
     Config = MMAConfig
     needs_images = False  # image-less classes still work through the adapted text encoder
     feature_views = 1  # MMA keeps its own lower-block cache; it reads only plain views from the extractor
     GPU_CACHE_BYTES = 2 * 2**30  # largest lower-block cache kept in accelerator memory
+    # official recipe: the most decoded support-image bytes held for fresh crops (a 12-megapixel
+    # photo is 36 MB decoded; 4 GiB holds ~110 of them, or ~1800 at 1024×768)
+    ORIGINALS_BYTES = 4 * 2**30
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
@@ -338,6 +398,8 @@ class MMA(Method):
                             f"for this backbone; got start_block={start}, end_block={end}.")
         if cfg.rank < 1:
             raise DataError(f"MMA's adapter rank must be at least 1; got {cfg.rank}.")
+        if cfg.recipe not in RECIPES:
+            raise DataError(f"MMA's recipe must be one of {', '.join(RECIPES)}; got {cfg.recipe!r}.")
         # 1-based indices in the shallower tower; a deeper tower is aligned from the top
         self.block_range = (start, end)
         self.text_blocks = [i - 1 + (lt - depth) for i in range(start, end + 1)]
@@ -351,6 +413,8 @@ class MMA(Method):
         self.register_buffer("visual_counts", torch.zeros(c))
         self._text_cache: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
+        self.train_dtype: torch.dtype | None = None  # the last fit's autocast dtype (None: fp32)
+        self.scaler_used = False  # whether the last fit scaled its loss with a GradScaler
         self.to(backbone.device)
 
     # ---- facts -------------------------------------------------------------------------------
@@ -468,7 +532,9 @@ class MMA(Method):
         first adapted one once per (image, view) and per class prompt."""
         cached = self.config.cache_lower if cached is None else cached
         dev = self.backbone.device
-        views = list(range(1 + max(0, int(self.config.augment_views))))
+        official = self.config.recipe == "official"
+        # official: augmentations are drawn afresh every step, so only the plain view is prepared
+        views = [0] if official else list(range(1 + max(0, int(self.config.augment_views))))
         stage = "Preparing images"
         n = len(support.images)
         if progress:
@@ -483,8 +549,9 @@ class MMA(Method):
         pixels = torch.cat(pixels) if pixels else self._load_pixels([], views)
         labels = support.labels_tensor().to(dev)
         tokens = self._token_ids()
+        originals = self._decode_originals(support.images, progress, cancel, workers) if official else None
         if not cached:
-            return MMATrainData(False, pixels, labels, tokens, None, tokens)
+            return MMATrainData(False, pixels, labels, tokens, None, tokens, originals)
         stage = "Caching the lower blocks"
         with torch.no_grad(), autocast_for(dev):
             text, mask = self._lower_text(tokens)
@@ -502,19 +569,57 @@ class MMA(Method):
                     progress(Progress(stage, min(len(flat), s + bs), len(flat)))
         lower = torch.cat(outs).view(n, len(views), *outs[0].shape[1:]) if outs else \
             torch.empty(0, len(views), 1, 1, device=dev)
-        return MMATrainData(True, lower, labels, text.float(), mask, tokens)
+        return MMATrainData(True, lower, labels, text.float(), mask, tokens, originals)
 
-    def training_logits(self, data: MMATrainData, indices: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    def _decode_originals(self, refs: Sequence[ImageRef], progress=None, cancel=None,
+                          workers: int = 2) -> list[Image.Image]:
+        """The support images decoded at full size (no draft), as the official data loader reads
+        them, for `random_resized_crop_flip` every step. Refuses more than ORIGINALS_BYTES."""
+        stage = "Decoding images"
+        out: list[Image.Image] = []
+        total = 0
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for img in pool.map(lambda r: r.open(), refs):
+                check_cancel(cancel)
+                total += img.width * img.height * 3
+                if total > self.ORIGINALS_BYTES:
+                    raise DataError(
+                        f"MMA's official recipe keeps every support image decoded at full size, and these "
+                        f"need more than {self.ORIGINALS_BYTES // 2**30} GiB; use the default recipe, "
+                        f"which caches small crops instead.")
+                out.append(img)
+                if progress:
+                    progress(Progress(stage, len(out), len(refs)))
+        return out
+
+    def fresh_pixels(self, originals: Sequence[Image.Image], indices: torch.Tensor,
+                     gen: torch.Generator) -> torch.Tensor:
+        """(B, 3, s, s) normalised pixels: a fresh random resized crop (scale 0.08-1, bicubic) and
+        flip of each image `indices` of `originals`, drawn from `gen` (the official recipe)."""
+        bb = self.backbone
+        # one PIL crop per batch image, as the official data loader does (sizes differ per image)
+        crops = np.stack([random_resized_crop_flip(originals[int(i)], bb.image_size, gen) for i in indices])
+        return torch.from_numpy(normalize(crops, bb.mean, bb.std))
+
+    def training_logits(self, data: MMATrainData, indices: torch.Tensor, views: torch.Tensor | None,
+                        pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the images `indices` (under their `views`) against all classes, with grads
-        flowing into the adapters; one step of training computes this then cross-entropy."""
+        flowing into the adapters; one step of training computes this then cross-entropy.
+        With `pixels` (fresh crops of those images, the official recipe) the whole visual tower
+        runs on them instead: a fresh crop has no cached lower blocks."""
         dev = self.backbone.device
-        idx, vw = indices.cpu(), views.cpu()
-        batch = data.images[idx.to(data.images.device), vw.to(data.images.device)].to(dev)
+        if pixels is None:
+            idx, vw = indices.cpu(), views.cpu()
+            batch = data.images[idx.to(data.images.device), vw.to(data.images.device)].to(dev)
         if data.cached:
             ft = self._upper_text(data.text, data.text_mask, data.tokens)
-            fi = self._upper_visual(batch)
         else:
             ft = self.encode_text(data.tokens)
+        if pixels is not None:
+            fi = self.encode_image(pixels.to(dev))
+        elif data.cached:
+            fi = self._upper_visual(batch)
+        else:
             fi = self.encode_image(batch)
         return self.logit_scale * F.normalize(fi.float(), dim=-1) @ F.normalize(ft.float(), dim=-1).T
 
@@ -522,27 +627,49 @@ class MMA(Method):
         cfg = self.config
         if num_images == 0 or float(cfg.scale) == 0.0:
             return 0  # nothing to learn from: no images, or adapters switched off
+        if cfg.recipe == "official":  # the official loop: epochs × the loader's batches, nothing else
+            return int(cfg.epochs) * batches_per_epoch(num_images, int(cfg.batch_size))
         if cfg.steps is not None:
             return max(0, int(cfg.steps))
         return max(int(cfg.epochs) * math.ceil(num_images / cfg.batch_size), int(cfg.min_steps))
 
-    def _make_step(self, data: MMATrainData, total: int, gen: torch.Generator):
-        """The optimiser, schedule and step function of one training run."""
+    def _make_step(self, data: MMATrainData, total: int, gen: torch.Generator, lrs: list | None = None):
+        """The optimiser, schedule and step function of one training run; each step appends the
+        learning rate it used to `lrs` when given.
+
+        Default recipe: cosine over the steps, updated every step (`cosine_schedule`), batches
+        from the cached views. Official recipe: Dassl's `CosineAnnealingLR(T_max=epochs)` stepped
+        after the last batch of each epoch, drop-last epochs (`epoch_batches`), fresh crops."""
         cfg = self.config
         dev = self.backbone.device
+        official = cfg.recipe == "official"
         params = self.trainable_parameters()
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        sched = cosine_schedule(opt, max(1, total), cfg.warmup)
-        use_scaler = dev.type == "cuda" and not torch.cuda.is_bf16_supported()
+        if official:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(cfg.epochs))
+            per_epoch = batches_per_epoch(data.num_images, int(cfg.batch_size))
+            batches = epoch_batches(data.num_images, int(cfg.batch_size), gen)
+        else:
+            sched = cosine_schedule(opt, max(1, total), cfg.warmup)
+            per_epoch = 0
+            batches = minibatches(data.num_images, cfg.batch_size, gen)
+        dtype, use_scaler = training_precision(cfg.recipe, dev.type,
+                                               dev.type == "cuda" and torch.cuda.is_bf16_supported())
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        batches = minibatches(data.num_images, cfg.batch_size, gen)
+        self.scaler_used = scaler is not None  # what the last run trained with (tests, metrics)
+        self.train_dtype = dtype
         nv = data.num_views
 
-        def step(_: int) -> tuple[float, float]:
+        def step(i: int) -> tuple[float, float]:
             idx = next(batches)
-            views = torch.randint(0, nv, (len(idx),), generator=gen)
-            with autocast_for(dev):
-                logits = self.training_logits(data, idx, views)
+            if lrs is not None:
+                lrs.append(float(opt.param_groups[0]["lr"]))
+            if data.originals is not None:
+                views, pixels = None, self.fresh_pixels(data.originals, idx, gen)
+            else:
+                views, pixels = torch.randint(0, nv, (len(idx),), generator=gen), None
+            with autocast_as(dev, dtype):
+                logits = self.training_logits(data, idx, views, pixels)
                 y = data.labels[idx.to(data.labels.device)]
                 loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -553,7 +680,8 @@ class MMA(Method):
             else:
                 loss.backward()
                 opt.step()
-            sched.step()
+            if not official or (i + 1) % max(1, per_epoch) == 0:  # official: once per epoch, after its last batch
+                sched.step()
             acc = (logits.detach().argmax(1) == y).float().mean()
             return float(loss.detach()), float(acc)
 
@@ -570,10 +698,13 @@ class MMA(Method):
             data = self.prepare_training(support, progress=progress, cancel=cancel,
                                          workers=getattr(extractor, "workers", 2) if extractor else 2)
             total = self.num_steps(data.num_images)
-            step = self._make_step(data, total, gen)
+            lrs: list[float] = []
+            step = self._make_step(data, total, gen, lrs)
             t0 = time.perf_counter()
             history = run_steps(step, total, progress, cancel, stage="Training MMA")
             seconds = time.perf_counter() - t0
+            for h, lr in zip(history, lrs):
+                h["lr"] = lr
             self._store_visual_means(data)
         finally:
             self.eval()
@@ -585,6 +716,9 @@ class MMA(Method):
             "final_loss": history[-1]["loss"] if history else None,
             "train_accuracy": history[-1]["accuracy"] if history else None,
             "cached_lower_blocks": bool(data.cached),
+            "recipe": cfg.recipe,
+            "precision": {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.train_dtype]
+            + (" + GradScaler" if self.scaler_used else ""),
         }
 
     @torch.no_grad()
@@ -622,7 +756,9 @@ class MMA(Method):
             t0 = time.perf_counter()
             data = self.prepare_training(support, cached=cached)
             t1 = time.perf_counter()
-            steps = max(1, epochs * math.ceil(max(1, data.num_images) / self.config.batch_size))
+            per_epoch = batches_per_epoch(data.num_images, self.config.batch_size) \
+                if self.config.recipe == "official" else math.ceil(max(1, data.num_images) / self.config.batch_size)
+            steps = max(1, epochs * per_epoch)
             step = self._make_step(data, steps, gen)
             self.train()
             for i in range(steps):

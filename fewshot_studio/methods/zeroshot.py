@@ -22,7 +22,7 @@ class ZeroShot(Method):
     label = "Zero-shot CLIP"
     summary = "Zero-shot CLIP: nothing trains; class names (and descriptions) become the classifier."
     cost = 0
-    order = 4
+    order = 6
     Config = ZeroShotConfig
     needs_images = False
 

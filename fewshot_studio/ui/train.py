@@ -55,6 +55,7 @@ def build(ui: UI) -> None:
                     with gr.Group(visible=m == "graph") as grp:
                         defaults = catalog.settings(m)
                         limits = catalog.bounds(m)
+                        options = catalog.choices(m)
                         keys = list(defaults)
                         for i in range(0, len(keys), 3):
                             with gr.Row():
@@ -62,6 +63,8 @@ def build(ui: UI) -> None:
                                     v = defaults[k]
                                     if isinstance(v, bool):
                                         c = gr.Checkbox(value=v, label=presenters.label_for(m, k))
+                                    elif k in options:  # a text setting with fixed values (MMA's recipe)
+                                        c = gr.Dropdown(list(options[k]), value=v, label=presenters.label_for(m, k))
                                     elif v is None:  # "auto": a blank box (a Number cannot be blank)
                                         c = gr.Textbox(value="", label=presenters.label_for(m, k), placeholder="auto")
                                     else:
