@@ -156,13 +156,16 @@ def _finished(ws, pid):
 
 
 @pytest.mark.slow  # trains end to end
-def test_accept_refits_a_closed_form_model_at_once(tiny, tmp_path):
+@pytest.mark.parametrize("search", [False, True])
+def test_accept_refits_a_closed_form_model_at_once(tiny, tmp_path, search):
     """Item 5 of issue 14: with GDA in use, accepting (or correcting) a pool label refits the
-    model without Train being pressed, and the pool's predictions come from the new model."""
+    model without Train being pressed, and the pool's predictions come from the new model.
+    With the search on, the refit reuses the searched α and a background job searches again."""
     ws = make_ws(tmp_path, tiny)
     p = projects.load_example(ws, "shapes")
     sc = ws.scope(p.id)
-    base = wait_done(ws, modeling.start_training(sc, "gda", settings={"augment_views": 2})).result
+    settings = {"augment_views": 2, "search": search, "alpha": 1.0}
+    base = wait_done(ws, modeling.start_training(sc, "gda", settings=settings)).result
     assert catalog.closed_form("gda") and not catalog.closed_form("graph") and not catalog.closed_form("tip-f")
     rows = modeling.label_pool(sc)
     first, second = rows[0], rows[1]
@@ -172,28 +175,29 @@ def test_accept_refits_a_closed_form_model_at_once(tiny, tmp_path):
     lab = modeling.accept(sc, [first.image_id])
     assert lab.count == 1 and lab.refit_job is not None and lab.note == ""
     state = wait_done(ws, lab.refit_job)
-    assert state.kind == "train"
-    refit = state.result
+    refit = state.result  # the instant refit's model, as registered
+    assert state.kind == "train" and refit.method == "gda" and refit.id != base.id
+    lineage = modeling.refit_lineage(refit)
+    assert lineage == {"of": base.id, "count": 1, "settings": {**lineage["settings"], **settings},
+                       "searched": False}
+    # it used the accepted image, and the α the base model's search chose, without searching
+    assert sum(refit.config["support_counts"]) == support_before + 1
+    assert refit.config["hyperparameters"]["alpha"] == pytest.approx(base.metrics["alpha"])
+    assert refit.config["hyperparameters"]["search"] is False and refit.metrics["searched"] is False
+    _finished(ws, p.id)
     current = modeling.current_model_info(sc)
-    assert current.id == refit.id != base.id and current.method == "gda"
-    lineage = modeling.refit_lineage(current)
-    assert lineage["of"] == base.id and lineage["count"] == 1 and lineage["searched"] is False
-    assert lineage["settings"]["search"] is True  # the lineage's own settings, for Retrain and the re-search
-    # the refit used the accepted image, and the α the base model's search chose
-    assert sum(current.config["support_counts"]) == support_before + 1
-    assert current.config["hyperparameters"]["alpha"] == pytest.approx(base.metrics["alpha"])
-    # the pool's predictions were refreshed by the new model, for every image still in the pool
+    if not search:  # nothing to search again: the refit is the model in use
+        assert current.id == refit.id and modeling.refit_research(sc) is None
+    else:  # the background re-search replaced the refit (same lineage), adding no version
+        assert current.id not in (refit.id, base.id) and current.metrics["searched"] is True
+        assert modeling.refit_lineage(current) == {**lineage, "searched": True}
+    assert [m.id for m in modeling.models(sc)] == [current.id, base.id]
+    # the pool's predictions were refreshed by the model in use, for every image still in the pool
     preds = ws.store.list_predictions(current.id, pool_only=True)
     assert len(preds) == n_pool - 1 and first.image_id not in {q.image_id for q in preds}
     assert len(modeling.pool_predictions(sc)) == n_pool - 1
-    assert f"Model #{current.id}" in presenters.model_summary(sc) and f"refit 1 of #{base.id}" in presenters.model_summary(sc)
-
-    # the background re-search then replaces the refit (same lineage), never adding a version
-    _finished(ws, p.id)
-    searched = modeling.current_model_info(sc)
-    assert modeling.refit_lineage(searched) == {**lineage, "searched": True}
-    assert [m.id for m in modeling.models(sc)] == [searched.id, base.id]
-    assert len(ws.store.list_predictions(searched.id, pool_only=True)) == n_pool - 1
+    summary = presenters.model_summary(sc)
+    assert f"Model #{current.id}" in summary and f"refit 1 of #{base.id}" in summary
 
     # a correction refits again; still one refit model beside the base
     other = next(c for c in ("red circle", "blue square") if c != second.label)
@@ -204,9 +208,10 @@ def test_accept_refits_a_closed_form_model_at_once(tiny, tmp_path):
     now = modeling.current_model_info(sc)
     assert modeling.refit_lineage(now)["count"] == 2 and sum(now.config["support_counts"]) == support_before + 2
     assert [m.id for m in modeling.models(sc)] == [now.id, base.id]
-    # Retrain trains the lineage's settings again (search on): a new base, not a refit
+    assert len(ws.store.list_predictions(now.id, pool_only=True)) == n_pool - 2
+    # Retrain trains with the lineage's own settings again: a new base, not a refit
     again = wait_done(ws, modeling.retrain(sc)).result
-    assert modeling.refit_lineage(again) == {} and again.config["hyperparameters"]["search"] is True
+    assert modeling.refit_lineage(again) == {} and again.config["hyperparameters"]["search"] is search
     ws.close()
 
 

@@ -466,6 +466,12 @@ def instant_refit(scope: ProjectScope) -> tuple[str | None, str]:
     return job_id, ""
 
 
+def refit_research(scope: ProjectScope) -> str | None:
+    """The job re-running the search after the project's last instant refit (None when none
+    was queued): the page follows it after the refit."""
+    return scope.ws.researches.get(scope.id)
+
+
 def _lower_first(sentence: str) -> str:
     return sentence[:1].lower() + sentence[1:] if sentence[1:2].islower() else sentence
 
@@ -475,25 +481,27 @@ def _submit_refit(scope: ProjectScope, method_name: str, backbone, settings: dic
     support = scope.store.support_set(scope.id)
     if record["searched"]:
         return ws.runner.submit_training(scope.id, method_name, backbone, ws.extractor(backbone), support=support,
-                                         owner=scope.owner, config_extra={REFIT: record},
+                                         owner=scope.owner, config_extra={REFIT: record}, current=False,
                                          then=lambda job, info: _after_refit(scope, job, info, None), **settings)
     check_job_limit(scope)
     search = catalog.coerce_settings(method_name, record["settings"])
     return ws.runner.submit_training(scope.id, method_name, backbone, ws.extractor(backbone), support=support,
-                                     owner=scope.owner, config_extra={REFIT: record},
+                                     owner=scope.owner, config_extra={REFIT: record}, current=False,
                                      then=lambda job, info: _after_refit(scope, job, info, search), **settings)
 
 
 def _after_refit(scope: ProjectScope, job, info: ModelInfo, search: dict | None) -> ModelInfo:
-    """In the refit's job, once its model is registered (and current): drop the lineage's
-    previous refit, refresh the pool's predictions, and (after an instant refit whose lineage
-    searches) queue the re-search."""
+    """In the refit's job, once its model is registered (not yet current): predict the pool with
+    it, then make it current (so the pool on screen never lacks predictions), drop the
+    lineage's previous refit, and (after an instant refit whose lineage searches) queue the
+    re-search."""
     store, record = scope.store, refit_lineage(info)
+    label_pool(scope, job.report, info.id, cancel=job.cancel_event)
+    info = store.set_current_model(scope.id, info.id)
     for m in store.list_models(scope.id):
         if m.id != info.id and refit_lineage(m).get("of") == record.get("of"):
             with contextlib.suppress(NotFoundError):
                 store.delete_model(m.id)
-    label_pool(scope, job.report, info.id, cancel=job.cancel_event)
     if search is not None and search.get("search", True) and not job.cancel_event.is_set():
         backbone = scope.ws.load_method(info).backbone
         scope.ws.researches[scope.id] = _submit_refit(scope, info.method, backbone, search,
