@@ -215,6 +215,32 @@ def test_accept_refits_a_closed_form_model_at_once(tiny, tmp_path, search):
     ws.close()
 
 
+@pytest.mark.slow  # trains end to end
+def test_no_instant_refit_past_the_visitor_job_limit_says_so(tiny, tmp_path):
+    """Hosted: a visitor whose queue is full still gets the label; the refit is refused in
+    one sentence, and Retrain remains."""
+    import threading
+
+    ws = make_ws(tmp_path, tiny, hosted=True)
+    p = projects.load_example(ws, "shapes", owner="ann")
+    sc = ws.scope(p.id, "ann")
+    wait_done(ws, modeling.start_training(sc, "gda", settings={"augment_views": 1}))
+    rows = modeling.label_pool(sc)
+    release = threading.Event()
+    busy = [ws.runner.submit("label", lambda job: release.wait(60), p.id, owner="ann")
+            for _ in range(modeling.MAX_JOBS_PER_VISITOR)]
+    try:
+        lab = modeling.accept(sc, [rows[0].image_id])
+        assert lab.count == 1 and lab.refit_job is None and one_sentence(lab.note)
+        assert lab.note.startswith("The GDA model was not refitted: you already have 2 jobs")
+        assert len(modeling.models(sc)) == 1 and ws.store.get_image(rows[0].image_id).labeled_by == "accepted"
+    finally:
+        release.set()
+        for j in busy:
+            ws.runner.wait(j, 60)
+    ws.close()
+
+
 def test_exports(trained, tmp_path):
     ws, p = trained
     sc = ws.scope(p.id)

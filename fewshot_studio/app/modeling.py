@@ -431,21 +431,28 @@ def refit_lineage(info: ModelInfo | None) -> dict:
 
 def instant_refit(scope: ProjectScope) -> tuple[str | None, str]:
     """After labels were accepted or corrected: when the current model's method is closed-form
-    (`catalog.closed_form`), refit it now on the support set, from cached features, as a
-    training job; (its id, "") then, (None, "") for any other method, and (None, one sentence)
-    when none could start (the accepted labels stay).
+    (`catalog.closed_form`: GDA, ProKeR, Tip-Adapter), refit it now on the support set, from
+    cached features, as a training job; (its id, "") then, (None, "") for any other method, and
+    (None, one sentence) when none could start (the labels stay; Retrain remains).
+
+    A job, not the request thread: the fit itself is milliseconds once every feature is cached,
+    but the accepted images' plain views are cached (they were predicted) while their augmented
+    views are encoded in the job (on a ViT-B-32-size CPU about 0.1 s per view, so ~1 s per
+    accepted image at 10 views; tiny: milliseconds), and ProKeR's solve grows as N³.
 
     The refit reuses the hyper-parameters the model's search chose (`Method.fixed_settings`):
-    the search is most of a fit's cost (measured for GDA at 20 classes × 16 shots on the tiny
-    backbone, features cached: 17–18 ms a fit without it, 38–54 ms with it on this 2-core
-    machine), so the model the pool sees follows the click within the benchmark's 50 ms budget
-    (`bench`, closed_form_refit_ms). When it is registered it becomes the current model, the
-    pool's stored predictions are refreshed with it in the same job, and a background job then
-    re-runs the search with the lineage's own settings and does the same with its model.
+    the search is most of a fit's cost (GDA at 20 classes × 16 shots on the tiny backbone,
+    features cached, on this 2-core machine: median 18–31 ms a refit without it, 40–100 ms with
+    it; `bench`, closed_form_refit_ms, target 50 ms). The job predicts the pool with the new
+    model, then makes it current, so the pool's stored predictions are always the current
+    model's. When the lineage's own settings search, a background job then re-runs the search
+    with them on the same labels and does the same with its model (a later refit cancels a
+    re-search that has not finished: `refit_research`).
 
     Versions: the model the lineage began with (trained or imported by the user) is kept; each
     refit (and re-search) replaces the lineage's previous refit, so the model list grows by at
-    most one per trained model, and the one shown says `refit N of #M`."""
+    most one per trained model; its config records the lineage (`REFIT`), and the model line
+    says "refit N of #M"."""
     info = current_model_info(scope)
     if info is None or info.method not in catalog.REGISTRY or not catalog.closed_form(info.method):
         return None, ""
