@@ -379,9 +379,15 @@ class JobRunner:
 
     # ---- training ----------------------------------------------------------------------
     def submit_training(self, project_id: Any, method: str, backbone, extractor, support=None,
-                        descriptions=None, owner: str | None = None, **overrides) -> str:
+                        descriptions=None, owner: str | None = None, *, config_extra: dict | None = None,
+                        then: Callable[[Job, Any], Any] | None = None, current: bool = True,
+                        **overrides) -> str:
         """Train `method` on the project's support set (snapshotted now, so later edits don't
-        leak into this run) and register the model in the store when it finishes."""
+        leak into this run) and register the model in the store when it finishes.
+        `config_extra` is merged into the registered model's config (e.g. an instant refit's
+        lineage); `then(job, model_info)` runs in the job after the model is registered, and
+        its return value becomes the job's result (e.g. refresh the pool's predictions);
+        `current=False` registers the model without making it current (`then` may, later)."""
         if support is None:
             if self.store is None:
                 raise ValueError("submit_training needs a support set or a store")
@@ -394,11 +400,14 @@ class JobRunner:
         make_method(method, backbone, support.classnames, support.descriptions, **overrides)  # validates settings
 
         def work(job: Job):
-            return self._train(job, project_id, method, backbone, extractor, support, overrides)
+            info = self._train(job, project_id, method, backbone, extractor, support, overrides, config_extra,
+                               current)
+            return info if then is None else then(job, info)
 
         return self.submit(TRAIN, work, project_id, device=str(backbone.device), owner=owner)
 
-    def _train(self, job: Job, project_id, method_name, backbone, extractor, support, overrides):
+    def _train(self, job: Job, project_id, method_name, backbone, extractor, support, overrides,
+               config_extra: dict | None = None, current: bool = True):
         from .methods import make_method
 
         attempt_overrides = dict(overrides)
@@ -434,8 +443,9 @@ class JobRunner:
         tmp = Path(tempfile.mkdtemp(prefix=f"job-{job.snapshot().id}-", dir=self.store.staging_dir()))
         try:
             method.save(tmp / "model")
-            info = self.store.register_model(project_id, method.name, backbone.id, method.config_dict(),
-                                             method.metrics, tmp / "model")
+            info = self.store.register_model(project_id, method.name, backbone.id,
+                                             {**method.config_dict(), **(config_extra or {})},
+                                             method.metrics, tmp / "model", current=current)
             with contextlib.suppress(Exception):
                 self.store.update_job(int(job.snapshot().id), model_id=info.id)
         finally:

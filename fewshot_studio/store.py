@@ -1438,8 +1438,10 @@ class ProjectStore:
     # ----------------------------------------------------------------- models
 
     def register_model(self, project_id: int, method: str, backbone_id: str, config: Mapping | None,
-                       metrics: Mapping | None, source_dir: str | os.PathLike, status: str = "ready") -> ModelInfo:
-        """Move the finished model directory ``source_dir`` to ``root/models/<id>/`` and record it.
+                       metrics: Mapping | None, source_dir: str | os.PathLike, status: str = "ready",
+                       current: bool = True) -> ModelInfo:
+        """Move the finished model directory ``source_dir`` to ``root/models/<id>/`` and record it
+        (and make it the project's current model, unless ``current`` is False).
 
         The directory is renamed into place (copied first only if it lives on another
         filesystem) and the row committed in one transaction; if anything fails the row is
@@ -1471,8 +1473,9 @@ class ProjectStore:
                     moved = (target, self._move_dir(source, target, models_dir))
                     conn.execute("UPDATE models SET weights_path = ? WHERE id = ?", (rel, model_id))
                     # a model just trained or imported is the one the user wants to use next
-                    conn.execute("INSERT OR REPLACE INTO current_models (project_id, model_id) VALUES (?, ?)",
-                                 (pid, model_id))
+                    if current:
+                        conn.execute("INSERT OR REPLACE INTO current_models (project_id, model_id) VALUES (?, ?)",
+                                     (pid, model_id))
                     self._touch(conn, pid)
                     row = self._model_row(conn, model_id)
             except BaseException:

@@ -128,6 +128,46 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     assert "purple cross" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_accept_refits_a_closed_form_model_over_http(app, client, tmp_path):
+    """Issue 14, item 5: with GDA in use, /accept refits the model at once (no /train, no
+    /retrain) and answers with the pool as the new model predicts it."""
+    from gradio_client import handle_file
+
+    studio = app.workspace
+    client.predict("Instant refit via API", api_name="/create_project")
+    pid = max(p.id for p in projects.list_projects(studio))
+    for k, name in enumerate(CLASSES):
+        client.predict(name, "", api_name="/add_class")
+        files = [handle_file(render(tmp_path / f"{name}-{i}.png", name, 300 * k + i)) for i in range(2)]
+        client.predict(name, files, api_name="/add_images")
+    Endpoint(client, "/train")(Method="gda", Backbone="tiny")
+    assert 'data-status="done"' in wait_training(client)
+    scope = studio.scope(pid)
+    base = modeling.current_model_info(scope)
+    assert base.method == "gda"
+    pool = [handle_file(render(tmp_path / f"pool-{k}.png", name, 7000 + k)) for k, name in enumerate(CLASSES)]
+    client.predict(pool, api_name="/add_pool")
+    table = client.predict(api_name="/label_pool")[1]["data"]
+    assert len(table) == len(CLASSES)
+
+    out = client.predict(f"{table[0][0]}", api_name="/accept")
+    notice, rows, summary, bar = out[0], out[1]["data"], out[-2], out[-1]
+    # the answer comes after the refit and its background re-search (followed on the bar)
+    assert modeling.active_job(studio, pid) is None
+    refit = modeling.current_model_info(scope)
+    assert refit.id != base.id and modeling.refit_lineage(refit)["of"] == base.id
+    assert modeling.refit_lineage(refit)["searched"] is True
+    assert [m.id for m in modeling.models(scope)] == [refit.id, base.id]
+    assert notice.startswith("Accepted 1 prediction") and "refitted with it, is now current" in notice
+    assert "searched again" in notice
+    assert f"Model #{refit.id}" in summary and f"refit 1 of #{base.id}" in summary
+    assert 'data-status="done"' in bar
+    # the pool on screen is the new model's prediction of every image left in it
+    stored = {p.image_id: p for p in studio.store.list_predictions(refit.id, pool_only=True)}
+    assert sorted(r[0] for r in rows) == sorted(stored) and len(rows) == len(CLASSES) - 1
+    assert all(abs(r[3] - round(100 * stored[r[0]].confidence, 1)) < 0.051 for r in rows)
+
+
 def test_errors_without_a_project_are_one_sentence(client):
     from gradio_client.exceptions import AppError
 

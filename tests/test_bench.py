@@ -46,7 +46,7 @@ def test_every_key_is_measured_and_positive(small_results):
               "graph_first_fit_seconds", "graph_refit_seconds", "mma_epoch_seconds_cached",
               "mma_epoch_seconds_uncached", "mma_prepare_seconds_cached", "mma_blocks_only_speedup",
               "graph_step_ms_loop", "graph_step_ms_batched", "labeling_images_per_s",
-              "extraction_images_per_s"):
+              "extraction_images_per_s", "closed_form_refit_ms_fastest", "closed_form_refit_ms_with_search"):
         assert isinstance(a[k], (int, float)) and math.isfinite(a[k]) and a[k] > 0, k
     assert a["graph_step_classes"] == 100
     assert a["peak_rss_mb"] is None or a["peak_rss_mb"] > 0
@@ -73,9 +73,29 @@ def test_report_prints_the_table_and_writes_json(small_results, tmp_path):
 
 def _fake(**overrides) -> dict:
     good = {"pipeline_vs_raw_encode": 0.95, "cache_hit_speedup": 40.0, "graph_retrain_ratio": 0.05,
-            "mma_cached_speedup": 2.0, "graph_batched_speedup": 30.0, "labeling_vs_extraction": 0.99}
+            "mma_cached_speedup": 2.0, "graph_batched_speedup": 30.0, "labeling_vs_extraction": 0.99,
+            "closed_form_refit_ms": 20.0}
     return {**good, "absolute": {"pipeline_images_per_s": 900.0, "raw_encode_images_per_s": 1000.0},
             "backbone": "fake", "device": "CPU", "torch": "x", "open_clip": "y", **overrides}
+
+
+def test_closed_form_refit_is_measured_on_cached_features(tiny, tmp_path):
+    """closed_form_refit_ms at toy size: a GDA refit with one more image, nothing encoded, the
+    key the median of the rounds, the searched α reused, its figures in the table."""
+    from fewshot_studio.data import SupportSet
+
+    names = speed.class_names(3)
+    support = SupportSet([c for c, _ in names], speed.write_images(tmp_path / "s", [l for _, l in names for _ in range(2)], 2),
+                         [c for c in range(3) for _ in range(2)])
+    extra = speed.write_images(tmp_path / "e", [names[0][1]], 3)
+    ctx = speed._Ctx(tiny, BenchConfig(classes=3, shots=2, repeats=3), tmp_path / "w", 1, lambda s: None)
+    speed._section_closed_form(ctx, support, extra)
+    a, ms = ctx.absolute, ctx.results["closed_form_refit_ms"]
+    assert math.isfinite(ms) and 0 < a["closed_form_refit_ms_fastest"] <= ms == pytest.approx(a["closed_form_refit_ms_median"], abs=1e-3)
+    assert a["closed_form_refit_images"] == 7 and a["closed_form_refit_views_per_image"] == 11
+    assert a["closed_form_refit_ms_with_search"] > 0 and a["closed_form_refit_alpha"] > 0
+    assert "GDA refit, median of R" in speed._figures("closed_form_refit_ms", a)
+    assert speed.TARGETS["closed_form_refit_ms"] == ("<=", 50.0)
 
 
 def test_all_targets_met_exits_0(tmp_path):

@@ -121,6 +121,25 @@ def test_the_builtin_methods_in_display_and_cost_order():
         catalog.setting_help("graph", "gamma")
 
 
+def test_closed_form_methods_are_declared_once_and_refit_without_searching(tiny, shared_extractor, shapes_support):
+    """Issue 14, item 5: `closed_form` on the class decides the instant refit; a fitted model's
+    `fixed_settings` are valid settings that reproduce it without the search."""
+    closed = [m for m in catalog.method_ids() if catalog.closed_form(m)]
+    assert closed == ["tip", "gda", "proker"]  # display order; Tip-Adapter-F trains its keys
+    assert all(catalog.closed_form(m) == catalog.get_method_class(m).closed_form for m in catalog.method_ids())
+    feats = shared_extractor.image_features(shapes_support.images, views=(0,))[:, 0]
+    for m in closed:
+        fitted = make_method(m, tiny, shapes_support.classnames, augment_views=1).fit(shapes_support, shared_extractor)
+        fixed = fitted.fixed_settings()
+        assert fixed["search"] is False and catalog.coerce_settings(m, fixed) == fixed
+        again = make_method(m, tiny, shapes_support.classnames, augment_views=1, **fixed)
+        again.fit(shapes_support, shared_extractor)
+        with torch.no_grad():
+            torch.testing.assert_close(again.logits_from_features(feats), fitted.logits_from_features(feats),
+                                       atol=1e-4, rtol=1e-4)
+    assert make_method("graph", tiny, shapes_support.classnames).fixed_settings() == {}
+
+
 GRAPH_SETTINGS = "alpha, augment_views, beta, groups, lr, seed, steps, templates, weight_decay"
 
 

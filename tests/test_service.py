@@ -126,16 +126,18 @@ def test_accept_correct_and_retrain_reuse_cache(tiny, tmp_path):
     first = wait_done(ws, modeling.start_training(sc, "graph"))
     rows = modeling.label_pool(sc)
     a, b = rows[0], rows[1]
-    assert modeling.accept(sc, [a.image_id]) == 1
+    # GraphAdapter is not closed-form: nothing retrains until Retrain is pressed
+    assert modeling.accept(sc, [a.image_id]) == modeling.Labeled(1, None, "")
     img = ws.store.get_image(a.image_id)
     assert img.labeled_by == "accepted" and img.class_id == library.class_by_name(sc, a.label).id
     other = next(n for n in ("red circle", "blue square") if n != b.label)
-    assert modeling.correct(sc, [b.image_id], other) == 1
+    assert modeling.correct(sc, [b.image_id], other) == modeling.Labeled(1, None, "")
+    assert [m.id for m in modeling.models(sc)] == [first.result.id] and modeling.active_job(ws, p.id) is None
     img = ws.store.get_image(b.image_id)
     assert img.labeled_by == "corrected" and img.class_id == library.class_by_name(sc, other).id
     assert {r.image_id for r in modeling.pool_predictions(sc)}.isdisjoint({a.image_id, b.image_id})
     n = modeling.accept_confident(sc, 0.0)
-    assert n == 13 and modeling.pool_predictions(sc) == []
+    assert n.count == 13 and n.refit_job is None and modeling.pool_predictions(sc) == []
     with pytest.raises(DataError):
         modeling.accept_confident(sc, 0.5)  # nothing left to accept
     before = library.class_rows(sc)
@@ -143,6 +145,100 @@ def test_accept_correct_and_retrain_reuse_cache(tiny, tmp_path):
     assert len(modeling.models(sc)) == 2 and library.class_rows(sc) == before
     assert again.elapsed < max(5.0, first.elapsed * 2)  # cached features: no slower than the first fit
     assert modeling.active_job(ws, p.id) is None
+
+
+def _finished(ws, pid):
+    """Wait until the project has no unfinished job (an instant refit queues its re-search)."""
+    deadline = time.time() + 120
+    while modeling.active_job(ws, pid) is not None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.slow  # trains end to end
+@pytest.mark.parametrize("search", [False, True])
+def test_accept_refits_a_closed_form_model_at_once(tiny, tmp_path, search):
+    """Item 5 of issue 14: with GDA in use, accepting (or correcting) a pool label refits the
+    model without Train being pressed, and the pool's predictions come from the new model.
+    With the search on, the refit reuses the searched α and a background job searches again."""
+    ws = make_ws(tmp_path, tiny)
+    p = projects.load_example(ws, "shapes")
+    sc = ws.scope(p.id)
+    settings = {"augment_views": 2, "search": search, "alpha": 1.0}
+    base = wait_done(ws, modeling.start_training(sc, "gda", settings=settings)).result
+    assert catalog.closed_form("gda") and not catalog.closed_form("graph") and not catalog.closed_form("tip-f")
+    rows = modeling.label_pool(sc)
+    first, second = rows[0], rows[1]
+    n_pool = len(rows)
+    support_before = sum(ws.store.support_set(p.id).counts())
+
+    lab = modeling.accept(sc, [first.image_id])
+    assert lab.count == 1 and lab.refit_job is not None and lab.note == ""
+    state = wait_done(ws, lab.refit_job)
+    refit = state.result  # the instant refit's model, as registered
+    assert state.kind == "train" and refit.method == "gda" and refit.id != base.id
+    lineage = modeling.refit_lineage(refit)
+    assert lineage == {"of": base.id, "count": 1, "settings": {**lineage["settings"], **settings},
+                       "searched": False}
+    # it used the accepted image, and the α the base model's search chose, without searching
+    assert sum(refit.config["support_counts"]) == support_before + 1
+    assert refit.config["hyperparameters"]["alpha"] == pytest.approx(base.metrics["alpha"])
+    assert refit.config["hyperparameters"]["search"] is False and refit.metrics["searched"] is False
+    _finished(ws, p.id)
+    current = modeling.current_model_info(sc)
+    if not search:  # nothing to search again: the refit is the model in use
+        assert current.id == refit.id and modeling.refit_research(sc) is None
+    else:  # the background re-search replaced the refit (same lineage), adding no version
+        assert current.id not in (refit.id, base.id) and current.metrics["searched"] is True
+        assert modeling.refit_lineage(current) == {**lineage, "searched": True}
+    assert [m.id for m in modeling.models(sc)] == [current.id, base.id]
+    # the pool's predictions were refreshed by the model in use, for every image still in the pool
+    preds = ws.store.list_predictions(current.id, pool_only=True)
+    assert len(preds) == n_pool - 1 and first.image_id not in {q.image_id for q in preds}
+    assert len(modeling.pool_predictions(sc)) == n_pool - 1
+    summary = presenters.model_summary(sc)
+    assert f"Model #{current.id}" in summary and f"refit 1 of #{base.id}" in summary
+
+    # a correction refits again; still one refit model beside the base
+    other = next(c for c in ("red circle", "blue square") if c != second.label)
+    lab = modeling.correct(sc, [second.image_id], other)
+    assert lab.count == 1 and lab.refit_job is not None
+    wait_done(ws, lab.refit_job)
+    _finished(ws, p.id)
+    now = modeling.current_model_info(sc)
+    assert modeling.refit_lineage(now)["count"] == 2 and sum(now.config["support_counts"]) == support_before + 2
+    assert [m.id for m in modeling.models(sc)] == [now.id, base.id]
+    assert len(ws.store.list_predictions(now.id, pool_only=True)) == n_pool - 2
+    # Retrain trains with the lineage's own settings again: a new base, not a refit
+    again = wait_done(ws, modeling.retrain(sc)).result
+    assert modeling.refit_lineage(again) == {} and again.config["hyperparameters"]["search"] is search
+    ws.close()
+
+
+@pytest.mark.slow  # trains end to end
+def test_no_instant_refit_past_the_visitor_job_limit_says_so(tiny, tmp_path):
+    """Hosted: a visitor whose queue is full still gets the label; the refit is refused in
+    one sentence, and Retrain remains."""
+    import threading
+
+    ws = make_ws(tmp_path, tiny, hosted=True)
+    p = projects.load_example(ws, "shapes", owner="ann")
+    sc = ws.scope(p.id, "ann")
+    wait_done(ws, modeling.start_training(sc, "gda", settings={"augment_views": 1}))
+    rows = modeling.label_pool(sc)
+    release = threading.Event()
+    busy = [ws.runner.submit("label", lambda job: release.wait(60), p.id, owner="ann")
+            for _ in range(modeling.MAX_JOBS_PER_VISITOR)]
+    try:
+        lab = modeling.accept(sc, [rows[0].image_id])
+        assert lab.count == 1 and lab.refit_job is None and one_sentence(lab.note)
+        assert lab.note.startswith("The GDA model was not refitted: you already have 2 jobs")
+        assert len(modeling.models(sc)) == 1 and ws.store.get_image(rows[0].image_id).labeled_by == "accepted"
+    finally:
+        release.set()
+        for j in busy:
+            ws.runner.wait(j, 60)
+    ws.close()
 
 
 def test_exports(trained, tmp_path):

@@ -59,6 +59,9 @@ class Workspace:
         self._backbones: OrderedDict[tuple, Backbone] = OrderedDict()
         self._extractors: dict[str, FeatureExtractor] = {}
         self._models: dict[int, Method] = {}
+        # project id -> its queued or running hyper-parameter re-search after an instant refit
+        # (app.modeling.instant_refit): a newer refit supersedes it
+        self.researches: dict[int, str] = {}
         self._secret: str | None = None
 
     @classmethod

@@ -64,6 +64,9 @@ class Method(nn.Module):
     order: ClassVar[int] = 0  # display order in the app's method list
     Config: ClassVar[type] = MethodConfig
     needs_images: ClassVar[bool] = True  # every class needs at least one support image
+    # the fit is a closed form on cached features (no gradient steps): accepting or correcting a
+    # pool label refits such a model at once (app.modeling.instant_refit), with `fixed_settings`
+    closed_form: ClassVar[bool] = False
     # tensors whose first dimension is the number of support images (may differ per model);
     # every other saved tensor must have exactly the shape the config and backbone imply
     data_sized: ClassVar[tuple[str, ...]] = ()
@@ -153,6 +156,12 @@ class Method(nn.Module):
 
     def knowledge_graph(self) -> KnowledgeGraph:
         raise NotImplementedError
+
+    def fixed_settings(self) -> dict[str, Any]:
+        """Settings that fit this trained model's method again with the hyper-parameters its
+        search chose, without searching (an instant refit after a label is accepted: the
+        search is what costs time, app.modeling.instant_refit). Closed-form methods override it."""
+        return {}
 
     def _device(self) -> torch.device:
         for t in list(self.parameters()) + list(self.buffers()):

@@ -71,6 +71,12 @@ def get_method_class(method: str) -> type["Method"]:
     return REGISTRY[method]
 
 
+def closed_form(method: str) -> bool:
+    """Whether the method fits in closed form on cached features (its class's `closed_form`):
+    accepting or correcting a pool label then refits its model at once."""
+    return bool(getattr(get_method_class(method), "closed_form", False))
+
+
 def label(method: str) -> str:
     return get_method_class(method).label
 

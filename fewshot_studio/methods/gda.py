@@ -120,6 +120,7 @@ class GDA(Method):
     cost = 1  # measured: ~8 ms CPU a fit on cached features (5 classes × 4 shots), Tip-Adapter ~110 ms
     order = 4
     Config = GDAConfig
+    closed_form = True
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
@@ -185,6 +186,9 @@ class GDA(Method):
         result.update(alpha=float(alphas[best]), searched=True, folds=k, cv_accuracy=float(acc[best]),
                       cv_accuracies={f"{float(a):g}": float(s) for a, s in zip(alphas, acc)})
         return result
+
+    def fixed_settings(self) -> dict:
+        return {"alpha": float(self.alpha), "search": False}
 
     def knowledge_graph(self) -> KnowledgeGraph:
         visual = cosine_matrix(self.means) if self.support_counts else None  # the class means μ

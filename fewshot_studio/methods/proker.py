@@ -106,6 +106,7 @@ class ProKeR(Method):
     cost = 2  # measured: ~0.2 s CPU a fit with its search (5 × 4 shots); ties with Tip-Adapter go to it
     order = 5
     Config = ProKeRConfig
+    closed_form = True
     data_sized = ("support_keys", "coef")
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
@@ -125,6 +126,9 @@ class ProKeR(Method):
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.raw_logits(features)
+
+    def fixed_settings(self) -> dict:
+        return {"beta": float(self.beta), "lmbda": float(self.lmbda), "search": False}
 
     def _fit(self, support, extractor, progress, cancel):
         self._check_support(support)

@@ -107,6 +107,7 @@ class TipAdapter(Method):
     order = 2
     Config = TipAdapterConfig
     trainable_keys = False
+    closed_form = True  # a cache of the support features plus a search: nothing is trained
     data_sized = ("cache_keys", "cache_values")
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
@@ -202,6 +203,9 @@ class TipAdapter(Method):
         self.beta = torch.tensor(result["beta"], device=aff.device)
         return result
 
+    def fixed_settings(self) -> dict:
+        return {"alpha": float(self.alpha), "beta": float(self.beta), "search": False}
+
     def knowledge_graph(self) -> KnowledgeGraph:
         visual = None
         if len(self.cache_values):
@@ -219,6 +223,7 @@ class TipAdapterF(TipAdapter):
     order = 3
     Config = TipAdapterFConfig
     trainable_keys = True
+    closed_form = False  # its keys are fine-tuned by gradient steps
 
     def _train(self, feats, labels, gen, progress, cancel) -> list[dict]:
         cfg = self.config

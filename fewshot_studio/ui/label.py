@@ -1,5 +1,6 @@
 """Predict & label: one image -> top-k bars; a pool (files or a zip) -> predictions, least
-confident first; accept or correct one or many; accepted images join their class, and
+confident first; accept or correct one or many; accepted images join their class. A closed-form
+model (GDA, ProKeR, Tip-Adapter) refits at once and predicts the pool again; for the others,
 Retrain reuses the cached features."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import gradio as gr
 from ..app import library, modeling
 from ..app.library import POOL
 from ..errors import DataError, FewShotError
-from ..jobs import CANCELLED, FAILED
+from ..jobs import CANCELLED, DONE, FAILED
 from . import presenters
 from .common import UI, added_text, consumed, follow, friendly, picked, progress_html, refused_text, toast_text, unchanged, who
 from .presenters import md, parse_image_ids
@@ -181,16 +182,53 @@ def wire(ui: UI) -> None:
     def them(n: int) -> str:
         return "it" if n == 1 else "them"
 
+    def labeled(pid, owner, done, message: str):
+        """The pool after labels were accepted or corrected. A closed-form model refits at once
+        (modeling.instant_refit): the bar follows that job, then the pool shows the new model's
+        predictions; any other model waits for Retrain."""
+        if not done.count:
+            yield after_change(pid, owner, message)
+            return
+        if done.refit_job is None:
+            yield after_change(pid, owner, f"{message} {done.note or f'Retrain to use {them(done.count)}.'}")
+            return
+        scope = ui.scope(pid, owner)
+        method = presenters.method_label(modeling.current_model_info(scope).method)
+        yield {**after_change(pid, owner, f"{message} Refitting the {method} model with "
+                                          f"{them(done.count)} (closed form, cached features)..."),
+               ui.label_progress: progress_html(ui.ws.runner.get(done.refit_job))}
+        state = yield from follow(ui.ws, done.refit_job, ui.label_progress)
+        if state.status != DONE:
+            yield {**after_change(pid, owner, f"{message} The refit did not finish: {state.message} "
+                                              f"Retrain to use {them(done.count)}."),
+                   ui.label_progress: progress_html(state)}
+            return
+        message += (f" The {method} model, refitted with {them(done.count)}, is now current and has "
+                    "predicted the pool again.")
+        research = modeling.refit_research(scope)
+        if research is None:
+            yield {**after_change(pid, owner, message), ui.label_progress: progress_html(state)}
+            return
+        # the refit reused its search's values; the search runs again in the background and
+        # its model (usually milliseconds later) replaces the refit: the pool follows it too
+        yield {**after_change(pid, owner, f"{message} Searching its hyper-parameters again..."),
+               ui.label_progress: progress_html(state)}
+        again = yield from follow(ui.ws, research, ui.label_progress)
+        if again.status == DONE:
+            message += " Its hyper-parameters were then searched again with the new labels."
+        yield {**after_change(pid, owner, message), ui.label_progress: progress_html(again if again.status == DONE
+                                                                                     else state)}
+
     @friendly
     def accept(pid, selection, owner, request: gr.Request):
         owner = who(owner, request)
         ids = parse_image_ids(selection)
         if not ids:
             raise DataError("Select images first: click their rows or thumbnails.")
-        n = modeling.accept(ui.scope(pid, owner), ids)
-        return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''}: "
-                                        f"{'they join' if n != 1 else 'it joins'} the predicted class. "
-                                        f"Retrain to use {them(n)}.")
+        done = modeling.accept(ui.scope(pid, owner), ids)
+        n = done.count
+        yield from labeled(pid, owner, done, f"Accepted {n} prediction{'s' if n != 1 else ''}: "
+                                             f"{'they join' if n != 1 else 'it joins'} the predicted class.")
 
     @friendly
     def correct(pid, selection, class_name, owner, request: gr.Request):
@@ -200,17 +238,17 @@ def wire(ui: UI) -> None:
             raise DataError("Select images first: click their rows or thumbnails.")
         if not class_name:
             raise DataError("Pick the class to label them with.")
-        n = modeling.correct(ui.scope(pid, owner), ids, class_name)
-        return after_change(pid, owner, f"Labeled {n} image{'s' if n != 1 else ''} as **{md(class_name)}**. "
-                                        f"Retrain to use {them(n)}.")
+        done = modeling.correct(ui.scope(pid, owner), ids, class_name)
+        n = done.count
+        yield from labeled(pid, owner, done, f"Labeled {n} image{'s' if n != 1 else ''} as **{md(class_name)}**.")
 
     @friendly
     def accept_confident(pid, threshold, owner, request: gr.Request):
         owner = who(owner, request)
-        n = modeling.accept_confident(ui.scope(pid, owner), threshold)
-        return after_change(pid, owner, f"Accepted {n} prediction{'s' if n != 1 else ''} at or above "
-                                        f"{float(threshold):.0%} confidence."
-                                        + (f" Retrain to use {them(n)}." if n else ""))
+        done = modeling.accept_confident(ui.scope(pid, owner), threshold)
+        n = done.count
+        yield from labeled(pid, owner, done, f"Accepted {n} prediction{'s' if n != 1 else ''} at or above "
+                                             f"{float(threshold):.0%} confidence.")
 
     @friendly
     def retrain(pid, owner, request: gr.Request):
@@ -234,11 +272,13 @@ def wire(ui: UI) -> None:
     ui.pool_table.select(toggle, [*sel_ins, ui.pool_row_ids, ui.owner], ui.pool_outs, api_visibility="private")
     ui.pool_gallery.select(toggle, [*sel_ins, ui.pool_ids, ui.owner], ui.pool_outs, api_visibility="private")
     ui.clear_selection_btn.click(clear_selection, [ui.project, ui.owner], ui.pool_outs, api_visibility="private")
-    ui.accept_btn.click(accept, [ui.project, ui.pool_selection, ui.owner], acts, api_name="accept")
-    ui.correct_btn.click(correct, [ui.project, ui.pool_selection, ui.correct_dd, ui.owner], acts,
-                         api_name="correct")
-    ui.accept_conf_btn.click(accept_confident, [ui.project, ui.accept_threshold, ui.owner], acts,
-                             api_name="accept_confident")
+    # a closed-form model refits at once: these follow the refit on the bar (no spinner over the pool)
+    ui.accept_btn.click(accept, [ui.project, ui.pool_selection, ui.owner], acts + [ui.label_progress],
+                        api_name="accept", show_progress="hidden")
+    ui.correct_btn.click(correct, [ui.project, ui.pool_selection, ui.correct_dd, ui.owner],
+                         acts + [ui.label_progress], api_name="correct", show_progress="hidden")
+    ui.accept_conf_btn.click(accept_confident, [ui.project, ui.accept_threshold, ui.owner],
+                             acts + [ui.label_progress], api_name="accept_confident", show_progress="hidden")
     ui.retrain_btn.click(retrain, [ui.project, ui.owner],
                          [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve],
                          api_name="retrain", concurrency_limit=None, show_progress="hidden")

@@ -168,10 +168,20 @@ def model_label(m: ModelInfo, with_id: bool = True) -> str:
     bname = bb.get("name") or m.backbone_id
     if bb.get("pretrained"):
         bname += f"/{bb['pretrained']}"
-    parts = [f"{method_label(m.method)} on {bname}", f"{len(cfg.get('classes', []))} classes",
+    parts = [f"{method_label(m.method)} on {bname}", *refit_words(m), f"{len(cfg.get('classes', []))} classes",
              *model_result(m.method, m.metrics, cfg.get("history")),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))]
     return (f"#{m.id} " if with_id else "") + " · ".join(parts)
+
+
+def refit_words(m: ModelInfo) -> list[str]:
+    """["refit 3 of #10 (its search's values reused)"] for an instant refit's model
+    (app.modeling.instant_refit), [] for a model trained or imported."""
+    lineage = modeling.refit_lineage(m)
+    if not lineage:
+        return []
+    how = "hyper-parameters searched again" if lineage.get("searched") else "hyper-parameters reused"
+    return [f"refit {lineage.get('count')} of #{lineage.get('of')} after new labels ({how})"]
 
 
 def model_summary(scope: ProjectScope) -> str:
