@@ -381,13 +381,28 @@ class JobRunner:
     def submit_training(self, project_id: Any, method: str, backbone, extractor, support=None,
                         descriptions=None, owner: str | None = None, **overrides) -> str:
         """Train `method` on the project's support set (snapshotted now, so later edits don't
-        leak into this run) and register the model in the store when it finishes."""
+        leak into this run) and register the model in the store when it finishes. `method`
+        "auto" cross-validates the candidates and trains the best (evaluation.choose_and_fit;
+        `overrides` are then Auto's settings: budget_s, with_mma, seed)."""
         if support is None:
             if self.store is None:
                 raise ValueError("submit_training needs a support set or a store")
             support = self.store.support_set(project_id)
-        from .methods import get_method_class, make_method
+        from .methods import catalog, get_method_class, make_method
 
+        if method == catalog.AUTO:  # cross-validate the candidates, train the best (evaluation.auto)
+            auto = catalog.coerce_settings(method, overrides)  # validates settings
+
+            def work(job: Job):
+                from .evaluation import choose_and_fit
+
+                fitted = gpu_wrap(choose_and_fit)(
+                    support, backbone, extractor, budget_s=auto.get("budget_s", catalog.AUTO_BUDGET_S),
+                    with_mma=auto.get("with_mma", False), seed=auto.get("seed", 0), progress=job.report,
+                    cancel=job.cancel_event)
+                return self._register(job, project_id, fitted, backbone)
+
+            return self.submit(TRAIN, work, project_id, device=str(backbone.device), owner=owner)
         cls = get_method_class(method)
         if cls.needs_images:
             support.require_images(cls.label)  # fail now, in the request, with one sentence
@@ -429,6 +444,11 @@ class JobRunner:
                     extractor = FeatureExtractor(backbone, extractor.cache)
                     notes.append("The GPU ran out of memory; training continued on the CPU.")
                 job.update(message=" ".join(notes), device=str(backbone.device))
+        return self._register(job, project_id, method, backbone)
+
+    def _register(self, job: Job, project_id, method, backbone):
+        """Save a trained method into the store (atomically); the ModelInfo, or the method
+        itself when there is no store."""
         if self.store is None:
             return method
         tmp = Path(tempfile.mkdtemp(prefix=f"job-{job.snapshot().id}-", dir=self.store.staging_dir()))

@@ -40,8 +40,19 @@ def _make(name: str, backbone, support: SupportSet, seed: int, overrides: dict[s
 
 def _fit_predict(name, backbone, extractor, train: SupportSet, test_refs: Sequence[ImageRef], seed, overrides,
                  progress, cancel) -> np.ndarray:
-    method = _make(name, backbone, train, seed, overrides)
-    method.fit(train, extractor, progress=progress, cancel=cancel)
+    from ..methods import catalog
+
+    if name == catalog.AUTO:
+        # Auto cross-validates on `train` only (the test images never influence its choice), with
+        # no time budget: the protocol's numbers must not depend on the machine's speed
+        from .auto import choose_and_fit
+
+        auto = catalog.coerce_settings(name, (overrides or {}).get(name))
+        method = choose_and_fit(train, backbone, extractor, budget_s=None, with_mma=auto.get("with_mma", False),
+                                seed=auto.get("seed", seed), overrides=overrides, progress=progress, cancel=cancel)
+    else:
+        method = _make(name, backbone, train, seed, overrides)
+        method.fit(train, extractor, progress=progress, cancel=cancel)
     if not len(test_refs):
         return np.zeros(0, dtype=np.int64)
     return method.predict_proba(list(test_refs), extractor).argmax(1).numpy().astype(np.int64)
@@ -58,12 +69,18 @@ def _inner(progress: ProgressFn | None, outer: str, step: int, total: int) -> Pr
     return report
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
+def _check_methods(methods: Sequence[str], auto: bool = False) -> list[str]:
+    """`methods` without repeats; an unknown one is a DataError naming the choices. `auto`: the
+    protocol also takes the Auto choice (cross-validation does not: see evaluation.auto)."""
     from ..methods import catalog
 
     out = []
     for m in methods:
-        catalog.get_method_class(m)  # DataError naming the choices
+        if m == catalog.AUTO and not auto:
+            raise DataError("Auto is not cross-validated itself: the comparison already scores its candidates "
+                            "on the same folds, and the best of them is what Auto would train.")
+        if m != catalog.AUTO:
+            catalog.get_method_class(m)  # DataError naming the choices
         if m not in out:
             out.append(m)
     if not out:
@@ -73,11 +90,19 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
 
 def cross_validate(support: SupportSet, methods: Sequence[str], backbone, extractor, seed: int = 0,
                    overrides: dict[str, dict] | None = None, progress: ProgressFn | None = None,
-                   cancel: CancelFlag | None = None, max_folds: int = 5, loo_max: int = LOO_MAX) -> Comparison:
+                   cancel: CancelFlag | None = None, max_folds: int = 5, loo_max: int = LOO_MAX,
+                   budget_s: float | None = None) -> Comparison:
     """Cross-validate every method on the same folds of `support` (see `cv_folds`), pooling the
     predictions of all folds. A method that cannot run on this support set (e.g. one that needs
     an image in every class while a class is empty, or MMA on a ResNet) is listed in
-    `Comparison.skipped` with the reason; the others still run. Cancel raises errors.Cancelled."""
+    `Comparison.skipped` with the reason; the others still run. Cancel raises errors.Cancelled.
+
+    `budget_s` (None: no limit) bounds the seconds of fits, counted from after the plain-view
+    features: a method is not started once the budget is spent, and one whose remaining folds,
+    at the pace of its fastest fold so far, would overrun it is stopped there (a partial result would be
+    scored on other images than the rest). Both are listed in `skipped`; the first method to
+    finish is never stopped, so there is always a result. Give `methods` cheapest first
+    (`catalog.by_cost`) so the budget drops the expensive ones."""
     methods = _check_methods(methods)
     labels = labels_array(support.labels)
     folds = cv_folds(labels, seed=seed, max_folds=max_folds, loo_max=loo_max)
@@ -100,13 +125,28 @@ def cross_validate(support: SupportSet, methods: Sequence[str], backbone, extrac
     extractor.image_features(support.images, views=(0,), progress=progress, cancel=cancel)
     results: dict[str, EvalResult] = {}
     done = 0
+    start = time.perf_counter()
     for m in runnable:
         label = _method_label(m)
-        y_true, y_pred, tested = [], [], []
+        y_true, y_pred, tested, fold_seconds = [], [], [], []
         t0 = time.perf_counter()
+        if budget_s is not None and results and t0 - start >= budget_s:
+            skipped[m] = f"the time budget of {budget_s:g} s was spent before it could start"
+            done += len(folds)
+            continue
         try:
             for f, (tr, te) in enumerate(folds):
                 _check_cancel(cancel)
+                if budget_s is not None and results and tested:
+                    now = time.perf_counter()
+                    # the fastest fold so far: one stalled by a busy machine does not stop it early
+                    need = min(fold_seconds) * (len(folds) - len(tested))
+                    if now - start + need > budget_s:
+                        skipped[m] = (f"stopped after {len(tested)} of {len(folds)} folds: the rest would take "
+                                      f"about {need:.0f} s more, past the time budget of {budget_s:g} s")
+                        done += len(folds) - len(tested)
+                        break
+                t_fold = time.perf_counter()
                 stage = f"Evaluating {label}, fold {f + 1}/{len(folds)}"
                 if progress is not None:
                     progress(Progress(stage, done, total))
@@ -115,12 +155,15 @@ def cross_validate(support: SupportSet, methods: Sequence[str], backbone, extrac
                 y_true.append(labels[te])
                 y_pred.append(pred)
                 tested.append(te)
+                fold_seconds.append(time.perf_counter() - t_fold)
                 done += 1
         except Cancelled:
             raise
         except FewShotError as e:
             skipped[m] = str(e)
             done += len(folds) - len(tested)
+            continue
+        if m in skipped:  # stopped by the time budget
             continue
         results[m] = EvalResult.from_predictions(m, support.classnames, np.concatenate(y_true), np.concatenate(y_pred),
                                                  time.perf_counter() - t0, np.concatenate(tested), label)
@@ -138,8 +181,10 @@ def run_protocol(train: SupportSet, test: tuple[Sequence[ImageRef], Any] | None,
     """For each seed and shot count K: sample K images per class of `train` (`few_shot_split`), train
     every method on them (method seed = the protocol seed unless `overrides` sets one), and test on
     `test` = (refs, labels indexing train.classnames) or, when None, on the images not sampled.
-    Shot counts some class cannot supply are skipped (`report.skipped`); none usable → DataError."""
-    methods = _check_methods(methods)
+    Shot counts some class cannot supply are skipped (`report.skipped`); none usable → DataError.
+    "auto" among `methods` cross-validates its candidates on each K-shot training set, with no
+    time budget, and is scored on the same test images (evaluation.auto)."""
+    methods = _check_methods(methods, auto=True)
     shots = sorted({int(k) for k in shots})
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not shots or shots[0] < 1:

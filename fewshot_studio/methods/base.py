@@ -64,6 +64,9 @@ class Method(nn.Module):
     order: ClassVar[int] = 0  # display order in the app's method list
     Config: ClassVar[type] = MethodConfig
     needs_images: ClassVar[bool] = True  # every class needs at least one support image
+    # whether the `auto` choice cross-validates it: "always", "gpu" (only on a GPU or when asked)
+    # or "never" (catalog.auto_candidates)
+    auto_candidate: ClassVar[str] = "never"
     # tensors whose first dimension is the number of support images (may differ per model);
     # every other saved tensor must have exactly the shape the config and backbone imply
     data_sized: ClassVar[tuple[str, ...]] = ()
