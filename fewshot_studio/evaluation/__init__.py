@@ -45,7 +45,8 @@ from __future__ import annotations
 
 from .auto import AutoChoice, choose, choose_and_fit
 from .results import Comparison, EvalResult, ProtocolReport, confusion_matrix
-from .runs import DEFAULT_SEEDS, DEFAULT_SHOTS, cross_validate, run_protocol
+from .protocol import DEFAULT_SEEDS, DEFAULT_SHOTS, run_protocol
+from .runs import cross_validate
 from .splits import LOO_MAX, cv_folds, describe_folds, few_shot_split, usable_shots
 
 __all__ = ["AutoChoice", "COST_ORDER", "DEFAULT_METHODS", "DEFAULT_SEEDS", "DEFAULT_SHOTS", "LOO_MAX", "Comparison", "EvalResult",
