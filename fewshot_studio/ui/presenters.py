@@ -183,11 +183,11 @@ def auto_summary(metrics: dict | None) -> str:
     else:
         line = f"Auto trained {winner}"
     if auto.get("why"):
-        line += f" ({auto['why']})"
+        line += f" ({md(auto['why'])})"
     skipped = auto.get("skipped") or {}
-    if skipped:
-        line += ". Not compared: " + "; ".join(f"{method_label(m)} ({why})" for m, why in skipped.items())
-    return md(line + ".")
+    if skipped:  # a reason may quote a class name: user text, never markup
+        line += ". Not compared: " + "; ".join(f"{method_label(m)} ({md(why)})" for m, why in skipped.items())
+    return line + "."
 
 
 def model_label(m: ModelInfo, with_id: bool = True) -> str:
