@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import NATO, accuracy, make_task, same_state, state_of
+from helpers import NATO, CancelAfter, accuracy, make_task, same_state, state_of
 from fewshot_studio.data import SupportSet
-from fewshot_studio.errors import DataError
+from fewshot_studio.errors import Cancelled, DataError
 from fewshot_studio.evaluation import choose, choose_and_fit, cross_validate, run_protocol
 from fewshot_studio.methods import catalog, load_model, read_model_config
 
@@ -117,6 +117,29 @@ def test_a_candidate_whose_folds_would_overrun_the_budget_is_stopped(task, share
     comp = cross_validate(support, ["zeroshot", "gda", "tip"], tiny, shared_extractor, overrides=QUICK, budget_s=50)
     assert set(comp.results) == {"zeroshot", "tip"}
     assert comp.skipped["gda"].startswith("stopped after 1 of 9 folds: the rest would take about 80 s more")
+
+
+def test_progress_stages_and_cancel(task, shared_extractor, tiny):
+    """One job's stages say which candidate and fold Auto is at; cancel stops it within a fold."""
+    support, _, _ = task
+    flag = CancelAfter("Auto: Evaluating GDA", 0)
+    with pytest.raises(Cancelled):
+        choose_and_fit(support, tiny, shared_extractor, budget_s=None, seed=0, overrides=QUICK,
+                       progress=flag, cancel=flag)
+    stages = [p.stage for p in flag.seen]
+    assert "Auto: Evaluating Zero-shot CLIP, fold 1/9" in stages
+    assert not any(s.startswith(("Auto: Evaluating Tip-Adapter", "Auto chose")) for s in stages)
+
+
+def test_auto_folds_are_five_above_ten_images(tiny, shared_extractor):
+    """Leave-one-out up to 10 testable images, stratified 5-fold above (GraphAdapter's steps × 20
+    folds would spend the budget at 4 shots); the names here are informative, so zero-shot ties
+    at the top and, being cheapest, wins."""
+    support, _, _ = make_task({"red circle": "red circle", "blue square": "blue square",
+                               "green triangle": "green triangle"}, shots=4, test_per_class=0, seed=1)
+    choice = choose(support, tiny, shared_extractor, budget_s=None, seed=0, overrides=QUICK)
+    assert choice.folds == "stratified 5-fold over 12 images"
+    assert choice.winner == "zeroshot" and choice.cv_accuracy["zeroshot"] == 1.0 and "cheaper" in choice.why
 
 
 def test_one_shot_and_empty_classes(tiny, shared_extractor, task):

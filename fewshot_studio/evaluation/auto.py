@@ -11,8 +11,8 @@ The rule:
    `with_mma` (on a CPU its 300 steps take about 0.9 s each, i.e. minutes per fold).
 2. Every view any candidate reads is encoded first (the winner needs them anyway), so the time
    budget measures fits, not the one-off feature extraction.
-3. `cross_validate` runs every candidate on the same folds (leave-one-out up to 20 testable
-   images, else stratified 5-fold; seeded) within `budget_s` seconds: a candidate is not started
+3. `cross_validate` runs every candidate on the same folds (leave-one-out up to `AUTO_LOO_MAX`
+   = 10 testable images, else stratified 5-fold; seeded) within `budget_s` seconds: a candidate is not started
    once the budget is spent, and one whose folds would overrun it is stopped; both are recorded
    as skipped with the reason. The cheapest candidate always finishes.
 4. The winner is `Comparison.best`: the highest pooled accuracy, ties to the cheaper method (on
@@ -51,6 +51,12 @@ from .splits import cv_folds, labels_array
 
 #: Trained when nothing can be held out but every class has an image (see the module docstring).
 ONE_SHOT_CHOICE = "proker"
+#: Leave-one-out up to this many testable images, stratified 5-fold above (the Evaluate tab's
+#: rule, `cv_folds`, with 10 instead of 20). Measured on the busy 2-core CPU at ViT-B-32 size
+#: (d = 512, 1 thread, 5 classes): at 4 shots, leave-one-out's 20 folds cost GraphAdapter 59 s
+#: and all five candidates 78 s, past the 60 s budget; 5 folds cost a quarter (at 16 shots all
+#: five took 25 s), and each fold still trains on 80% of every class.
+AUTO_LOO_MAX = 10
 
 
 @dataclass
@@ -121,7 +127,8 @@ def choose(support: SupportSet, backbone, extractor, budget_s: float | None = No
         return AutoChoice(winner, {}, {}, "no folds", why=why, **base)
     t0 = time.perf_counter()
     comp = cross_validate(support, candidates, backbone, extractor, seed=seed, overrides=overrides,
-                          progress=_prefixed(progress, "Auto: "), cancel=cancel, budget_s=budget_s)
+                          progress=_prefixed(progress, "Auto: "), cancel=cancel, budget_s=budget_s,
+                          loo_max=AUTO_LOO_MAX)
     seconds = time.perf_counter() - t0
     ranking = comp.ranking()
     winner = comp.best

@@ -40,11 +40,11 @@ AUTO = "auto"
 #: The Train tab's preselected choice.
 DEFAULT_CHOICE = AUTO
 #: Auto's time budget, seconds of cross-validation fits (features extracted before it starts are
-#: not counted: the winner needs them anyway). Measured on the 2-core CPU (evaluation/auto.py):
-#: the four closed-form candidates cross-validate in well under a second on cached features, and
-#: GraphAdapter, the one that takes gradient steps, in 5-25 s for 5 classes × 4-16 shots at
-#: ViT-B-32 size (LOO or 5 folds × 300 steps); 60 s lets all five finish on a quiet machine and
-#: still drops GraphAdapter on a busy one rather than keep a user waiting minutes.
+#: not counted: the winner needs them anyway). Measured on the busy 2-core CPU at ViT-B-32 size
+#: (d = 512, random weights, 1 thread, 5 classes, cached features, Auto's folds): all five
+#: candidates take 9 s at 4 shots and 25 s at 16 shots (GraphAdapter 7-10 s of it, ProKeR up to
+#: 12 s); 60 s leaves room for a machine two or three times busier, and past that drops the
+#: costliest candidates rather than keep the user waiting minutes.
 AUTO_BUDGET_S = 60.0
 
 
