@@ -383,7 +383,9 @@ class JobRunner:
                         then: Callable[[Job, Any], Any] | None = None, current: bool = True,
                         **overrides) -> str:
         """Train `method` on the project's support set (snapshotted now, so later edits don't
-        leak into this run) and register the model in the store when it finishes.
+        leak into this run) and register the model in the store when it finishes. `method`
+        "auto" cross-validates the candidates and trains the best (evaluation.choose_and_fit;
+        `overrides` are then Auto's settings: budget_s, with_mma, seed).
         `config_extra` is merged into the registered model's config (e.g. an instant refit's
         lineage); `then(job, model_info)` runs in the job after the model is registered, and
         its return value becomes the job's result (e.g. refresh the pool's predictions);
@@ -392,8 +394,22 @@ class JobRunner:
             if self.store is None:
                 raise ValueError("submit_training needs a support set or a store")
             support = self.store.support_set(project_id)
-        from .methods import get_method_class, make_method
+        from .methods import catalog, get_method_class, make_method
 
+        if method == catalog.AUTO:  # cross-validate the candidates, train the best (evaluation.auto)
+            auto = catalog.coerce_settings(method, overrides)  # validates settings
+
+            def work(job: Job):
+                from .evaluation import choose_and_fit
+
+                fitted = gpu_wrap(choose_and_fit)(
+                    support, backbone, extractor, budget_s=auto.get("budget_s", catalog.AUTO_BUDGET_S),
+                    with_mma=auto.get("with_mma", False), seed=auto.get("seed", 0), progress=job.report,
+                    cancel=job.cancel_event)
+                info = self._register(job, project_id, fitted, backbone, config_extra, current)
+                return info if then is None else then(job, info)
+
+            return self.submit(TRAIN, work, project_id, device=str(backbone.device), owner=owner)
         cls = get_method_class(method)
         if cls.needs_images:
             support.require_images(cls.label)  # fail now, in the request, with one sentence
@@ -438,6 +454,12 @@ class JobRunner:
                     extractor = FeatureExtractor(backbone, extractor.cache)
                     notes.append("The GPU ran out of memory; training continued on the CPU.")
                 job.update(message=" ".join(notes), device=str(backbone.device))
+        return self._register(job, project_id, method, backbone, config_extra, current)
+
+    def _register(self, job: Job, project_id, method, backbone, config_extra: dict | None = None,
+                  current: bool = True):
+        """Save a trained method into the store (atomically); the ModelInfo, or the method
+        itself when there is no store."""
         if self.store is None:
             return method
         tmp = Path(tempfile.mkdtemp(prefix=f"job-{job.snapshot().id}-", dir=self.store.staging_dir()))

@@ -44,14 +44,17 @@ def test_whole_flow_in_the_browser(app, browser, tmp_path):
     expect(page.locator("#class-table")).to_contain_text("purple hexagon")
     expect(page.locator("#class-gallery img").first).to_be_visible()
 
-    # 2. train GraphAdapter (the default method) with tiny (the app's default backbone here)
+    # 2. train with Auto (the default choice) on tiny (the app's default backbone here): it
+    # cross-validates the cheap methods and the model summary says which won and their scores
     page.get_by_role("tab", name="2 · Train").click()
     expect(page.locator("#method")).to_contain_text("GraphAdapter")
+    expect(page.locator("#method input:checked")).to_have_value("auto")
     page.click("#train-btn")
-    page.wait_for_selector("#train-progress [data-status=done]", timeout=120_000)
+    page.wait_for_selector("#train-progress [data-status=done]", timeout=240_000)
     expect(page.locator("#train-progress")).to_contain_text("Finished")
     expect(page.locator("#train-curve .js-plotly-plot")).to_be_visible()
-    expect(page.locator("#model-summary")).to_contain_text("GraphAdapter")
+    expect(page.locator("#model-summary")).to_contain_text("chosen by Auto")
+    expect(page.locator("#model-summary")).to_contain_text("Auto cross-validated on")
 
     # 3. the knowledge graph renders
     page.get_by_role("tab", name="3 · Knowledge graph").click()

@@ -196,7 +196,8 @@ def test_every_entry_point_refuses_an_unknown_setting_with_the_same_sentence(tin
 
 def test_a_registered_method_appears_in_the_cli(ncm, tiny, tmp_path, monkeypatch, capsys):
     parser = cli.build_parser()
-    assert option(subparser(parser, "train"), "--method").choices == catalog.method_ids() == BUILTIN_DISPLAY + ["ncm"]
+    assert catalog.method_ids() == BUILTIN_DISPLAY + ["ncm"]
+    assert option(subparser(parser, "train"), "--method").choices == catalog.choices() == ["auto", *catalog.method_ids()]
     methods = option(subparser(parser, "eval"), "--methods")
     assert methods.default == "zeroshot,ncm,gda,tip,proker,graph,tip-f,mma" and "ncm" in methods.help
     assert parser.parse_args(["eval", "--data", "x"]).methods.split(",") == list(evaluation.DEFAULT_METHODS)
@@ -224,7 +225,7 @@ def test_a_registered_method_appears_in_the_cli(ncm, tiny, tmp_path, monkeypatch
 
 def test_an_unregistered_method_is_gone_again():
     assert "ncm" not in catalog.REGISTRY
-    assert option(subparser(cli.build_parser(), "train"), "--method").choices == BUILTIN_DISPLAY
+    assert option(subparser(cli.build_parser(), "train"), "--method").choices == ["auto", *BUILTIN_DISPLAY]
     with pytest.raises(DataError, match="Unknown method 'ncm'"):
         make_method("ncm", None, ["a"])
 
@@ -234,8 +235,10 @@ def test_a_registered_method_appears_in_the_app(ncm, tiny, tmp_path):
     from fewshot_studio.ui.presenters import label_for
 
     with workspace(tmp_path, tiny) as ws:
-        assert presenters.method_choices()[-1] == ("Nearest class mean", "ncm")  # the Train tab's radio
-        assert [v for _, v in presenters.method_choices()] == BUILTIN_DISPLAY + ["ncm"]
+        assert presenters.method_choices(with_auto=True)[-1] == ("Nearest class mean", "ncm")  # the Train tab's radio
+        assert [v for _, v in presenters.method_choices(with_auto=True)] == ["auto", *BUILTIN_DISPLAY, "ncm"]
+        assert [v for _, v in presenters.method_choices()] == BUILTIN_DISPLAY + ["ncm"]  # the Evaluate tab's
+        assert "ncm" not in catalog.auto_candidates(gpu=True)  # a plug-in joins Auto only when it says so
         assert catalog.settings("ncm") == {"seed": 0, "temperature": 0.05, "views": 0}
         assert catalog.coerce_settings("ncm", {"temperature": "0.1", "views": "", "seed": 2.0}) == {
             "temperature": 0.1, "seed": 2}

@@ -220,7 +220,7 @@ def test_official_on_cuda_trains_fp16_with_grad_scaler(nato_task, monkeypatch):
 
 # ---- the setting ---------------------------------------------------------------------------------
 def test_recipe_is_a_setting_with_fixed_choices(tiny):
-    assert catalog.choices("mma") == {"recipe": ("default", "official")}
+    assert catalog.setting_choices("mma") == {"recipe": ("default", "official")}
     assert catalog.coerce_settings("mma", {"recipe": "official"}) == {"recipe": "official"}
     with pytest.raises(DataError, match=r"^The MMA setting 'recipe' must be one of default, official, not 'fast'\.$"):
         catalog.coerce_settings("mma", {"recipe": "fast"})

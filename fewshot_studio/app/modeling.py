@@ -62,14 +62,15 @@ def backbone_status(ws: Workspace, spec: BackboneSpec | None = None) -> Backbone
 # ---- training ------------------------------------------------------------------------------------
 def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None = None,
                    settings: dict | None = None) -> str:
-    """Start a training job in the background; its id (poll it with `job`)."""
+    """Start a training job in the background; its id (poll it with `job`). `method` may be
+    "auto" (cross-validate the candidates, train the best; `settings` are then Auto's)."""
     ws = scope.ws
-    cls = get_method_class(method)
+    cls = None if method == catalog.AUTO else get_method_class(method)
     # strict (unknown, ill-typed or out-of-bounds settings are refused), before any backbone loads
     settings = catalog.coerce_settings(method, settings)
     backbone = ws.backbone(spec)
     support = scope.store.support_set(scope.id)
-    if not support.images and cls.needs_images:
+    if cls is not None and not support.images and cls.needs_images:
         support.require_images(cls.label)
     check_job_limit(scope)
     return ws.runner.submit_training(scope.id, method, backbone, ws.extractor(backbone), support=support,
@@ -77,9 +78,14 @@ def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None =
 
 
 def retrain(scope: ProjectScope) -> str:
-    """Train again with the current model's method, backbone and settings (cached features); an
+    """Train again with the current model's method, backbone and settings (cached features): a
+    model Auto chose is chosen again (with Auto's settings), since the examples changed; an
     instant refit's model retrains with the settings its lineage began with (its search on)."""
     info, method = current_model(scope)
+    auto = (info.metrics or {}).get("auto")
+    if isinstance(auto, dict):
+        keep = {k: auto.get(k) for k in catalog.settings(catalog.AUTO) if auto.get(k) is not None}
+        return start_training(scope, catalog.AUTO, method.backbone.spec, keep)
     settings = refit_lineage(info).get("settings") or asdict(method.config)
     return start_training(scope, info.method, method.backbone.spec, settings)
 

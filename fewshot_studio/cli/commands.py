@@ -10,28 +10,63 @@ from .common import (UserError, add_backbone_args, add_store_args, backbone_from
                      stderr_progress)
 
 
+def _auto_settings(args) -> tuple[dict, dict[str, dict]]:
+    """Auto's own settings (--budget, --with-mma, --seed) and, per candidate, the training flags
+    that candidate has (--steps reaches GraphAdapter and MMA, as in `eval`)."""
+    from ..methods.catalog import AUTO, auto_candidates, coerce_settings, settings
+
+    auto = coerce_settings(AUTO, {"budget_s": args.budget, "with_mma": args.with_mma or None, "seed": args.seed})
+    given = {k: getattr(args, k) for k in ("epochs", "steps", "lr", "batch_size") if getattr(args, k) is not None}
+    per_method = {}
+    for m in auto_candidates(gpu=True):
+        mine = {k: v for k, v in given.items() if k in settings(m)}
+        if mine:
+            per_method[m] = coerce_settings(m, mine)
+    return auto, per_method
+
+
 def cmd_train(args) -> int:
     from ..data import SupportSet
     from ..methods import make_method
-    from ..methods.catalog import coerce_settings, settings
+    from ..methods.catalog import AUTO, AUTO_BUDGET_S, coerce_settings, settings
 
-    # the catalog's one rule: a setting this method lacks (e.g. --steps for tip) is an error
-    given = {k: getattr(args, k) for k in ("epochs", "steps", "lr", "batch_size", "recipe")
-             if getattr(args, k, None) is not None}
-    if "seed" in settings(args.method):
-        given["seed"] = args.seed
-    overrides = coerce_settings(args.method, given)
+    if args.method == AUTO:
+        auto, overrides = _auto_settings(args)
+    else:
+        if args.budget is not None or args.with_mma:
+            raise UserError("--budget and --with-mma are settings of --method auto.")
+        # the catalog's one rule: a setting this method lacks (e.g. --steps for tip) is an error
+        given = {k: getattr(args, k) for k in ("epochs", "steps", "lr", "batch_size", "recipe") if getattr(args, k, None) is not None}
+        if "seed" in settings(args.method):
+            given["seed"] = args.seed
+        overrides = coerce_settings(args.method, given)
     support, errors = SupportSet.from_folder(args.data, shots=args.shots, seed=args.seed)
     for e in errors:
         print(f"skipped {e}", file=sys.stderr)
     backbone = backbone_from(args)
-    method = make_method(args.method, backbone, support.classnames, **overrides)
+    extractor = extractor_from(backbone, args)
+    progress = None if args.quiet else stderr_progress
     t0 = time.time()
-    method.fit(support, extractor_from(backbone, args), progress=None if args.quiet else stderr_progress)
+    if args.method == AUTO:
+        from ..evaluation import choose_and_fit
+
+        method = choose_and_fit(support, backbone, extractor, budget_s=auto.get("budget_s", AUTO_BUDGET_S),
+                                with_mma=auto.get("with_mma", False), seed=auto.get("seed", 0),
+                                overrides=overrides, progress=progress)
+    else:
+        method = make_method(args.method, backbone, support.classnames, **overrides)
+        method.fit(support, extractor, progress=progress)
     method.metrics["train_seconds"] = round(time.time() - t0, 3)
     out = method.save(args.out)
     if not args.quiet:
         print(file=sys.stderr)
+    chosen = method.metrics.get("auto")
+    if chosen:
+        scores = ", ".join(f"{m} {100 * a:.1f}%" for m, a in chosen["cv_accuracy"].items())
+        print(f"auto: cross-validated on {chosen['folds']}: {scores or 'nothing to compare'}; "
+              f"chose {method.name} ({chosen['why']})")
+        for m, why in chosen["skipped"].items():
+            print(f"auto: not compared {m}: {why}")
     print(f"saved {method.label} ({len(support)} images, {support.num_classes} classes) to {out} "
           f"in {time.time() - t0:.1f}s")
     return 0
@@ -139,11 +174,13 @@ def cmd_doctor(args) -> int:
 
 def add_parsers(sub) -> None:
     """The model commands' sub-parsers (their choices read now: a method registered later is listed)."""
-    from ..methods.catalog import method_ids
+    from ..methods.catalog import AUTO_BUDGET_S, choices
 
     p = sub.add_parser("train", help="train a method on an ImageFolder tree and save the model")
     p.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
-    p.add_argument("--method", default="graph", choices=method_ids(), help="the method (default graph)")
+    p.add_argument("--method", default="graph", choices=choices(),
+                   help="the method (default graph); auto cross-validates the cheap methods on the data "
+                        "and trains the best")
     add_backbone_args(p)
     p.add_argument("--shots", type=int, default=None, help="sample K images per class (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -153,6 +190,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--recipe", default=None,
                    help="MMA's training recipe: default (few-shot) or official (the MMA code's; README)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help=f"auto: time budget of the cross-validation (default {AUTO_BUDGET_S:g})")
+    p.add_argument("--with-mma", action="store_true", help="auto: also compare MMA (always on a GPU)")
     p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors)")
     p.add_argument("--quiet", action="store_true")
     add_store_args(p)

@@ -112,8 +112,8 @@ def cmd_eval(args) -> int:
     if not methods:
         raise UserError("--methods needs at least one method.")
     for m in methods:
-        if m not in catalog.REGISTRY:
-            raise UserError(f"Unknown method {m!r} in --methods; choose from {','.join(catalog.method_ids())}.")
+        if m not in catalog.choices():
+            raise UserError(f"Unknown method {m!r} in --methods; choose from {','.join(catalog.choices())}.")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1; got {args.steps}.")
 
@@ -143,8 +143,12 @@ def cmd_eval(args) -> int:
     overrides: dict[str, dict] = {}
     if args.steps is not None:
         for m in methods:
-            if "steps" in catalog.settings(m):
+            if m != catalog.AUTO and "steps" in catalog.settings(m):
                 overrides[m] = {"steps": args.steps}
+        if catalog.AUTO in methods:  # Auto's candidates train with the same steps
+            for m in catalog.auto_candidates(gpu=True):
+                if "steps" in catalog.settings(m):
+                    overrides[m] = {"steps": args.steps}
     backbone = backbone_from(args)
     extractor = extractor_from(backbone, args)
     bars = _Bars(disable=args.quiet)
@@ -183,7 +187,9 @@ def add_parser(sub) -> None:
     p.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
                    help="comma-separated shots per class (default 1,2,4,8,16); counts a class cannot supply are skipped")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds (default 1,2,3)")
-    p.add_argument("--methods", default=every, help=f"comma-separated methods (default {every})")
+    p.add_argument("--methods", default=every,
+                   help=f"comma-separated methods (default {every}); also {catalog.AUTO}: cross-validates the "
+                        "cheap methods on each K-shot training set (no time budget) and trains the best")
     add_backbone_args(p)
     p.add_argument("--steps", type=int, default=None,
                    help="training steps for the methods that have a steps setting (graph, mma), for quick runs")

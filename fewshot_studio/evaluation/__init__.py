@@ -11,6 +11,8 @@ Two questions, two entry points:
 * `run_protocol(train, test, shots, seeds, methods, ...)` — the papers' protocol: for each seed
   and shot count K, sample K images per class (`few_shot_split`), train, test on a held-out set
   (or on the images not sampled), and report mean ± std over the seeds.
+* `choose_and_fit(support, ...)` — the `auto` method choice: cross-validate the cheap methods
+  within a time budget and train the best on everything (evaluation/auto.py).
 
 Fold rule (`cv_folds`):
 
@@ -41,12 +43,14 @@ tables show percentages. The spread over seeds is the population standard deviat
 """
 from __future__ import annotations
 
+from .auto import AutoChoice, choose, choose_and_fit
 from .results import Comparison, EvalResult, ProtocolReport, confusion_matrix
-from .runs import DEFAULT_SEEDS, DEFAULT_SHOTS, cross_validate, run_protocol
+from .protocol import DEFAULT_SEEDS, DEFAULT_SHOTS, run_protocol
+from .runs import cross_validate
 from .splits import LOO_MAX, cv_folds, describe_folds, few_shot_split, usable_shots
 
-__all__ = ["COST_ORDER", "DEFAULT_METHODS", "DEFAULT_SEEDS", "DEFAULT_SHOTS", "LOO_MAX", "Comparison", "EvalResult",
-           "ProtocolReport", "confusion_matrix", "cross_validate", "cv_folds", "describe_folds", "few_shot_split",
+__all__ = ["AutoChoice", "COST_ORDER", "DEFAULT_METHODS", "DEFAULT_SEEDS", "DEFAULT_SHOTS", "LOO_MAX", "Comparison", "EvalResult",
+           "ProtocolReport", "choose", "choose_and_fit", "confusion_matrix", "cross_validate", "cv_folds", "describe_folds", "few_shot_split",
            "run_protocol", "usable_shots"]
 
 

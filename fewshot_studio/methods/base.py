@@ -67,6 +67,9 @@ class Method(nn.Module):
     # the fit is a closed form on cached features (no gradient steps): accepting or correcting a
     # pool label refits such a model at once (app.modeling.instant_refit), with `fixed_settings`
     closed_form: ClassVar[bool] = False
+    # whether the `auto` choice cross-validates it: "always", "gpu" (only on a GPU or when asked)
+    # or "never" (catalog.auto_candidates)
+    auto_candidate: ClassVar[str] = "never"
     # tensors whose first dimension is the number of support images (may differ per model);
     # every other saved tensor must have exactly the shape the config and backbone imply
     data_sized: ClassVar[tuple[str, ...]] = ()

@@ -9,6 +9,13 @@ the `@register` decorator adds it and checks that every default lies inside its 
 among its choices). `fewshot_studio.methods` imports every method module, so
 importing anything from this package registers the built-in methods.
 
+`auto` is one more method *choice* (not a method): the CLI's `train --method`, the app's Train tab
+(its default, `DEFAULT_CHOICE`) and `eval --methods` offer it (`choices`). It cross-validates the
+candidates (`auto_candidates`: the classes that declare `auto_candidate = "always"`, plus "gpu"
+ones such as MMA when a GPU is present or the user asks) and trains the winner; the work lives
+in `evaluation.auto` (L3), since cross-validation is evaluation. Its settings (`AutoConfig`: time
+budget, MMA switch, seed) go through the same `settings`/`bounds`/`coerce_settings` as a method's.
+
 Settings are coerced by one strict rule (`coerce_settings`), used by the CLI, the app's form,
 `make_config`/`make_method`, the evaluation's overrides and the loading of a saved model alike:
 a setting out of its bounds is refused before anything is built.
@@ -19,7 +26,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import DataError
@@ -29,12 +36,48 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, type["Method"]] = {}
 
+#: The method choice that cross-validates the candidates and trains the best (evaluation.auto).
+AUTO = "auto"
+#: The Train tab's preselected choice.
+DEFAULT_CHOICE = AUTO
+#: Auto's time budget, seconds of cross-validation fits (features extracted before it starts are
+#: not counted: the winner needs them anyway). Measured on the busy 2-core CPU at ViT-B-32 size
+#: (d = 512, random weights, 1 thread, 5 classes, cached features, Auto's folds): all five
+#: candidates take 9 s at 4 shots and 25 s at 16 shots (GraphAdapter 7-10 s of it, ProKeR up to
+#: 12 s); 60 s leaves room for a machine two or three times busier, and past that drops the
+#: costliest candidates rather than keep the user waiting minutes.
+AUTO_BUDGET_S = 60.0
+
+
+@dataclass
+class AutoConfig:
+    """Auto's settings (read like a method's Config by `settings`, `bounds`, `coerce_settings`)."""
+
+    budget_s: float = field(default=AUTO_BUDGET_S, metadata={
+        "help": "time budget for the cross-validation (s)", "min": 1, "max": 3600})
+    with_mma: bool = field(default=False, metadata={
+        "help": "also cross-validate MMA (always on a GPU)"})
+    seed: int = field(default=0, metadata={"help": "seed", "min": 0, "max": 2**32 - 1})
+
+
+class _AutoChoice:
+    """What the catalog's settings functions read of a method class, for `auto`."""
+
+    name = AUTO
+    label = "Auto"
+    summary = ("Auto: cross-validates zero-shot CLIP, Tip-Adapter, GDA, ProKeR and GraphAdapter on your "
+               "examples (the same folds for each, cheapest first, within a time budget; MMA too on a GPU), "
+               "then trains the most accurate on all of them.")
+    Config = AutoConfig
+
 
 def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator: add a method to the catalog under `cls.name`."""
     name = getattr(cls, "name", "")
     if not name or not getattr(cls, "label", ""):
         raise ValueError(f"{cls.__qualname__} needs a non-empty `name` and `label` to be registered")
+    if name == AUTO:
+        raise ValueError(f"method id {AUTO!r} is the catalog's Auto choice; pick another id")
     if not is_dataclass(getattr(cls, "Config", None)):
         raise ValueError(f"{cls.__qualname__}.Config must be a dataclass")
     old = REGISTRY.get(name)
@@ -75,20 +118,38 @@ def closed_form(method: str) -> bool:
     """Whether the method fits in closed form on cached features (its class's `closed_form`):
     accepting or correcting a pool label then refits its model at once."""
     return bool(getattr(get_method_class(method), "closed_form", False))
+def _entry(method: str) -> Any:
+    """The method class, or the `auto` choice, whose Config/label the settings functions read."""
+    return _AutoChoice if method == AUTO else get_method_class(method)
+
+
+def choices() -> list[str]:
+    """What a user may ask to train: `auto`, then every method in display order."""
+    return [AUTO, *method_ids()]
+
+
+def auto_candidates(gpu: bool = False, with_mma: bool = False) -> list[str]:
+    """The methods Auto cross-validates, cheapest first: those whose class declares
+    `auto_candidate = "always"`, plus the "gpu" ones (MMA: minutes of steps per fit on a CPU)
+    when a GPU is present or `with_mma`."""
+    want = ("always", "gpu") if gpu or with_mma else ("always",)
+    return by_cost(m for m in method_ids() if getattr(REGISTRY[m], "auto_candidate", "never") in want)
 
 
 def label(method: str) -> str:
-    return get_method_class(method).label
+    return _entry(method).label
 
 
 def summary(method: str) -> str:
-    return getattr(get_method_class(method), "summary", "")
+    return getattr(_entry(method), "summary", "")
 
 
 class _Labels(Mapping):
     """A live, read-only {id: label} view of the catalog (display order)."""
 
     def __getitem__(self, method: str) -> str:
+        if method == AUTO:
+            return _AutoChoice.label
         if method not in REGISTRY:
             raise KeyError(method)
         return REGISTRY[method].label
@@ -180,7 +241,7 @@ def _default(f) -> Any:
 def settings(method: str) -> dict[str, Any]:
     """A method's editable settings with their defaults, in declaration order: the numbers and
     switches (an "auto" setting, e.g. MMA's steps, is None)."""
-    cls = get_method_class(method)
+    cls = _entry(method)
     kinds = _kinds(cls)
     return {f.name: _default(f) for f in fields(cls.Config) if kinds[f.name] in ("int", "float", "bool")}
 
@@ -190,7 +251,7 @@ def _bounds_of(cls: type["Method"]) -> dict[str, tuple[Any, Any]]:
             if f.metadata.get("min") is not None or f.metadata.get("max") is not None}
 
 
-def choices(method: str) -> dict[str, tuple[str, ...]]:
+def setting_choices(method: str) -> dict[str, tuple[str, ...]]:
     """{setting: its allowed values} of a method's text settings with fixed values (declared as
     `metadata={"choices": (...)}`, e.g. MMA's recipe)."""
     return {f.name: tuple(f.metadata["choices"]) for f in fields(get_method_class(method).Config)
@@ -201,7 +262,7 @@ def bounds(method: str) -> dict[str, tuple[Any, Any]]:
     """{setting: (min, max)} of a method's bounded settings, inclusive, as declared next to their
     help (`metadata={"min": ..., "max": ...}`); None on a side without a bound. A list setting's
     bounds hold for each of its numbers."""
-    return _bounds_of(get_method_class(method))
+    return _bounds_of(_entry(method))
 
 
 def _num(x: Any) -> str:
@@ -265,7 +326,7 @@ def _unknown(cls, names: Sequence[str]) -> DataError:
 
 def setting_help(method: str, key: str) -> str:
     """The one-line help of a setting (its field's metadata "help"); the key when it has none."""
-    cls = get_method_class(method)
+    cls = _entry(method)
     for f in fields(cls.Config):
         if f.name == key:
             return str(f.metadata.get("help") or key)
@@ -330,7 +391,7 @@ def coerce_settings(method: str, raw: Mapping[str, Any] | None) -> dict[str, Any
     declared next to their help (`bounds`) and a text with fixed values must be one of them
     (`choices`). An unknown setting or a value that does not fit
     raises a DataError of one sentence naming the method, the setting and what it takes."""
-    cls = get_method_class(method)
+    cls = _entry(method)
     kinds, shapes, limits = _kinds(cls), _shapes(cls), _bounds_of(cls)
     options = {f.name: tuple(f.metadata["choices"]) for f in fields(cls.Config) if f.metadata.get("choices")}
     raw = dict(raw or {})

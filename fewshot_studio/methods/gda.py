@@ -118,6 +118,7 @@ class GDA(Method):
     summary = ("GDA (Wang et al., ICLR 2024), training-free: a Gaussian per class with a shared, shrunk "
                "covariance; α from the official grid by cross-validation on the support set.")
     cost = 1  # measured: ~8 ms CPU a fit on cached features (5 classes × 4 shots), Tip-Adapter ~110 ms
+    auto_candidate = "always"
     order = 4
     Config = GDAConfig
     closed_form = True

@@ -184,6 +184,7 @@ class GraphAdapter(Method):
     label = "GraphAdapter"
     summary = "GraphAdapter (Li et al., NeurIPS 2023): dual knowledge graph, α = 0.7 as in the official code."
     cost = 3
+    auto_candidate = "always"
     order = 0
     Config = GraphAdapterConfig
 

@@ -104,6 +104,7 @@ class ProKeR(Method):
     summary = ("ProKeR (Bendou et al., CVPR 2025), training-free: kernel ridge regression kept close to "
                "zero-shot CLIP; β, λ from the paper's ImageNet table, then leave-one-out on the support set.")
     cost = 2  # measured: ~0.2 s CPU a fit with its search (5 × 4 shots); ties with Tip-Adapter go to it
+    auto_candidate = "always"
     order = 5
     Config = ProKeRConfig
     closed_form = True

@@ -104,6 +104,7 @@ class TipAdapter(Method):
     label = "Tip-Adapter"
     summary = "Tip-Adapter (Zhang et al., ECCV 2022), training-free: α = 1, β = 5.5, then a search on the support set."
     cost = 2
+    auto_candidate = "always"
     order = 2
     Config = TipAdapterConfig
     trainable_keys = False
@@ -220,6 +221,7 @@ class TipAdapterF(TipAdapter):
     label = "Tip-Adapter-F"
     summary = "Tip-Adapter-F: fine-tunes the cache keys (AdamW lr 1e-3, 20 epochs, at least 200 steps)."
     cost = 4
+    auto_candidate = "never"  # Auto's candidates are the cheap ones; Tip-F adds 20 epochs to Tip-Adapter
     order = 3
     Config = TipAdapterFConfig
     trainable_keys = True

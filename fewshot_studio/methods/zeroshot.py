@@ -22,6 +22,7 @@ class ZeroShot(Method):
     label = "Zero-shot CLIP"
     summary = "Zero-shot CLIP: nothing trains; class names (and descriptions) become the classifier."
     cost = 0
+    auto_candidate = "always"
     order = 6
     Config = ZeroShotConfig
     needs_images = False

@@ -77,8 +77,9 @@ def method_label(method: str) -> str:
     return catalog.LABELS.get(method, method)
 
 
-def method_choices() -> list[tuple[str, str]]:
-    return [(catalog.label(m), m) for m in catalog.method_ids()]
+def method_choices(with_auto: bool = False) -> list[tuple[str, str]]:
+    """(label, id) of every method in display order; `with_auto` (the Train tab): Auto first."""
+    return [(catalog.label(m), m) for m in (catalog.choices() if with_auto else catalog.method_ids())]
 
 
 # ---- classes --------------------------------------------------------------------------------------
@@ -158,7 +159,35 @@ def model_result(method: str, metrics: dict | None, history: list | None = None)
     loss = metrics.get("final_loss")
     if isinstance(loss, (int, float)):
         parts.append(f"final loss {loss:.4f}")
+    auto = metrics.get("auto")
+    if isinstance(auto, dict):
+        cv = auto.get("cv_accuracy") or {}
+        best = cv.get(method)
+        parts.append("chosen by Auto" + (f" (cross-validated {best:.0%})" if isinstance(best, (int, float)) else ""))
     return parts
+
+
+def auto_summary(metrics: dict | None) -> str:
+    """What Auto measured, in one line: every candidate's cross-validated accuracy (best first),
+    the folds, what it skipped and why; "" for a model Auto did not choose."""
+    auto = (metrics or {}).get("auto")
+    if not isinstance(auto, dict):
+        return ""
+    cv = auto.get("cv_accuracy") or {}
+    correct = auto.get("correct") or {}
+    scores = ", ".join(f"{method_label(m)} {a:.0%}" + (f" ({correct[m]})" if m in correct else "")
+                       for m, a in cv.items() if isinstance(a, (int, float)))
+    winner = method_label(str(auto.get("winner", "")))
+    if scores:
+        line = f"Auto cross-validated on {auto.get('folds', 'the examples')}: {scores}; it trained {winner}"
+    else:
+        line = f"Auto trained {winner}"
+    if auto.get("why"):
+        line += f" ({md(auto['why'])})"
+    skipped = auto.get("skipped") or {}
+    if skipped:  # a reason may quote a class name: user text, never markup
+        line += ". Not compared: " + "; ".join(f"{method_label(m)} ({md(why)})" for m, why in skipped.items())
+    return line + "."
 
 
 def model_label(m: ModelInfo, with_id: bool = True) -> str:
@@ -189,7 +218,9 @@ def model_summary(scope: ProjectScope) -> str:
     m = modeling.current_model_info(scope)
     if m is None:
         return "No model yet: train one in the Train tab."
-    return f"**Model #{m.id}** (current): {model_label(m, with_id=False)}"
+    line = f"**Model #{m.id}** (current): {model_label(m, with_id=False)}"
+    auto = auto_summary(m.metrics)
+    return f"{line}\n\n{auto}" if auto else line
 
 
 def model_choices(scope: ProjectScope) -> tuple[list[tuple[str, int]], int | None]:
@@ -236,7 +267,7 @@ def renamed_folders(export: FolderExport) -> str:
     return f" {what}; see {MANIFEST} in the zip."
 
 
-__all__ = ["BACKBONE_PRESETS", "POOL", "backbone_choices", "backbone_status", "class_choices",
+__all__ = ["BACKBONE_PRESETS", "POOL", "auto_summary", "backbone_choices", "backbone_status", "class_choices",
            "default_backbone_value", "gallery_items", "image_by_thumbnail", "image_gallery", "method_choices",
            "method_label", "model_choices", "model_label", "model_result", "model_summary", "parse_image_ids",
            "pool_gallery", "pool_gallery_items", "renamed_folders", "top_text", "usage", "usage_snippet"]

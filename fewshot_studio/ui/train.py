@@ -36,8 +36,9 @@ def build(ui: UI) -> None:
     ui.adv = []  # (method, key, component), in input order
     with gr.Row():
         with gr.Column(scale=2):
-            ui.method = gr.Radio(presenters.method_choices(), value="graph", label="Method", elem_id="method")
-            ui.method_note = gr.Markdown(catalog.summary("graph"), elem_classes="fs-hint")
+            ui.method = gr.Radio(presenters.method_choices(with_auto=True), value=catalog.DEFAULT_CHOICE,
+                                 label="Method", elem_id="method")
+            ui.method_note = gr.Markdown(catalog.summary(catalog.DEFAULT_CHOICE), elem_classes="fs-hint")
             ui.backbone = gr.Dropdown(presenters.backbone_choices(ws), value=presenters.default_backbone_value(ws),
                                       label="Backbone", allow_custom_value=True, elem_id="backbone",
                                       info=("One of the backbones this public app offers; tiny (offline) only "
@@ -51,11 +52,11 @@ def build(ui: UI) -> None:
                                        visible=not ws.hosted)
             with gr.Accordion("Advanced settings (the papers' defaults)", open=False, elem_id="advanced"):
                 ui.adv_groups = {}
-                for m in catalog.method_ids():
-                    with gr.Group(visible=m == "graph") as grp:
+                for m in catalog.choices():
+                    with gr.Group(visible=m == catalog.DEFAULT_CHOICE) as grp:
                         defaults = catalog.settings(m)
                         limits = catalog.bounds(m)
-                        options = catalog.choices(m)
+                        options = catalog.setting_choices(m)
                         keys = list(defaults)
                         for i in range(0, len(keys), 3):
                             with gr.Row():
@@ -94,7 +95,7 @@ def build(ui: UI) -> None:
     ui.add_view(view, [ui.model_md, ui.curve, ui.progress], model=True)
 
     def on_method(m):
-        return {ui.method_note: catalog.summary(m) if m in catalog.REGISTRY else "",
+        return {ui.method_note: catalog.summary(m) if m in catalog.choices() else "",
                 **{g: gr.Group(visible=k == m) for k, g in ui.adv_groups.items()}}
 
     ui.method.change(on_method, ui.method, [ui.method_note, *ui.adv_groups.values()], api_visibility="private")
@@ -155,8 +156,9 @@ def wire(ui: UI) -> None:
         spec = modeling.backbone_spec(ws, backbone, None, checkpoint)
         scope = ui.scope(pid, owner)
         job_id = modeling.start_training(scope, method, spec, settings)
-        notice = (f"Training {presenters.method_label(method)} on `{spec.label}`: the page stays usable "
-                  f"meanwhile.{shapes_only_warning(scope, spec)}")
+        what = ("Auto: comparing methods on your examples, then training the best,"
+                if method == catalog.AUTO else f"Training {presenters.method_label(method)}")
+        notice = f"{what} on `{spec.label}`: the page stays usable meanwhile.{shapes_only_warning(scope, spec)}"
         # the backbone just loaded: the banner names it (it may have said "unavailable" before)
         return start_outputs(ui, job_id, notice) | {ui.banner: presenters.backbone_status(ws, spec)[1]}
 
