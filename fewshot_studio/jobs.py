@@ -41,7 +41,14 @@ from .progress import FINISHED, JobStatus, Progress
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = (s.value for s in JobStatus)
 # the kinds of long work the app runs as jobs, and how a sentence names each
 TRAIN, EVALUATE, LABEL = "train", "evaluate", "label"
-KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool"}
+#: the low-priority kind (`JobRunner.submit_background`): plain-view features of new uploads
+ENCODE = "encode"
+KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool",
+              ENCODE: "Preparing features"}
+#: The stage a background job shows while it waits for the other jobs to finish.
+YIELDED_STAGE = "Waiting: another job runs first"
+#: How often a waiting background job looks again (seconds): it holds no slot, so nothing wakes it.
+BACKGROUND_POLL = 0.05
 #: How long a job keeps its slot while a job of another owner (visitor) waits: at its next
 #: progress report after this many seconds it lets the waiting job run, then queues again.
 TIME_SLICE_SECONDS = 5.0
@@ -257,6 +264,8 @@ class JobRunner:
         self._gpu = FairSlots(1, time_slice)
         self._cpu = FairSlots(max_cpu_jobs, time_slice)
         self._jobs: dict[str, Job] = {}
+        self._background: set[str] = set()  # ids of the low-priority jobs (submit_background)
+        self._background_turn = threading.Lock()  # one background job at a time
         self._lock = threading.Lock()
 
     # ---- generic jobs ------------------------------------------------------------
@@ -271,6 +280,64 @@ class JobRunner:
             job.subscribe(functools.partial(self._persist, last=[0.0, QUEUED]))
         threading.Thread(target=self._run, args=(job, fn), name=f"job-{job_id}", daemon=True).start()
         return job_id
+
+    def submit_background(self, kind: str, fn: Callable[[Job], Any], project_id: Any = None) -> str:
+        """Queue `fn(job)` at the lowest priority: it takes no slot, runs only while no other job
+        is queued or running (one background job at a time), and at each of its progress
+        reports waits (showing YIELDED_STAGE) while one is, so a user's training or prediction
+        never waits for it: at most the step in progress overlaps a job that has just started
+        (the caller keeps steps short). It is cancellable like any job, is never stored (a
+        restart forgets it: it only warms the feature cache) and is not listed by `jobs`
+        unless asked for (`background=True`)."""
+        job_id = uuid.uuid4().hex[:12]
+        job = Job(JobState(job_id, kind, project_id))
+        with self._lock:
+            self._jobs[job_id] = job
+            self._background.add(job_id)
+        threading.Thread(target=self._run_background, args=(job, fn), name=f"background-{job_id}",
+                         daemon=True).start()
+        return job_id
+
+    def foreground_busy(self) -> bool:
+        """Whether a job other than a background one is queued or running."""
+        with self._lock:
+            jobs = [j for i, j in self._jobs.items() if i not in self._background]
+        return any(j.snapshot().status not in FINISHED for j in jobs)
+
+    def _wait_for_foreground(self, job: Job) -> None:
+        """Stand still while another job is queued or running; Cancelled if cancelled meanwhile."""
+        if not self.foreground_busy():
+            return
+        stage = job.snapshot().stage
+        job.update(stage=YIELDED_STAGE)
+        while self.foreground_busy():
+            if job.cancel_event.wait(BACKGROUND_POLL):
+                raise Cancelled("Cancelled; what was done is kept.")
+        job.update(stage=stage)
+
+    def _run_background(self, job: Job, fn: Callable[[Job], Any]) -> None:
+        try:
+            with self._background_turn:
+                try:
+                    self._wait_for_foreground(job)
+                    if job.cancel_event.is_set():
+                        raise Cancelled("Cancelled before it started; nothing changed.")
+                    job.update(status=RUNNING, started=time.time(), stage="Starting")
+                    job.on_report = self._wait_for_foreground
+                    result = fn(job)
+                except Cancelled as e:
+                    job.update(status=CANCELLED, message=str(e) or "Cancelled.", finished=time.time())
+                except Exception as e:  # noqa: BLE001 - a background job fails quietly, in one sentence
+                    first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
+                    job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed: {first}.",
+                               finished=time.time())
+                else:
+                    s = job.snapshot()
+                    job.update(status=DONE, result=result, finished=time.time(), stage="Done",
+                               step=s.total or s.step)
+        finally:
+            job.on_report = None
+            job.done_event.set()
 
     def _new_id(self, kind: str, project_id: Any) -> str:
         if self.store is not None and project_id is not None:
@@ -351,9 +418,10 @@ class JobRunner:
             raise KeyError(f"There is no job {job_id}.")
         return job.snapshot()
 
-    def jobs(self, project_id: Any = None) -> list[JobState]:
+    def jobs(self, project_id: Any = None, background: bool = False) -> list[JobState]:
+        """The jobs (of one project), without the background ones unless `background`."""
         with self._lock:
-            jobs = list(self._jobs.values())
+            jobs = [j for i, j in self._jobs.items() if background or i not in self._background]
         return [j.snapshot() for j in jobs if project_id is None or j.snapshot().project_id == project_id]
 
     def cancel(self, job_id: str) -> bool:
