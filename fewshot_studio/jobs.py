@@ -45,6 +45,8 @@ TRAIN, EVALUATE, LABEL = "train", "evaluate", "label"
 ENCODE = "encode"
 KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool",
               ENCODE: "Preparing features"}
+#: The stage prefix while a closed-form method refits with augmented views after its first model.
+REFINING = "First model on plain views ready; refining with augmented views"
 #: The stage a background job shows while it waits for the other jobs to finish.
 YIELDED_STAGE = "Waiting: another job runs first"
 #: How often a waiting background job looks again (seconds): it holds no slot, so nothing wakes it.
@@ -78,6 +80,7 @@ class JobState:
     stage_started: float | None = None  # when the current stage began (its pace gives the time left)
     history: list[dict] = field(default_factory=list)
     result: Any = None
+    model_id: int | None = None  # a model this job has registered so far (a first model on plain views)
 
     @property
     def elapsed(self) -> float:
@@ -467,17 +470,51 @@ class JobRunner:
         return self.submit(TRAIN, work, project_id, device=str(backbone.device), owner=owner)
 
     def _train(self, job: Job, project_id, method_name, backbone, extractor, support, overrides):
+        """Fit and register. A closed-form method (`Method.closed_form`) whose augmented views are
+        not all cached yet is fitted twice in this one job (issue #14, item 6b): first on the plain
+        views alone (cached by the uploads' background job, so the first model is milliseconds
+        away), registered at once (`JobState.model_id`; metrics["views"] = "plain"); then on the
+        plain and augmented views, registered as the model that refines it (metrics["refines"]).
+        Cancelling the second fit keeps the first model."""
+        from .methods import get_method_class, make_config
+
+        notes: list[str] = []
+        aug = getattr(make_config(method_name, **overrides), "augment_views", 0) or 0
+        if (self.store is None or not get_method_class(method_name).closed_form or aug <= 0
+                or _views_cached(extractor, support, aug)):
+            method, backbone, extractor = self._fit(job, method_name, backbone, extractor, support, overrides,
+                                                    notes, job.report)
+            return self._register(job, project_id, method, backbone)
+        first, backbone, extractor = self._fit(job, method_name, backbone, extractor, support,
+                                               {**overrides, "augment_views": 0}, notes, job.report)
+        first.metrics = {**first.metrics, "views": "plain"}
+        info = self._register(job, project_id, first, backbone)
+        job.update(model_id=info.id)
+
+        def report(p: Progress) -> None:
+            job.report(Progress(f"{REFINING}: {p.stage[:1].lower()}{p.stage[1:]}", p.step, p.total, p.loss,
+                                p.accuracy))
+        try:
+            method, backbone, extractor = self._fit(job, method_name, backbone, extractor, support, overrides,
+                                                    notes, report)
+        except Cancelled:
+            raise Cancelled("Refining was cancelled; the first model, fitted on plain views, is kept.") from None
+        method.metrics = {**method.metrics, "refines": info.id}
+        return self._register(job, project_id, method, backbone)
+
+    def _fit(self, job: Job, method_name, backbone, extractor, support, overrides, notes: list[str], report):
+        """One fit, retrying a GPU out-of-memory with half the batch size, then on the CPU;
+        (method, backbone, extractor): the last two change when it moved to the CPU."""
         from .methods import make_method
 
         attempt_overrides = dict(overrides)
-        notes: list[str] = []
         while True:
             method = make_method(method_name, backbone, support.classnames, support.descriptions,
                                  **attempt_overrides)
             method.to(backbone.device)
             try:
                 fit = gpu_wrap(method.fit)
-                fit(support, extractor, progress=job.report, cancel=job.cancel_event)
+                fit(support, extractor, progress=report, cancel=job.cancel_event)
                 break
             except Exception as e:
                 if not (_is_oom(e) and backbone.device.type == "cuda"):
@@ -497,6 +534,10 @@ class JobRunner:
                     extractor = FeatureExtractor(backbone, extractor.cache)
                     notes.append("The GPU ran out of memory; training continued on the CPU.")
                 job.update(message=" ".join(notes), device=str(backbone.device))
+        return method, backbone, extractor
+
+    def _register(self, job: Job, project_id, method, backbone):
+        """Save the fitted model into the store (the method itself when there is no store)."""
         if self.store is None:
             return method
         tmp = Path(tempfile.mkdtemp(prefix=f"job-{job.snapshot().id}-", dir=self.store.staging_dir()))
@@ -509,3 +550,13 @@ class JobRunner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return info
+
+
+def _views_cached(extractor, support, augment_views: int) -> bool:
+    """Whether every support image's plain and `augment_views` augmented views are in the
+    extractor's feature cache (a look-up in the cache's index: nothing is read)."""
+    cache = getattr(extractor, "cache", None)
+    if cache is None:
+        return True  # nothing would be kept between two fits: fit once
+    keys = cache.keys(extractor.backbone.id)
+    return all((ref.hash, v) in keys for ref in support.images for v in range(augment_views + 1))

@@ -712,3 +712,9 @@ def test_background_encoding_never_runs_ahead_of_a_job_and_cancels(tiny, tmp_pat
         release.set()
         assert runner.wait(fg2, 30).status == "done"
         assert not steps_during_fg
+
+
+def test_model_result_names_a_first_model_and_its_refinement():
+    assert presenters.model_result("gda", {"views": "plain"})[0] == "first model, on plain views"
+    assert presenters.model_result("gda", {"refines": 7})[0] == "refines #7 with augmented views"
+    assert not any("plain" in p for p in presenters.model_result("gda", {"alpha": 1.0}))

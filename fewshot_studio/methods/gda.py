@@ -120,6 +120,7 @@ class GDA(Method):
     cost = 1  # measured: ~8 ms CPU a fit on cached features (5 classes × 4 shots), Tip-Adapter ~110 ms
     order = 4
     Config = GDAConfig
+    closed_form = True
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
         super().__init__(backbone, classnames, descriptions, config)
@@ -140,8 +141,6 @@ class GDA(Method):
         gen = torch.Generator().manual_seed(int(cfg.seed))
         dev = self._device()
         feats, labels = self._support_features(support, extractor, max(0, int(cfg.augment_views)), progress, cancel)
-        if int(cfg.augment_views) == 0:
-            feats = feats[:, :1]  # _support_features always reads one augmented view
         self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
                                                           cfg.templates).to(dev).clone()
         n, v, d = feats.shape

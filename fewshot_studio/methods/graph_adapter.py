@@ -215,7 +215,7 @@ class GraphAdapter(Method):
         cfg = self.config
         gen = seed_everything(cfg.seed)
         dev = self._device()
-        n_aug = max(1, int(cfg.augment_views))
+        n_aug = max(0, int(cfg.augment_views))
         feats, labels = self._support_features(support, extractor, n_aug, progress, cancel)  # (N, 1+n_aug, d)
         C = self.num_classes
         # frozen graph inputs, built once per fit
@@ -233,7 +233,8 @@ class GraphAdapter(Method):
         sched = cosine_schedule(opt, total)
         n = len(labels)
         rows = torch.arange(n, device=dev)
-        views = torch.randint(1, n_aug + 1, (total, n), generator=gen).to(dev)  # every step's random views
+        views = (torch.randint(1, n_aug + 1, (total, n), generator=gen) if n_aug  # every step's random views
+                 else torch.zeros(total, n, dtype=torch.long)).to(dev)  # none: the plain view
         self.train()
 
         def step(i: int):

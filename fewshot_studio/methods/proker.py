@@ -106,6 +106,7 @@ class ProKeR(Method):
     cost = 2  # measured: ~0.2 s CPU a fit with its search (5 × 4 shots); ties with Tip-Adapter go to it
     order = 5
     Config = ProKeRConfig
+    closed_form = True
     data_sized = ("support_keys", "coef")
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
@@ -131,8 +132,6 @@ class ProKeR(Method):
         cfg = self.config
         dev = self._device()
         feats, labels = self._support_features(support, extractor, max(0, int(cfg.augment_views)), progress, cancel)
-        if int(cfg.augment_views) == 0:
-            feats = feats[:, :1]  # _support_features always reads one augmented view
         self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
                                                           cfg.templates).to(dev).clone()
         n, v, d = feats.shape

@@ -99,6 +99,7 @@ class TipAdapter(Method):
     order = 2
     Config = TipAdapterConfig
     trainable_keys = False
+    closed_form = True
     data_sized = ("cache_keys", "cache_values")
 
     def __init__(self, backbone, classnames, descriptions=None, config=None):
@@ -127,11 +128,12 @@ class TipAdapter(Method):
         cfg = self.config
         gen = seed_everything(cfg.seed)
         dev = self._device()
-        n_aug = max(1, int(cfg.augment_views))
+        n_aug = max(0, int(cfg.augment_views))
         feats, labels = self._support_features(support, extractor, n_aug, progress, cancel)  # (N, 1+n_aug, d)
         self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
                                                           cfg.templates).to(dev).clone()
-        keys = F.normalize(feats[:, 1:].mean(1), dim=-1)
+        # no augmented views: the plain view is the key (what a first model on plain views uses)
+        keys = F.normalize(feats[:, 1:].mean(1), dim=-1) if n_aug else feats[:, 0].clone()
         self._set_keys(keys)
         self.cache_values = F.one_hot(labels, self.num_classes).float()
         self.alpha = torch.tensor(float(cfg.alpha), device=dev)
@@ -211,6 +213,7 @@ class TipAdapterF(TipAdapter):
     order = 3
     Config = TipAdapterFConfig
     trainable_keys = True
+    closed_form = False  # 200+ gradient steps on the keys
 
     def _train(self, feats, labels, gen, progress, cancel) -> list[dict]:
         cfg = self.config
@@ -226,7 +229,8 @@ class TipAdapterF(TipAdapter):
 
         def step(_: int):
             idx = next(batches).to(dev)
-            view = torch.randint(1, n_aug + 1, (len(idx),), generator=gen).to(dev)
+            view = (torch.randint(1, n_aug + 1, (len(idx),), generator=gen) if n_aug
+                    else torch.zeros(len(idx), dtype=torch.long)).to(dev)
             x, y = feats[idx, view], labels[idx]
             with autocast_for(dev):
                 logits = self._logits(x, self.cache_keys, alpha, beta)
