@@ -154,6 +154,9 @@ def wire(ui: UI) -> None:
         job_id = modeling.start_training(scope, method, spec, settings)
         notice = (f"Training {presenters.method_label(method)} on `{spec.label}`: the page stays usable "
                   f"meanwhile.{shapes_only_warning(scope, spec)}")
+        if method == "mma" and ws.backbone(spec).device.type == "cpu":  # loaded by start_training
+            notice += (" On a CPU MMA takes minutes: the progress bar says how long after its first step; "
+                       "GDA or ProKeR give a model in seconds.")
         # the backbone just loaded: the banner names it (it may have said "unavailable" before)
         return start_outputs(ui, job_id, notice) | {ui.banner: presenters.backbone_status(ws, spec)[1]}
 
