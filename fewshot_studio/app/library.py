@@ -195,9 +195,10 @@ def _commit(batch: ImageImport, errors: list[str]) -> UploadResult:
     return UploadResult(result.added, result.duplicates, errors)
 
 
-#: Images per step of the background encoding (prepare_features). A step is what may overlap
-#: a training that starts while it runs (the job yields between steps): 16 images are about
-#: 1.5 s of ViT-B-32 on 2 CPU cores, and batches of 16 encode within a few % of batches of 64.
+#: Images per step of the background encoding (prepare_features): progress is reported (and
+#: the job yields) between steps. Within a step the encoder stops at its next chunk (8 images
+#: at most here, features.RAMP_START) once another job is queued, so a training that starts
+#: shares the CPU with at most one chunk: about 1 s of ViT-B-32 on 2 CPU cores.
 PREPARE_STEP = 16
 
 
@@ -222,20 +223,38 @@ def prepare_features(scope: ProjectScope) -> str | None:
         extractor = ws.extractor(backbone)
         imgs = scope.store.list_images(project_id)
         refs = [i.ref() for i in sorted(imgs, key=lambda i: i.class_id is None)]  # examples first, then the pool
-        n, done = len(refs), 0
-        for a in range(0, n, PREPARE_STEP):
+        n, done, a = len(refs), 0, 0
+        stop = _StopForOthers(ws.runner, job.cancel_event)
+        while a < n:
             if job.cancel_event.is_set():
                 raise Cancelled("Cancelled; the features encoded so far are kept.")
             try:
-                extractor.image_features(refs[a:a + PREPARE_STEP], (0,), cancel=job.cancel_event)
+                extractor.image_features(refs[a:a + PREPARE_STEP], (0,), cancel=stop)
                 done += len(refs[a:a + PREPARE_STEP])
-            except (FewShotError, OSError) as e:  # a damaged or vanished file: training will say which
-                if isinstance(e, Cancelled):
-                    raise
-            job.report(Progress("Preparing features", min(n, a + PREPARE_STEP), n))  # where it yields
+            except Cancelled:
+                if job.cancel_event.is_set():
+                    raise Cancelled("Cancelled; the features encoded so far are kept.") from None
+                job.report(Progress("Preparing features", a, n))  # another job came: wait here, then redo the rest
+                continue
+            except (FewShotError, OSError):  # a damaged or vanished file: training will say which
+                pass
+            a += PREPARE_STEP
+            job.report(Progress("Preparing features", min(n, a), n))  # where it yields
         return done
 
     return ws.runner.submit_background(ENCODE, work, project_id)
+
+
+class _StopForOthers:
+    """The background encoding's cancel flag: set when its job is cancelled or when another job
+    is queued or running (the feature pipeline checks it before each chunk; what it encoded
+    before is cached)."""
+
+    def __init__(self, runner, cancel):
+        self.runner, self.cancel = runner, cancel
+
+    def is_set(self) -> bool:
+        return self.cancel.is_set() or self.runner.foreground_busy()
 
 
 def add_uploads(scope: ProjectScope, files: Iterable[str | os.PathLike], class_name: str | None = None
