@@ -265,14 +265,44 @@ class Backbone:
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Texts -> (N,d) L2-normalised features (float32, CPU)."""
+        """Texts -> (N,d) L2-normalised features (float32, CPU).
+
+        Each batch is encoded only up to its longest prompt's end-of-text token (encode_tokens):
+        a class prompt is about 10 of the 77 positions, so on a CPU this is 4-5× faster, and
+        exact (the mask is causal and the feature is read at the end-of-text position)."""
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
             with self.autocast():
-                f = self.model.encode_text(tokens)
+                f = self.encode_tokens(tokens)
             out.append(F.normalize(f.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, getattr(self, "embed_dim", 0))
+
+    def encode_tokens(self, tokens: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+        """(N, L) token ids -> (N, d) unnormalised text features, as `model.encode_text`.
+
+        With `truncate` (and a text tower where it is exact, `_truncatable`) the positions after
+        the batch's last end-of-text token are dropped: under a causal mask position t attends
+        only to positions <= t, and the pooled feature is read at the end-of-text position (the
+        argmax of the ids, open_clip's `text_global_pool`), so the padding after it cannot
+        change the result; the positional embedding and mask are sliced to the shorter length."""
+        m = self.model
+        if not (truncate and _truncatable(m)):
+            return m.encode_text(tokens)
+        from open_clip.transformer import text_global_pool
+
+        eos = getattr(m, "text_eos_id", None)
+        pos = tokens.argmax(dim=-1) if m.text_pool_type == "argmax" else (tokens == eos).int().argmax(dim=-1)
+        n = int(pos.max().item()) + 1 if len(tokens) else tokens.shape[1]
+        tokens = tokens[:, :n]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=eos)
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return x
 
     def parameter_fingerprint(self) -> str:
         """Hash of every frozen weight, to check they stay bit-identical (docs/design.md,
@@ -282,6 +312,27 @@ class Backbone:
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
+
+
+def _truncatable(model: torch.nn.Module) -> bool:
+    """Whether `Backbone.encode_tokens` may cut a token batch after its last end-of-text token
+    and still give model.encode_text's features exactly: an open_clip `CLIP` text tower (its own
+    token embedding, transformer and `attn_mask`) whose mask is the causal one (-inf strictly
+    above the diagonal, 0 elsewhere) and whose pooling reads the end-of-text position
+    ("argmax" or "eos"). Towers of other kinds (CustomTextCLIP, HF text models) are encoded
+    at full length."""
+    mask = getattr(model, "attn_mask", None)
+    if not all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+        return False
+    if getattr(model, "text_pool_type", None) not in ("argmax", "eos") or not isinstance(mask, torch.Tensor):
+        return False
+    if getattr(model, "text_pool_type") == "eos" and getattr(model, "text_eos_id", None) is None:
+        return False
+    if mask.dim() != 2:
+        return False
+    n = mask.shape[-1]  # a 77×77 check: microseconds, so checked on every call rather than remembered
+    above = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.isneginf(mask[above]).all()) and bool((mask[~above] == 0).all())
 
 
 def _create(name: str, pretrained: str | None, device: torch.device):

@@ -41,7 +41,16 @@ from .progress import FINISHED, JobStatus, Progress
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = (s.value for s in JobStatus)
 # the kinds of long work the app runs as jobs, and how a sentence names each
 TRAIN, EVALUATE, LABEL = "train", "evaluate", "label"
-KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool"}
+#: the low-priority kind (`JobRunner.submit_background`): plain-view features of new uploads
+ENCODE = "encode"
+KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool",
+              ENCODE: "Preparing features"}
+#: The stage prefix while a closed-form method refits with augmented views after its first model.
+REFINING = "First model on plain views ready; refining with augmented views"
+#: The stage a background job shows while it waits for the other jobs to finish.
+YIELDED_STAGE = "Waiting: another job runs first"
+#: How often a waiting background job looks again (seconds): it holds no slot, so nothing wakes it.
+BACKGROUND_POLL = 0.05
 #: How long a job keeps its slot while a job of another owner (visitor) waits: at its next
 #: progress report after this many seconds it lets the waiting job run, then queues again.
 TIME_SLICE_SECONDS = 5.0
@@ -71,6 +80,7 @@ class JobState:
     stage_started: float | None = None  # when the current stage began (its pace gives the time left)
     history: list[dict] = field(default_factory=list)
     result: Any = None
+    model_id: int | None = None  # a model this job has registered so far (a first model on plain views)
 
     @property
     def elapsed(self) -> float:
@@ -257,6 +267,8 @@ class JobRunner:
         self._gpu = FairSlots(1, time_slice)
         self._cpu = FairSlots(max_cpu_jobs, time_slice)
         self._jobs: dict[str, Job] = {}
+        self._background: set[str] = set()  # ids of the low-priority jobs (submit_background)
+        self._background_turn = threading.Lock()  # one background job at a time
         self._lock = threading.Lock()
 
     # ---- generic jobs ------------------------------------------------------------
@@ -271,6 +283,64 @@ class JobRunner:
             job.subscribe(functools.partial(self._persist, last=[0.0, QUEUED]))
         threading.Thread(target=self._run, args=(job, fn), name=f"job-{job_id}", daemon=True).start()
         return job_id
+
+    def submit_background(self, kind: str, fn: Callable[[Job], Any], project_id: Any = None) -> str:
+        """Queue `fn(job)` at the lowest priority: it takes no slot, runs only while no other job
+        is queued or running (one background job at a time), and at each of its progress
+        reports waits (showing YIELDED_STAGE) while one is, so a user's training or prediction
+        never waits for it: at most the step in progress overlaps a job that has just started
+        (the caller keeps steps short). It is cancellable like any job, is never stored (a
+        restart forgets it: it only warms the feature cache) and is not listed by `jobs`
+        unless asked for (`background=True`)."""
+        job_id = uuid.uuid4().hex[:12]
+        job = Job(JobState(job_id, kind, project_id))
+        with self._lock:
+            self._jobs[job_id] = job
+            self._background.add(job_id)
+        threading.Thread(target=self._run_background, args=(job, fn), name=f"background-{job_id}",
+                         daemon=True).start()
+        return job_id
+
+    def foreground_busy(self) -> bool:
+        """Whether a job other than a background one is queued or running."""
+        with self._lock:
+            jobs = [j for i, j in self._jobs.items() if i not in self._background]
+        return any(j.snapshot().status not in FINISHED for j in jobs)
+
+    def _wait_for_foreground(self, job: Job) -> None:
+        """Stand still while another job is queued or running; Cancelled if cancelled meanwhile."""
+        if not self.foreground_busy():
+            return
+        stage = job.snapshot().stage
+        job.update(stage=YIELDED_STAGE)
+        while self.foreground_busy():
+            if job.cancel_event.wait(BACKGROUND_POLL):
+                raise Cancelled("Cancelled; what was done is kept.")
+        job.update(stage=stage)
+
+    def _run_background(self, job: Job, fn: Callable[[Job], Any]) -> None:
+        try:
+            with self._background_turn:
+                try:
+                    self._wait_for_foreground(job)
+                    if job.cancel_event.is_set():
+                        raise Cancelled("Cancelled before it started; nothing changed.")
+                    job.update(status=RUNNING, started=time.time(), stage="Starting")
+                    job.on_report = self._wait_for_foreground
+                    result = fn(job)
+                except Cancelled as e:
+                    job.update(status=CANCELLED, message=str(e) or "Cancelled.", finished=time.time())
+                except Exception as e:  # noqa: BLE001 - a background job fails quietly, in one sentence
+                    first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
+                    job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed: {first}.",
+                               finished=time.time())
+                else:
+                    s = job.snapshot()
+                    job.update(status=DONE, result=result, finished=time.time(), stage="Done",
+                               step=s.total or s.step)
+        finally:
+            job.on_report = None
+            job.done_event.set()
 
     def _new_id(self, kind: str, project_id: Any) -> str:
         if self.store is not None and project_id is not None:
@@ -351,9 +421,10 @@ class JobRunner:
             raise KeyError(f"There is no job {job_id}.")
         return job.snapshot()
 
-    def jobs(self, project_id: Any = None) -> list[JobState]:
+    def jobs(self, project_id: Any = None, background: bool = False) -> list[JobState]:
+        """The jobs (of one project), without the background ones unless `background`."""
         with self._lock:
-            jobs = list(self._jobs.values())
+            jobs = [j for i, j in self._jobs.items() if background or i not in self._background]
         return [j.snapshot() for j in jobs if project_id is None or j.snapshot().project_id == project_id]
 
     def cancel(self, job_id: str) -> bool:
@@ -424,17 +495,52 @@ class JobRunner:
 
     def _train(self, job: Job, project_id, method_name, backbone, extractor, support, overrides,
                config_extra: dict | None = None, current: bool = True):
+        """Fit and register. A closed-form method (`Method.closed_form`) whose augmented views are
+        not all cached yet is fitted twice in this one job (issue #14, item 6b): first on the plain
+        views alone (cached by the uploads' background job, so the first model is milliseconds
+        away), registered at once (`JobState.model_id`; metrics["views"] = "plain"); then on the
+        plain and augmented views, registered as the model that refines it (metrics["refines"]).
+        Cancelling the second fit keeps the first model. A model registered without becoming
+        current (an instant refit, which its `then` makes current) is fitted once."""
+        from .methods import get_method_class, make_config
+
+        notes: list[str] = []
+        aug = getattr(make_config(method_name, **overrides), "augment_views", 0) or 0
+        if (self.store is None or not current or not get_method_class(method_name).closed_form or aug <= 0
+                or _views_cached(extractor, support, aug)):
+            method, backbone, extractor = self._fit(job, method_name, backbone, extractor, support, overrides,
+                                                    notes, job.report)
+            return self._register(job, project_id, method, backbone, config_extra, current)
+        first, backbone, extractor = self._fit(job, method_name, backbone, extractor, support,
+                                               {**overrides, "augment_views": 0}, notes, job.report)
+        first.metrics = {**first.metrics, "views": "plain"}
+        info = self._register(job, project_id, first, backbone, config_extra, current)
+        job.update(model_id=info.id)
+
+        def report(p: Progress) -> None:
+            job.report(Progress(f"{REFINING}: {p.stage[:1].lower()}{p.stage[1:]}", p.step, p.total, p.loss,
+                                p.accuracy))
+        try:
+            method, backbone, extractor = self._fit(job, method_name, backbone, extractor, support, overrides,
+                                                    notes, report)
+        except Cancelled:
+            raise Cancelled("Refining was cancelled; the first model, fitted on plain views, is kept.") from None
+        method.metrics = {**method.metrics, "refines": info.id}
+        return self._register(job, project_id, method, backbone, config_extra, current)
+
+    def _fit(self, job: Job, method_name, backbone, extractor, support, overrides, notes: list[str], report):
+        """One fit, retrying a GPU out-of-memory with half the batch size, then on the CPU;
+        (method, backbone, extractor): the last two change when it moved to the CPU."""
         from .methods import make_method
 
         attempt_overrides = dict(overrides)
-        notes: list[str] = []
         while True:
             method = make_method(method_name, backbone, support.classnames, support.descriptions,
                                  **attempt_overrides)
             method.to(backbone.device)
             try:
                 fit = gpu_wrap(method.fit)
-                fit(support, extractor, progress=job.report, cancel=job.cancel_event)
+                fit(support, extractor, progress=report, cancel=job.cancel_event)
                 break
             except Exception as e:
                 if not (_is_oom(e) and backbone.device.type == "cuda"):
@@ -454,12 +560,12 @@ class JobRunner:
                     extractor = FeatureExtractor(backbone, extractor.cache)
                     notes.append("The GPU ran out of memory; training continued on the CPU.")
                 job.update(message=" ".join(notes), device=str(backbone.device))
-        return self._register(job, project_id, method, backbone, config_extra, current)
+        return method, backbone, extractor
 
     def _register(self, job: Job, project_id, method, backbone, config_extra: dict | None = None,
                   current: bool = True):
-        """Save a trained method into the store (atomically); the ModelInfo, or the method
-        itself when there is no store."""
+        """Save the fitted model into the store (atomically); the ModelInfo, or the method itself
+        when there is no store."""
         if self.store is None:
             return method
         tmp = Path(tempfile.mkdtemp(prefix=f"job-{job.snapshot().id}-", dir=self.store.staging_dir()))
@@ -473,3 +579,13 @@ class JobRunner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return info
+
+
+def _views_cached(extractor, support, augment_views: int) -> bool:
+    """Whether every support image's plain and `augment_views` augmented views are in the
+    extractor's feature cache (a look-up in the cache's index: nothing is read)."""
+    cache = getattr(extractor, "cache", None)
+    if cache is None:
+        return True  # nothing would be kept between two fits: fit once
+    keys = cache.keys(extractor.backbone.id)
+    return all((ref.hash, v) in keys for ref in support.images for v in range(augment_views + 1))

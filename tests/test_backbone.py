@@ -176,3 +176,55 @@ def test_prompts_are_built_in_one_place(tiny):
     # MMA's single template goes through the same builder (its strings are what the official code builds)
     m = MMA(tiny, ["red_circle", "blue square"], ["round", None])
     assert m.prompts() == ["a photo of a red circle. round", "a photo of a blue square."]
+
+
+_PROMPTS = ["a photo of a red circle.", "itap of a blue square. striped, with a thin border",
+            "a close-up photo of a green triangle.", "x", "a very long prompt " * 30]
+
+
+def _full_vs_cut(backbone):
+    from fewshot_studio.backbone import _truncatable
+
+    assert _truncatable(backbone.model)
+    tokens = backbone.tokenizer(_PROMPTS)
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(backbone.model.encode_text(tokens), dim=-1)
+        cut = torch.nn.functional.normalize(backbone.encode_tokens(tokens), dim=-1)
+        short = torch.nn.functional.normalize(backbone.encode_tokens(tokens[:4]), dim=-1)
+    assert (cut - full).abs().max() < 1e-5
+    assert (short - full[:4]).abs().max() < 1e-5  # a batch whose longest prompt ends early
+    assert (backbone.encode_texts(_PROMPTS) - full).abs().max() < 1e-5
+
+
+def test_text_encoding_cut_after_end_of_text_is_exact_tiny(tiny):
+    """encode_texts stops each batch at its last end-of-text token: the same features as the
+    full context (causal mask, pooled at the end-of-text position)."""
+    _full_vs_cut(tiny)
+
+
+@pytest.mark.slow  # builds a ViT-B-32 with random weights (151 M parameters)
+def test_text_encoding_cut_after_end_of_text_is_exact_vit_b32():
+    import open_clip
+
+    from fewshot_studio.backbone import Backbone
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    bb = Backbone(model, open_clip.get_tokenizer("ViT-B-32"), BackboneSpec("ViT-B-32", None, device="cpu"),
+                  "vit-b-32-random", torch.device("cpu"))
+    assert bb.tokenizer(_PROMPTS[:4]).shape[1] == 77
+    _full_vs_cut(bb)
+
+
+def test_text_encoding_cut_only_under_a_causal_mask(tiny):
+    """A tower whose mask is not causal (here: none masked) is encoded at full length."""
+    import copy
+
+    from fewshot_studio.backbone import _truncatable
+
+    model = copy.deepcopy(tiny.model)
+    model.attn_mask = torch.zeros_like(model.attn_mask)
+    assert not _truncatable(model)
+    model.attn_mask = tiny.model.attn_mask.clone()
+    model.text_pool_type = "last"
+    assert not _truncatable(model)

@@ -46,9 +46,17 @@ def test_every_key_is_measured_and_positive(small_results):
               "graph_first_fit_seconds", "graph_refit_seconds", "mma_epoch_seconds_cached",
               "mma_epoch_seconds_uncached", "mma_prepare_seconds_cached", "mma_blocks_only_speedup",
               "graph_step_ms_loop", "graph_step_ms_batched", "labeling_images_per_s",
-              "extraction_images_per_s", "closed_form_refit_ms_fastest", "closed_form_refit_ms_with_search"):
+              "extraction_images_per_s", "closed_form_refit_ms_fastest", "closed_form_refit_ms_with_search",
+
+              "first_model_encode_seconds", "first_model_refined_seconds", "first_model_seconds_median"):
         assert isinstance(a[k], (int, float)) and math.isfinite(a[k]) and a[k] > 0, k
     assert a["graph_step_classes"] == 100
+    # the first-model scenario: 5 × 16 photos of 1024×768, a closed-form method, refined after
+    assert a["first_model_images"] == 80 and a["first_model_photo_px"] == [1024, 768]
+    assert a["first_model_method"] == "gda"
+    assert a["first_model_refined_seconds"] > r["first_model_seconds"]
+    assert r["first_model_vs_encode"] == pytest.approx(r["first_model_seconds"] / a["first_model_encode_seconds"],
+                                                       rel=1e-3)
     assert a["peak_rss_mb"] is None or a["peak_rss_mb"] > 0
     assert r["backbone"].startswith("tiny-") and r["device"].startswith("CPU")
     assert r["torch"] == torch.__version__ and r["open_clip"]
@@ -74,7 +82,8 @@ def test_report_prints_the_table_and_writes_json(small_results, tmp_path):
 def _fake(**overrides) -> dict:
     good = {"pipeline_vs_raw_encode": 0.95, "cache_hit_speedup": 40.0, "graph_retrain_ratio": 0.05,
             "mma_cached_speedup": 2.0, "graph_batched_speedup": 30.0, "labeling_vs_extraction": 0.99,
-            "closed_form_refit_ms": 20.0}
+            "closed_form_refit_ms": 20.0, "first_model_seconds": 6.0,
+            "first_model_vs_encode": 1.1}
     return {**good, "absolute": {"pipeline_images_per_s": 900.0, "raw_encode_images_per_s": 1000.0},
             "backbone": "fake", "device": "CPU", "torch": "x", "open_clip": "y", **overrides}
 
@@ -214,3 +223,19 @@ def test_a_cache_folder_that_cannot_be_written_does_not_fail_extraction(tiny, tm
     refs = make_refs("red circle", 10, np.random.default_rng(6))
     ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "file" / "cache"), batch_size=4)
     assert ex.image_features(refs).shape[0] == 10  # ENOTDIR in this process and in the helpers
+
+
+def test_views_sweep_fits_each_method_per_view_count_and_tabulates(capsys, tmp_path):
+    """`bench --views`: one row per (method, shots, seed, views), a table of the means."""
+    from fewshot_studio.bench.views import NAMES, sweep, table, task
+
+    support, test, labels = task(shots=2, test_per_class=3, seed=0)
+    assert support.classnames == list(NAMES) and len(support) == 10 and len(test) == 15
+    rows = sweep(["gda", "proker"], [0, 1], [1], seeds=1, test_per_class=2, log=lambda s: None)
+    assert [(r["method"], r["views"]) for r in rows] == [("gda", 0), ("gda", 1), ("proker", 0), ("proker", 1)]
+    assert all(0 <= r["accuracy"] <= 1 and r["fit_seconds"] > 0 for r in rows)
+    t = table(rows, [0, 1])
+    assert t.splitlines()[0] == "| method | shots | 0 views | 1 views |" and "| gda | 1 | " in t
+    assert main(["bench", "--views", "--methods", "gda", "--view-counts", "0", "--view-shots", "1",
+                 "--seeds", "1", "--json", str(tmp_path / "v.json")]) == 0
+    assert "| gda | 1 |" in capsys.readouterr().out and len(json.loads((tmp_path / "v.json").read_text())) == 1

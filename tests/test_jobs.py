@@ -348,3 +348,65 @@ def test_cancelled_queued_job_is_recorded_at_once_and_survives_a_restart(tmp_pat
         assert again.get_job(int(a)).message == "The app stopped while this job was running."
     runner.cancel(a)
     runner.wait(a, timeout=10)
+
+
+# ---- a first model on plain views, then refined (issue #14, item 6b) ---------------------------------
+LABELS5 = ["red circle", "blue square", "green triangle", "yellow star", "purple cross"]
+
+
+@pytest.mark.parametrize("method", ["gda", "proker", "tip"])
+def test_closed_form_training_registers_a_plain_view_model_first(store, tiny, tmp_path, method):
+    """With the plain views cached (as the uploads' background job leaves them), a closed-form
+    training registers a model fitted on plain views before any augmented view is encoded, then
+    the model refining it; the job names the first model while it refines."""
+    from fewshot_studio.jobs import REFINING
+
+    p = make_project(store, LABELS5, shots=3, seed=3)
+    runner = JobRunner(store)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    ex.image_features(store.support_set(p.id).images)  # the plain views, as after the uploads
+    seen = []
+
+    def look(s):
+        if s.stage.startswith(REFINING):
+            seen.append((s.model_id, len(store.list_models(p.id))))
+
+    job_id = runner.submit_training(p.id, method, tiny, ex, augment_views=2)
+    runner.subscribe(job_id, look)
+    st = runner.wait(job_id, 120)
+    assert st.status == DONE, st.message
+    refined, first = store.list_models(p.id)  # newest first
+    assert st.model_id == first.id and st.result.id == refined.id
+    assert first.metrics["views"] == "plain" and first.config["hyperparameters"]["augment_views"] == 0
+    assert refined.metrics["refines"] == first.id and refined.config["hyperparameters"]["augment_views"] == 2
+    assert store.current_model(p.id).id == refined.id
+    assert seen and all(s == (first.id, 1) for s in seen)  # the first model existed while it refined
+    m = load_model(first.path, backbone=tiny)
+    assert m.predict_proba(store.support_set(p.id).images[:2], ex).shape == (2, 5)
+
+    # everything cached now: a training fits once
+    again = runner.wait(runner.submit_training(p.id, method, tiny, ex, augment_views=2), 120)
+    assert again.status == DONE and again.model_id is None and len(store.list_models(p.id)) == 3
+    assert "refines" not in again.result.metrics and "views" not in again.result.metrics
+
+
+def test_cancelling_the_refit_keeps_the_first_model(store, tiny, tmp_path):
+    from fewshot_studio.jobs import REFINING
+
+    p = make_project(store, LABELS5, shots=3, seed=4)
+    runner = JobRunner(store)
+    ex = FeatureExtractor(tiny, FeatureCache(tmp_path / "cache"))
+    ex.image_features(store.support_set(p.id).images)
+    holder = {}
+
+    def look(s):
+        if s.stage.startswith(REFINING):
+            runner.cancel(holder["id"])
+
+    holder["id"] = job_id = runner.submit_training(p.id, "gda", tiny, ex, augment_views=10)
+    runner.subscribe(job_id, look)
+    st = runner.wait(job_id, 120)
+    assert st.status == CANCELLED and "first model" in st.message and "\n" not in st.message
+    (only,) = store.list_models(p.id)
+    assert only.id == st.model_id and only.metrics["views"] == "plain"
+    assert store.current_model(p.id).id == only.id

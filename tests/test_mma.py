@@ -364,3 +364,26 @@ def test_time_epoch_cached_vs_uncached(tiny, nato_task):
     assert tc["steps_per_epoch"] == tu["steps_per_epoch"] == 1 and tc["epoch_seconds"] > 0
     after = _adapter_state(m)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("threshold, says", [(0.0, True), (1e9, False)])
+def test_cpu_training_says_up_front_how_long_it_takes(tiny, nato_task, shared_extractor, monkeypatch,
+                                                      threshold, says):
+    """On a CPU the first step is timed; when steps × its time is long, every later stage text
+    says how long the training will take and suggests a closed-form method."""
+    monkeypatch.setattr(mma_mod, "ESTIMATE_SAY_SECONDS", threshold)
+    support = nato_task[0]
+    m = make_method("mma", tiny, support.classnames, **FAST)
+    seen = []
+    m.fit(support, shared_extractor, progress=seen.append)
+    steps = [p for p in seen if p.stage.startswith("Training MMA")]
+    assert len(steps) == 6 and m.metrics["estimated_seconds"] > 0
+    if says:
+        assert all("on this CPU" in p.stage and "GDA or ProKeR" in p.stage for p in steps)
+    else:
+        assert all(p.stage == "Training MMA" for p in steps)
+
+
+def test_duration_is_said_as_a_person_would():
+    d = mma_mod._duration
+    assert (d(0.2), d(42.4), d(299), d(3600 + 600)) == ("1 s", "42 s", "5 min", "1 h 10 min")

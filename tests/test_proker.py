@@ -12,6 +12,9 @@ from helpers import NATO, CancelAfter, accuracy, make_task, same_state, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.methods.proker import IMAGENET_HPS, table_hps
+from fewshot_studio.methods.proker import ProKeRConfig
+
+VIEWS = ProKeRConfig().augment_views  # the default: what a default fit reads
 
 SEEDS = (1, 2, 3)
 INFORMATIVE = {v: v for v in NATO.values()}  # class names that say what the images show
@@ -41,7 +44,7 @@ def plain_proker(S, labels, text, X, beta, lmbda):
 @pytest.fixture(scope="module")
 def support_views(nato_task, shared_extractor):
     support, _, _ = nato_task
-    return shared_extractor.image_features(support.images, views=range(11))
+    return shared_extractor.image_features(support.images, views=range(1 + VIEWS))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +168,7 @@ def test_save_load_reproduces_predictions(trained, tiny, nato_task, shared_extra
     trained.save(tmp_path / "proker")
     loaded = load_model(tmp_path / "proker", backbone=tiny)  # a fresh model has no rows: resized on load
     assert type(loaded) is type(trained) and loaded.config == trained.config
-    assert loaded.support_keys.shape == trained.support_keys.shape == (20 * 11, tiny.embed_dim)
+    assert loaded.support_keys.shape == trained.support_keys.shape == (20 * (1 + VIEWS), tiny.embed_dim)
     assert float(loaded.beta) == float(trained.beta) and float(loaded.lmbda) == float(trained.lmbda)
     assert torch.equal(loaded.predict_proba(test_refs, shared_extractor),
                        trained.predict_proba(test_refs, shared_extractor))

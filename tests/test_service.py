@@ -714,3 +714,103 @@ def test_a_visitor_has_at_most_two_jobs_and_cancel_reaches_all_of_them(tiny, tmp
     assert ws.runner.wait(theirs, timeout=120).status == "done"
     wait_done(ws, modeling.start_training(alice, "zeroshot", TINY))  # room again
     ws.close()
+
+
+# ---- features prepared in the background (issue #14, item 6a) --------------------------------------
+def _encode_jobs(ws):
+    from fewshot_studio.jobs import ENCODE
+
+    return [j for j in ws.runner.jobs(background=True) if j.kind == ENCODE]
+
+
+def test_upload_encodes_plain_views_in_the_background(tiny, tmp_path):
+    """After an upload, a low-priority job puts every image's plain view in the feature cache,
+    so a training finds them there (and encodes nothing); it is not one of the visitor's jobs."""
+    with make_ws(tmp_path / "data", tiny) as ws:
+        p = projects.create_project(ws, "Prepared")
+        sc = ws.scope(p.id)
+        library.add_class(sc, "red circle")
+        files = [png(tmp_path / f"r{i}.png", "red circle", i) for i in range(5)]
+        up = library.add_uploads(sc, files, "red circle")
+        library.add_uploads(sc, [png(tmp_path / "pool.png", "blue square", 9)], POOL)
+        assert up.added == 5
+        jobs = _encode_jobs(ws)
+        assert jobs and not modeling.owner_jobs(ws, None) and not ws.runner.jobs()
+        for j in jobs:
+            assert ws.runner.wait(j.id, 120).status == "done"
+        hashes = [i.hash for i in ws.store.list_images(p.id)]
+        assert len(hashes) == 6
+        hits = ws.cache.get_many(tiny.id, [(h, 0) for h in hashes], tiny.embed_dim)
+        assert all(h is not None for h in hits)
+        ex = ws.extractor(tiny)
+        before = ex.encoded_images
+        ex.image_features([i.ref() for i in ws.store.list_images(p.id)])
+        assert ex.encoded_images == before  # all found in the cache
+
+
+def test_background_encoding_never_runs_ahead_of_a_job_and_cancels(tiny, tmp_path):
+    """A background job waits while another job is queued or running (it starts only after),
+    stands still at its next report when one arrives, and is cancellable while it waits."""
+    import threading
+
+    from fewshot_studio.jobs import YIELDED_STAGE
+    from fewshot_studio.progress import Progress
+
+    with make_ws(tmp_path / "data", tiny) as ws:
+        runner = ws.runner
+        release, fg_running, steps_during_fg = threading.Event(), threading.Event(), []
+
+        def foreground(job):
+            fg_running.set()
+            release.wait(30)
+            fg_running.clear()
+
+        def background(job):
+            for i in range(40):
+                job.report(Progress("bg", i, 40))  # where it yields
+                if fg_running.is_set():
+                    steps_during_fg.append(i)
+                time.sleep(0.01)
+
+        fg = runner.submit("train", foreground)
+        bg = runner.submit_background("encode", background)
+        time.sleep(0.3)
+        s = runner.get(bg)
+        assert s.status == "queued" and s.stage == YIELDED_STAGE and s.step == 0
+        release.set()
+        assert runner.wait(bg, 30).status == "done" and runner.get(fg).status == "done"
+        assert not steps_during_fg
+
+        # a foreground job arriving mid-way: the background one pauses at its next report
+        release.clear()
+        gate = threading.Event()
+
+        def background2(job):
+            for i in range(1000):
+                job.report(Progress("bg", i, 1000))
+                if fg_running.is_set():
+                    steps_during_fg.append(i)
+                if i == 5:
+                    gate.set()
+                time.sleep(0.005)
+
+        bg2 = runner.submit_background("encode", background2)
+        assert gate.wait(30)
+        fg2 = runner.submit("train", foreground)
+        time.sleep(0.3)
+        st = runner.get(bg2)
+        assert st.status == "running" and st.stage == YIELDED_STAGE
+        step = st.step
+        time.sleep(0.2)
+        assert runner.get(bg2).step == step  # stands still
+        assert runner.cancel(bg2)
+        assert runner.wait(bg2, 30).status == "cancelled"
+        release.set()
+        assert runner.wait(fg2, 30).status == "done"
+        assert not steps_during_fg
+
+
+def test_model_result_names_a_first_model_and_its_refinement():
+    assert presenters.model_result("gda", {"views": "plain"})[0] == "first model, on plain views"
+    assert presenters.model_result("gda", {"refines": 7})[0] == "refines #7 with augmented views"
+    assert not any("plain" in p for p in presenters.model_result("gda", {"alpha": 1.0}))

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .. import imageio
-from ..errors import DataError, FewShotError
+from ..errors import Cancelled, DataError, FewShotError
+from ..jobs import ENCODE
+from ..progress import Progress
 from ..store import (POOL_NAME, ClassInfo, ImageImport, ImageInfo, NotFoundError, check_class_name,
                      is_reserved_class_name)
 from .context import ProjectScope, Workspace
@@ -99,8 +101,11 @@ def add_images(scope: ProjectScope, files: Iterable[str | os.PathLike | tuple[st
     if class_id is not None:
         get_class(scope, class_id)
     items = _loose_items(files)
-    return scope.store.add_images(scope.id, items, class_id=class_id,
-                                  labeled_by="user" if class_id is not None else None)
+    added, errors = scope.store.add_images(scope.id, items, class_id=class_id,
+                                           labeled_by="user" if class_id is not None else None)
+    if added:
+        prepare_features(scope)
+    return added, errors
 
 
 def _loose_items(files) -> list[tuple[str, object]]:
@@ -127,7 +132,10 @@ def add_zip(scope: ProjectScope, source: str | os.PathLike | bytes, pool: bool =
         get_class(scope, class_id)
     with scope.store.begin_import(scope.id) as batch:
         errors = _stage_zip(batch, source, pool, class_id)
-        return _commit(batch, errors)
+        result = _commit(batch, errors)
+    if result.added:
+        prepare_features(scope)
+    return result
 
 
 def _stage_zip(batch: ImageImport, source, pool: bool, class_id: int | None) -> list[str]:
@@ -187,6 +195,68 @@ def _commit(batch: ImageImport, errors: list[str]) -> UploadResult:
     return UploadResult(result.added, result.duplicates, errors)
 
 
+#: Images per step of the background encoding (prepare_features): progress is reported (and
+#: the job yields) between steps. Within a step the encoder stops at its next chunk (8 images
+#: at most here, features.RAMP_START) once another job is queued, so a training that starts
+#: shares the CPU with at most one chunk: about 1 s of ViT-B-32 on 2 CPU cores.
+PREPARE_STEP = 16
+
+
+def prepare_features(scope: ProjectScope) -> str | None:
+    """Encode the plain view of every image of the project not yet in the feature cache, as a
+    background job (JobRunner.submit_background: lowest priority, it yields to every other
+    job), so that pressing Train finds the features waiting (issue #14, item 6a). The backbone
+    is the current model's, else the workspace's default. Called by every upload use case; a
+    job already waiting for this project covers the new images too (it lists them when it
+    starts), so none is added then. Returns the job's id, or None."""
+    ws = scope.ws
+    waiting = [j for j in ws.runner.jobs(scope.id, background=True)
+               if j.kind == ENCODE and j.status == "queued"]
+    if waiting:
+        return None
+    current = scope.store.current_model(scope.id)
+    spec = ws.saved_spec(current.config) if current is not None else ws.default_spec
+    project_id = scope.id
+
+    def work(job) -> int:
+        backbone = ws.backbone(spec)  # loaded here, never on the request thread
+        extractor = ws.extractor(backbone)
+        imgs = scope.store.list_images(project_id)
+        refs = [i.ref() for i in sorted(imgs, key=lambda i: i.class_id is None)]  # examples first, then the pool
+        n, done, a = len(refs), 0, 0
+        stop = _StopForOthers(ws.runner, job.cancel_event)
+        while a < n:
+            if job.cancel_event.is_set():
+                raise Cancelled("Cancelled; the features encoded so far are kept.")
+            try:
+                extractor.image_features(refs[a:a + PREPARE_STEP], (0,), cancel=stop)
+                done += len(refs[a:a + PREPARE_STEP])
+            except Cancelled:
+                if job.cancel_event.is_set():
+                    raise Cancelled("Cancelled; the features encoded so far are kept.") from None
+                job.report(Progress("Preparing features", a, n))  # another job came: wait here, then redo the rest
+                continue
+            except (FewShotError, OSError):  # a damaged or vanished file: training will say which
+                pass
+            a += PREPARE_STEP
+            job.report(Progress("Preparing features", min(n, a), n))  # where it yields
+        return done
+
+    return ws.runner.submit_background(ENCODE, work, project_id)
+
+
+class _StopForOthers:
+    """The background encoding's cancel flag: set when its job is cancelled or when another job
+    is queued or running (the feature pipeline checks it before each chunk; what it encoded
+    before is cached)."""
+
+    def __init__(self, runner, cancel):
+        self.runner, self.cancel = runner, cancel
+
+    def is_set(self) -> bool:
+        return self.cancel.is_set() or self.runner.foreground_busy()
+
+
 def add_uploads(scope: ProjectScope, files: Iterable[str | os.PathLike], class_name: str | None = None
                 ) -> UploadResult:
     """Add uploaded files. `class_name`: a class (every image, zipped or not, joins it), POOL
@@ -216,7 +286,10 @@ def add_uploads(scope: ProjectScope, files: Iterable[str | os.PathLike], class_n
             error = batch.add(name, source, class_id, labeled_by=labeled_by, position=position)
             if error:
                 errors.append(error)
-        return _commit(batch, errors)
+        result = _commit(batch, errors)
+    if result.added:
+        prepare_features(scope)
+    return result
 
 
 def image(scope: ProjectScope, image_id: int) -> ImageInfo:

@@ -30,6 +30,13 @@ def add_parser(sub) -> None:
     p.add_argument("--load", action="store_true",
                    help="instead: launch the app on loopback and measure prediction latency under load "
                         "(--clients sessions x --requests predictions while a training job runs)")
+    p.add_argument("--views", action="store_true",
+                   help="instead: held-out accuracy against augmented views per image on the synthetic "
+                        "uninformative-names task (tiny backbone), the measurement behind the defaults")
+    p.add_argument("--methods", nargs="+", default=["tip", "gda", "proker", "graph"], help="with --views")
+    p.add_argument("--view-counts", nargs="+", type=int, default=[0, 1, 2, 4, 10], help="with --views")
+    p.add_argument("--view-shots", nargs="+", type=int, default=[1, 2, 4], help="with --views: shots per class")
+    p.add_argument("--seeds", type=int, default=5, help="with --views: tasks drawn per shot count")
     p.add_argument("--clients", type=int, default=8, help="with --load: concurrent sessions")
     p.add_argument("--requests", type=int, default=25, help="with --load: predictions per session")
     p.set_defaults(func=cmd_bench)
@@ -68,6 +75,10 @@ def _device_label(device: str | None) -> str:
 def cmd_bench(args) -> int:
     if args.load:
         return cmd_bench_load(args)
+    if args.views:
+        from ..bench.views import run_views
+
+        return run_views(args.methods, args.view_counts, args.view_shots, args.seeds, json_path=args.json)
     cfg = BenchConfig(classes=args.classes, shots=args.shots, images=args.images, repeats=args.repeats,
                       batch_size=args.batch_size, threads=args.threads, workers=args.workers,
                       work_dir=args.work_dir)

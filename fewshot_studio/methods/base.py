@@ -73,6 +73,10 @@ class Method(nn.Module):
     # tensors whose first dimension is the number of support images (may differ per model);
     # every other saved tensor must have exactly the shape the config and backbone imply
     data_sized: ClassVar[tuple[str, ...]] = ()
+    # fitted in closed form on cached features (no gradient steps): a model is milliseconds once
+    # the features are there, so a training shows a first model on plain views at once and
+    # refits when the augmented views are encoded (jobs.JobRunner._train)
+    closed_form: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str],
                  descriptions: Sequence[str] | None = None, config: Any = None):
@@ -90,7 +94,7 @@ class Method(nn.Module):
         """Cached views per support image the method reads from the FeatureExtractor: the plain
         view plus `augment_views` augmented ones where the config has them."""
         aug = getattr(self.config, "augment_views", None)
-        return 1 + max(1, int(aug)) if aug is not None else 1
+        return 1 + max(0, int(aug)) if aug is not None else 1
 
     @property
     def num_classes(self) -> int:
@@ -104,11 +108,12 @@ class Method(nn.Module):
                           progress: ProgressFn | None, cancel: CancelFlag | None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached features of the support images, (N, 1 + augment_views, d) (view 0 plain, then
-        augmented views), and their labels, on this method's device."""
+        augmented views; 0 augmented views: the plain view alone, nothing more encoded), and
+        their labels, on this method's device."""
         from ..training import check_cancel
 
         dev = self._device()
-        feats = extractor.image_features(support.images, views=range(max(1, int(augment_views)) + 1),
+        feats = extractor.image_features(support.images, views=range(max(0, int(augment_views)) + 1),
                                          progress=progress, cancel=cancel).to(dev)
         check_cancel(cancel)
         return feats, support.labels_tensor().to(dev)

@@ -172,6 +172,18 @@ class MMAConfig(MethodConfig):
         "choices": RECIPES})
 
 
+#: Above this estimate (seconds) a CPU training says how long it will take and what is faster.
+ESTIMATE_SAY_SECONDS = 20.0
+
+
+def _duration(seconds: float) -> str:
+    """"40 s", "5 min", "1 h 10 min": the estimate, rounded as a person would say it."""
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
 def auto_start_block(layers: int) -> int:
     """1-based first block of the top two-thirds: 5 of 12, 3 of 6."""
     return layers - round(2 * layers / 3) + 1
@@ -701,6 +713,9 @@ class MMA(Method):
             total = self.num_steps(data.num_images)
             lrs: list[float] = []
             step = self._make_step(data, total, gen, lrs)
+            estimate: dict = {}
+            if self.backbone.device.type == "cpu":
+                step, progress = self._estimated(step, total, progress, estimate)
             t0 = time.perf_counter()
             history = run_steps(step, total, progress, cancel, stage="Training MMA")
             seconds = time.perf_counter() - t0
@@ -720,7 +735,35 @@ class MMA(Method):
             "recipe": cfg.recipe,
             "precision": {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.train_dtype]
             + (" + GradScaler" if self.scaler_used else ""),
+            **estimate,
         }
+
+    @staticmethod
+    def _estimated(step, total: int, progress, estimate: dict):
+        """On a CPU: time the first step and say up front, in every later stage text, how long the
+        training will take and that a closed-form method fits in seconds (issue #14, item 6d).
+        The first step costs about what each later one does (the lower blocks are cached
+        beforehand), so steps × its time is the estimate; it is kept in `estimate`."""
+        stage = ["Training MMA"]
+
+        def timed(i: int):
+            if i != 0:
+                return step(i)
+            t = time.perf_counter()
+            out = step(i)
+            seconds = (time.perf_counter() - t) * total
+            estimate["estimated_seconds"] = round(seconds, 1)
+            if seconds >= ESTIMATE_SAY_SECONDS:
+                stage[0] = (f"Training MMA (about {_duration(seconds)} on this CPU; GDA or ProKeR fit in seconds "
+                            "on cached features)")
+            return out
+
+        def report(p: Progress) -> None:
+            if progress is not None:
+                progress(Progress(stage[0] if p.stage == "Training MMA" else p.stage, p.step, p.total, p.loss,
+                                  p.accuracy))
+
+        return timed, report
 
     @torch.no_grad()
     def _store_visual_means(self, data: MMATrainData) -> None:

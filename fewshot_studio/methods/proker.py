@@ -17,8 +17,11 @@ These are transcribed from the authors' code (`RBF_Kernel`, and `torch.linalg.so
 K_SS + I, cache - logits_text_shots)`); the paper's equation numbers could not be checked
 offline. In this parametrisation λ weighs the data: λ → 0 gives zero-shot CLIP, a large λ
 interpolates the support labels. S holds every cached view of every support image as its own
-row (the code's `augment_epoch` views; here the plain view plus `augment_views` = 10 augmented
-ones, the code's default of 10). Probabilities are softmax(s · f*), s the backbone's logit scale:
+row (the code's `augment_epoch` views, 10 there; here the plain view plus `augment_views` = 2
+augmented ones). Why 2, measured (`python -m fewshot_studio bench --views`: tiny backbone, 5 classes named alpha … echo, 1/2/4 shots, 5 seeds, 20 held-out images per class), mean held-out accuracy at 1/2/4 shots: 0 views
+20.8/99.2/99.8%, 1 view 20.8/99.0/100%, 2 views 20.8/99.0/99.8%, 4 views 20.8/99.2/99.8%,
+10 views 20.8/99.6/99.8%: within 0.6 points (3 of 500 images, under one standard error) of 10,
+at 3/11 of the encoding and (3/11)³ of the kernel solve (N = images × (1 + views)). Probabilities are softmax(s · f*), s the backbone's logit scale:
 argmax is the paper's, and with no support data (A = 0) they are exactly zero-shot CLIP's.
 
 Hyper-parameters without a validation set. The code's setting for that case (`--hp-selection
@@ -39,7 +42,7 @@ data, so (like Tip-Adapter's masked search) the search can only keep the table v
 
 Cost: the kernel matrix has one row per cached view, N = images × (1 + augment_views); the
 search is one N×N eigendecomposition per β and the fit one N×N solve. Measured (one CPU thread,
-features cached, 5 classes × 4 shots, N = 220): ~0.2 s a fit with the search; it grows as N³.
+features cached, 5 classes × 4 shots, N = 220, with the former 10 views): ~0.2 s a fit with the search; it grows as N³.
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ class ProKeRConfig(MethodConfig):
     lmbda: float | None = field(default=None, metadata={"help": "λ: weight of the support data (blank: by shots)",
                                                         "min": 1e-6, "max": 1e4})
     # (each view is one more encoded and cached image per support image, and one more kernel row)
-    augment_views: int = field(default=10, metadata={"help": "augmented views per image", "min": 0, "max": 64})
+    # 2: measured as accurate as the code's 10 here (module docstring), at 3/11 of the encoding
+    augment_views: int = field(default=2, metadata={"help": "augmented views per image", "min": 0, "max": 64})
     search: bool = field(default=True, metadata={"help": "search β and λ by leave-one-out on the support set"})
     search_beta: tuple[float, float] = field(
         default=(0.1, 10.0), metadata={"help": "β search range", "min": 0.001, "max": 100})
@@ -136,8 +140,6 @@ class ProKeR(Method):
         cfg = self.config
         dev = self._device()
         feats, labels = self._support_features(support, extractor, max(0, int(cfg.augment_views)), progress, cancel)
-        if int(cfg.augment_views) == 0:
-            feats = feats[:, :1]  # _support_features always reads one augmented view
         self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
                                                           cfg.templates).to(dev).clone()
         n, v, d = feats.shape

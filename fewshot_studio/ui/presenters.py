@@ -143,9 +143,14 @@ def model_result(method: str, metrics: dict | None, history: list | None = None)
     """What a model's training measured, in words, the same wherever it is shown (the progress
     bar's last line, the model line, the model menu): the steps it trained (none for the
     training-free methods), its train accuracy on the plain views and final loss, or, for
-    Tip-Adapter, the leave-one-out accuracy of its α/β search."""
+    Tip-Adapter, the leave-one-out accuracy of its α/β search. A closed-form method's first
+    model (jobs.JobRunner._train) says it was fitted on plain views; the model refining it, which one."""
     metrics = metrics or {}
     parts = []
+    if metrics.get("views") == "plain":
+        parts.append("first model, on plain views")
+    if isinstance(metrics.get("refines"), int):
+        parts.append(f"refines #{metrics['refines']} with augmented views")
     steps = metrics.get("steps") or (history[-1].get("step", len(history)) if history else 0)
     if steps:
         parts.append(f"{steps} steps")

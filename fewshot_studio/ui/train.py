@@ -159,6 +159,9 @@ def wire(ui: UI) -> None:
         what = ("Auto: comparing methods on your examples, then training the best,"
                 if method == catalog.AUTO else f"Training {presenters.method_label(method)}")
         notice = f"{what} on `{spec.label}`: the page stays usable meanwhile.{shapes_only_warning(scope, spec)}"
+        if method == "mma" and ws.backbone(spec).device.type == "cpu":  # loaded by start_training
+            notice += (" On a CPU MMA takes minutes: the progress bar says how long after its first step; "
+                       "GDA or ProKeR give a model in seconds.")
         # the backbone just loaded: the banner names it (it may have said "unavailable" before)
         return start_outputs(ui, job_id, notice) | {ui.banner: presenters.backbone_status(ws, spec)[1]}
 
@@ -182,6 +185,19 @@ def wire(ui: UI) -> None:
             return {ui.timer: gr.Timer(active=False), ui.job: None}
         bar = progress_html(st)
         out = {ui.progress: bar, ui.label_progress: bar}
+        if st.model_id is not None and st.model_id != job.get("model") and st.status not in FINISHED:
+            # a closed-form method's first model (plain views): shown at once while it refines
+            job = {**job, "model": st.model_id}
+            out[ui.job] = job
+            if pid is not None and st.project_id == pid:
+                try:
+                    views = ui.current_model_views(pid, who(owner, request))
+                    views.pop(ui.progress, None)
+                    out.update(views)
+                except Exception:  # noqa: BLE001 - a deleted project: nothing to show
+                    pass
+            out[ui.notice] = (f"Model #{st.model_id}, a first model on plain views, is ready to use; "
+                              "refining it with augmented views in the background.")
         n = len(st.history)
         if n != job.get("seen") or st.status != job.get("status"):
             out[ui.curve] = viz.training_curve_figure(
