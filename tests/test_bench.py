@@ -17,6 +17,7 @@ import torch
 from fewshot_studio import bench
 from fewshot_studio.bench import speed
 from fewshot_studio.bench import TARGETS, BenchConfig, BenchError, report, run_bench
+from fewshot_studio.methods import make_config
 from fewshot_studio.cache import FeatureCache
 from fewshot_studio.cli import main
 from fewshot_studio.data import ImageRef
@@ -101,7 +102,8 @@ def test_closed_form_refit_is_measured_on_cached_features(tiny, tmp_path):
     speed._section_closed_form(ctx, support, extra)
     a, ms = ctx.absolute, ctx.results["closed_form_refit_ms"]
     assert math.isfinite(ms) and 0 < a["closed_form_refit_ms_fastest"] <= ms == pytest.approx(a["closed_form_refit_ms_median"], abs=1e-3)
-    assert a["closed_form_refit_images"] == 7 and a["closed_form_refit_views_per_image"] == 11
+    assert a["closed_form_refit_images"] == 7
+    assert a["closed_form_refit_views_per_image"] == 1 + make_config("gda").augment_views  # plain + augmented
     assert a["closed_form_refit_ms_with_search"] > 0 and a["closed_form_refit_alpha"] > 0
     assert "GDA refit, median of R" in speed._figures("closed_form_refit_ms", a)
     assert speed.TARGETS["closed_form_refit_ms"] == ("<=", 50.0)
