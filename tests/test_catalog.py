@@ -420,3 +420,11 @@ def test_load_model_checks_the_saved_config_before_building_anything(tiny, tmp_p
         with pytest.raises(ModelFileError) as e:
             load_model(poisoned("graph", top=top))
         assert str(e.value) == sentence
+
+
+def test_every_choice_has_its_settings_described():
+    """The Train tab builds one settings group per choice (auto included) from these."""
+    for m in catalog.choices():
+        assert isinstance(catalog.settings(m), dict) and isinstance(catalog.bounds(m), dict)
+        assert isinstance(catalog.setting_choices(m), dict)
+    assert catalog.setting_choices("mma") == {"recipe": ("default", "official")}

@@ -254,7 +254,7 @@ def _bounds_of(cls: type["Method"]) -> dict[str, tuple[Any, Any]]:
 def setting_choices(method: str) -> dict[str, tuple[str, ...]]:
     """{setting: its allowed values} of a method's text settings with fixed values (declared as
     `metadata={"choices": (...)}`, e.g. MMA's recipe)."""
-    return {f.name: tuple(f.metadata["choices"]) for f in fields(get_method_class(method).Config)
+    return {f.name: tuple(f.metadata["choices"]) for f in fields(_entry(method).Config)
             if f.metadata.get("choices") is not None}
 
 
