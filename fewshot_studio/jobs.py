@@ -325,19 +325,11 @@ class JobRunner:
                     self._wait_for_foreground(job)
                     if job.cancel_event.is_set():
                         raise Cancelled("Cancelled before it started; nothing changed.")
-                    job.update(status=RUNNING, started=time.time(), stage="Starting")
-                    job.on_report = self._wait_for_foreground
-                    result = fn(job)
                 except Cancelled as e:
-                    job.update(status=CANCELLED, message=str(e) or "Cancelled.", finished=time.time())
-                except Exception as e:  # noqa: BLE001 - a background job fails quietly, in one sentence
-                    first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
-                    job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed: {first}.",
-                               finished=time.time())
+                    job.update(status=CANCELLED, message=str(e), finished=time.time())
                 else:
-                    s = job.snapshot()
-                    job.update(status=DONE, result=result, finished=time.time(), stage="Done",
-                               step=s.total or s.step)
+                    job.on_report = self._wait_for_foreground
+                    self._execute(job, fn)
         finally:
             job.on_report = None
             job.done_event.set()
@@ -390,28 +382,34 @@ class JobRunner:
             return
         job.on_report = functools.partial(self._lend_slot, slots, threading.current_thread())
         try:
-            job.update(status=RUNNING, started=time.time(), stage="Starting")
-            try:
-                result = fn(job)
-            except Cancelled as e:
-                job.update(status=CANCELLED, message=str(e), finished=time.time())
-            except FewShotError as e:
-                job.update(status=FAILED, message=no_paths(e), finished=time.time())
-            except OSError as e:
-                job.update(status=FAILED, message=_os_error_sentence(e), finished=time.time())
-            except Exception as e:  # noqa: BLE001 - report any failure as one sentence
-                traceback.print_exc()
-                first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
-                job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed unexpectedly: {first}.",
-                           finished=time.time())
-            else:
-                s = job.snapshot()
-                job.update(status=DONE, result=result, finished=time.time(), stage="Done",
-                           step=s.total or s.step, message=s.message)
+            self._execute(job, fn)
         finally:
             job.on_report = None
             slots.release(job)
             job.done_event.set()
+
+    @staticmethod
+    def _execute(job: Job, fn: Callable[[Job], Any]) -> None:
+        """Run `fn(job)` and record how it ended (every job, queued or background, ends here):
+        done with its result, cancelled, or failed in one sentence."""
+        job.update(status=RUNNING, started=time.time(), stage="Starting")
+        try:
+            result = fn(job)
+        except Cancelled as e:
+            job.update(status=CANCELLED, message=str(e) or "Cancelled.", finished=time.time())
+        except FewShotError as e:
+            job.update(status=FAILED, message=no_paths(e), finished=time.time())
+        except OSError as e:
+            job.update(status=FAILED, message=_os_error_sentence(e), finished=time.time())
+        except Exception as e:  # noqa: BLE001 - report any failure as one sentence
+            traceback.print_exc()
+            first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
+            job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed unexpectedly: {first}.",
+                       finished=time.time())
+        else:
+            s = job.snapshot()
+            job.update(status=DONE, result=result, finished=time.time(), stage="Done",
+                       step=s.total or s.step, message=s.message)
 
     # ---- queries -------------------------------------------------------------------
     def get(self, job_id: str) -> JobState:
@@ -502,11 +500,11 @@ class JobRunner:
         plain and augmented views, registered as the model that refines it (metrics["refines"]).
         Cancelling the second fit keeps the first model. A model registered without becoming
         current (an instant refit, which its `then` makes current) is fitted once."""
-        from .methods import get_method_class, make_config
+        from .methods import catalog, make_config
 
         notes: list[str] = []
         aug = getattr(make_config(method_name, **overrides), "augment_views", 0) or 0
-        if (self.store is None or not current or not get_method_class(method_name).closed_form or aug <= 0
+        if (self.store is None or not current or not catalog.closed_form(method_name) or aug <= 0
                 or _views_cached(extractor, support, aug)):
             method, backbone, extractor = self._fit(job, method_name, backbone, extractor, support, overrides,
                                                     notes, job.report)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import NATO, CancelAfter, accuracy, make_task, same_state, state_of
+from helpers import CancelAfter, same_state, seeded_accuracies, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.methods.gda import cv_folds
@@ -123,15 +123,7 @@ def test_one_shot_per_class_keeps_the_default_alpha(tiny, nato_task, shared_extr
 @pytest.fixture(scope="module")
 def seeded_tasks(tiny, shared_extractor):
     """Held-out accuracy of zero-shot, Tip-Adapter and GDA on three uninformative-names tasks."""
-    out = []
-    for seed in SEEDS:
-        support, test, labels = make_task(NATO, shots=4, test_per_class=10, seed=100 + seed)
-        accs = {}
-        for name in ("zeroshot", "tip", "gda"):
-            m = make_method(name, tiny, support.classnames).fit(support, shared_extractor)
-            accs[name] = accuracy(m, test, labels, shared_extractor)
-        out.append(accs)
-    return out
+    return seeded_accuracies(tiny, shared_extractor, ("zeroshot", "tip", "gda"), SEEDS)
 
 
 def test_beats_zero_shot_and_matches_tip_adapter_on_uninformative_names(seeded_tasks):

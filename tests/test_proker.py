@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import NATO, CancelAfter, accuracy, make_task, same_state, state_of
+from helpers import NATO, CancelAfter, accuracy, make_task, same_state, seeded_accuracies, state_of
 from fewshot_studio.errors import Cancelled
 from fewshot_studio.methods import load_model, make_method
 from fewshot_studio.methods.proker import IMAGENET_HPS, table_hps
@@ -126,15 +126,7 @@ def test_search_replaces_the_table_only_when_strictly_more_accurate(trained):
 @pytest.fixture(scope="module")
 def seeded_tasks(tiny, shared_extractor):
     """Held-out accuracy of zero-shot, Tip-Adapter and ProKeR on three uninformative-names tasks."""
-    out = []
-    for seed in SEEDS:
-        support, test, labels = make_task(NATO, shots=4, test_per_class=10, seed=100 + seed)
-        accs = {}
-        for name in ("zeroshot", "tip", "proker"):
-            m = make_method(name, tiny, support.classnames).fit(support, shared_extractor)
-            accs[name] = accuracy(m, test, labels, shared_extractor)
-        out.append(accs)
-    return out
+    return seeded_accuracies(tiny, shared_extractor, ("zeroshot", "tip", "proker"), SEEDS)
 
 
 def test_beats_zero_shot_and_matches_tip_adapter_on_uninformative_names(seeded_tasks):

@@ -118,6 +118,19 @@ class Method(nn.Module):
         check_cancel(cancel)
         return feats, support.labels_tensor().to(dev)
 
+    def _support_and_text(self, support: SupportSet, extractor: FeatureExtractor, progress: ProgressFn | None,
+                          cancel: CancelFlag | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prologue of a fit on cached features (Tip-Adapter, GDA, ProKeR): check the support
+        set, read its features over the config's `augment_views` (`_support_features`), and set
+        `text_weights` to the class prompts' embeddings (the zero-shot classifier every one of
+        them keeps beside its adapter)."""
+        self._check_support(support)
+        cfg = self.config
+        feats, labels = self._support_features(support, extractor, max(0, int(cfg.augment_views)), progress, cancel)
+        self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
+                                                          cfg.templates).to(self._device()).clone()
+        return feats, labels
+
     def _check_support(self, support: SupportSet) -> None:
         if support.classnames != self.classnames:
             raise ValueError("the support set's classes differ from the method's classes")

@@ -144,13 +144,10 @@ class GDA(Method):
         return clip + self.alpha * (features @ self.weight.T + self.bias)
 
     def _fit(self, support, extractor, progress, cancel):
-        self._check_support(support)
         cfg = self.config
         gen = torch.Generator().manual_seed(int(cfg.seed))
         dev = self._device()
-        feats, labels = self._support_features(support, extractor, max(0, int(cfg.augment_views)), progress, cancel)
-        self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
-                                                          cfg.templates).to(dev).clone()
+        feats, labels = self._support_and_text(support, extractor, progress, cancel)
         n, v, d = feats.shape
         x = feats.reshape(n * v, d).float()
         rows = labels.repeat_interleave(v)

@@ -136,12 +136,9 @@ class ProKeR(Method):
         return {"beta": float(self.beta), "lmbda": float(self.lmbda), "search": False}
 
     def _fit(self, support, extractor, progress, cancel):
-        self._check_support(support)
         cfg = self.config
         dev = self._device()
-        feats, labels = self._support_features(support, extractor, max(0, int(cfg.augment_views)), progress, cancel)
-        self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
-                                                          cfg.templates).to(dev).clone()
+        feats, labels = self._support_and_text(support, extractor, progress, cancel)
         n, v, d = feats.shape
         x = feats.reshape(n * v, d).float()
         onehot = F.one_hot(labels, self.num_classes).float()

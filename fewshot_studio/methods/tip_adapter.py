@@ -140,14 +140,11 @@ class TipAdapter(Method):
 
     # ---- fitting --------------------------------------------------------------------------
     def _fit(self, support, extractor, progress, cancel):
-        self._check_support(support)
         cfg = self.config
         gen = seed_everything(cfg.seed)
         dev = self._device()
         n_aug = max(0, int(cfg.augment_views))
-        feats, labels = self._support_features(support, extractor, n_aug, progress, cancel)  # (N, 1+n_aug, d)
-        self.text_weights = extractor.class_text_features(self.classnames, self.descriptions,
-                                                          cfg.templates).to(dev).clone()
+        feats, labels = self._support_and_text(support, extractor, progress, cancel)  # (N, 1+n_aug, d)
         # no augmented views: the plain view is the key (what a first model on plain views uses)
         keys = F.normalize(feats[:, 1:].mean(1), dim=-1) if n_aug else feats[:, 0].clone()
         self._set_keys(keys)
