@@ -1501,7 +1501,7 @@ class ProjectStore:
         cur = conn.execute(
             "INSERT INTO actions (project_id, owner, kind, count, labeled, summary, created, undoes, payload) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (project_id, owner, kind, count, labeled, _short(summary, 300), now or time.time(), undoes,
+            (project_id, owner, kind, count, labeled, str(summary)[:300], now or time.time(), undoes,
              _to_json(payload, "action")))
         return int(cur.lastrowid)
 
