@@ -15,6 +15,7 @@ ProjectScope returning frozen dataclasses; the UI (ui/) only formats them.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -105,17 +106,21 @@ def model_label(info: ModelInfo | None) -> str:
 
 
 # ---- the queue -----------------------------------------------------------------------------------
-def _probability_rows(preds, n_classes: int, class_index: dict[int, int]) -> np.ndarray:
-    """(N, C) stored probabilities; a prediction stored without its list (older rows) gets its
-    confidence on its label and the rest spread evenly, so it still sorts by confidence."""
-    P = np.empty((len(preds), n_classes))
-    for n, p in enumerate(preds):  # parsing stored rows; the ordering below is vectorised
-        if isinstance(p.probs, list) and len(p.probs) == n_classes:
-            P[n] = p.probs
-        else:
-            P[n] = (1.0 - p.confidence) / max(1, n_classes - 1)
-            if p.label in class_index:
-                P[n, class_index[p.label]] = p.confidence
+def _probability_matrix(table: dict, n_classes: int, class_index: dict[int, int]) -> np.ndarray:
+    """(N, C) stored probabilities, parsed in one json.loads; a prediction stored without its
+    list (or with another length) gets its confidence on its label and the rest spread evenly,
+    so it still sorts by confidence."""
+    texts = table["probs"]
+    rows = json.loads("[" + ",".join(texts) + "]") if texts else []
+    if all(isinstance(r, list) and len(r) == n_classes for r in rows):
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), n_classes)
+    conf = np.asarray(table["confidence"], dtype=np.float64)
+    P = np.repeat(((1.0 - conf) / max(1, n_classes - 1))[:, None], n_classes, axis=1)
+    for n, r in enumerate(rows):  # only for rows stored in an older form
+        if isinstance(r, list) and len(r) == n_classes:
+            P[n] = r
+        elif table["label"][n] in class_index:
+            P[n, class_index[table["label"][n]]] = conf[n]
     return P
 
 
@@ -154,18 +159,16 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     classnames = list(info.config.get("classes") or [])
     by_name = {n: i for i, n in enumerate(classnames)}
     class_index = {cid: by_name[name] for cid, name in classes.items() if name in by_name}
-    pool = {i.id: i for i in store.list_images(scope.id, pool=True)}
-    preds = [p for p in store.list_predictions(info.id, pool_only=True)
-             if p.image_id in pool and p.label in classes]
-    if not preds or not classnames:
-        return QueuePage([], 0, None if not preds else info.id, label, strategy)
-    P = _probability_rows(preds, len(classnames), class_index)
-    ids = np.array([p.image_id for p in preds])
-    conf = np.array([p.confidence for p in preds])
-    labels = [classes[p.label] for p in preds]
-    keep = (conf >= float(min_confidence)) & (conf <= float(max_confidence))
+    table = store.pool_prediction_table(info.id)
+    if not table["image_id"] or not classnames:
+        return QueuePage([], 0, info.id if table["image_id"] else None, label, strategy)
+    P = _probability_matrix(table, len(classnames), class_index)
+    ids = np.asarray(table["image_id"], dtype=np.int64)
+    conf = np.asarray(table["confidence"], dtype=np.float64)
+    labels = np.asarray([classes.get(c, "") for c in table["label"]], dtype=object)
+    keep = (conf >= float(min_confidence)) & (conf <= float(max_confidence)) & (labels != "")
     if predicted not in (None, ""):
-        keep &= np.asarray(labels, dtype=object) == predicted
+        keep &= labels == predicted
     rows = np.flatnonzero(keep)
     P, ids, conf = P[rows], ids[rows], conf[rows]
     note, used = "", strategy
@@ -173,7 +176,7 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
         key = {"confidence": conf, "margin": acquisition.margin(P), "entropy": -acquisition.entropy(P)}[sort]
         order = np.argsort(key, kind="stable")
     elif strategy == "diverse":
-        feats = _cached_plain_features(scope, info.backbone_id, [pool[int(i)].hash for i in ids])
+        feats = _cached_plain_features(scope, info.backbone_id, [table["hash"][r] for r in rows])
         if feats is None:
             used = "entropy"
             note = "Not every pool image's features are cached yet, so the queue is in entropy order for now."
@@ -196,10 +199,10 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     k = min(TOP_K, len(classnames))
     top_idx = np.argsort(-P[page], axis=1, kind="stable")[:, :k]
     items = []
-    for n, o in enumerate(page):
-        img = pool[int(ids[o])]
+    for n, o in enumerate(page):  # one page (≤ limit items)
+        r = rows[o]
         top = tuple((classnames[j], float(P[o, j])) for j in top_idx[n])
-        items.append(QueueItem(img.id, img.original_name, labels[rows[o]], float(conf[o]), top,
+        items.append(QueueItem(int(ids[o]), table["name"][r], labels[r], float(conf[o]), top,
                                float(margins[n]), float(entropies[n])))
     return QueuePage(items, len(rows), info.id, label, used, note)
 
@@ -223,7 +226,7 @@ def assign(scope: ProjectScope, image_ids: Sequence[int], class_name: str | None
     else:
         c = class_by_name(scope, class_name)
         info = modeling.current_model_info(scope)
-        preds = {p.image_id: p.label for p in scope.store.list_predictions(info.id)} if info else {}
+        preds = {i: p.label for i, p in scope.store.predictions_of(info.id, ids).items()} if info else {}
         moves = [(i, c.id, "user" if i not in preds else "accepted" if preds[i] == c.id else "corrected")
                  for i in ids]
         kind = "correct"
