@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -124,6 +126,50 @@ def _probability_matrix(table: dict, n_classes: int, class_index: dict[int, int]
     return P
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """A model's parsed predictions (every image it predicted), kept while its stamp holds."""
+
+    stamp: tuple
+    ids: np.ndarray
+    P: np.ndarray
+    conf: np.ndarray
+    labels: np.ndarray  # predicted class names ("" for a class deleted since)
+    names: list
+    hashes: list
+
+
+#: Parsed prediction columns per store, by model id: the queue is asked again after every action,
+#: and re-reading a 10,000-image pool's probabilities (one query and one JSON parse, 10 classes)
+#: took 250–450 ms on this shared 2-core machine, while the stamp and the pool's ids take a few
+#: ms. The last few models per store are kept.
+_COLUMNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COLUMNS_LOCK = threading.Lock()
+_COLUMNS_KEEP = 4
+
+
+def _prediction_columns(scope: ProjectScope, info: ModelInfo, classes: dict[int, str],
+                        class_index: dict[int, int], n_classes: int) -> _Columns:
+    store = scope.store
+    stamp = (*store.prediction_stamp(info.id), tuple(sorted(classes.items())), n_classes)
+    with _COLUMNS_LOCK:
+        kept = _COLUMNS.setdefault(store, {})
+        cols = kept.get(info.id)
+    if cols is not None and cols.stamp == stamp:
+        return cols
+    table = store.prediction_table(info.id, pool_only=False)
+    P = _probability_matrix(table, n_classes, class_index) if table["image_id"] else np.zeros((0, n_classes))
+    cols = _Columns(stamp, np.asarray(table["image_id"], dtype=np.int64), P,
+                    np.asarray(table["confidence"], dtype=np.float64),
+                    np.asarray([classes.get(c, "") for c in table["label"]], dtype=object),
+                    table["name"], table["hash"])
+    with _COLUMNS_LOCK:
+        kept[info.id] = cols
+        for old in list(kept)[:-_COLUMNS_KEEP]:
+            del kept[old]
+    return cols
+
+
 def _cached_plain_features(scope: ProjectScope, backbone_id: str, hashes: Sequence[str]) -> np.ndarray | None:
     """The cached plain-view features of these images (N, D), or None if any is not cached
     (nothing is encoded here: the queue answers a request)."""
@@ -159,24 +205,28 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     classnames = list(info.config.get("classes") or [])
     by_name = {n: i for i, n in enumerate(classnames)}
     class_index = {cid: by_name[name] for cid, name in classes.items() if name in by_name}
-    table = store.pool_prediction_table(info.id)
-    if not table["image_id"] or not classnames:
-        return QueuePage([], 0, info.id if table["image_id"] else None, label, strategy)
-    P = _probability_matrix(table, len(classnames), class_index)
-    ids = np.asarray(table["image_id"], dtype=np.int64)
-    conf = np.asarray(table["confidence"], dtype=np.float64)
-    labels = np.asarray([classes.get(c, "") for c in table["label"]], dtype=object)
-    keep = (conf >= float(min_confidence)) & (conf <= float(max_confidence)) & (labels != "")
+    if not classnames:
+        return QueuePage([], 0, None, label, strategy)
+    t = _prediction_columns(scope, info, classes, class_index, len(classnames))
+    in_pool = np.isin(t.ids, np.asarray(store.pool_ids(scope.id), dtype=np.int64))
+    if not in_pool.any():
+        return QueuePage([], 0, None, label, strategy)
+    keep = in_pool & (t.conf >= float(min_confidence)) & (t.conf <= float(max_confidence)) & (t.labels != "")
     if predicted not in (None, ""):
-        keep &= labels == predicted
+        keep &= t.labels == predicted
     rows = np.flatnonzero(keep)
-    P, ids, conf = P[rows], ids[rows], conf[rows]
+    P, ids, conf, labels = t.P[rows], t.ids[rows], t.conf[rows], t.labels
     note, used = "", strategy
     if sort is not None:
         key = {"confidence": conf, "margin": acquisition.margin(P), "entropy": -acquisition.entropy(P)}[sort]
         order = np.argsort(key, kind="stable")
     elif strategy == "diverse":
-        feats = _cached_plain_features(scope, info.backbone_id, [table["hash"][r] for r in rows])
+        # only the uncertain shortlist's features are read: the same order as acquisition.order on
+        # the whole pool (the rest follows by least confidence either way)
+        batch = max(1, limit)
+        by_confidence = acquisition.order(P, "least-confident")
+        shortlist = by_confidence[:acquisition.CANDIDATE_FACTOR * batch]
+        feats = _cached_plain_features(scope, info.backbone_id, [t.hashes[r] for r in rows[shortlist]])
         if feats is None:
             used = "entropy"
             note = "Not every pool image's features are cached yet, so the queue is in entropy order for now."
@@ -184,7 +234,9 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
         else:
             support = store.support_set(scope.id)
             labeled = _cached_plain_features(scope, info.backbone_id, [r.hash for r in support.images])
-            order = acquisition.order(P, "diverse", features=feats, batch=max(1, limit), labeled=labeled)
+            first = shortlist[acquisition.order(P[shortlist], "diverse", features=feats, batch=batch,
+                                                labeled=labeled)]
+            order = np.concatenate([first, by_confidence[len(shortlist):]])
     else:
         order = acquisition.order(P, strategy)
     if skipped:
@@ -202,7 +254,7 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     for n, o in enumerate(page):  # one page (≤ limit items)
         r = rows[o]
         top = tuple((classnames[j], float(P[o, j])) for j in top_idx[n])
-        items.append(QueueItem(int(ids[o]), table["name"][r], labels[r], float(conf[o]), top,
+        items.append(QueueItem(int(ids[o]), t.names[r], labels[r], float(conf[o]), top,
                                float(margins[n]), float(entropies[n])))
     return QueuePage(items, len(rows), info.id, label, used, note)
 
