@@ -120,7 +120,7 @@ def test_assign_accept_and_correct_are_undone_exactly(pool):
     b = station.assign(sc, [imgs[1], imgs[4]], "star")  # a correction (and a relabel of a labeled image)
     assert b.kind == "correct" and b.summary == "Labeled 2 images as star."
     assert state(ws, imgs[1]) == (cid["star"], "corrected") and state(ws, imgs[4]) == (cid["star"], "corrected")
-    c = station.assign(sc, [imgs[2]], "circle")  # the class it predicted: an accepted label
+    station.assign(sc, [imgs[2]], "circle")  # the class it predicted: an accepted label
     assert state(ws, imgs[2]) == (cid["circle"], "accepted")
     assert station.counters(sc).labeled_today == 4
     u = station.undo(sc)
