@@ -85,9 +85,9 @@ def test_predictions_appear_before_the_job_ends(studio, monkeypatch):
         assert len(page.unscored) == in_pool - 32  # the rest of the page: pool images not yet scored
         gallery, ids = presenters.pool_page_gallery(sc, page)
         assert len(gallery) == presenters.POOL_GALLERY_THUMBS and ids[:32] == [r.image_id for r in page.rows]
-        note = presenters.pool_page_note(page, len(page.rows), len(ids))
-        assert note["table"] == f" · showing 32 of 32 scored ({in_pool - 32} not scored yet)"
-        assert note["gallery"] == f" · showing 48 of {in_pool}"
+        assert presenters.pool_page_note(page, len(page.rows), len(ids)) == (
+            f"Showing 32 of 32 scored pool images, least confident first ({in_pool - 32} not scored yet); "
+            f"48 of {in_pool} thumbnails.")
         # an image removed while the job runs is left out, and the job still finishes
         library.remove_image(sc, page.unscored[-1].id)
     finally:
@@ -168,12 +168,11 @@ def test_the_pool_gallery_serves_a_page_of_jpeg_thumbnails(tiny, tmp_path):
         client.predict("shapes", api_name="/load_example")
         files = [handle_file(str(p)) for p in small_pool(tmp_path / "pool", 60)]
         out = client.predict(files, api_name="/add_pool")
-        gallery = next(o for o in out if isinstance(o, dict) and isinstance(o.get("value"), list)
-                       and o["value"] and "image" in o["value"][0])
-        assert len(gallery["value"]) == presenters.POOL_GALLERY_THUMBS  # a page of the 75 pool images
-        assert gallery["label"].endswith("showing 48 of 75")
+        gallery = next(o for o in out if isinstance(o, list) and o and isinstance(o[0], dict) and "image" in o[0])
+        assert len(gallery) == presenters.POOL_GALLERY_THUMBS  # a page of the 75 pool images
+        assert "Showing 48 of 75 pool thumbnails." in out
         # the client fetched each thumbnail from the app's file route: JPEGs, under their HMAC names
-        got = Path(gallery["value"][0]["image"])
+        got = Path(gallery[0]["image"])
         assert got.suffix == ".jpg" and got.read_bytes()[:3] == b"\xff\xd8\xff"
         assert (ws.thumbs_dir / got.stem[:2] / got.name).is_file()
     finally:

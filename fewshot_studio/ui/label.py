@@ -38,6 +38,8 @@ def build(ui: UI) -> None:
                                          datatype=["number", "str", "str", "number", "str", "str"],
                                          elem_id="pool-table",
                                          label="Predictions, least confident first (click rows to select)")
+            # what the page leaves out of a long pool ("Showing 200 of 10,000 ...")
+            ui.pool_note = gr.Markdown("", elem_id="pool-note")
             ui.pool_gallery = gr.Gallery(label="Pool (click thumbnails to select; ✓ marks the selected)", columns=6,
                                          height=260, allow_preview=False, object_fit="contain", elem_id="pool-gallery")
             # the ids the table and the gallery show, in order: a click's position maps to an id here
@@ -57,18 +59,16 @@ def build(ui: UI) -> None:
                                                 label="Confidence to accept automatically")
                 ui.accept_conf_btn = gr.Button("Accept confident", elem_id="accept-confident-btn")
 
-    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_row_ids, ui.pool_ids, ui.pool_selection, ui.correct_dd]
-
-    table_label = "Predictions, least confident first (click rows to select)"
-    gallery_label = "Pool (click thumbnails to select; ✓ marks the selected)"
+    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_row_ids, ui.pool_ids, ui.pool_selection, ui.correct_dd,
+                 ui.pool_note]
 
     def pool_view(pid, owner, selection=()):
         """The first page of the pool's predictions (table) and thumbnails (gallery), the ids
         `selection` marked ✓: a page (modeling.pool_page), never the whole pool, so a
-        10,000-image pool renders as fast as a small one; the labels say how much is shown."""
+        10,000-image pool renders as fast as a small one; the note says how much is shown."""
         if pid is None:
             return {ui.pool_table: [], ui.pool_gallery: [], ui.pool_row_ids: [], ui.pool_ids: [],
-                    ui.pool_selection: "", ui.correct_dd: gr.Dropdown(choices=[], value=None)}
+                    ui.pool_selection: "", ui.correct_dd: gr.Dropdown(choices=[], value=None), ui.pool_note: ""}
         scope = ui.scope(pid, owner)
         page = modeling.pool_page(scope)
         rows, chosen = page.rows, set(selection)
@@ -77,12 +77,10 @@ def build(ui: UI) -> None:
         gallery, ids = presenters.pool_page_gallery(scope, page)
         gallery = [(t, f"{MARK} {c}" if i in chosen else c) for (t, c), i in zip(gallery, ids)]
         choices = [v for _, v in presenters.class_choices(scope)]
-        shown = presenters.pool_page_note(page, len(rows), len(ids))
-        return {ui.pool_table: gr.Dataframe(value=table, label=table_label + shown["table"]),
-                ui.pool_gallery: gr.Gallery(value=gallery, label=gallery_label + shown["gallery"]),
-                ui.pool_row_ids: [r.image_id for r in rows],
+        return {ui.pool_table: table, ui.pool_gallery: gallery, ui.pool_row_ids: [r.image_id for r in rows],
                 ui.pool_ids: ids, ui.pool_selection: ", ".join(str(i) for i in selection),
-                ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None)}
+                ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None),
+                ui.pool_note: presenters.pool_page_note(page, len(rows), len(ids))}
 
     ui.pool_view = pool_view
 

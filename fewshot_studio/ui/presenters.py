@@ -149,16 +149,17 @@ def pool_page_gallery(scope: ProjectScope, page: PoolPage, limit: int = POOL_GAL
     return out, ids
 
 
-def pool_page_note(page: PoolPage, rows: int, thumbs: int) -> dict[str, str]:
-    """What a paged pool view leaves out, as suffixes of the table's and the gallery's labels
-    ("" where everything shows): " · showing 200 of 10,000 scored (3,000 not scored yet)"."""
-    table = ""
+def pool_page_note(page: PoolPage, rows: int, thumbs: int) -> str:
+    """One sentence on what a paged pool view leaves out ("" when it shows everything): "Showing
+    200 of 10,000 scored pool images (3,000 not scored yet); 48 of 13,000 thumbnails."."""
+    parts = []
     if page.model_id is not None and (rows < page.scored or page.scored < page.pool):
-        table = f" · showing {rows:,} of {page.scored:,} scored"
-        if page.scored < page.pool:
-            table += f" ({page.pool - page.scored:,} not scored yet)"
-    gallery = f" · showing {thumbs:,} of {page.pool:,}" if thumbs < page.pool else ""
-    return {"table": table, "gallery": gallery}
+        parts.append(f"Showing {rows:,} of {page.scored:,} scored pool images, least confident first"
+                     + (f" ({page.pool - page.scored:,} not scored yet)" if page.scored < page.pool else ""))
+    if thumbs < page.pool:
+        parts.append(f"{thumbs:,} of {page.pool:,} thumbnails" if parts else
+                     f"Showing {thumbs:,} of {page.pool:,} pool thumbnails")
+    return "; ".join(parts) + "." if parts else ""
 
 
 def pool_gallery(scope: ProjectScope, rows: Sequence[PoolRow] | None = None) -> Gallery:
