@@ -121,7 +121,7 @@ def test_the_long_pool_scenario_at_toy_size(tiny, tmp_path):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert a["pool_images"] == 60 and a["pool_actions"] == speed.POOL_ACTIONS
     assert r["pool_first_page_s"] <= a["pool_label_seconds"]
-    assert r["pool_label_images_per_s"] == pytest.approx(60 / a["pool_label_seconds"])
+    assert r["pool_label_images_per_s"] == pytest.approx(60 / a["pool_label_seconds"], rel=1e-3)
     assert a["pool_action_median_ms"] <= r["pool_action_p95_ms"] and 0 < a["pool_thumb_jpeg_kb"] < 20
     assert a["pool_rss_mb_after_labeling"] > 0
     table = speed.markdown_table({**r, "absolute": a})
