@@ -1854,11 +1854,13 @@ class ProjectStore:
     # ------------------------------------------------------------ predictions
 
     def save_predictions(self, model_id: int,
-                         predictions: Iterable[tuple[int, int | None, float, Mapping[int, float] | Sequence[float]]]
-                         ) -> int:
+                         predictions: Iterable[tuple[int, int | None, float, Mapping[int, float] | Sequence[float]]],
+                         *, skip_missing: bool = False) -> int:
         """Store ``(image_id, label class id, confidence, probs)`` rows for a model,
         replacing earlier predictions of that model for those images.  ``probs`` is
-        ``{class id: probability}`` (or a list).  All or nothing.  Returns the count."""
+        ``{class id: probability}`` (or a list).  All or nothing.  Returns the count.
+        ``skip_missing`` leaves out images no longer in the model's project (removed while a
+        labeling job scored them) instead of failing."""
         with self._tx() as conn:
             model = self._model_row(conn, model_id)
             pid = model["project_id"]
@@ -1870,7 +1872,12 @@ class ProjectStore:
                 except (TypeError, ValueError):
                     raise ValidationError("Each prediction must be (image id, class id, confidence, probabilities).") \
                         from None
-                image_id = self._image_row(conn, image_id, pid)["id"]
+                try:
+                    image_id = self._image_row(conn, image_id, pid)["id"]
+                except NotFoundError:
+                    if skip_missing:
+                        continue
+                    raise
                 if label is not None:
                     label = _check_id(label, "class")
                     if label not in class_ids:
@@ -1902,6 +1909,79 @@ class ProjectStore:
                 sql += " AND images.class_id IS NULL"
             rows = conn.execute(sql + " ORDER BY predictions.confidence, predictions.image_id", (mid,)).fetchall()
         return [self._prediction(r) for r in rows]
+
+    def predictions_for(self, model_id: int, image_ids: Iterable[int]) -> dict[int, PredictionInfo]:
+        """A model's predictions of these images only ({image id: prediction}; images it has not
+        predicted are absent): what accepting a few predictions needs, without reading the other
+        10,000 (`list_predictions` parses every row's probabilities: ~40 ms per 1,000 rows)."""
+        ids = [_check_id(i, "image") for i in image_ids]
+        out: dict[int, PredictionInfo] = {}
+        with self._read() as conn:
+            mid = self._model_row(conn, model_id)["id"]
+            for k in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                part = ids[k:k + 500]
+                for r in conn.execute(f"SELECT * FROM predictions WHERE model_id = ? AND image_id IN "
+                                      f"({','.join('?' * len(part))})", (mid, *part)):
+                    out[r["image_id"]] = self._prediction(r)
+        return out
+
+    def pool_prediction_page(self, model_id: int, offset: int = 0, limit: int = 200
+                             ) -> tuple[list[tuple[PredictionInfo, ImageInfo]], int]:
+        """One page of a model's predictions of images still in the unlabeled pool, least
+        confident first (as `list_predictions(pool_only=True)`), each with its image; and how
+        many such predictions there are in all.  SQL orders and cuts the page (the
+        ``predictions_model (model_id, confidence)`` index walks them in order), so a call costs
+        the page, not the pool: with 10,000 scored pool images, a 200-row page takes a few ms."""
+        offset, limit = max(0, int(offset)), max(0, int(limit))
+        with self._read() as conn:
+            mid = self._model_row(conn, model_id)["id"]
+            where = ("FROM predictions JOIN images ON images.id = predictions.image_id "
+                     "WHERE predictions.model_id = ? AND images.class_id IS NULL")
+            total = conn.execute("SELECT COUNT(*) " + where, (mid,)).fetchone()[0]
+            rows = conn.execute(
+                "SELECT predictions.image_id, predictions.model_id, predictions.label, predictions.confidence, "
+                "predictions.probs, predictions.created AS p_created, images.* " + where +
+                " ORDER BY predictions.confidence, predictions.image_id LIMIT ? OFFSET ?",
+                (mid, limit, offset)).fetchall()
+        page = []
+        for r in rows:
+            probs = json.loads(r["probs"])
+            if isinstance(probs, dict):
+                probs = {int(k): v for k, v in probs.items()}
+            page.append((PredictionInfo(r["image_id"], r["model_id"], r["label"], r["confidence"], probs,
+                                        r["p_created"]), self._image(r)))
+        return page, total
+
+    def in_pool(self, project_id: int, image_ids: Iterable[int]) -> set[int]:
+        """Which of these images are still in the project's unlabeled pool (not removed, not
+        labeled since): a labeling job asks before each chunk, as the review runs beside it."""
+        ids = [_check_id(i, "image") for i in image_ids]
+        out: set[int] = set()
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            for k in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                part = ids[k:k + 500]
+                out.update(r[0] for r in conn.execute(
+                    f"SELECT id FROM images WHERE project_id = ? AND class_id IS NULL AND id IN "
+                    f"({','.join('?' * len(part))})", (pid, *part)))
+        return out
+
+    def unscored_pool_images(self, project_id: int, model_id: int | None, limit: int) -> list[ImageInfo]:
+        """Up to ``limit`` images of the unlabeled pool that ``model_id`` has not predicted (all
+        pool images for ``None``), in upload order: what a paged pool view shows after the
+        scored ones."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            if model_id is None:
+                rows = conn.execute("SELECT * FROM images WHERE project_id = ? AND class_id IS NULL "
+                                    "ORDER BY id LIMIT ?", (pid, max(0, int(limit)))).fetchall()
+            else:
+                mid = self._model_row(conn, model_id)["id"]
+                rows = conn.execute(
+                    "SELECT * FROM images WHERE project_id = ? AND class_id IS NULL AND NOT EXISTS "
+                    "(SELECT 1 FROM predictions WHERE predictions.image_id = images.id AND predictions.model_id = ?) "
+                    "ORDER BY id LIMIT ?", (pid, mid, max(0, int(limit)))).fetchall()
+        return [self._image(r) for r in rows]
 
     # ------------------------------------------------------------------- jobs
 

@@ -208,7 +208,8 @@ def test_a_missing_image_file_never_takes_the_page_down(app, client):
     img = library.images(sc, "red circle")[0]
     img.path.unlink()
     key = library.thumbnail_key(ws, img.hash)
-    (ws.thumbs_dir / key[:2] / f"{key}.png").unlink(missing_ok=True)
+    for suffix in (".jpg", ".png"):  # JPEG now; PNG from earlier versions
+        (ws.thumbs_dir / key[:2] / f"{key}{suffix}").unlink(missing_ok=True)
     out = client.predict(pid, api_name="/open_project")
     assert out[0].startswith("Opened **Example\\: coloured shapes") and "1 image file is missing" in out[0]
     assert f"#{img.id} {presenters.md(img.original_name)}" in out[0]

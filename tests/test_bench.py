@@ -31,7 +31,7 @@ from helpers import make_refs
 @pytest.fixture(scope="module")
 def small_results(tiny):
     threads = torch.get_num_threads()
-    results = run_bench(tiny, BenchConfig(classes=3, shots=2, images=40, repeats=1, batch_size=16))
+    results = run_bench(tiny, BenchConfig(classes=3, shots=2, images=40, repeats=1, batch_size=16, pool_images=60))
     assert torch.get_num_threads() == threads  # the run sets its own, then restores them
     return results
 
@@ -39,9 +39,9 @@ def small_results(tiny):
 @pytest.mark.slow  # runs the whole suite, with helper processes
 def test_every_key_is_measured_and_positive(small_results):
     r = small_results
-    for key in TARGETS:
+    for key in (*TARGETS, *speed.REPORTED):
         assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
-        assert f"{key}_median" in r["absolute"], key
+        assert key in speed.ONE_ROUND + speed.REPORTED or f"{key}_median" in r["absolute"], key
     a = r["absolute"]
     for k in ("raw_encode_images_per_s", "pipeline_images_per_s", "cache_hit_images_per_s",
               "graph_first_fit_seconds", "graph_refit_seconds", "mma_epoch_seconds_cached",
@@ -84,7 +84,8 @@ def _fake(**overrides) -> dict:
     good = {"pipeline_vs_raw_encode": 0.95, "cache_hit_speedup": 40.0, "graph_retrain_ratio": 0.05,
             "mma_cached_speedup": 2.0, "graph_batched_speedup": 30.0, "labeling_vs_extraction": 0.99,
             "closed_form_refit_ms": 20.0, "first_model_seconds": 6.0,
-            "first_model_vs_encode": 1.1}
+            "first_model_vs_encode": 1.1, "pool_first_page_s": 1.0, "pool_action_p95_ms": 80.0,
+            "pool_upload_thumbs_ms_per_image": 2.0, "pool_label_images_per_s": 500.0}
     return {**good, "absolute": {"pipeline_images_per_s": 900.0, "raw_encode_images_per_s": 1000.0},
             "backbone": "fake", "device": "CPU", "torch": "x", "open_clip": "y", **overrides}
 
@@ -107,6 +108,25 @@ def test_closed_form_refit_is_measured_on_cached_features(tiny, tmp_path):
     assert a["closed_form_refit_ms_with_search"] > 0 and a["closed_form_refit_alpha"] > 0
     assert "GDA refit, median of R" in speed._figures("closed_form_refit_ms", a)
     assert speed.TARGETS["closed_form_refit_ms"] == ("<=", 50.0)
+
+
+@pytest.mark.slow  # a workspace with its helper processes, a zero-shot training, a pool labeling job
+def test_the_long_pool_scenario_at_toy_size(tiny, tmp_path):
+    """The pool_* keys on a 60-image pool: every figure measured, the whole pool labeled, the
+    actions run on a scored pool, JPEG thumbnails smaller than the PNG ones would be."""
+    ctx = speed._Ctx(tiny, BenchConfig(pool_images=60), tmp_path / "w", 1, lambda s: None)
+    speed._section_pool(ctx)
+    r, a = ctx.results, ctx.absolute
+    for key in (*speed.ONE_ROUND, *speed.REPORTED):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert a["pool_images"] == 60 and a["pool_actions"] == speed.POOL_ACTIONS
+    assert r["pool_first_page_s"] <= a["pool_label_seconds"]
+    assert r["pool_label_images_per_s"] == pytest.approx(60 / a["pool_label_seconds"], rel=1e-3)
+    assert a["pool_action_median_ms"] <= r["pool_action_p95_ms"] and 0 < a["pool_thumb_jpeg_kb"] < 20
+    assert a["pool_rss_mb_after_labeling"] > 0
+    table = speed.markdown_table({**r, "absolute": a})
+    assert "| pool_label_images_per_s |" in table and "(reported)" in table
+    assert "accept one image + the next 200-row page" in table
 
 
 def test_all_targets_met_exits_0(tmp_path):

@@ -328,30 +328,46 @@ THUMB_KEY_CHARS = 40  # hex characters of a thumbnail's name (a content hash has
 
 
 def thumbnail_key(ws: Workspace, digest: str) -> str:
-    """A thumbnail's file name (without .png): an HMAC of the image's content hash under the
-    installation's secret, so that nobody can compute the URL of an image's thumbnail from its
-    content (or from a hash seen elsewhere), while the same image keeps one thumbnail."""
+    """A thumbnail's file name (without its .jpg/.png suffix): an HMAC of the image's content
+    hash under the installation's secret, so that nobody can compute the URL of an image's
+    thumbnail from its content (or from a hash seen elsewhere), while the same image keeps one
+    thumbnail."""
     secret = ws.browser_secret().encode()
     return hmac.new(secret, b"thumbnail:" + digest.encode(), hashlib.sha256).hexdigest()[:THUMB_KEY_CHARS]
 
 
+#: JPEG quality of gallery thumbnails. Measured on a 2,000-image pool at ViT-B-32 size (issue
+#: #15): PNG thumbnails took 15 ms each and were 2.8x the size of the source JPEGs; JPEG q85 takes
+#: 1.7 ms and about 3.8 KB at 160 px, with no artefact visible at gallery size (q95 doubles the
+#: bytes for no visible gain; q75 starts to ring around the edges of line drawings).
+THUMB_QUALITY = 85
+
+
 def thumbnail(ws: Workspace, img: ImageInfo) -> str:
-    """A small PNG for galleries, generated once per image content (named by `thumbnail_key`).
-    An image whose stored file is gone or damaged gets the placeholder instead
-    (`missing_images` names them), so one lost file never takes a page down; nor does a full
-    disk (the thumbnail is then made again next time)."""
+    """A small JPEG (quality THUMB_QUALITY) for galleries, generated once per image content
+    (named by `thumbnail_key`). JPEG always fits: `imageio.decode_image` composites any alpha on
+    white (as the model sees the image), so a thumbnail never has transparency to show. A PNG
+    thumbnail made by an earlier version is still served as it is (same key, same folder) rather
+    than decoded again. An image whose stored file is gone or damaged gets the placeholder
+    instead (`missing_images` names them), so one lost file never takes a page down; nor does a
+    full disk (the thumbnail is then made again next time)."""
     key = thumbnail_key(ws, img.hash)
-    path = ws.thumbs_dir / key[:2] / f"{key}.png"
-    if not path.exists():
-        try:
-            im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
-        except (OSError, imageio.ImageError):
-            return placeholder(ws)
-        im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        try:
-            _write_png(im, path)
-        except OSError:
-            return placeholder(ws)
+    folder = ws.thumbs_dir / key[:2]
+    path = folder / f"{key}.jpg"
+    if path.exists():
+        return str(path)
+    old = folder / f"{key}.png"
+    if old.exists():
+        return str(old)
+    try:
+        im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
+    except (OSError, imageio.ImageError):
+        return placeholder(ws)
+    im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    try:
+        _write_image(im, path, "JPEG", quality=THUMB_QUALITY)
+    except OSError:
+        return placeholder(ws)
     return str(path)
 
 
@@ -379,15 +395,15 @@ def placeholder(ws: Workspace) -> str:
         d, m = ImageDraw.Draw(im), THUMB_SIZE // 3
         d.line((m, m, THUMB_SIZE - m, THUMB_SIZE - m), fill=(156, 163, 175), width=6)
         d.line((m, THUMB_SIZE - m, THUMB_SIZE - m, m), fill=(156, 163, 175), width=6)
-        _write_png(im, path)
+        _write_image(im, path, "PNG")
     return str(path)
 
 
-def _write_png(im, path: Path) -> None:
+def _write_image(im, path: Path, fmt: str, **params) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # atomic: readers never see half
     try:
-        im.save(tmp, "PNG")
+        im.save(tmp, fmt, **params)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind

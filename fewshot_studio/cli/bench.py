@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", type=int, default=BenchConfig.classes, help="C of the training measurements")
     p.add_argument("--shots", type=int, default=BenchConfig.shots, help="K images per class")
     p.add_argument("--images", type=int, default=BenchConfig.images, help="pool size of the pipeline measurements")
+    p.add_argument("--pool-images", type=int, default=BenchConfig.pool_images,
+                   help="pool size of the long-pool scenario (pool_* keys)")
     p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="interleaved rounds per ratio")
     p.add_argument("--batch-size", type=int, default=BenchConfig.batch_size, help="encoder batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1 on CPU)")
@@ -80,6 +82,7 @@ def cmd_bench(args) -> int:
 
         return run_views(args.methods, args.view_counts, args.view_shots, args.seeds, json_path=args.json)
     cfg = BenchConfig(classes=args.classes, shots=args.shots, images=args.images, repeats=args.repeats,
+                      pool_images=args.pool_images,
                       batch_size=args.batch_size, threads=args.threads, workers=args.workers,
                       work_dir=args.work_dir)
     cfg.validate()

@@ -38,6 +38,8 @@ def build(ui: UI) -> None:
                                          datatype=["number", "str", "str", "number", "str", "str"],
                                          elem_id="pool-table",
                                          label="Predictions, least confident first (click rows to select)")
+            # what the page leaves out of a long pool ("Showing 200 of 10,000 ...")
+            ui.pool_note = gr.Markdown("", elem_id="pool-note")
             ui.pool_gallery = gr.Gallery(label="Pool (click thumbnails to select; ✓ marks the selected)", columns=6,
                                          height=260, allow_preview=False, object_fit="contain", elem_id="pool-gallery")
             # the ids the table and the gallery show, in order: a click's position maps to an id here
@@ -57,24 +59,28 @@ def build(ui: UI) -> None:
                                                 label="Confidence to accept automatically")
                 ui.accept_conf_btn = gr.Button("Accept confident", elem_id="accept-confident-btn")
 
-    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_row_ids, ui.pool_ids, ui.pool_selection, ui.correct_dd]
+    pool_outs = [ui.pool_table, ui.pool_gallery, ui.pool_row_ids, ui.pool_ids, ui.pool_selection, ui.correct_dd,
+                 ui.pool_note]
 
-    def pool_view(pid, owner, rows=None, selection=()):
-        """The pool's predictions (table) and thumbnails (gallery), the ids `selection` marked ✓."""
+    def pool_view(pid, owner, selection=()):
+        """The first page of the pool's predictions (table) and thumbnails (gallery), the ids
+        `selection` marked ✓: a page (modeling.pool_page), never the whole pool, so a
+        10,000-image pool renders as fast as a small one; the note says how much is shown."""
         if pid is None:
             return {ui.pool_table: [], ui.pool_gallery: [], ui.pool_row_ids: [], ui.pool_ids: [],
-                    ui.pool_selection: "", ui.correct_dd: gr.Dropdown(choices=[], value=None)}
+                    ui.pool_selection: "", ui.correct_dd: gr.Dropdown(choices=[], value=None), ui.pool_note: ""}
         scope = ui.scope(pid, owner)
-        rows = modeling.pool_predictions(scope) if rows is None else rows
-        chosen = set(selection)
+        page = modeling.pool_page(scope)
+        rows, chosen = page.rows, set(selection)
         table = [[r.image_id, r.name, r.label, round(100 * r.confidence, 1), presenters.top_text(r.top),
                   MARK if r.image_id in chosen else ""] for r in rows]
-        gallery, ids = presenters.pool_gallery_items(scope, rows)
+        gallery, ids = presenters.pool_page_gallery(scope, page)
         gallery = [(t, f"{MARK} {c}" if i in chosen else c) for (t, c), i in zip(gallery, ids)]
         choices = [v for _, v in presenters.class_choices(scope)]
         return {ui.pool_table: table, ui.pool_gallery: gallery, ui.pool_row_ids: [r.image_id for r in rows],
                 ui.pool_ids: ids, ui.pool_selection: ", ".join(str(i) for i in selection),
-                ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None)}
+                ui.correct_dd: gr.Dropdown(choices=choices, value=choices[0] if choices else None),
+                ui.pool_note: presenters.pool_page_note(page, len(rows), len(ids))}
 
     ui.pool_view = pool_view
 
@@ -132,7 +138,21 @@ def wire(ui: UI) -> None:
         scope = ui.scope(pid, owner)
         job_id = labeling[request.session_hash] = modeling.start_labeling(scope)
         try:
-            state = yield from follow(ui.ws, job_id, ui.label_progress)
+            # each stored chunk shows at once (the review starts on the first one); the
+            # selection box is left as the clicks made it
+            shown = -1
+            jobs = follow(ui.ws, job_id, ui.label_progress)
+            while True:
+                try:
+                    bar = next(jobs)
+                except StopIteration as end:
+                    state = end.value
+                    break
+                scored = modeling.pool_page(scope, 0, 0).scored
+                if scored != shown:
+                    shown = scored
+                    bar = {**bar, **ui.pool_view(pid, owner), ui.pool_selection: gr.skip(), ui.correct_dd: gr.skip()}
+                yield bar
         finally:
             if labeling.get(request.session_hash) == job_id:
                 del labeling[request.session_hash]
@@ -151,7 +171,7 @@ def wire(ui: UI) -> None:
             low = sum(r.confidence < 0.5 for r in rows)
             msg = (f"Labeled {len(rows)} pool image{'s' if len(rows) != 1 else ''}, least confident first "
                    f"({low} below 50%). Select and accept, or correct.")
-        yield {**bar, ui.notice: msg, **ui.pool_view(pid, owner, rows),
+        yield {**bar, ui.notice: msg, **ui.pool_view(pid, owner),
                ui.label_model_md: presenters.model_summary(scope)}
 
     def cancel_labeling(request: gr.Request):

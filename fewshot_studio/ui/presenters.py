@@ -12,7 +12,7 @@ from ..app import library, modeling
 from ..app.context import ProjectScope, Workspace
 from ..app.exports import MANIFEST, FolderExport, usage_snippet
 from ..app.library import POOL
-from ..app.modeling import PoolRow
+from ..app.modeling import PoolPage, PoolRow
 from ..backbone import TINY, BackboneSpec
 from ..errors import DataError
 from ..markup import md
@@ -127,6 +127,39 @@ def pool_gallery_items(scope: ProjectScope, rows: Sequence[PoolRow] | None = Non
             out.append((library.thumbnail(scope.ws, img), f"#{i} {img.original_name}"))
             ids.append(i)
     return out, ids
+
+
+#: Thumbnails a pool gallery shows at once: eight rows of six, a screenful; at about 4 KB a JPEG
+#: thumbnail that is ~200 KB per view, where a whole 2,000-image pool fetched 66 MB of PNGs.
+POOL_GALLERY_THUMBS = 48
+
+
+def pool_page_gallery(scope: ProjectScope, page: PoolPage, limit: int = POOL_GALLERY_THUMBS
+                      ) -> tuple[Gallery, list[int]]:
+    """The first `limit` items of a pool page as thumbnails captioned "#id label 87%" (least
+    confident first), then unscored pool images captioned "#id name"; and their ids in order.
+    Only these thumbnails are made (a page, never the whole pool)."""
+    out, ids = [], []
+    for r in page.rows[:limit]:
+        out.append((library.thumbnail(scope.ws, page.images[r.image_id]), f"#{r.image_id} {r.label} {r.confidence:.0%}"))
+        ids.append(r.image_id)
+    for img in page.unscored[:max(0, limit - len(out))]:
+        out.append((library.thumbnail(scope.ws, img), f"#{img.id} {img.original_name}"))
+        ids.append(img.id)
+    return out, ids
+
+
+def pool_page_note(page: PoolPage, rows: int, thumbs: int) -> str:
+    """One sentence on what a paged pool view leaves out ("" when it shows everything): "Showing
+    200 of 10,000 scored pool images (3,000 not scored yet); 48 of 13,000 thumbnails."."""
+    parts = []
+    if page.model_id is not None and (rows < page.scored or page.scored < page.pool):
+        parts.append(f"Showing {rows:,} of {page.scored:,} scored pool images, least confident first"
+                     + (f" ({page.pool - page.scored:,} not scored yet)" if page.scored < page.pool else ""))
+    if thumbs < page.pool:
+        parts.append(f"{thumbs:,} of {page.pool:,} thumbnails" if parts else
+                     f"Showing {thumbs:,} of {page.pool:,} pool thumbnails")
+    return "; ".join(parts) + "." if parts else ""
 
 
 def pool_gallery(scope: ProjectScope, rows: Sequence[PoolRow] | None = None) -> Gallery:
@@ -275,7 +308,7 @@ def renamed_folders(export: FolderExport) -> str:
 __all__ = ["BACKBONE_PRESETS", "POOL", "auto_summary", "backbone_choices", "backbone_status", "class_choices",
            "default_backbone_value", "gallery_items", "image_by_thumbnail", "image_gallery", "method_choices",
            "method_label", "model_choices", "model_label", "model_result", "model_summary", "parse_image_ids",
-           "pool_gallery", "pool_gallery_items", "renamed_folders", "top_text", "usage", "usage_snippet"]
+           "pool_gallery", "pool_gallery_items", "pool_page_gallery", "pool_page_note", "renamed_folders", "top_text", "usage", "usage_snippet"]
 
 
 def label_for(method: str, key: str) -> str:
