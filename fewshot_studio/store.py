@@ -1689,7 +1689,9 @@ class ProjectStore:
                 "SELECT id FROM images WHERE project_id = ? AND class_id IS NULL ORDER BY id", (pid,))]
 
     def predictions_of(self, model_id: int, image_ids: Iterable[int]) -> dict[int, PredictionInfo]:
-        """A model's predictions of these images (those it has), by image id."""
+        """A model's predictions of these images only ({image id: prediction}; images it has not
+        predicted are absent): what accepting a few predictions needs, without reading the other
+        10,000 (`list_predictions` parses every row's probabilities: ~40 ms per 1,000 rows)."""
         ids = [_check_id(i, "image") for i in image_ids]
         out: dict[int, PredictionInfo] = {}
         with self._read() as conn:
@@ -1909,21 +1911,6 @@ class ProjectStore:
                 sql += " AND images.class_id IS NULL"
             rows = conn.execute(sql + " ORDER BY predictions.confidence, predictions.image_id", (mid,)).fetchall()
         return [self._prediction(r) for r in rows]
-
-    def predictions_for(self, model_id: int, image_ids: Iterable[int]) -> dict[int, PredictionInfo]:
-        """A model's predictions of these images only ({image id: prediction}; images it has not
-        predicted are absent): what accepting a few predictions needs, without reading the other
-        10,000 (`list_predictions` parses every row's probabilities: ~40 ms per 1,000 rows)."""
-        ids = [_check_id(i, "image") for i in image_ids]
-        out: dict[int, PredictionInfo] = {}
-        with self._read() as conn:
-            mid = self._model_row(conn, model_id)["id"]
-            for k in range(0, len(ids), 500):  # SQLite's bound-parameter limit
-                part = ids[k:k + 500]
-                for r in conn.execute(f"SELECT * FROM predictions WHERE model_id = ? AND image_id IN "
-                                      f"({','.join('?' * len(part))})", (mid, *part)):
-                    out[r["image_id"]] = self._prediction(r)
-        return out
 
     def pool_prediction_page(self, model_id: int, offset: int = 0, limit: int = 200
                              ) -> tuple[list[tuple[PredictionInfo, ImageInfo]], int]:

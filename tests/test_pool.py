@@ -180,13 +180,13 @@ def test_the_pool_gallery_serves_a_page_of_jpeg_thumbnails(tiny, tmp_path):
         ws.close()
 
 
-def test_predictions_for_reads_only_the_images_asked(studio):
+def test_predictions_of_reads_only_the_images_asked(studio):
     ws, sc = studio
     modeling.label_pool(sc)
     current = modeling.current_model_info(sc)
     full = {p.image_id: p for p in ws.store.list_predictions(current.id)}
     some = list(full)[:3]
-    assert ws.store.predictions_for(current.id, some + [10**9]) == {i: full[i] for i in some}
-    assert ws.store.predictions_for(current.id, []) == {}
+    assert ws.store.predictions_of(current.id, some + [10**9]) == {i: full[i] for i in some}
+    assert ws.store.predictions_of(current.id, []) == {}
     many = list(full)  # more than one batch of bound parameters
-    assert ws.store.predictions_for(current.id, many * 4) == full
+    assert ws.store.predictions_of(current.id, many * 4) == full
