@@ -146,9 +146,16 @@ def test_one_shot_and_empty_classes(tiny, shared_extractor, task):
     support, _, _ = task
     one = support.subset([0, 3, 6])  # one image per class: nothing to hold out
     assert one.counts() == [1, 1, 1]
+    # uninformative names: zero-shot CLIP gets the examples wrong, so the images decide (GDA)
     m = choose_and_fit(one, tiny, shared_extractor, seed=0)
-    assert m.name == "proker" and m.metrics["auto"]["cv_accuracy"] == {}
-    assert "no class has two images" in m.metrics["auto"]["why"]
+    assert m.name == "gda" and m.metrics["auto"]["cv_accuracy"] == {}
+    why = m.metrics["auto"]["why"]
+    assert "no class has two images" in why and "names say little" in why, why
+    # informative names: zero-shot CLIP names them right, so ProKeR stays close to it
+    named, _, _ = make_task({"red circle": "red circle", "blue square": "blue square",
+                             "green triangle": "green triangle"}, shots=1, test_per_class=0, seed=1)
+    m = choose_and_fit(named, tiny, shared_extractor, seed=0)
+    assert m.name == "proker" and "named 3 of the 3 examples right" in m.metrics["auto"]["why"]
     names = SupportSet(["alpha", "bravo"], [], [])  # no images at all: the method that needs none
     m = choose_and_fit(names, tiny, shared_extractor, seed=0)
     assert m.name == "zeroshot" and "needs no images" in m.metrics["auto"]["why"]
