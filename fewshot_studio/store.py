@@ -107,6 +107,9 @@ __all__ = [
     "ModelInfo",
     "JobInfo",
     "PredictionInfo",
+    "ActionInfo",
+    "ACTION_KINDS",
+    "REMOVED_KEEP_SECONDS",
     "ProjectStore",
     "ImageImport",
     "ImportResult",
@@ -124,6 +127,12 @@ MAX_DESCRIPTION_LENGTH = 2000
 MAX_FILE_NAME_LENGTH = 255
 #: Who put an image in its class: the user, an accepted prediction, or a corrected one.
 LABELED_BY = ("user", "accepted", "corrected")
+#: The kinds of logged (undoable) labeling actions, and the undo that reverses one.
+ACTION_KINDS = ("accept", "correct", "remove", "undo")
+#: A removed image's file and row data are kept this long for undo, then purged by
+#: :meth:`ProjectStore.collect_garbage` (a week: undo is for slips within a labeling session,
+#: and a week's removals of a 10,000-image pool cost at most its own size on disk).
+REMOVED_KEEP_SECONDS = 7 * 24 * 3600.0
 JOB_STATUSES = tuple(s.value for s in JobStatus)
 _JOB_FINISHED = FINISHED
 #: Decoding an upload to validate it may use JPEG draft mode down to about this size.
@@ -257,12 +266,41 @@ CREATE TABLE current_models (
 );
 """
 
+_SCHEMA_V4_ACTIONS = """
+-- the labeling station's action log (issue 15): every accept, correct and remove, undoable; the
+-- payload (JSON) holds each image's previous and new class_id/labeled_by, or a removed image's row
+-- and predictions, so undo restores them exactly
+CREATE TABLE actions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id  INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    owner       TEXT,                         -- browser-session token in the hosted demo; NULL locally
+    kind        TEXT    NOT NULL CHECK (kind IN ('accept', 'correct', 'remove', 'undo')),
+    count       INTEGER NOT NULL,             -- images it touched
+    labeled     INTEGER NOT NULL DEFAULT 0,   -- images it put in a class (labeled today, labels since a model)
+    summary     TEXT    NOT NULL DEFAULT '',
+    created     REAL    NOT NULL,
+    undone      INTEGER NOT NULL DEFAULT 0,
+    undoes      INTEGER REFERENCES actions(id) ON DELETE SET NULL,
+    payload     TEXT    NOT NULL DEFAULT '{}'
+);
+CREATE INDEX actions_project ON actions(project_id, id);
+CREATE INDEX actions_owner ON actions(project_id, owner, undone, id);
+
+-- the files of removed images an undo may bring back: a file is kept while a row here names it
+CREATE TABLE removed_files (
+    action_id   INTEGER NOT NULL REFERENCES actions(id) ON DELETE CASCADE,
+    hash        TEXT    NOT NULL,
+    PRIMARY KEY (action_id, hash)
+);
+CREATE INDEX removed_files_hash ON removed_files(hash);
+"""
+
 #: The message (lower case) of a job that was running when the app stopped.
 INTERRUPTED = "the app stopped while this job was running"
 #: The message (lower case) of a job that was still queued when the app stopped.
 INTERRUPTED_QUEUED = "the app stopped before this job started"
 
-MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS, _SCHEMA_V3_CURRENT_MODEL]
+MIGRATIONS: list[Migration] = [_SCHEMA_V1, _SCHEMA_V2_LINKS, _SCHEMA_V3_CURRENT_MODEL, _SCHEMA_V4_ACTIONS]
 #: The schema version this code writes (``PRAGMA user_version`` after opening).
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -395,6 +433,24 @@ class PredictionInfo:
     confidence: float
     probs: Any = field(hash=False)  # dict[class id, probability] or a list, as saved
     created: float
+
+
+@dataclass(frozen=True)
+class ActionInfo:
+    """One logged labeling action (:meth:`ProjectStore.label_images`, :meth:`~ProjectStore.remove_undoably`,
+    :meth:`~ProjectStore.undo_last`)."""
+
+    id: int
+    project_id: int
+    owner: str | None
+    kind: str  # one of ACTION_KINDS
+    count: int  # images it touched
+    labeled: int  # images it put in a class
+    summary: str
+    created: float
+    undone: bool
+    undoes: int | None  # for an undo: the action it reversed
+    image_ids: tuple[int, ...] = field(default=(), hash=False)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -1016,8 +1072,9 @@ class ProjectStore:
         with self._lock:
             conn = self._require_open()
             for digest in set(digests):
-                if conn.execute("SELECT 1 FROM images WHERE hash = ? LIMIT 1", (digest,)).fetchone():
-                    continue
+                if conn.execute("SELECT 1 FROM images WHERE hash = ? LIMIT 1", (digest,)).fetchone() or \
+                        conn.execute("SELECT 1 FROM removed_files WHERE hash = ? LIMIT 1", (digest,)).fetchone():
+                    continue  # still used, or kept for undoing a removal
                 try:
                     _blob_path(self.root, digest).unlink()
                     removed += 1
@@ -1204,6 +1261,9 @@ class ProjectStore:
             with self._tx() as conn:
                 pid = self._project_row(conn, project_id)["id"]
                 digests = [r[0] for r in conn.execute("SELECT DISTINCT hash FROM images WHERE project_id = ?", (pid,))]
+                digests += [r[0] for r in conn.execute(
+                    "SELECT DISTINCT hash FROM removed_files JOIN actions ON actions.id = removed_files.action_id "
+                    "WHERE actions.project_id = ?", (pid,))]
                 model_dirs = [r[0] for r in conn.execute("SELECT weights_path FROM models WHERE project_id = ?", (pid,))]
                 conn.execute("DELETE FROM projects WHERE id = ?", (pid,))  # cascades
             self._release_blobs(digests)
@@ -1418,6 +1478,191 @@ class ProjectStore:
 
     def remove_image(self, image_id: int) -> None:
         self.remove_images([image_id])
+
+    # ------------------------------------------------------- the action log (undo)
+    #
+    # Undoable removal keeps the removed rows' data (and predictions) in the action's payload
+    # and their files on disk (``removed_files``), and an undo re-inserts the rows under their
+    # own ids (AUTOINCREMENT never hands an id out twice, so the id is free). The alternative,
+    # soft removal (a ``removed_at`` column), would have to be honoured by every query that
+    # lists or counts images, support sets, predictions, duplicate checks of an import and
+    # exports: a single query that forgot it would train on removed images. Here every existing
+    # query stays correct as it is, and only the file release and garbage collection learn
+    # that a file named in ``removed_files`` is still needed.
+
+    @staticmethod
+    def _action(row: sqlite3.Row, image_ids: Sequence[int] = ()) -> ActionInfo:
+        return ActionInfo(row["id"], row["project_id"], row["owner"], row["kind"], row["count"], row["labeled"],
+                          row["summary"], row["created"], bool(row["undone"]), row["undoes"], tuple(image_ids))
+
+    def _log(self, conn: sqlite3.Connection, project_id: int, owner: str | None, kind: str, count: int,
+             labeled: int, summary: str, payload: Mapping, undoes: int | None = None,
+             now: float | None = None) -> int:
+        cur = conn.execute(
+            "INSERT INTO actions (project_id, owner, kind, count, labeled, summary, created, undoes, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (project_id, owner, kind, count, labeled, str(summary)[:300], now or time.time(), undoes,
+             _to_json(payload, "action")))
+        return int(cur.lastrowid)
+
+    def label_images(self, project_id: int, assignments: Iterable[tuple[int, int, str]], *, kind: str,
+                     owner: str | None = None, summary: str = "") -> ActionInfo:
+        """Put pool or labeled images of one project in classes AND log it as one undoable
+        action, in ONE transaction: each ``(image_id, class_id, labeled_by)``. The log keeps each
+        image's previous and new (class_id, labeled_by), so :meth:`undo_last` restores them
+        exactly. ``kind`` is "accept" or "correct". All or nothing: an unknown image or class, or
+        one of another project, changes nothing."""
+        if kind not in ("accept", "correct"):
+            raise ValidationError(f"A labeling action is 'accept' or 'correct', not {kind!r}.")
+        items = []
+        for item in assignments:
+            image_id, class_id, labeled_by = item
+            items.append((_check_id(image_id, "image"), _check_id(class_id, "class"),
+                          self._labeled_by(_check_id(class_id, "class"), labeled_by)))
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            changes, seen = [], set()
+            for image_id, class_id, labeled_by in items:
+                if image_id in seen:
+                    continue
+                seen.add(image_id)
+                row = self._image_row(conn, image_id, pid)
+                self._class_row(conn, class_id, pid)
+                changes.append([image_id, row["class_id"], row["labeled_by"], class_id, labeled_by])
+            conn.executemany("UPDATE images SET class_id = ?, labeled_by = ? WHERE id = ?",
+                             [(c[3], c[4], c[0]) for c in changes])
+            now = time.time()
+            labeled = sum(1 for c in changes if c[1] is None)
+            aid = self._log(conn, pid, owner, kind, len(changes), labeled, summary, {"images": changes}, now=now)
+            self._touch(conn, pid, now)
+            row = conn.execute("SELECT * FROM actions WHERE id = ?", (aid,)).fetchone()
+        return self._action(row, [c[0] for c in changes])
+
+    def remove_undoably(self, project_id: int, image_ids: Iterable[int], *, owner: str | None = None,
+                        summary: str = "") -> ActionInfo:
+        """Remove images of one project and log it as one undoable action, in ONE transaction:
+        their rows (and predictions) go into the action's payload and their files stay on disk
+        until the action is undone (the rows return) or purged (:meth:`collect_garbage`, after
+        :data:`REMOVED_KEEP_SECONDS`). All or nothing."""
+        ids = list(dict.fromkeys(_check_id(i, "image") for i in image_ids))
+        with self._tx() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            rows = [dict(self._image_row(conn, i, pid)) for i in ids]
+            preds = []
+            if ids:
+                marks = ",".join("?" * len(ids))
+                preds = [list(r) for r in conn.execute(
+                    "SELECT image_id, model_id, label, confidence, probs, created FROM predictions "
+                    f"WHERE image_id IN ({marks})", ids)]
+            now = time.time()
+            aid = self._log(conn, pid, owner, "remove", len(rows), 0, summary,
+                            {"images": rows, "predictions": preds}, now=now)
+            conn.executemany("INSERT OR IGNORE INTO removed_files (action_id, hash) VALUES (?, ?)",
+                             [(aid, r["hash"]) for r in rows])
+            conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+            self._touch(conn, pid, now)
+            row = conn.execute("SELECT * FROM actions WHERE id = ?", (aid,)).fetchone()
+        return self._action(row, ids)
+
+    def undo_last(self, project_id: int, owner: str | None = None, summary: str = ""
+                  ) -> tuple[ActionInfo, ActionInfo] | None:
+        """Reverse ``owner``'s last action in the project that is not undone (undos themselves
+        are not undone: pressing undo twice reverses two actions), in ONE transaction, and log
+        the undo; ``(the reversed action, the undo)``, or None when there is nothing to undo.
+
+        Exact: a labeling action puts each image back to its previous (class_id, labeled_by),
+        but only an image still in the state the action left it (one changed since, e.g. by
+        another member of a shared project, or removed, is left alone and not counted); a
+        removal re-inserts the rows under their own ids with their predictions (of models that
+        still exist). A class deleted since cannot be restored: such an image returns to the
+        pool."""
+        with self._lock:
+            with self._tx() as conn:
+                pid = self._project_row(conn, project_id)["id"]
+                row = conn.execute(
+                    "SELECT * FROM actions WHERE project_id = ? AND owner IS ? AND undone = 0 AND kind != 'undo' "
+                    "ORDER BY id DESC LIMIT 1", (pid, owner)).fetchone()
+                if row is None:
+                    return None
+                payload = json.loads(row["payload"] or "{}")
+                classes = {r[0] for r in conn.execute("SELECT id FROM classes WHERE project_id = ?", (pid,))}
+                if row["kind"] == "remove":
+                    restored = self._restore_removed(conn, pid, payload, classes)
+                else:
+                    restored = []
+                    for image_id, old_c, old_by, new_c, new_by in payload.get("images", []):
+                        if old_c is not None and old_c not in classes:
+                            old_c, old_by = None, None
+                        cur = conn.execute(
+                            "UPDATE images SET class_id = ?, labeled_by = ? "
+                            "WHERE id = ? AND project_id = ? AND class_id IS ? AND labeled_by IS ?",
+                            (old_c, old_by, image_id, pid, new_c, new_by))
+                        if cur.rowcount:
+                            restored.append(image_id)
+                conn.execute("UPDATE actions SET undone = 1 WHERE id = ?", (row["id"],))
+                conn.execute("DELETE FROM removed_files WHERE action_id = ?", (row["id"],))
+                now = time.time()
+                uid = self._log(conn, pid, owner, "undo", len(restored), 0, summary or f"Undid: {row['summary']}",
+                                {"undoes": row["id"], "images": restored}, undoes=row["id"], now=now)
+                self._touch(conn, pid, now)
+                original = conn.execute("SELECT * FROM actions WHERE id = ?", (row["id"],)).fetchone()
+                undo = conn.execute("SELECT * FROM actions WHERE id = ?", (uid,)).fetchone()
+        ids = [c[0] for c in payload.get("images", [])] if row["kind"] != "remove" else \
+            [r["id"] for r in payload.get("images", [])]
+        return self._action(original, ids), self._action(undo, restored)
+
+    def _restore_removed(self, conn: sqlite3.Connection, pid: int, payload: Mapping, classes: set) -> list[int]:
+        """Re-insert a removal's rows (their own ids, files kept on disk) and predictions."""
+        restored = []
+        for r in payload.get("images", []):
+            r = dict(r)
+            if r.get("project_id") != pid or not _blob_path(self.root, r["hash"]).is_file():
+                continue  # the file is gone (removed by hand): nothing to bring back
+            if r.get("class_id") is not None and r["class_id"] not in classes:
+                r["class_id"], r["labeled_by"] = None, None
+            cols = ", ".join(r)
+            cur = conn.execute(f"INSERT OR IGNORE INTO images ({cols}) VALUES ({', '.join('?' * len(r))})",
+                               list(r.values()))
+            if cur.rowcount:
+                restored.append(r["id"])
+        back = set(restored)
+        models = {m[0] for m in conn.execute("SELECT id FROM models WHERE project_id = ?", (pid,))}
+        conn.executemany(
+            "INSERT OR IGNORE INTO predictions (image_id, model_id, label, confidence, probs, created) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(i, m, lab if lab in classes else None, c, probs, t)
+             for i, m, lab, c, probs, t in payload.get("predictions", []) if i in back and m in models])
+        return restored
+
+    def list_actions(self, project_id: int, limit: int = 20, owner: str | None = None,
+                     everyone: bool = True) -> list[ActionInfo]:
+        """The project's last logged actions, newest first (only ``owner``'s unless ``everyone``)."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            sql = "SELECT * FROM actions WHERE project_id = ?" + ("" if everyone else " AND owner IS ?")
+            args = (pid,) if everyone else (pid, owner)
+            rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, max(0, int(limit)))).fetchall()
+        return [self._action(r) for r in rows]
+
+    def labeled_since(self, project_id: int, since: float) -> int:
+        """Images put in a class by logged accept/correct actions since ``since`` (unix time),
+        net of undo (an undone action does not count)."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            n = conn.execute(
+                "SELECT COALESCE(SUM(labeled), 0) FROM actions WHERE project_id = ? AND undone = 0 "
+                "AND kind IN ('accept', 'correct') AND created >= ?", (pid, float(since))).fetchone()[0]
+        return int(n)
+
+    def set_model_metrics(self, model_id: int, metrics: Mapping) -> ModelInfo:
+        """Merge ``metrics`` into a model's stored metrics (e.g. a cross-validated accuracy
+        measured after it was registered)."""
+        with self._tx() as conn:
+            row = self._model_row(conn, model_id)
+            merged = {**json.loads(row["metrics"] or "{}"), **dict(metrics)}
+            conn.execute("UPDATE models SET metrics = ? WHERE id = ?", (_to_json(merged, "metrics"), row["id"]))
+            row = self._model_row(conn, row["id"])
+        return self._model(row)
 
     def support_set(self, project_id: int) -> SupportSet:
         """The labelled examples: classes in position order (label = index), their
@@ -1713,13 +1958,18 @@ class ProjectStore:
 
     def collect_garbage(self) -> dict[str, int]:
         """Delete what a crash can leave behind: image files no row references, temporary
-        files, and model directories no row owns.  Run it only while no other process is
+        files, and model directories no row owns; and the files of removals older than
+        :data:`REMOVED_KEEP_SECONDS` (their undo is no longer offered).  Run it only while no other process is
         writing to this data folder.  Returns counts of what was removed."""
         removed = {"images": 0, "temporary": 0, "models": 0}
         staging = self.root / "staging"
         with self._lock:
+            with self._tx() as conn:  # removals older than REMOVED_KEEP_SECONDS can no longer be undone
+                conn.execute("DELETE FROM actions WHERE kind = 'remove' AND undone = 0 AND created < ?",
+                             (time.time() - REMOVED_KEEP_SECONDS,))
             with self._read() as conn:
                 digests = {r[0] for r in conn.execute("SELECT DISTINCT hash FROM images")}
+                digests |= {r[0] for r in conn.execute("SELECT DISTINCT hash FROM removed_files")}
                 model_dirs = {r[0] for r in conn.execute("SELECT weights_path FROM models") if r[0]}
             for sub in (self.root / "images").iterdir():
                 if not sub.is_dir():

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("L0 foundation", ["errors", "progress", "config", "markup"]),
     ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
                                 "workers", "tiny", "backbone", "features"]),
-    ("L2 methods", ["training", "methods"]),
+    ("L2 methods", ["training", "methods", "acquisition"]),
     ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs"]),
     ("L4 use cases", ["app"]),
     ("L5 presentation", ["viz", "ui"]),

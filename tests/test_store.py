@@ -881,3 +881,90 @@ def test_the_log_is_checkpointed_at_intervals_and_on_close(tmp_path):
     finally:
         s.close()
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+# ------------------------------------------------------------------ the action log (undo)
+
+def test_label_actions_undo_exactly(store, project, tmp_path):
+    a, b = store.add_class(project.id, "a"), store.add_class(project.id, "b")
+    imgs, _ = store.add_images(project.id, [(f"{i}.png", png(i)) for i in range(4)])
+    labeled, _ = store.add_images(project.id, [("l.png", png(9))], class_id=a.id, labeled_by="user")
+    ids = [i.id for i in imgs]
+    act = store.label_images(project.id, [(ids[0], a.id, "accepted"), (ids[1], b.id, "corrected"),
+                                          (labeled[0].id, b.id, "corrected")], kind="correct", owner="ann",
+                             summary="Labeled 3 images.")
+    assert (act.kind, act.count, act.labeled, act.undone) == ("correct", 3, 2, False)
+    assert [(store.get_image(i).class_id, store.get_image(i).labeled_by) for i in ids[:2]] == \
+        [(a.id, "accepted"), (b.id, "corrected")]
+    assert store.labeled_since(project.id, 0) == 2
+    assert store.undo_last(project.id, owner="bob") is None  # another owner's action is not bob's to undo
+    original, undo = store.undo_last(project.id, owner="ann")
+    assert original.id == act.id and original.undone and undo.kind == "undo" and undo.undoes == act.id
+    assert undo.count == 3
+    assert [store.get_image(i).class_id for i in ids[:2]] == [None, None]
+    assert (store.get_image(labeled[0].id).class_id, store.get_image(labeled[0].id).labeled_by) == (a.id, "user")
+    assert store.labeled_since(project.id, 0) == 0  # net of undo
+    assert store.undo_last(project.id, owner="ann") is None  # an undo is not undone
+    assert [x.kind for x in store.list_actions(project.id)] == ["undo", "correct"]
+    # all or nothing: an image of another project changes nothing and logs nothing
+    other = store.create_project("Other")
+    foreign, _ = store.add_images(other.id, [("f.png", png(20))])
+    with pytest.raises(NotFoundError):
+        store.label_images(project.id, [(ids[2], a.id, "accepted"), (foreign[0].id, a.id, "accepted")],
+                           kind="accept")
+    assert store.get_image(ids[2]).class_id is None and len(store.list_actions(project.id)) == 2
+    # an image changed since the action is left alone by its undo
+    act = store.label_images(project.id, [(ids[2], a.id, "accepted"), (ids[3], a.id, "accepted")], kind="accept")
+    store.move_images([(ids[3], b.id)], labeled_by="user")
+    _, undo = store.undo_last(project.id)
+    assert undo.count == 1 and store.get_image(ids[2]).class_id is None
+    assert (store.get_image(ids[3]).class_id, store.get_image(ids[3]).labeled_by) == (b.id, "user")
+
+
+def test_remove_undo_brings_rows_files_and_predictions_back(store, project, tmp_path):
+    a = store.add_class(project.id, "a")
+    imgs, _ = store.add_images(project.id, [(f"{i}.png", png(i)) for i in range(3)])
+    model = store.register_model(project.id, "tip", "tiny", {}, {}, make_model_dir(tmp_path / "m"))
+    store.save_predictions(model.id, [(i.id, a.id, 0.7, [0.7]) for i in imgs])
+    gone = [imgs[0].id, imgs[1].id]
+    before = [store.get_image(i) for i in gone]
+    act = store.remove_undoably(project.id, gone, summary="Removed 2 images.")
+    assert act.kind == "remove" and act.count == 2
+    assert [i.id for i in store.list_images(project.id, pool=True)] == [imgs[2].id]
+    assert [p.image_id for p in store.list_predictions(model.id)] == [imgs[2].id]
+    assert all(store.image_path(i.hash).is_file() for i in before)  # kept for undo
+    original, undo = store.undo_last(project.id)
+    assert original.id == act.id and undo.count == 2
+    assert [store.get_image(i) for i in gone] == before  # the same ids, names, sizes, times
+    assert sorted(p.image_id for p in store.list_predictions(model.id)) == sorted(i.id for i in imgs)
+    # removed for good: purged once older than REMOVED_KEEP_SECONDS, then its files go
+    store.remove_undoably(project.id, gone)
+    with store._tx() as conn:
+        conn.execute("UPDATE actions SET created = created - ?", (store_mod.REMOVED_KEEP_SECONDS + 1,))
+    assert store.collect_garbage()["images"] == 2
+    assert not any(store.image_path(i.hash).is_file() for i in before)
+    assert store.undo_last(project.id) is None  # the purged removal is no longer offered
+    assert store.check_integrity() == []
+
+
+def test_deleting_a_project_releases_the_files_kept_for_undo(store, project):
+    imgs, _ = store.add_images(project.id, [("x.png", png(1))])
+    store.remove_undoably(project.id, [imgs[0].id])
+    assert store.image_path(imgs[0].hash).is_file()
+    store.delete_project(project.id)
+    assert not store.image_path(imgs[0].hash).is_file()
+
+
+def test_a_database_from_before_the_action_log_migrates(tmp_path):
+    root = tmp_path / "data"
+    with ProjectStore(root, migrations=MIGRATIONS[:3]) as s:  # schema 3: no action log
+        p = s.create_project("Old")
+        c = s.add_class(p.id, "cat")
+        imgs, _ = s.add_images(p.id, [("a.png", png(1))])
+    with ProjectStore(root) as s:
+        assert s.schema_version == SCHEMA_VERSION == 4
+        assert s.list_actions(p.id) == [] and s.labeled_since(p.id, 0) == 0
+        s.label_images(p.id, [(imgs[0].id, c.id, "accepted")], kind="accept")
+        assert s.get_image(imgs[0].id).labeled_by == "accepted"
+        s.undo_last(p.id)
+        assert s.get_image(imgs[0].id).class_id is None

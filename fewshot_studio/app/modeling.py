@@ -61,9 +61,11 @@ def backbone_status(ws: Workspace, spec: BackboneSpec | None = None) -> Backbone
 
 # ---- training ------------------------------------------------------------------------------------
 def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None = None,
-                   settings: dict | None = None) -> str:
+                   settings: dict | None = None, *, refresh: bool = False) -> str:
     """Start a training job in the background; its id (poll it with `job`). `method` may be
-    "auto" (cross-validate the candidates, train the best; `settings` are then Auto's)."""
+    "auto" (cross-validate the candidates, train the best; `settings` are then Auto's).
+    `refresh`: the new model predicts the pool in the same job before it becomes current, so
+    the pool on screen always has the current model's predictions (the station's retrain)."""
     ws = scope.ws
     cls = None if method == catalog.AUTO else get_method_class(method)
     # strict (unknown, ill-typed or out-of-bounds settings are refused), before any backbone loads
@@ -73,21 +75,34 @@ def start_training(scope: ProjectScope, method: str, spec: BackboneSpec | None =
     if cls is not None and not support.images and cls.needs_images:
         support.require_images(cls.label)
     check_job_limit(scope)
+    if refresh:
+        return ws.runner.submit_training(scope.id, method, backbone, ws.extractor(backbone), support=support,
+                                         owner=scope.owner, current=False, then=_predict_then_use(scope),
+                                         **settings)
     return ws.runner.submit_training(scope.id, method, backbone, ws.extractor(backbone), support=support,
                                      owner=scope.owner, **settings)
 
 
-def retrain(scope: ProjectScope) -> str:
+def _predict_then_use(scope: ProjectScope):
+    """A training's `then`: predict the pool with the new model, then make it current."""
+    def then(job, info: ModelInfo) -> ModelInfo:
+        label_pool(scope, job.report, info.id, cancel=job.cancel_event)
+        return scope.store.set_current_model(scope.id, info.id)
+    return then
+
+
+def retrain(scope: ProjectScope, *, refresh: bool = False) -> str:
     """Train again with the current model's method, backbone and settings (cached features): a
     model Auto chose is chosen again (with Auto's settings), since the examples changed; an
-    instant refit's model retrains with the settings its lineage began with (its search on)."""
+    instant refit's model retrains with the settings its lineage began with (its search on).
+    `refresh`: see `start_training` (the station's background retrain after N labels)."""
     info, method = current_model(scope)
     auto = (info.metrics or {}).get("auto")
     if isinstance(auto, dict):
         keep = {k: auto.get(k) for k in catalog.settings(catalog.AUTO) if auto.get(k) is not None}
-        return start_training(scope, catalog.AUTO, method.backbone.spec, keep)
+        return start_training(scope, catalog.AUTO, method.backbone.spec, keep, refresh=refresh)
     settings = refit_lineage(info).get("settings") or asdict(method.config)
-    return start_training(scope, info.method, method.backbone.spec, settings)
+    return start_training(scope, info.method, method.backbone.spec, settings, refresh=refresh)
 
 
 def interrupted_training(scope: ProjectScope) -> JobInfo | None:
@@ -378,35 +393,64 @@ class Labeled:
     note: str = ""  # one sentence when the model is closed-form but no refit could start
 
 
-def accept(scope: ProjectScope, image_ids: Sequence[int]) -> Labeled:
-    """Accept the stored predictions of these pool images: they join the predicted class (and a
-    closed-form current model refits at once: `instant_refit`)."""
-    info, _ = current_model(scope)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def accept_moves(scope: ProjectScope, image_ids: Sequence[int]) -> list[tuple[int, int, str]]:
+    """(image id, predicted class id, "accepted") of the pool images among `image_ids` (labeled
+    ones are left out): what accepting their current-model predictions does."""
+    info = current_model_info(scope)  # its predictions only: the model itself need not load
+    if info is None:
+        raise DataError("Train a model first (Train tab).")
     preds = {p.image_id: p for p in scope.store.list_predictions(info.id)}
     moves = []
-    for i in image_ids:
+    for i in dict.fromkeys(int(i) for i in image_ids):
         img = image(scope, i)
         if img.class_id is not None:
             continue
-        if int(i) not in preds:
+        if i not in preds or preds[i].label is None:
             raise DataError(f"Image #{i} has no prediction yet; run 'Label the pool' first.")
-        moves.append((int(i), preds[int(i)].label))
+        moves.append((i, preds[i].label, "accepted"))
+    return moves
+
+
+def log_labels(scope: ProjectScope, moves: Sequence[tuple[int, int, str]], kind: str):
+    """Label images ((image id, class id, labeled_by) each) as ONE undoable action of this
+    visitor (store.label_images: the moves and the log entry in one transaction); the ActionInfo."""
+    names = {c.id: c.name for c in scope.store.list_classes(scope.id)}
+    targets = {c for _, c, _ in moves}
+    n = len(moves)
+    if kind == "accept":
+        summary = f"Accepted the predictions of {_plural(n, 'image')}."
+    else:
+        summary = f"Labeled {_plural(n, 'image')} as {names.get(next(iter(targets)), '?')}."
+    if len(targets) > 1 and kind != "accept":
+        summary = f"Labeled {_plural(n, 'image')} in {len(targets)} classes."
+    return scope.store.label_images(scope.id, moves, kind=kind, owner=scope.owner, summary=summary)
+
+
+def accept(scope: ProjectScope, image_ids: Sequence[int]) -> Labeled:
+    """Accept the stored predictions of these pool images: they join the predicted class (and a
+    closed-form current model refits at once: `instant_refit`). One undoable action
+    (`app.station.undo`)."""
+    moves = accept_moves(scope, image_ids)
     if not moves:
         return Labeled(0)
-    scope.store.move_images(moves, labeled_by="accepted")
+    log_labels(scope, moves, "accept")
     return Labeled(len(moves), *instant_refit(scope))
 
 
 def correct(scope: ProjectScope, image_ids: Sequence[int], class_name: str) -> Labeled:
     """Label these images with `class_name` (a correction of the prediction); a closed-form
-    current model refits at once (`instant_refit`)."""
+    current model refits at once (`instant_refit`). One undoable action (`app.station.undo`)."""
     c = class_by_name(scope, class_name)
-    ids = [int(i) for i in image_ids]
+    ids = list(dict.fromkeys(int(i) for i in image_ids))
     for i in ids:
         image(scope, i)
     if not ids:
         return Labeled(0)
-    scope.store.move_images([(i, c.id) for i in ids], labeled_by="corrected")
+    log_labels(scope, [(i, c.id, "corrected") for i in ids], "correct")
     return Labeled(len(ids), *instant_refit(scope))
 
 
@@ -519,4 +563,36 @@ def _after_refit(scope: ProjectScope, job, info: ModelInfo, search: dict | None)
         backbone = scope.ws.load_method(info).backbone
         scope.ws.researches[scope.id] = _submit_refit(scope, info.method, backbone, search,
                                                       {**record, "searched": True})
-    return info
+    return record_cv(scope, job, info)
+
+
+#: The key of a model's metrics that holds its cross-validated accuracy measured after it was
+#: registered: {"accuracy": float, "folds": "stratified 5-fold over N images"}.
+CV = "cv"
+#: Folds of the cross-validation an instant refit records: 5 stratified folds, never
+#: leave-one-out, so its cost is 5 fixed-setting fits (tiny backbone, GDA, features cached:
+#: about 5 × 20-30 ms) however many examples the project has.
+REFIT_CV_FOLDS = 5
+
+
+def record_cv(scope: ProjectScope, job, info: ModelInfo) -> ModelInfo:
+    """In an instant refit's job, after its model is current: cross-validate the model's method
+    with the model's own (fixed) settings on the support set, from cached features
+    (`evaluation.cross_validate`, REFIT_CV_FOLDS stratified folds), and record the pooled
+    accuracy in the model's metrics (`CV`), where the station's counters read it. Best effort:
+    too few examples, a failure or a cancel leave the model as it is."""
+    from ..evaluation import cross_validate
+
+    if job.cancel_event.is_set():
+        return info
+    try:
+        method = scope.ws.load_method(info)
+        support = scope.store.support_set(scope.id)
+        result = cross_validate(support, [info.method], method.backbone, scope.ws.extractor(method.backbone),
+                                overrides={info.method: asdict(method.config)}, cancel=job.cancel_event,
+                                max_folds=REFIT_CV_FOLDS, loo_max=0)
+        r = result.results[info.method]
+        return scope.store.set_model_metrics(info.id, {CV: {"accuracy": float(r.accuracy),
+                                                            "folds": result.folds}})
+    except (FewShotError, KeyError):
+        return info

@@ -1,0 +1,323 @@
+"""The labeling station's core (issue 15): the review queue, undoable labeling actions, the
+session history, the counters, and the model following the labels. Plain functions over a
+ProjectScope returning frozen dataclasses; the UI (ui/) only formats them.
+
+- `queue`: the pool images with the current model's stored predictions, most informative
+  first by an acquisition strategy (`acquisition.STRATEGIES`), filtered and paged.
+- `assign` / `remove` / `undo` / `history`: every labeling action is one entry of the store's
+  action log (written in the same transaction as the change), so undo restores it exactly.
+- `counters`: labeled today, left in the pool, per class, the current model's cross-validated
+  accuracy.
+- The model follows the labels: a closed-form current model refits at once after each label
+  (`modeling.instant_refit`); any other retrains in the background after every `every`
+  labels since it was trained (at most one such retrain pending), never blocking the call.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .. import acquisition
+from ..acquisition import STRATEGIES
+from ..errors import DataError, FewShotError
+from ..jobs import TRAIN
+from ..methods import catalog
+from ..store import ActionInfo, ModelInfo
+from . import modeling
+from .context import ProjectScope
+from .library import class_by_name
+
+__all__ = ["STRATEGIES", "DEFAULT_STRATEGY", "SORTS", "DEFAULT_RETRAIN_EVERY", "QueueItem", "QueuePage", "Action",
+           "Counters", "queue", "assign", "remove", "undo", "history", "counters", "model_label"]
+
+DEFAULT_STRATEGY = "least-confident"
+#: Grid mode's explicit orders: ascending confidence, ascending margin, descending entropy.
+SORTS = ("confidence", "margin", "entropy")
+#: A non-closed-form model retrains in the background after this many new labels. Small, so the
+#: model visibly follows a labeling session (a GraphAdapter retrain from cached features on the
+#: tiny backbone takes seconds, so ten labels — well under a minute of keyboard review — per
+#: retrain keeps at most one retrain in flight at keyboard pace); the UI may pass its own.
+DEFAULT_RETRAIN_EVERY = 10
+#: Classes shown per queue item (the station's big buttons).
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    image_id: int
+    name: str  # original file name
+    label: str  # predicted class name
+    confidence: float  # top-1 probability
+    top: tuple[tuple[str, float], ...]  # top classes (name, probability), best first, up to TOP_K
+    margin: float  # p1 - p2
+    entropy: float  # nats
+
+
+@dataclass(frozen=True)
+class QueuePage:
+    items: list[QueueItem]  # this page, in queue order
+    total: int  # items matching the filter
+    model_id: int | None  # the model whose predictions these are (None: no model/predictions)
+    model_label: str  # e.g. "GDA #12 (refit 3 of #9)"
+    strategy: str = DEFAULT_STRATEGY  # the order actually used (diverse falls back to entropy)
+    note: str = ""  # one sentence when the order asked for could not be used
+
+
+@dataclass(frozen=True)
+class Action:
+    id: int
+    kind: str  # "accept" | "correct" | "remove" | "undo"
+    count: int  # images it touched
+    summary: str  # one sentence
+    created: float  # unix time
+    refit_job: str | None = None  # a retrain the label started (model follows labels), else None
+    note: str = ""
+    image_ids: tuple[int, ...] = field(default=(), compare=False)  # the images it touched
+    undone: bool = False  # reversed by a later undo
+
+
+@dataclass(frozen=True)
+class Counters:
+    labeled_today: int  # images labeled in this project since local midnight (net of undo)
+    pool_left: int  # images still in the pool
+    per_class: dict[str, int]  # examples per class
+    cv_accuracy: float | None  # the current model's cross-validated accuracy when known
+    model_label: str
+
+
+def _action(a: ActionInfo, refit_job: str | None = None, note: str = "") -> Action:
+    return Action(a.id, a.kind, a.count, a.summary, a.created, refit_job, note, a.image_ids, a.undone)
+
+
+# ---- which model predicted -------------------------------------------------------------------------
+def model_label(info: ModelInfo | None) -> str:
+    """"GDA #12", "GDA #12 (refit 3 of #9)", or "no model yet"."""
+    if info is None:
+        return "no model yet"
+    name = catalog.label(info.method) if info.method in catalog.REGISTRY else info.method
+    lineage = modeling.refit_lineage(info)
+    if lineage.get("of") is not None:
+        return f"{name} #{info.id} (refit {int(lineage.get('count', 0))} of #{int(lineage['of'])})"
+    return f"{name} #{info.id}"
+
+
+# ---- the queue -----------------------------------------------------------------------------------
+def _probability_rows(preds, n_classes: int, class_index: dict[int, int]) -> np.ndarray:
+    """(N, C) stored probabilities; a prediction stored without its list (older rows) gets its
+    confidence on its label and the rest spread evenly, so it still sorts by confidence."""
+    P = np.empty((len(preds), n_classes))
+    for n, p in enumerate(preds):  # parsing stored rows; the ordering below is vectorised
+        if isinstance(p.probs, list) and len(p.probs) == n_classes:
+            P[n] = p.probs
+        else:
+            P[n] = (1.0 - p.confidence) / max(1, n_classes - 1)
+            if p.label in class_index:
+                P[n, class_index[p.label]] = p.confidence
+    return P
+
+
+def _cached_plain_features(scope: ProjectScope, backbone_id: str, hashes: Sequence[str]) -> np.ndarray | None:
+    """The cached plain-view features of these images (N, D), or None if any is not cached
+    (nothing is encoded here: the queue answers a request)."""
+    if not hashes:
+        return None
+    rows = scope.ws.cache.get_many(backbone_id, [(h, 0) for h in hashes])
+    if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+        return None
+    return np.stack(rows)
+
+
+def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int = 0, limit: int = 48,
+          predicted: str | None = None, min_confidence: float = 0.0, max_confidence: float = 1.0,
+          sort: str | None = None, skipped: Sequence[int] = ()) -> QueuePage:
+    """The pool images with stored predictions of the current model, most informative first by
+    `strategy` (acquisition.order: least confidence 1 − p₁, margin p₁ − p₂, entropy −Σp ln p,
+    diverse = k-center greedy on the cached plain-view features among the 4 × `limit` least
+    confident, away from the labeled examples' features when those are cached too). `sort`
+    ("confidence", "margin", "entropy") overrides the order for grid mode; `predicted` keeps one
+    predicted class; the confidence range is inclusive; `skipped` ids go to the end, in the order
+    they were skipped. A page of `limit` items from `offset`."""
+    if strategy not in STRATEGIES:
+        raise DataError(f"Choose a queue order among {', '.join(STRATEGIES)}.")
+    if sort is not None and sort not in SORTS:
+        raise DataError(f"Sort by one of {', '.join(SORTS)}.")
+    offset, limit = max(0, int(offset)), max(0, int(limit))
+    info = modeling.current_model_info(scope)
+    label = model_label(info)
+    if info is None:
+        return QueuePage([], 0, None, label, strategy)
+    store = scope.store
+    classes = {c.id: c.name for c in store.list_classes(scope.id)}
+    classnames = list(info.config.get("classes") or [])
+    by_name = {n: i for i, n in enumerate(classnames)}
+    class_index = {cid: by_name[name] for cid, name in classes.items() if name in by_name}
+    pool = {i.id: i for i in store.list_images(scope.id, pool=True)}
+    preds = [p for p in store.list_predictions(info.id, pool_only=True)
+             if p.image_id in pool and p.label in classes]
+    if not preds or not classnames:
+        return QueuePage([], 0, None if not preds else info.id, label, strategy)
+    P = _probability_rows(preds, len(classnames), class_index)
+    ids = np.array([p.image_id for p in preds])
+    conf = np.array([p.confidence for p in preds])
+    labels = [classes[p.label] for p in preds]
+    keep = (conf >= float(min_confidence)) & (conf <= float(max_confidence))
+    if predicted not in (None, ""):
+        keep &= np.asarray(labels, dtype=object) == predicted
+    rows = np.flatnonzero(keep)
+    P, ids, conf = P[rows], ids[rows], conf[rows]
+    note, used = "", strategy
+    if sort is not None:
+        key = {"confidence": conf, "margin": acquisition.margin(P), "entropy": -acquisition.entropy(P)}[sort]
+        order = np.argsort(key, kind="stable")
+    elif strategy == "diverse":
+        feats = _cached_plain_features(scope, info.backbone_id, [pool[int(i)].hash for i in ids])
+        if feats is None:
+            used = "entropy"
+            note = "Not every pool image's features are cached yet, so the queue is in entropy order for now."
+            order = acquisition.order(P, "entropy")
+        else:
+            support = store.support_set(scope.id)
+            labeled = _cached_plain_features(scope, info.backbone_id, [r.hash for r in support.images])
+            order = acquisition.order(P, "diverse", features=feats, batch=max(1, limit), labeled=labeled)
+    else:
+        order = acquisition.order(P, strategy)
+    if skipped:
+        skip = np.array(list(dict.fromkeys(int(i) for i in skipped)), dtype=np.int64)
+        back = np.isin(ids[order], skip)
+        tail = order[back]
+        by_id = np.argsort(skip)  # rank of each skipped id in skip order, looked up by binary search
+        rank = by_id[np.searchsorted(skip[by_id], ids[tail])]
+        order = np.concatenate([order[~back], tail[np.argsort(rank, kind="stable")]])
+    page = order[offset:offset + limit]
+    margins, entropies = acquisition.margin(P[page]), acquisition.entropy(P[page])
+    k = min(TOP_K, len(classnames))
+    top_idx = np.argsort(-P[page], axis=1, kind="stable")[:, :k]
+    items = []
+    for n, o in enumerate(page):
+        img = pool[int(ids[o])]
+        top = tuple((classnames[j], float(P[o, j])) for j in top_idx[n])
+        items.append(QueueItem(img.id, img.original_name, labels[rows[o]], float(conf[o]), top,
+                               float(margins[n]), float(entropies[n])))
+    return QueuePage(items, len(rows), info.id, label, used, note)
+
+
+# ---- actions -------------------------------------------------------------------------------------
+def assign(scope: ProjectScope, image_ids: Sequence[int], class_name: str | None = None, *,
+           every: int | None = None) -> Action:
+    """Label images as ONE undoable action. `class_name` None: each pool image gets its predicted
+    class (labeled_by "accepted"; labeled ones are left as they are); else every image gets
+    `class_name` ("corrected" where the current model predicted another class, "accepted" where
+    it predicted this one, "user" where there is no prediction). Then the model follows the
+    labels (`follow_labels`): the Action's refit_job is the refit or retrain it started."""
+    ids = list(dict.fromkeys(int(i) for i in image_ids))
+    if not ids:
+        raise DataError("Pick at least one image to label.")
+    if class_name is None:
+        moves = modeling.accept_moves(scope, ids)
+        if not moves:
+            raise DataError("These images are already labeled; undo or pick pool images.")
+        kind = "accept"
+    else:
+        c = class_by_name(scope, class_name)
+        info = modeling.current_model_info(scope)
+        preds = {p.image_id: p.label for p in scope.store.list_predictions(info.id)} if info else {}
+        moves = [(i, c.id, "user" if i not in preds else "accepted" if preds[i] == c.id else "corrected")
+                 for i in ids]
+        kind = "correct"
+    logged = modeling.log_labels(scope, moves, kind)
+    job, note = follow_labels(scope, every)
+    return _action(logged, job, note)
+
+
+def follow_labels(scope: ProjectScope, every: int | None = None) -> tuple[str | None, str]:
+    """The model follows the labels: a closed-form current model refits now
+    (`modeling.instant_refit`); any other is retrained in the background (`modeling.retrain`,
+    refreshing the pool's predictions before the new model becomes current) once `every`
+    (default DEFAULT_RETRAIN_EVERY) images were labeled since it was registered, unless a
+    training of this project is already queued or running (at most one pending: it will see
+    these labels' successor count when it is done). Never waits for the job: (its id or None,
+    one sentence when none could start)."""
+    info = modeling.current_model_info(scope)
+    if info is None:
+        return None, ""
+    if info.method in catalog.REGISTRY and catalog.closed_form(info.method):
+        return modeling.instant_refit(scope)
+    every = DEFAULT_RETRAIN_EVERY if every in (None, "") else max(1, int(every))
+    if scope.store.labeled_since(scope.id, info.created) < every:
+        return None, ""
+    if modeling.active_job(scope.ws, scope.id, TRAIN) is not None:
+        return None, ""
+    try:
+        return modeling.retrain(scope, refresh=True), ""
+    except FewShotError as e:
+        return None, f"The model was not retrained: {str(e)[:1].lower()}{str(e)[1:]}"
+
+
+def remove(scope: ProjectScope, image_ids: Sequence[int]) -> Action:
+    """Take images out of the project as ONE undoable action (`undo` brings back the rows, their
+    labels and their predictions; the files are kept until then: store.remove_undoably)."""
+    ids = list(dict.fromkeys(int(i) for i in image_ids))
+    if not ids:
+        raise DataError("Pick at least one image to remove.")
+    n = len(ids)
+    a = scope.store.remove_undoably(scope.id, ids, owner=scope.owner,
+                                    summary=f"Removed {n} image{'' if n == 1 else 's'}.")
+    return _action(a)
+
+
+def undo(scope: ProjectScope) -> Action:
+    """Reverse this visitor's last action in the project that is not undone yet, exactly
+    (labels and labeled_by restored, removed images back with their predictions); the undo's
+    Action (its count: the images restored). A closed-form model refits to the restored labels."""
+    done = scope.store.undo_last(scope.id, owner=scope.owner)
+    if done is None:
+        raise DataError("Nothing to undo.")
+    original, reversal = done
+    job, note = (None, "")
+    if original.kind in ("accept", "correct") and reversal.count:
+        job, note = modeling.instant_refit(scope)
+    skipped = original.count - reversal.count
+    if skipped > 0:
+        note = (f"{skipped} of the images had changed since, so they were left as they are. " + note).strip()
+    return _action(reversal, job, note)
+
+
+def history(scope: ProjectScope, limit: int = 20) -> list[Action]:
+    """The project's last actions, newest first."""
+    return [_action(a) for a in scope.store.list_actions(scope.id, limit)]
+
+
+# ---- counters ------------------------------------------------------------------------------------
+def _local_midnight(now: float | None = None) -> float:
+    t = _dt.datetime.fromtimestamp(now) if now is not None else _dt.datetime.now()
+    return t.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def cv_accuracy(info: ModelInfo | None) -> float | None:
+    """The model's cross-validated accuracy: the one an instant refit measured (metrics["cv"]),
+    else the one Auto measured for the method it chose (metrics["auto"]["cv_accuracy"]), else None."""
+    metrics = (info.metrics or {}) if info is not None else {}
+    cv = metrics.get(modeling.CV)
+    if isinstance(cv, dict) and isinstance(cv.get("accuracy"), (int, float)):
+        return float(cv["accuracy"])
+    auto = metrics.get("auto")
+    if isinstance(auto, dict) and isinstance(auto.get("cv_accuracy"), dict):
+        score = auto["cv_accuracy"].get(auto.get("winner"))
+        if isinstance(score, (int, float)):
+            return float(score)
+    return None
+
+
+def counters(scope: ProjectScope) -> Counters:
+    """Labeled today (since local midnight, net of undo), left in the pool, examples per class,
+    the current model's cross-validated accuracy (`cv_accuracy`) and its label."""
+    store = scope.store
+    counts = store.class_counts(scope.id)
+    names = {c.id: c.name for c in store.list_classes(scope.id)}
+    info = modeling.current_model_info(scope)
+    return Counters(store.labeled_since(scope.id, _local_midnight()), counts.get(None, 0),
+                    {names[c]: n for c, n in counts.items() if c is not None and c in names},
+                    cv_accuracy(info), model_label(info))
