@@ -338,13 +338,14 @@ def file_url(path: str | Path) -> str:
 
 
 def percent(p: float) -> str:
-    """A probability as a whole percent, never "100%" or "0%" for what is not certain: 0.996 -> "99.6%"."""
+    """A probability as a whole percent, never "100%" or "0%" for what is not certain: 0.996 -> "99.6%",
+    0.0004 -> "<0.1%", 0.9996 -> ">99.9%"."""
     p = float(p)
     if 0.0 < p < 0.001:
         return "<0.1%"
     if 0.999 < p < 1.0:
         return ">99.9%"
-    if p < 0.01 or 0.99 < p < 1.0:
+    if 0.0 < p < 0.01 or 0.99 < p < 1.0:
         return f"{100 * p:.1f}%"
     return f"{p:.0%}"
 
@@ -367,9 +368,10 @@ def class_button_text(key: int, name: str, p: float | None) -> str:
     return f"{key} · {name}" + (f" · {percent(p)}" if p is not None else "")
 
 
-def counters_html(c, shown_model_label: str | None = None) -> str:
+def counters_html(c, shown_model_label: str | None = None, note: str = "") -> str:
     """The station's counters line from app.station.Counters; `shown_model_label` names the model
-    whose predictions are on screen (it can lag the current model until the refresh)."""
+    whose predictions are on screen (it can lag the current model until the refresh); `note`: the
+    queue's one sentence (QueuePage.note), if any."""
     import html
 
     per = " · ".join(f"{html.escape(n)} {k}" for n, k in c.per_class.items()) or "no classes"
@@ -378,7 +380,8 @@ def counters_html(c, shown_model_label: str | None = None) -> str:
     return (f'<div class="fs-counters"><span><b>{c.labeled_today}</b> labeled today</span>'
             f'<span><b>{c.pool_left}</b> left in the pool</span><span>{per}</span>'
             f'<span>cross-validated accuracy <b>{cv}</b></span>'
-            f'<span class="fs-model">predictions by <b>{html.escape(model or "no model")}</b></span></div>')
+            f'<span class="fs-model">predictions by <b>{html.escape(model or "no model")}</b></span>'
+            + (f'<span class="fs-hint">{html.escape(note)}</span>' if note else "") + "</div>")
 
 
 def history_html(actions: Sequence, now: float | None = None) -> str:
@@ -443,6 +446,11 @@ def page_text(offset: int, shown: int, total: int) -> str:
     if not total or not shown:
         return f"No images (of {total})." if total else "No images."
     return f"Images {offset + 1}–{offset + shown} of {total}"
+
+
+def class_names(scope: ProjectScope) -> list[str]:
+    """The project's class names in class order (the station's numbered buttons follow it)."""
+    return [c.name for c in library.classes(scope)]
 
 
 def thumbnails(scope: ProjectScope, image_ids: Iterable[int]) -> dict[int, str]:

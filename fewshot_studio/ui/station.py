@@ -137,7 +137,7 @@ def build(ui: UI) -> None:
         item = page.items[0] if page.items else None
         thumbs = presenters.thumbnails(scope, [i.image_id for i in page.items])
         counts = station.counters(scope)
-        shown = presenters.station_classes(list(counts.per_class), item.top if item else (), KEYS)
+        shown = presenters.station_classes(presenters.class_names(scope), item.top if item else (), KEYS)
         state.update(pos=pos, current=item.image_id if item else None, model_id=page.model_id,
                      classes=[n for n, _ in shown])
         buttons = {b: gr.Button(presenters.class_button_text(k + 1, *shown[k]), visible=True,
@@ -147,7 +147,7 @@ def build(ui: UI) -> None:
         return {ui.st_state: state, **buttons,
                 ui.st_image: presenters.review_html(item, thumbs.get(item.image_id) if item else None, pos, page.total),
                 ui.st_strip: presenters.strip_html(page.items[1:], thumbs),
-                ui.st_counters: presenters.counters_html(counts, page.model_label),
+                ui.st_counters: presenters.counters_html(counts, page.model_label, page.note),
                 ui.st_history: presenters.history_html(station.history(scope, HISTORY)),
                 ui.st_timer: gr.Timer(active=bool(state.get("pending")))}
 
@@ -164,13 +164,13 @@ def build(ui: UI) -> None:
                                  **args)
         thumbs = presenters.thumbnails(scope, [i.image_id for i in page.items])
         counts = station.counters(scope)
-        names = list(counts.per_class)
+        names = presenters.class_names(scope)
         state.update(grid_offset=offset, grid_ids=[i.image_id for i in page.items], model_id=page.model_id)
         return {ui.st_state: state, ui.st_grid_tiles: presenters.grid_html(page.items, thumbs),
                 ui.st_grid_page: presenters.page_text(offset, len(page.items), page.total), ui.st_grid_sel: "",
                 ui.st_grid_class: gr.Dropdown(choices=[("All classes", ""), *[(n, n) for n in names]]),
                 ui.st_grid_to: gr.Dropdown(choices=names),
-                ui.st_counters: presenters.counters_html(counts, page.model_label),
+                ui.st_counters: presenters.counters_html(counts, page.model_label, page.note),
                 ui.st_history: presenters.history_html(station.history(scope, HISTORY)),
                 ui.st_timer: gr.Timer(active=bool(state.get("pending")))}
 
@@ -227,9 +227,9 @@ def wire(ui: UI) -> None:
     @friendly
     def undo(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request):
         scope = ui.scope(pid, who(owner, request))
-        station.undo(scope)
+        done = station.undo(scope)
         # the undone image returns to its place in the queue: the position shows it again
-        state = dict(state, current=None)
+        state = dict(acted(state, done), current=None)
         if mode == GRID:
             return grid(scope, state, strategy, g_class, g_lo, g_hi, g_sort)
         return review(scope, state, strategy, keep=False)
