@@ -231,3 +231,33 @@ def test_station_at_400_px_with_visible_focus(studio, project, app, browser):
     assert state_of(studio, before)[1] == "accepted"
     assert not page.errors, page.errors
     context.close()
+
+
+def test_a_refit_refreshes_the_predictions_and_keeps_the_image_on_screen(studio, project, app, browser):
+    """GDA refits after a label (closed form, in the background): the station shows the new
+    model's predictions by itself, naming that model, with the same image still under review."""
+    from fewshot_studio.app import station
+
+    scope = studio.scope(project.id)
+    first = modeling.current_model_info(scope).id
+    context, page = open_station(browser, app)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    head = on_screen(page)
+    page.keyboard.press("ArrowRight")  # a place inside the queue, not its head
+    wait_for_change(page, head)
+    before = on_screen(page)
+    page.keyboard.press("Enter")
+    wait_for_change(page, before)
+    place = on_screen(page)
+    deadline, shown = time.time() + 30, ""
+    while time.time() < deadline:
+        current = modeling.current_model_info(scope)
+        shown = page.locator("#station-counters").inner_text()
+        if current.id != first and f"predictions by {station.model_label(current)}" in shown:
+            break
+        page.wait_for_timeout(100)
+    else:
+        raise AssertionError(f"the station still shows {shown!r}")
+    assert on_screen(page) == place  # the refresh kept the user's place
+    assert not page.errors, page.errors
+    context.close()

@@ -61,7 +61,7 @@ class StudioBlocks(gr.Blocks):
                                         Middleware(UploadBudgetMiddleware, budget=self.upload_budget)]
             kwargs["app_kwargs"] = app_kwargs
         kwargs.setdefault("css", CSS)
-        kwargs.setdefault("head", station.head())  # the page's one script: the station's keys and grid
+        kwargs.setdefault("js", station.script())  # the page's one script: the station's keys and grid
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("footer_links", ["api", "gradio"])
         return super().launch(*args, **kwargs)

@@ -410,7 +410,7 @@ def review_html(item, thumb: str | None, position: int, total: int) -> str:
         return f'<div class="fs-review fs-empty" data-image-id="">{why}</div>'
     return (f'<figure class="fs-review" data-image-id="{int(item.image_id)}">'
             f'<img src="{html.escape(file_url(thumb))}" alt="{html.escape(item.name)}">'
-            f'<figcaption><b>{html.escape(item.label)}</b> {percent(item.confidence)} · '
+            f'<figcaption aria-live="polite"><b>{html.escape(item.label)}</b> {percent(item.confidence)} · '
             f'{html.escape(item.name)} · {position + 1} of {total}</figcaption></figure>')
 
 

@@ -9,10 +9,11 @@
     ArrowLeft: "station-prev", ArrowRight: "station-next",
   };
   // One action at a time: a key pressed before the last action's result is on screen would act on
-  // the image that is leaving. Each station event ends with idle() (station.py: .then(js=idle));
-  // BUSY_MS is the fallback should an event never report back.
+  // the image that is leaving. An action is over when another image shows, or when its event
+  // ends (station.py chains .then(js=idle) to each: errors and undo end so); BUSY_MS is the
+  // fallback should neither happen.
   const BUSY_MS = 5000;
-  let busy = 0;
+  let busy = null;
 
   const typing = (el) => !!el && (el.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(el.tagName));
   const shown = (el) => !!el && el.offsetParent !== null;
@@ -21,12 +22,17 @@
     if (!el) return null;
     return el.tagName === "BUTTON" ? el : el.querySelector("button");
   };
+  const onScreen = () => {
+    const fig = document.querySelector("#station-image [data-image-id]");
+    return fig ? fig.dataset.imageId : null;
+  };
 
   function press(id) {
     const b = button(id);
     if (!shown(b) || b.disabled) return false;
-    if (busy && Date.now() - busy < BUSY_MS) return true; // swallowed: wait for the result
-    busy = Date.now();
+    const image = onScreen();
+    if (busy && busy.image === image && Date.now() - busy.t < BUSY_MS) return true; // swallowed: wait
+    busy = { image, t: Date.now() };
     b.click();
     return true;
   }
@@ -113,7 +119,7 @@
   });
 
   window.fsStation = {
-    idle() { busy = 0; },
+    idle() { busy = null; },
     press,
     selected: () => tiles().filter(isOn).map((t) => Number(t.dataset.imageId)),
   };

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..app import station
+from ..app import modeling, station
 from ..acquisition import STRATEGIES
 from ..errors import DataError
 from ..jobs import FINISHED
@@ -33,9 +33,10 @@ REVIEW, GRID = "Review", "Grid"
 SCRIPT = Path(__file__).with_name("station.js")
 
 
-def head() -> str:
-    """The page's one script (station.js) for gr.Blocks.launch(head=...)."""
-    return f"<script>\n{SCRIPT.read_text()}\n</script>"
+def script() -> str:
+    """The page's one script (station.js) as the function gr.Blocks.launch(js=...) runs on load.
+    (A <script> in launch(head=...) kept the Evaluate tab's plotly chart from rendering.)"""
+    return f"() => {{\n{SCRIPT.read_text()}\n}}"
 
 
 def fresh_state() -> dict:
@@ -243,16 +244,27 @@ def wire(ui: UI) -> None:
             return grid(scope, state, strategy, g_class, g_lo, g_hi, g_sort)
         return review(scope, state, strategy)
 
+    def finished(job_id: str) -> bool:
+        try:
+            return ui.ws.runner.get(job_id).status in FINISHED
+        except KeyError:  # a job the runner no longer knows ended long ago
+            return True
+
     def tick(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request):
         """While a refit runs: nothing; when it ends, the queue shows the new model's predictions,
         the image on screen staying where it is."""
         job = state.get("pending")
         if pid is None or not job:
             return {**unchanged(ui.st_outs), ui.st_timer: gr.Timer(active=False)}
-        info = ui.ws.runner.get(job)
-        if info is not None and info.status not in FINISHED:
+        if not finished(job):
             return unchanged(ui.st_outs)
-        state = dict(state, pending=None)
+        # a refit may queue its hyper-parameter search again (modeling.refit_research): its model
+        # replaces the refit's moments later, and the queue follows that one too
+        try:
+            again = modeling.refit_research(ui.scope(pid, who(owner, request)))
+        except Exception:  # noqa: BLE001 - the project went: the refresh says so
+            again = None
+        state = dict(state, pending=again if again and again != job and not finished(again) else None)
         try:
             return refresh(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request)
         except gr.Error:
