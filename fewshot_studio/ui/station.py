@@ -341,8 +341,10 @@ def wire(ui: UI) -> None:
        [ui.project, ui.st_state, ui.st_grid_sel, ui.st_grid_to, *grid_ins, ui.owner], ui.st_grid_outs,
        "station_assign_selected")
     ui.station_tab_fn = (refresh, full, ui.st_outs)
-    # the pool table below changed (Label the pool, its Accept/Correct): the station follows
-    on(ui.pool_table.change, refresh, full, ui.st_outs)
+    # the pool changed below (an upload, Label the pool, the table's Accept/Correct): the station
+    # follows once that event ends (a .change on the table fired on every render and flooded the queue)
+    for event in ui.pool_events:
+        event.then(refresh, full, ui.st_outs, **private)
 
 
 KEYS_HELP = """<div class="fs-keys" id="fs-keys-help" hidden><b>Keys</b> (not while typing in a box):
