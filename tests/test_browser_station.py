@@ -92,7 +92,8 @@ def wait_for_change(page, before: int, timeout: float = 20.0) -> float:
         if shown and int(shown) != before:
             return time.perf_counter() - t0
         page.wait_for_timeout(10)
-    raise AssertionError(f"image {before} stayed on screen")
+    toasts = page.locator(".toast-body").all_inner_texts()
+    raise AssertionError(f"image {before} stayed on screen (toasts: {toasts})")
 
 
 def state_of(studio, image_id: int) -> tuple[int | None, str | None]:
@@ -130,7 +131,10 @@ def test_twenty_pool_images_labeled_with_the_keyboard_alone(studio, project, app
             page.wait_for_timeout(300)  # the undone image is back in the queue
             continue
         page.keyboard.press(key)
-        seconds.append(wait_for_change(page, before))
+        try:
+            seconds.append(wait_for_change(page, before))
+        except AssertionError as e:
+            raise AssertionError(f"key {key!r} (number {k}): {e}") from None
         if key == "s":
             assert state_of(studio, before) == (None, None)  # skipped: still in the pool
             continue

@@ -10,6 +10,8 @@ new predictions) keeps the image on screen where it still is in the pool.
 """
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -139,7 +141,7 @@ def build(ui: UI) -> None:
         thumbs = presenters.thumbnails(scope, [i.image_id for i in page.items])
         counts = station.counters(scope)
         shown = presenters.station_classes(presenters.class_names(scope), item.top if item else (), KEYS)
-        state.update(pos=pos, current=item.image_id if item else None, model_id=page.model_id,
+        state.update(pid=scope.id, pos=pos, current=item.image_id if item else None, model_id=page.model_id,
                      classes=[n for n, _ in shown])
         buttons = {b: gr.Button(presenters.class_button_text(k + 1, *shown[k]), visible=True,
                                 variant="primary" if item is not None and shown[k][0] == item.label else "secondary")
@@ -166,7 +168,8 @@ def build(ui: UI) -> None:
         thumbs = presenters.thumbnails(scope, [i.image_id for i in page.items])
         counts = station.counters(scope)
         names = presenters.class_names(scope)
-        state.update(grid_offset=offset, grid_ids=[i.image_id for i in page.items], model_id=page.model_id)
+        state.update(pid=scope.id, grid_offset=offset, grid_ids=[i.image_id for i in page.items],
+                     model_id=page.model_id)
         return {ui.st_state: state, ui.st_grid_tiles: presenters.grid_html(page.items, thumbs),
                 ui.st_grid_page: presenters.page_text(offset, len(page.items), page.total), ui.st_grid_sel: "",
                 ui.st_grid_class: gr.Dropdown(choices=[("All classes", ""), *[(n, n) for n in names]]),
@@ -180,6 +183,32 @@ def build(ui: UI) -> None:
 
 def wire(ui: UI) -> None:
     review, grid = ui.st_render_review, ui.st_render_grid
+    newest: dict[str, dict] = {}  # browser session -> the station state its last event left
+    locks: dict[str, threading.Lock] = {}
+    guard = threading.Lock()
+
+    def serial(fn):
+        """One station event at a time per browser session, each starting from the state the
+        session's previous event left: a timer tick sent before a key's action would otherwise
+        finish later from its older copy of gr.State and put the old image back."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+            key = getattr(request, "session_hash", None)
+            if key is None:
+                return fn(*args, **kwargs)
+            with guard:
+                lock = locks.setdefault(key, threading.Lock())
+            with lock:
+                args = list(args)
+                last = newest.get(key)
+                if last is not None and isinstance(args[1], dict) and str(last.get("pid")) == str(args[0]):
+                    args[1] = last
+                out = fn(*args, **kwargs)
+                if isinstance(out, dict) and isinstance(out.get(ui.st_state), dict):
+                    newest[key] = out[ui.st_state]
+                return out
+        return wrapper
     grid_ins = [ui.st_strategy, ui.st_grid_class, ui.st_grid_min, ui.st_grid_max, ui.st_grid_sort]
 
     def acted(state: dict, done) -> dict:
@@ -244,6 +273,8 @@ def wire(ui: UI) -> None:
             return grid(scope, state, strategy, g_class, g_lo, g_hi, g_sort)
         return review(scope, state, strategy)
 
+    show = refresh  # inside events already serial (refresh itself becomes serial below)
+
     def finished(job_id: str) -> bool:
         try:
             return ui.ws.runner.get(job_id).status in FINISHED
@@ -266,7 +297,7 @@ def wire(ui: UI) -> None:
             again = None
         state = dict(state, pending=again if again and again != job and not finished(again) else None)
         try:
-            return refresh(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request)
+            return show(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request)
         except gr.Error:
             return {**unchanged(ui.st_outs), ui.st_state: state, ui.st_timer: gr.Timer(active=False)}
 
@@ -274,7 +305,7 @@ def wire(ui: UI) -> None:
         shown = {ui.st_review: gr.Column(visible=mode != GRID), ui.st_grid: gr.Column(visible=mode == GRID)}
         if pid is None:
             return {**unchanged(ui.st_outs), **shown}
-        return {**refresh(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request), **shown}
+        return {**show(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request), **shown}
 
     @friendly
     def regrid(pid, state, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request, step: int = 0):
@@ -321,21 +352,23 @@ def wire(ui: UI) -> None:
         kw = dict(api_name=name, show_progress="hidden") if name else private
         trigger(fn, ins, o, **kw).then(None, None, None, js=idle)
 
+    accept, skip, undo, refresh, tick, switch = map(serial, (accept, skip, undo, refresh, tick, switch))
+    accept_shown, assign_selected = serial(accept_shown), serial(assign_selected)
     for k, b in enumerate(ui.st_class_btns):
-        on(b.click, assign_key(k), base, outs)
+        on(b.click, serial(assign_key(k)), base, outs)
     on(ui.st_accept.click, accept, base, outs, "station_accept")
     on(ui.st_skip.click, skip, base, outs)
-    on(ui.st_prev.click, move(-1), base, outs)
-    on(ui.st_next.click, move(+1), base, outs)
+    on(ui.st_prev.click, serial(move(-1)), base, outs)
+    on(ui.st_next.click, serial(move(+1)), base, outs)
     on(ui.st_undo.click, undo, full, ui.st_outs, "station_undo")
     on(ui.st_refresh.click, refresh, full, ui.st_outs)
     on(ui.st_strategy.input, refresh, full, ui.st_outs)
     ui.st_mode.input(switch, full, ui.st_outs, **private)
     ui.st_timer.tick(tick, full, ui.st_outs, **private)
     for c in (ui.st_grid_class.input, ui.st_grid_min.release, ui.st_grid_max.release, ui.st_grid_sort.input):
-        on(c, regrid, grid_base, ui.st_grid_outs)
-    on(ui.st_grid_prev.click, page(-1), grid_base, ui.st_grid_outs)
-    on(ui.st_grid_next.click, page(+1), grid_base, ui.st_grid_outs)
+        on(c, serial(regrid), grid_base, ui.st_grid_outs)
+    on(ui.st_grid_prev.click, serial(page(-1)), grid_base, ui.st_grid_outs)
+    on(ui.st_grid_next.click, serial(page(+1)), grid_base, ui.st_grid_outs)
     on(ui.st_grid_accept.click, accept_shown, grid_base, ui.st_grid_outs, "station_accept_shown")
     on(ui.st_grid_assign.click, assign_selected,
        [ui.project, ui.st_state, ui.st_grid_sel, ui.st_grid_to, *grid_ins, ui.owner], ui.st_grid_outs,
