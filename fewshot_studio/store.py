@@ -1654,6 +1654,53 @@ class ProjectStore:
                 "AND kind IN ('accept', 'correct') AND created >= ?", (pid, float(since))).fetchone()[0]
         return int(n)
 
+    def prediction_table(self, model_id: int, pool_only: bool = True) -> dict[str, Any]:
+        """A model's predictions (of the images still in the unlabeled pool, or of every image
+        of the project) as columns, for ranking a whole pool at once (the station's queue), each
+        a list in the same order:
+        "image_id", "label" (class id, -1 when its class was deleted), "confidence", "probs" (the
+        stored JSON texts, for one ``json.loads`` of them all), "name" and "hash".
+        One query; image id order."""
+        with self._read() as conn:
+            mid = self._model_row(conn, model_id)["id"]
+            rows = conn.execute(
+                "SELECT predictions.image_id, predictions.label, predictions.confidence, predictions.probs, "
+                "images.original_name, images.hash FROM predictions JOIN images ON images.id = predictions.image_id "
+                "WHERE predictions.model_id = ?" + (" AND images.class_id IS NULL" if pool_only else "") +
+                " ORDER BY predictions.image_id", (mid,)).fetchall()
+        cols = list(zip(*rows)) if rows else [()] * 6
+        return {"image_id": list(cols[0]), "label": [-1 if x is None else x for x in cols[1]],
+                "confidence": list(cols[2]), "probs": list(cols[3]), "name": list(cols[4]), "hash": list(cols[5])}
+
+    def prediction_stamp(self, model_id: int) -> tuple[int, float]:
+        """(how many predictions the model has, when the last was written): it changes whenever
+        they are saved, deleted with their images, or brought back by an undo, so a reader may
+        keep a parsed copy while the stamp stays the same."""
+        with self._read() as conn:
+            n, t = conn.execute("SELECT COUNT(*), MAX(created) FROM predictions WHERE model_id = ?",
+                                (_check_id(model_id, "model"),)).fetchone()
+        return int(n), float(t or 0.0)
+
+    def pool_ids(self, project_id: int) -> list[int]:
+        """The ids of the project's images in the unlabeled pool, in upload order."""
+        with self._read() as conn:
+            pid = self._project_row(conn, project_id)["id"]
+            return [r[0] for r in conn.execute(
+                "SELECT id FROM images WHERE project_id = ? AND class_id IS NULL ORDER BY id", (pid,))]
+
+    def predictions_of(self, model_id: int, image_ids: Iterable[int]) -> dict[int, PredictionInfo]:
+        """A model's predictions of these images (those it has), by image id."""
+        ids = [_check_id(i, "image") for i in image_ids]
+        out: dict[int, PredictionInfo] = {}
+        with self._read() as conn:
+            mid = self._model_row(conn, model_id)["id"]
+            for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                chunk = ids[start:start + 500]
+                for r in conn.execute(f"SELECT * FROM predictions WHERE model_id = ? AND image_id IN "
+                                      f"({','.join('?' * len(chunk))})", (mid, *chunk)):
+                    out[r["image_id"]] = self._prediction(r)
+        return out
+
     def set_model_metrics(self, model_id: int, metrics: Mapping) -> ModelInfo:
         """Merge ``metrics`` into a model's stored metrics (e.g. a cross-validated accuracy
         measured after it was registered)."""

@@ -61,7 +61,7 @@ def ids_of(page, imgs) -> list[int]:
 
 
 def test_queue_orders_by_each_strategy(pool):
-    ws, sc, imgs, _, model = pool
+    ws, sc, imgs, cid, model = pool
     assert ids_of(station.queue(sc, "least-confident"), imgs) == [1, 3, 0, 4, 2]
     assert ids_of(station.queue(sc, "margin"), imgs) == [3, 0, 1, 4, 2]
     assert ids_of(station.queue(sc, "entropy"), imgs) == [1, 3, 4, 0, 2]
@@ -82,6 +82,10 @@ def test_queue_orders_by_each_strategy(pool):
     assert ids_of(station.queue(sc, skipped=[imgs[3], imgs[1]]), imgs) == [0, 4, 2, 3, 1]
     with pytest.raises(DataError):
         station.queue(sc, "random")
+    # predictions saved again (the pool relabeled) are read again, not a kept copy
+    ws.store.save_predictions(model.id, [(imgs[2], cid["star"], .34, [.33, .33, .34])])
+    assert ids_of(station.queue(sc), imgs) == [2, 1, 3, 0, 4]
+    assert station.queue(sc).items[0].label == "star"
 
 
 def test_diverse_queue_uses_cached_features_or_says_why_not(pool):
@@ -116,7 +120,7 @@ def test_assign_accept_and_correct_are_undone_exactly(pool):
     b = station.assign(sc, [imgs[1], imgs[4]], "star")  # a correction (and a relabel of a labeled image)
     assert b.kind == "correct" and b.summary == "Labeled 2 images as star."
     assert state(ws, imgs[1]) == (cid["star"], "corrected") and state(ws, imgs[4]) == (cid["star"], "corrected")
-    c = station.assign(sc, [imgs[2]], "circle")  # the class it predicted: an accepted label
+    station.assign(sc, [imgs[2]], "circle")  # the class it predicted: an accepted label
     assert state(ws, imgs[2]) == (cid["circle"], "accepted")
     assert station.counters(sc).labeled_today == 4
     u = station.undo(sc)

@@ -403,9 +403,10 @@ def accept_moves(scope: ProjectScope, image_ids: Sequence[int]) -> list[tuple[in
     info = current_model_info(scope)  # its predictions only: the model itself need not load
     if info is None:
         raise DataError("Train a model first (Train tab).")
-    preds = {p.image_id: p for p in scope.store.list_predictions(info.id)}
+    ids = list(dict.fromkeys(int(i) for i in image_ids))
+    preds = scope.store.predictions_of(info.id, ids)
     moves = []
-    for i in dict.fromkeys(int(i) for i in image_ids):
+    for i in ids:
         img = image(scope, i)
         if img.class_id is not None:
             continue

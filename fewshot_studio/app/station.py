@@ -15,6 +15,9 @@ ProjectScope returning frozen dataclasses; the UI (ui/) only formats them.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -105,18 +108,66 @@ def model_label(info: ModelInfo | None) -> str:
 
 
 # ---- the queue -----------------------------------------------------------------------------------
-def _probability_rows(preds, n_classes: int, class_index: dict[int, int]) -> np.ndarray:
-    """(N, C) stored probabilities; a prediction stored without its list (older rows) gets its
-    confidence on its label and the rest spread evenly, so it still sorts by confidence."""
-    P = np.empty((len(preds), n_classes))
-    for n, p in enumerate(preds):  # parsing stored rows; the ordering below is vectorised
-        if isinstance(p.probs, list) and len(p.probs) == n_classes:
-            P[n] = p.probs
-        else:
-            P[n] = (1.0 - p.confidence) / max(1, n_classes - 1)
-            if p.label in class_index:
-                P[n, class_index[p.label]] = p.confidence
+def _probability_matrix(table: dict, n_classes: int, class_index: dict[int, int]) -> np.ndarray:
+    """(N, C) stored probabilities, parsed in one json.loads; a prediction stored without its
+    list (or with another length) gets its confidence on its label and the rest spread evenly,
+    so it still sorts by confidence."""
+    texts = table["probs"]
+    rows = json.loads("[" + ",".join(texts) + "]") if texts else []
+    if all(isinstance(r, list) and len(r) == n_classes for r in rows):
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), n_classes)
+    conf = np.asarray(table["confidence"], dtype=np.float64)
+    P = np.repeat(((1.0 - conf) / max(1, n_classes - 1))[:, None], n_classes, axis=1)
+    for n, r in enumerate(rows):  # only for rows stored in an older form
+        if isinstance(r, list) and len(r) == n_classes:
+            P[n] = r
+        elif table["label"][n] in class_index:
+            P[n, class_index[table["label"][n]]] = conf[n]
     return P
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """A model's parsed predictions (every image it predicted), kept while its stamp holds."""
+
+    stamp: tuple
+    ids: np.ndarray
+    P: np.ndarray
+    conf: np.ndarray
+    labels: np.ndarray  # predicted class names ("" for a class deleted since)
+    names: list
+    hashes: list
+
+
+#: Parsed prediction columns per store, by model id: the queue is asked again after every action,
+#: and re-reading a 10,000-image pool's probabilities (one query and one JSON parse, 10 classes)
+#: took 250–450 ms on this shared 2-core machine, while the stamp and the pool's ids take a few
+#: ms. The last few models per store are kept.
+_COLUMNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COLUMNS_LOCK = threading.Lock()
+_COLUMNS_KEEP = 4
+
+
+def _prediction_columns(scope: ProjectScope, info: ModelInfo, classes: dict[int, str],
+                        class_index: dict[int, int], n_classes: int) -> _Columns:
+    store = scope.store
+    stamp = (*store.prediction_stamp(info.id), tuple(sorted(classes.items())), n_classes)
+    with _COLUMNS_LOCK:
+        kept = _COLUMNS.setdefault(store, {})
+        cols = kept.get(info.id)
+    if cols is not None and cols.stamp == stamp:
+        return cols
+    table = store.prediction_table(info.id, pool_only=False)
+    P = _probability_matrix(table, n_classes, class_index) if table["image_id"] else np.zeros((0, n_classes))
+    cols = _Columns(stamp, np.asarray(table["image_id"], dtype=np.int64), P,
+                    np.asarray(table["confidence"], dtype=np.float64),
+                    np.asarray([classes.get(c, "") for c in table["label"]], dtype=object),
+                    table["name"], table["hash"])
+    with _COLUMNS_LOCK:
+        kept[info.id] = cols
+        for old in list(kept)[:-_COLUMNS_KEEP]:
+            del kept[old]
+    return cols
 
 
 def _cached_plain_features(scope: ProjectScope, backbone_id: str, hashes: Sequence[str]) -> np.ndarray | None:
@@ -154,26 +205,28 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     classnames = list(info.config.get("classes") or [])
     by_name = {n: i for i, n in enumerate(classnames)}
     class_index = {cid: by_name[name] for cid, name in classes.items() if name in by_name}
-    pool = {i.id: i for i in store.list_images(scope.id, pool=True)}
-    preds = [p for p in store.list_predictions(info.id, pool_only=True)
-             if p.image_id in pool and p.label in classes]
-    if not preds or not classnames:
-        return QueuePage([], 0, None if not preds else info.id, label, strategy)
-    P = _probability_rows(preds, len(classnames), class_index)
-    ids = np.array([p.image_id for p in preds])
-    conf = np.array([p.confidence for p in preds])
-    labels = [classes[p.label] for p in preds]
-    keep = (conf >= float(min_confidence)) & (conf <= float(max_confidence))
+    if not classnames:
+        return QueuePage([], 0, None, label, strategy)
+    t = _prediction_columns(scope, info, classes, class_index, len(classnames))
+    in_pool = np.isin(t.ids, np.asarray(store.pool_ids(scope.id), dtype=np.int64))
+    if not in_pool.any():
+        return QueuePage([], 0, None, label, strategy)
+    keep = in_pool & (t.conf >= float(min_confidence)) & (t.conf <= float(max_confidence)) & (t.labels != "")
     if predicted not in (None, ""):
-        keep &= np.asarray(labels, dtype=object) == predicted
+        keep &= t.labels == predicted
     rows = np.flatnonzero(keep)
-    P, ids, conf = P[rows], ids[rows], conf[rows]
+    P, ids, conf, labels = t.P[rows], t.ids[rows], t.conf[rows], t.labels
     note, used = "", strategy
     if sort is not None:
         key = {"confidence": conf, "margin": acquisition.margin(P), "entropy": -acquisition.entropy(P)}[sort]
         order = np.argsort(key, kind="stable")
     elif strategy == "diverse":
-        feats = _cached_plain_features(scope, info.backbone_id, [pool[int(i)].hash for i in ids])
+        # only the uncertain shortlist's features are read: the same order as acquisition.order on
+        # the whole pool (the rest follows by least confidence either way)
+        batch = max(1, limit)
+        by_confidence = acquisition.order(P, "least-confident")
+        shortlist = by_confidence[:acquisition.CANDIDATE_FACTOR * batch]
+        feats = _cached_plain_features(scope, info.backbone_id, [t.hashes[r] for r in rows[shortlist]])
         if feats is None:
             used = "entropy"
             note = "Not every pool image's features are cached yet, so the queue is in entropy order for now."
@@ -181,7 +234,9 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
         else:
             support = store.support_set(scope.id)
             labeled = _cached_plain_features(scope, info.backbone_id, [r.hash for r in support.images])
-            order = acquisition.order(P, "diverse", features=feats, batch=max(1, limit), labeled=labeled)
+            first = shortlist[acquisition.order(P[shortlist], "diverse", features=feats, batch=batch,
+                                                labeled=labeled)]
+            order = np.concatenate([first, by_confidence[len(shortlist):]])
     else:
         order = acquisition.order(P, strategy)
     if skipped:
@@ -196,10 +251,10 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     k = min(TOP_K, len(classnames))
     top_idx = np.argsort(-P[page], axis=1, kind="stable")[:, :k]
     items = []
-    for n, o in enumerate(page):
-        img = pool[int(ids[o])]
+    for n, o in enumerate(page):  # one page (≤ limit items)
+        r = rows[o]
         top = tuple((classnames[j], float(P[o, j])) for j in top_idx[n])
-        items.append(QueueItem(img.id, img.original_name, labels[rows[o]], float(conf[o]), top,
+        items.append(QueueItem(int(ids[o]), t.names[r], labels[r], float(conf[o]), top,
                                float(margins[n]), float(entropies[n])))
     return QueuePage(items, len(rows), info.id, label, used, note)
 
@@ -223,7 +278,7 @@ def assign(scope: ProjectScope, image_ids: Sequence[int], class_name: str | None
     else:
         c = class_by_name(scope, class_name)
         info = modeling.current_model_info(scope)
-        preds = {p.image_id: p.label for p in scope.store.list_predictions(info.id)} if info else {}
+        preds = {i: p.label for i, p in scope.store.predictions_of(info.id, ids).items()} if info else {}
         moves = [(i, c.id, "user" if i not in preds else "accepted" if preds[i] == c.id else "corrected")
                  for i in ids]
         kind = "correct"
