@@ -10,7 +10,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from ..app import Workspace, library
-from . import classes, evaluate, export, graph, label, projects, train
+from . import classes, evaluate, export, graph, label, projects, station, train
 from .common import CSS, POLL_SECONDS, UI, theme
 from .uploads import UploadBudget, UploadBudgetMiddleware
 
@@ -61,6 +61,7 @@ class StudioBlocks(gr.Blocks):
                                         Middleware(UploadBudgetMiddleware, budget=self.upload_budget)]
             kwargs["app_kwargs"] = app_kwargs
         kwargs.setdefault("css", CSS)
+        kwargs.setdefault("js", station.script())  # the page's one script: the station's keys and grid
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("footer_links", ["api", "gradio"])
         return super().launch(*args, **kwargs)
@@ -109,6 +110,7 @@ def build_app(workspace: Workspace | None = None) -> StudioBlocks:
             with gr.Tab("4 · Evaluate", id="evaluate", elem_id="tab-evaluate"):
                 evaluate.build(ui)
             with gr.Tab("5 · Predict & label", id="label", elem_id="tab-label") as label_tab:
+                station.build(ui)  # the station first: it is where the labeling happens
                 label.build(ui)
             with gr.Tab("6 · Export", id="export", elem_id="tab-export"):
                 export.build(ui)
@@ -116,6 +118,7 @@ def build_app(workspace: Workspace | None = None) -> StudioBlocks:
         train.wire(ui)
         evaluate.wire(ui)
         label.wire(ui)
+        station.wire(ui)
         export.wire(ui)
         projects.wire(ui)
         fn, ins, outs = ui.graph_fn
@@ -124,6 +127,8 @@ def build_app(workspace: Workspace | None = None) -> StudioBlocks:
                            api_visibility="private")
         label_tab.select(ui.label_tab_fn, [ui.project, ui.owner], [ui.correct_dd, ui.label_model_md],
                          api_visibility="private")
+        fn, ins, outs = ui.station_tab_fn  # the model may have changed in another tab
+        label_tab.select(fn, ins, outs, api_visibility="private", show_progress="hidden")
         resume_outputs, resume = train.resume(ui)
         projects.wire_session(ui, demo, resume_outputs, resume)
     demo.ui = ui

@@ -263,6 +263,41 @@ CSS = """
 .fs-inline > button { flex: 0 0 auto !important; width: auto !important; min-width: 110px !important;
                       white-space: nowrap; align-self: flex-end; margin: 0 4px 6px 4px; }
 .fs-hint { color: var(--body-text-color-subdued); font-size: 0.9rem; }
+/* the labeling station (ui/station.py, ui/station.js) */
+#station { padding: 8px; }
+.fs-counters { display: flex; flex-wrap: wrap; gap: 4px 16px; font-size: 0.95rem; }
+.fs-review { margin: 0; text-align: center; }
+.fs-review img { width: 100%; max-width: 420px; aspect-ratio: 1; object-fit: contain; border-radius: 8px;
+                 background: var(--background-fill-secondary); }
+.fs-review figcaption { margin-top: 4px; font-size: 1.05rem; overflow-wrap: anywhere; }
+.fs-review.fs-empty, .fs-grid.fs-empty { padding: 24px; color: var(--body-text-color-subdued); }
+.fs-class-btn { font-size: 1.1rem !important; min-height: 48px; justify-content: flex-start !important;
+                text-align: left; white-space: normal; overflow-wrap: anywhere; }
+.fs-strip { display: flex; gap: 6px; overflow-x: auto; padding: 4px 0; }
+.fs-strip img { width: 64px; height: 64px; object-fit: contain; flex: 0 0 auto; border-radius: 4px;
+                background: var(--background-fill-secondary); }
+.fs-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(110px, 1fr)); gap: 6px;
+           user-select: none; }
+.fs-tile { position: relative; border: 2px solid transparent; border-radius: 6px; cursor: pointer;
+           background: var(--background-fill-secondary); padding: 2px; text-align: center; }
+.fs-tile img { width: 100%; aspect-ratio: 1; object-fit: contain; display: block; pointer-events: none; }
+.fs-tile span { display: block; font-size: 0.8rem; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.fs-tile[aria-selected="true"] { border-color: var(--color-accent); background: var(--color-accent-soft); }
+.fs-tile[aria-selected="true"]::after { content: "✓"; position: absolute; top: 2px; right: 6px; font-weight: bold;
+                                        color: var(--color-accent); }
+/* focus shows, always (keyboard users see where they are) */
+.fs-class-btn:focus-visible, .fs-tile:focus-visible, #station button:focus-visible {
+    outline: 3px solid var(--color-accent) !important; outline-offset: 2px; }
+.fs-keys { padding: 8px; border-radius: 6px; background: var(--background-fill-secondary); }
+kbd { border: 1px solid var(--border-color-primary); border-radius: 4px; padding: 0 4px; font-family: monospace; }
+.fs-history { margin: 0; padding-left: 1.4em; font-size: 0.9rem; }
+/* a phone-width page (400 px): one column, buttons full width, smaller tiles */
+@media (max-width: 480px) {
+  #station .row { flex-direction: column !important; }
+  #station .row > * { width: 100% !important; min-width: 0 !important; }
+  .fs-grid { grid-template-columns: repeat(auto-fill, minmax(84px, 1fr)); }
+  .fs-review img { max-width: 100%; }
+}
 """
 
 

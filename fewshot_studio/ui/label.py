@@ -282,23 +282,27 @@ def wire(ui: UI) -> None:
     ui.predict_btn.click(predict, [ui.project, ui.predict_image, ui.owner], ui.prediction, api_name="predict")
     ui.predict_image.upload(predict, [ui.project, ui.predict_image, ui.owner], ui.prediction,
                             api_visibility="private")
-    ui.pool_upload.upload(add_pool, [ui.project, ui.pool_upload, ui.owner], acts + [ui.pool_upload],
-                          api_name="add_pool")
+    # what changes the pool; the station (ui/station.py) refreshes after each
+    ui.pool_events = []
+    ui.pool_events.append(ui.pool_upload.upload(add_pool, [ui.project, ui.pool_upload, ui.owner], acts + [ui.pool_upload],
+                          api_name="add_pool"))
     # the check fails fast in one sentence; the labeling itself shows its progress on the bar
-    ui.label_pool_btn.click(check_label_pool, [ui.project, ui.owner], None, api_visibility="private").success(
-        label_pool, [ui.project, ui.owner], acts + [ui.label_progress], api_name="label_pool", show_progress="hidden")
+    ui.pool_events.append(ui.label_pool_btn.click(
+        check_label_pool, [ui.project, ui.owner], None, api_visibility="private").success(
+        label_pool, [ui.project, ui.owner], acts + [ui.label_progress], api_name="label_pool", show_progress="hidden"))
     ui.label_cancel_btn.click(cancel_labeling, None, [ui.notice], api_name="cancel_labeling", concurrency_limit=None)
     sel_ins = [ui.project, ui.pool_selection]
     ui.pool_table.select(toggle, [*sel_ins, ui.pool_row_ids, ui.owner], ui.pool_outs, api_visibility="private")
     ui.pool_gallery.select(toggle, [*sel_ins, ui.pool_ids, ui.owner], ui.pool_outs, api_visibility="private")
     ui.clear_selection_btn.click(clear_selection, [ui.project, ui.owner], ui.pool_outs, api_visibility="private")
     # a closed-form model refits at once: these follow the refit on the bar (no spinner over the pool)
-    ui.accept_btn.click(accept, [ui.project, ui.pool_selection, ui.owner], acts + [ui.label_progress],
-                        api_name="accept", show_progress="hidden")
-    ui.correct_btn.click(correct, [ui.project, ui.pool_selection, ui.correct_dd, ui.owner],
-                         acts + [ui.label_progress], api_name="correct", show_progress="hidden")
-    ui.accept_conf_btn.click(accept_confident, [ui.project, ui.accept_threshold, ui.owner],
-                             acts + [ui.label_progress], api_name="accept_confident", show_progress="hidden")
+    ui.pool_events += [
+        ui.accept_btn.click(accept, [ui.project, ui.pool_selection, ui.owner], acts + [ui.label_progress],
+                            api_name="accept", show_progress="hidden"),
+        ui.correct_btn.click(correct, [ui.project, ui.pool_selection, ui.correct_dd, ui.owner],
+                             acts + [ui.label_progress], api_name="correct", show_progress="hidden"),
+        ui.accept_conf_btn.click(accept_confident, [ui.project, ui.accept_threshold, ui.owner],
+                                 acts + [ui.label_progress], api_name="accept_confident", show_progress="hidden")]
     ui.retrain_btn.click(retrain, [ui.project, ui.owner],
                          [ui.notice, ui.job, ui.timer, ui.progress, ui.label_progress, ui.curve],
                          api_name="retrain", concurrency_limit=None, show_progress="hidden")

@@ -351,3 +351,147 @@ def missing_notice(scope: ProjectScope) -> str:
     return (f"{len(gone)} {files} missing from the data folder ({names}), shown as grey placeholders; "
             "remove them here, or run `python -m fewshot_studio doctor` to check the folder.")
 
+
+
+# ---- the labeling station (ui/station.py) ------------------------------------------------------------
+#: How the station's strategy picker names acquisition.STRATEGIES (unknown ones show as they are).
+STRATEGY_LABELS = {"least-confident": "Least confident first", "margin": "Smallest margin first",
+                   "entropy": "Highest entropy first", "diverse": "Diverse batch of the uncertain"}
+#: Grid sorts (app.station.queue's `sort`); "" keeps the queue's order.
+GRID_SORTS = (("Queue order", ""), ("Confidence, lowest first", "confidence"),
+              ("Margin, smallest first", "margin"), ("Entropy, highest first", "entropy"))
+
+
+def file_url(path: str | Path) -> str:
+    """The URL Gradio serves an allowed file at (the thumbnails folder is allowed: StudioBlocks.launch),
+    relative to the page so the app also works under a proxy's sub-path."""
+    from urllib.parse import quote
+
+    return "gradio_api/file=" + quote(str(path))
+
+
+def percent(p: float) -> str:
+    """A probability as a whole percent, never "100%" or "0%" for what is not certain: 0.996 -> "99.6%",
+    0.0004 -> "<0.1%", 0.9996 -> ">99.9%"."""
+    p = float(p)
+    if 0.0 < p < 0.001:
+        return "<0.1%"
+    if 0.999 < p < 1.0:
+        return ">99.9%"
+    if 0.0 < p < 0.01 or 0.99 < p < 1.0:
+        return f"{100 * p:.1f}%"
+    return f"{p:.0%}"
+
+
+def station_classes(class_names: Sequence[str], top: Sequence[tuple[str, float]], keys: int = 9
+                    ) -> list[tuple[str, float | None]]:
+    """The classes the review's numbered buttons show, in key order, with their probability when
+    the model gave it (the top classes it stored). Up to `keys` classes: all of them in class
+    order, so a key always means the same class (muscle memory beats re-reading buttons); with more
+    classes than keys, the model's top classes first, then the others in class order."""
+    probs = dict(top)
+    names = list(class_names)
+    if len(names) > keys:
+        names = [n for n, _ in top if n in names] + [n for n in names if n not in probs]
+    return [(n, probs.get(n)) for n in names[:keys]]
+
+
+def class_button_text(key: int, name: str, p: float | None) -> str:
+    """"1 · red circle · 87%": the key that presses it, the class, the model's probability."""
+    return f"{key} · {name}" + (f" · {percent(p)}" if p is not None else "")
+
+
+def counters_html(c, shown_model_label: str | None = None, note: str = "") -> str:
+    """The station's counters line from app.station.Counters; `shown_model_label` names the model
+    whose predictions are on screen (it can lag the current model until the refresh); `note`: the
+    queue's one sentence (QueuePage.note), if any."""
+    import html
+
+    per = " · ".join(f"{html.escape(n)} {k}" for n, k in c.per_class.items()) or "no classes"
+    cv = f"{c.cv_accuracy:.0%}" if isinstance(c.cv_accuracy, (int, float)) else "not measured"
+    model = shown_model_label if shown_model_label is not None else c.model_label
+    return (f'<div class="fs-counters"><span><b>{c.labeled_today}</b> labeled today</span>'
+            f'<span><b>{c.pool_left}</b> left in the pool</span><span>{per}</span>'
+            f'<span>cross-validated accuracy <b>{cv}</b></span>'
+            f'<span class="fs-model">predictions by <b>{html.escape(model or "no model")}</b></span>'
+            + (f'<span class="fs-hint">{html.escape(note)}</span>' if note else "") + "</div>")
+
+
+def history_html(actions: Sequence, now: float | None = None) -> str:
+    """The session's last actions (app.station.Action), newest first, with how long ago."""
+    import html
+
+    if not actions:
+        return '<ol class="fs-history"><li class="fs-hint">No labeling actions yet.</li></ol>'
+    now = time.time() if now is None else now
+    rows = []
+    for a in actions:
+        ago = duration_text(now - a.created) + " ago" if now - a.created >= 1 else "just now"
+        note = f" {html.escape(a.note)}" if a.note else ""
+        rows.append(f'<li data-kind="{html.escape(a.kind)}">{html.escape(a.summary)}{note} '
+                    f'<span class="fs-hint">{ago}</span></li>')
+    return '<ol class="fs-history">' + "".join(rows) + "</ol>"
+
+
+def review_html(item, thumb: str | None, position: int, total: int) -> str:
+    """The image under review (a QueueItem and its thumbnail), large, with what the model says; or
+    why there is nothing to review. `data-image-id` tells station.js which image is on screen."""
+    import html
+
+    if item is None:
+        why = "The pool is empty, or it has no predictions yet: add pool images and press Label the pool."
+        return f'<div class="fs-review fs-empty" data-image-id="">{why}</div>'
+    return (f'<figure class="fs-review" data-image-id="{int(item.image_id)}">'
+            f'<img src="{html.escape(file_url(thumb))}" alt="{html.escape(item.name)}">'
+            f'<figcaption aria-live="polite"><b>{html.escape(item.label)}</b> {percent(item.confidence)} · '
+            f'{html.escape(item.name)} · {position + 1} of {total}</figcaption></figure>')
+
+
+def strip_html(items: Sequence, thumbs: dict) -> str:
+    """The next images of the queue as small thumbnails: loaded now, so the next review image is
+    already in the browser's cache when it comes (prefetch)."""
+    import html
+
+    tiles = "".join(f'<img src="{html.escape(file_url(thumbs[i.image_id]))}" alt="next: {html.escape(i.name)}" '
+                    f'title="{html.escape(i.label)} {percent(i.confidence)}" loading="eager">'
+                    for i in items if i.image_id in thumbs)
+    return f'<div class="fs-strip" aria-label="next in the queue">{tiles}</div>'
+
+
+def grid_html(items: Sequence, thumbs: dict) -> str:
+    """A page of pool thumbnails, each a focusable tile carrying its image id (`data-image-id`)
+    and the prediction; station.js keeps the selection (click, shift-click, drag, Space)."""
+    import html
+
+    if not items:
+        return '<div class="fs-grid fs-empty">No pool images match: widen the filter, or label the pool.</div>'
+    tiles = "".join(
+        f'<div class="fs-tile" role="option" tabindex="0" aria-selected="false" data-image-id="{int(i.image_id)}"'
+        f' title="{html.escape(i.name)}"><img src="{html.escape(file_url(thumbs[i.image_id]))}" alt="" '
+        f'draggable="false"><span>{html.escape(i.label)} {percent(i.confidence)}</span></div>'
+        for i in items if i.image_id in thumbs)
+    return ('<p id="fs-grid-count" class="fs-hint" aria-live="polite"></p>'
+            f'<div class="fs-grid" role="listbox" aria-multiselectable="true" aria-label="pool images">{tiles}</div>')
+
+
+def page_text(offset: int, shown: int, total: int) -> str:
+    """"Images 49–96 of 310" for the grid's pager."""
+    if not total or not shown:
+        return f"No images (of {total})." if total else "No images."
+    return f"Images {offset + 1}–{offset + shown} of {total}"
+
+
+def class_names(scope: ProjectScope) -> list[str]:
+    """The project's class names in class order (the station's numbered buttons follow it)."""
+    return [c.name for c in library.classes(scope)]
+
+
+def thumbnails(scope: ProjectScope, image_ids: Iterable[int]) -> dict[int, str]:
+    """{image id: thumbnail path} of these images of the project (an image gone meanwhile is left out)."""
+    out = {}
+    for i in image_ids:
+        try:
+            out[int(i)] = library.thumbnail(scope.ws, library.image(scope, i))
+        except NotFoundError:
+            continue
+    return out
