@@ -329,7 +329,7 @@ class JobRunner:
                     job.update(status=CANCELLED, message=str(e), finished=time.time())
                 else:
                     job.on_report = self._wait_for_foreground
-                    self._execute(job, fn)
+                    self._execute(job, fn, quiet=True)
         finally:
             job.on_report = None
             job.done_event.set()
@@ -389,9 +389,11 @@ class JobRunner:
             job.done_event.set()
 
     @staticmethod
-    def _execute(job: Job, fn: Callable[[Job], Any]) -> None:
+    def _execute(job: Job, fn: Callable[[Job], Any], quiet: bool = False) -> None:
         """Run `fn(job)` and record how it ended (every job, queued or background, ends here):
-        done with its result, cancelled, or failed in one sentence."""
+        done with its result, cancelled, or failed in one sentence (an unexpected failure also
+        prints its traceback, unless `quiet`: a background job, which may meet a workspace
+        shutting down, fails quietly)."""
         job.update(status=RUNNING, started=time.time(), stage="Starting")
         try:
             result = fn(job)
@@ -402,7 +404,8 @@ class JobRunner:
         except OSError as e:
             job.update(status=FAILED, message=_os_error_sentence(e), finished=time.time())
         except Exception as e:  # noqa: BLE001 - report any failure as one sentence
-            traceback.print_exc()
+            if not quiet:
+                traceback.print_exc()
             first = no_paths((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
             job.update(status=FAILED, message=f"{KIND_NAMES.get(job.kind, 'The job')} failed unexpectedly: {first}.",
                        finished=time.time())

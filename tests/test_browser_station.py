@@ -1,12 +1,14 @@
 """The labeling station in Debian's Chromium (Playwright): keyboard-only review of a generated
 shapes pool, checked against the store after every key; a grid bulk action on ten tiles picked
 by click and shift-click; undo restoring labels exactly; the layout at 400 px. The keyboard
-test prints its pace (run with -s): the README's actions-per-minute figure."""
+test prints its pace (run with -s): the README's actions-per-minute figure, and saves the
+station's picture for the README (docs/station.png)."""
 from __future__ import annotations
 
 import io
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from helpers import HAVE_CHROMIUM, NO_CHROMIUM, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM)]
 
+STATION_SHOT = Path(__file__).resolve().parent.parent / "docs" / "station.png"
 SHAPES = ["red circle", "blue square", "green triangle", "yellow star", "purple hexagon"]
 POOL = 40  # generated pool images, on top of the example's 15
 
@@ -151,6 +154,9 @@ def test_twenty_pool_images_labeled_with_the_keyboard_alone(studio, project, app
     assert len(studio.store.list_images(project.id, pool=True)) == 15 + POOL - len(labeled)
     counters = page.locator("#station-counters").inner_text()
     assert f"{len(labeled)} labeled today" in counters
+    page.wait_for_timeout(300)
+    STATION_SHOT.parent.mkdir(exist_ok=True)
+    page.locator("#station").screenshot(path=str(STATION_SHOT))  # the README's picture of the station
     mean, p95 = statistics.mean(seconds), sorted(seconds)[int(0.95 * (len(seconds) - 1))]
     print(f"\nstation keyboard pace: {len(seconds)} key actions, mean {mean * 1000:.0f} ms, "
           f"p95 {p95 * 1000:.0f} ms from key to the next image = {60 / mean:.0f} actions/min "

@@ -194,7 +194,7 @@ def test_cancelled_cross_validation_says_cancelled_and_clears_results(studio, ap
     group.get_by_label("GraphAdapter", exact=True).uncheck()
     page.click("#eval-btn")
     expect(page.locator("#eval-summary")).to_contain_text("Best on your examples", timeout=60_000)
-    expect(page.locator("#comparison-plot .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#comparison-plot .js-plotly-plot")).to_be_visible(timeout=30_000)
 
     group.get_by_label("Tip-Adapter", exact=True).uncheck()
     group.get_by_label("Zero-shot CLIP", exact=True).uncheck()

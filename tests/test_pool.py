@@ -155,6 +155,21 @@ def test_thumbnails_are_jpeg_and_old_png_ones_still_show(studio):
     assert presenters.image_by_thumbnail(sc, POOL, old.name).id == other.id
 
 
+def test_the_review_image_is_a_larger_jpeg_beside_the_thumbnail(studio, tmp_path):
+    from PIL import Image
+
+    ws, sc = studio
+    big = tmp_path / "photo.jpg"
+    Image.new("RGB", (1024, 768), (200, 30, 30)).save(big, "JPEG")
+    library.add_uploads(sc, [big], POOL)
+    img = next(i for i in library.pool_images(sc) if i.original_name == "photo.jpg")
+    small, large = Path(library.thumbnail(ws, img)), Path(library.thumbnail(ws, img, library.PREVIEW_SIZE))
+    assert small != large and large.parent == small.parent and large.stem.startswith(small.stem)
+    assert Image.open(small).size == (library.THUMB_SIZE, 120)
+    assert Image.open(large).size == (library.PREVIEW_SIZE, 384) and Image.open(large).format == "JPEG"
+    assert Path(library.thumbnail(ws, img, library.PREVIEW_SIZE)) == large  # made once
+
+
 @pytest.mark.slow  # launches the app
 def test_the_pool_gallery_serves_a_page_of_jpeg_thumbnails(tiny, tmp_path):
     from gradio_client import Client, handle_file

@@ -343,27 +343,35 @@ def thumbnail_key(ws: Workspace, digest: str) -> str:
 THUMB_QUALITY = 85
 
 
-def thumbnail(ws: Workspace, img: ImageInfo) -> str:
-    """A small JPEG (quality THUMB_QUALITY) for galleries, generated once per image content
-    (named by `thumbnail_key`). JPEG always fits: `imageio.decode_image` composites any alpha on
+#: The long side of the labeling station's large review image: a 160 px thumbnail scaled up is
+#: too blurry to judge a photo by, and 512 px is what a 1400 px wide page shows it at (about
+#: 40–60 KB as JPEG q85, made once per image when it comes up for review).
+PREVIEW_SIZE = 512
+
+
+def thumbnail(ws: Workspace, img: ImageInfo, size: int = THUMB_SIZE) -> str:
+    """A small JPEG (quality THUMB_QUALITY) for galleries, at most `size` px on its long side
+    (THUMB_SIZE; PREVIEW_SIZE for the station's review image), generated once per image content
+    and size (named by `thumbnail_key`, plus "-<size>" for sizes other than THUMB_SIZE). JPEG always fits: `imageio.decode_image` composites any alpha on
     white (as the model sees the image), so a thumbnail never has transparency to show. A PNG
     thumbnail made by an earlier version is still served as it is (same key, same folder) rather
     than decoded again. An image whose stored file is gone or damaged gets the placeholder
     instead (`missing_images` names them), so one lost file never takes a page down; nor does a
     full disk (the thumbnail is then made again next time)."""
     key = thumbnail_key(ws, img.hash)
+    size = int(size)
     folder = ws.thumbs_dir / key[:2]
-    path = folder / f"{key}.jpg"
+    path = folder / (f"{key}.jpg" if size == THUMB_SIZE else f"{key}-{size}.jpg")
     if path.exists():
         return str(path)
     old = folder / f"{key}.png"
-    if old.exists():
+    if size == THUMB_SIZE and old.exists():
         return str(old)
     try:
-        im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=THUMB_SIZE)
+        im = imageio.decode_image(img.path.read_bytes(), img.original_name, draft_size=size)
     except (OSError, imageio.ImageError):
         return placeholder(ws)
-    im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    im.thumbnail((size, size))
     try:
         _write_image(im, path, "JPEG", quality=THUMB_QUALITY)
     except OSError:

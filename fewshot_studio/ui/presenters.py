@@ -447,15 +447,18 @@ def review_html(item, thumb: str | None, position: int, total: int) -> str:
             f'{html.escape(item.name)} · {position + 1} of {total}</figcaption></figure>')
 
 
-def strip_html(items: Sequence, thumbs: dict) -> str:
-    """The next images of the queue as small thumbnails: loaded now, so the next review image is
-    already in the browser's cache when it comes (prefetch)."""
+def strip_html(items: Sequence, thumbs: dict, previews: dict | None = None) -> str:
+    """The next images of the queue as small thumbnails, and the large review images of the
+    next few (`previews`, hidden): loaded now, so the next review image is already in the
+    browser's cache when it comes (prefetch)."""
     import html
 
     tiles = "".join(f'<img src="{html.escape(file_url(thumbs[i.image_id]))}" alt="next: {html.escape(i.name)}" '
                     f'title="{html.escape(i.label)} {percent(i.confidence)}" loading="eager">'
                     for i in items if i.image_id in thumbs)
-    return f'<div class="fs-strip" aria-label="next in the queue">{tiles}</div>'
+    ahead = "".join(f'<img src="{html.escape(file_url(p))}" alt="" hidden loading="eager">'
+                    for p in (previews or {}).values())
+    return f'<div class="fs-strip" aria-label="next in the queue">{tiles}{ahead}</div>'
 
 
 def grid_html(items: Sequence, thumbs: dict) -> str:
@@ -486,12 +489,13 @@ def class_names(scope: ProjectScope) -> list[str]:
     return [c.name for c in library.classes(scope)]
 
 
-def thumbnails(scope: ProjectScope, image_ids: Iterable[int]) -> dict[int, str]:
-    """{image id: thumbnail path} of these images of the project (an image gone meanwhile is left out)."""
+def thumbnails(scope: ProjectScope, image_ids: Iterable[int], size: int = library.THUMB_SIZE) -> dict[int, str]:
+    """{image id: thumbnail path} of these images of the project at `size` px (an image gone
+    meanwhile is left out)."""
     out = {}
     for i in image_ids:
         try:
-            out[int(i)] = library.thumbnail(scope.ws, library.image(scope, i))
+            out[int(i)] = library.thumbnail(scope.ws, library.image(scope, i), size)
         except NotFoundError:
             continue
     return out

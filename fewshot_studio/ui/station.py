@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..app import modeling, station
+from ..app import library, modeling, station
 from ..acquisition import STRATEGIES
 from ..errors import DataError
 from ..jobs import FINISHED
@@ -26,6 +26,7 @@ from .presenters import parse_image_ids
 
 KEYS = 9  # numbered class buttons: keys 1-9
 STRIP = 8  # next images shown (and so prefetched) after the one under review
+PREFETCH = 2  # next review images loaded ahead at full review size (a key press is ~0.3 s apart)
 GRID_PAGE = 48  # grid thumbnails per page: 6 rows of 8 at 1400 px, one screen without scrolling
 HISTORY = 8  # actions the history list shows
 #: How far around the old position a refreshed queue looks for the image on screen before
@@ -139,6 +140,8 @@ def build(ui: UI) -> None:
             page = station.queue(scope, strategy, offset=pos, limit=1 + STRIP, skipped=state["skipped"])
         item = page.items[0] if page.items else None
         thumbs = presenters.thumbnails(scope, [i.image_id for i in page.items])
+        # the large image on screen and those of the next PREFETCH, made now and loaded hidden
+        previews = presenters.thumbnails(scope, [i.image_id for i in page.items[:1 + PREFETCH]], library.PREVIEW_SIZE)
         counts = station.counters(scope)
         shown = presenters.station_classes(presenters.class_names(scope), item.top if item else (), KEYS)
         state.update(pid=scope.id, pos=pos, current=item.image_id if item else None, model_id=page.model_id,
@@ -148,8 +151,10 @@ def build(ui: UI) -> None:
                    if k < len(shown) and item is not None else gr.Button(visible=False)
                    for k, b in enumerate(ui.st_class_btns)}
         return {ui.st_state: state, **buttons,
-                ui.st_image: presenters.review_html(item, thumbs.get(item.image_id) if item else None, pos, page.total),
-                ui.st_strip: presenters.strip_html(page.items[1:], thumbs),
+                ui.st_image: presenters.review_html(item, previews.get(item.image_id) if item else None, pos,
+                                                    page.total),
+                ui.st_strip: presenters.strip_html(page.items[1:], thumbs,
+                                                   {i: p for i, p in previews.items() if item is None or i != item.image_id}),
                 ui.st_counters: presenters.counters_html(counts, page.model_label, page.note),
                 ui.st_history: presenters.history_html(station.history(scope, HISTORY)),
                 ui.st_timer: gr.Timer(active=bool(state.get("pending")))}
