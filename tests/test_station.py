@@ -274,3 +274,28 @@ def test_the_model_follows_the_labels_end_to_end(tiny, tmp_path):
         assert station.queue(sc).total == 11
     finally:
         ws.close()
+
+
+def test_a_refit_never_replaces_a_model_made_current_meanwhile(pool, tmp_path):
+    """An instant refit (or its re-search) of model A that finishes after model B became
+    current is dropped: B stays current and the refit is deleted."""
+    ws, sc, imgs, cid, model = pool
+    store = ws.store
+
+    def register(name: str, config: dict):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        return store.register_model(sc.id, "gda", "tiny", {"classes": CLASSES, **config}, {}, d)
+
+    refit = register("refit", {modeling.REFIT: {"of": model.id, "count": 1, "settings": {}, "searched": False}})
+    newer = register("newer", {})
+    store.set_current_model(sc.id, newer.id)
+
+    class Job:
+        report, cancel_event = None, threading.Event()
+
+    with pytest.raises(DataError, match="newer model became current"):
+        modeling._after_refit(sc, Job(), refit, None)
+    assert store.current_model(sc.id).id == newer.id
+    assert refit.id not in [m.id for m in store.list_models(sc.id)]

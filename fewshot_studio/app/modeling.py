@@ -653,7 +653,9 @@ def _after_refit(scope: ProjectScope, job, info: ModelInfo, search: dict | None)
     lineage's previous refit, and (after an instant refit whose lineage searches) queue the
     re-search."""
     store, record = scope.store, refit_lineage(info)
+    _drop_if_moved_on(store, scope.id, info, record)
     label_pool(scope, job.report, info.id, cancel=job.cancel_event)
+    _drop_if_moved_on(store, scope.id, info, record)
     info = store.set_current_model(scope.id, info.id)
     for m in store.list_models(scope.id):
         if m.id != info.id and refit_lineage(m).get("of") == record.get("of"):
@@ -664,6 +666,18 @@ def _after_refit(scope: ProjectScope, job, info: ModelInfo, search: dict | None)
         scope.ws.researches[scope.id] = _submit_refit(scope, info.method, backbone, search,
                                                       {**record, "searched": True})
     return record_cv(scope, job, info)
+
+
+def _drop_if_moved_on(store, project_id: int, info: ModelInfo, record: dict) -> None:
+    """When another model became current while a refit (or its re-search) ran — a training, an
+    import, a choice in Model in use — the refit of the model before it must not take its
+    place: delete it and stop the job in one sentence."""
+    current = store.current_model(project_id)
+    if current is None or current.id == record.get("of") or refit_lineage(current).get("of") == record.get("of"):
+        return
+    with contextlib.suppress(NotFoundError):
+        store.delete_model(info.id)
+    raise DataError("A newer model became current while this refit ran; the refit was dropped.")
 
 
 #: The key of a model's metrics that holds its cross-validated accuracy measured after it was
