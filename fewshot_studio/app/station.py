@@ -67,6 +67,7 @@ class QueuePage:
     model_label: str  # e.g. "GDA #12 (refit 3 of #9)"
     strategy: str = DEFAULT_STRATEGY  # the order actually used (diverse falls back to entropy)
     note: str = ""  # one sentence when the order asked for could not be used
+    found: int | None = None  # the position in this order of the image `queue(find=...)` asked for
 
 
 @dataclass(frozen=True)
@@ -183,14 +184,16 @@ def _cached_plain_features(scope: ProjectScope, backbone_id: str, hashes: Sequen
 
 def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int = 0, limit: int = 48,
           predicted: str | None = None, min_confidence: float = 0.0, max_confidence: float = 1.0,
-          sort: str | None = None, skipped: Sequence[int] = ()) -> QueuePage:
+          sort: str | None = None, skipped: Sequence[int] = (), find: int | None = None) -> QueuePage:
     """The pool images with stored predictions of the current model, most informative first by
     `strategy` (acquisition.order: least confidence 1 − p₁, margin p₁ − p₂, entropy −Σp ln p,
     diverse = k-center greedy on the cached plain-view features among the 4 × `limit` least
     confident, away from the labeled examples' features when those are cached too). `sort`
     ("confidence", "margin", "entropy") overrides the order for grid mode; `predicted` keeps one
     predicted class; the confidence range is inclusive; `skipped` ids go to the end, in the order
-    they were skipped. A page of `limit` items from `offset`."""
+    they were skipped. A page of `limit` items from `offset`; `find`: an image id whose position
+    in the whole order the page reports (`found`, None when it is not in it), so a caller keeps
+    its place however far new predictions moved that image."""
     if strategy not in STRATEGIES:
         raise DataError(f"Choose a queue order among {', '.join(STRATEGIES)}.")
     if sort is not None and sort not in SORTS:
@@ -246,6 +249,10 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
         by_id = np.argsort(skip)  # rank of each skipped id in skip order, looked up by binary search
         rank = by_id[np.searchsorted(skip[by_id], ids[tail])]
         order = np.concatenate([order[~back], tail[np.argsort(rank, kind="stable")]])
+    found = None
+    if find is not None:
+        at = np.flatnonzero(ids[order] == int(find))
+        found = int(at[0]) if at.size else None
     page = order[offset:offset + limit]
     margins, entropies = acquisition.margin(P[page]), acquisition.entropy(P[page])
     k = min(TOP_K, len(classnames))
@@ -256,7 +263,7 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
         top = tuple((classnames[j], float(P[o, j])) for j in top_idx[n])
         items.append(QueueItem(int(ids[o]), t.names[r], labels[r], float(conf[o]), top,
                                float(margins[n]), float(entropies[n])))
-    return QueuePage(items, len(rows), info.id, label, used, note)
+    return QueuePage(items, len(rows), info.id, label, used, note, found)
 
 
 # ---- actions -------------------------------------------------------------------------------------
