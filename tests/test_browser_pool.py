@@ -2,7 +2,8 @@
 with a GDA model (closed form: every label refits it and predicts the whole pool again) and
 10,000 small generated pool images without predictions. Label the pool is pressed in the
 browser; the station must show its first review image while the job still runs (the first
-stored chunk), then twenty keyboard actions each bring the next image, checked in the store.
+stored chunk), then twenty keyboard actions each bring the next image, checked in the store; once the
+labeling ended, twenty more (each label's refit now predicts all 10,000 images again).
 
 Budgets (stated in the README's note, generous for a busy shared 2-core machine, where the
 measured figures are far below them): the first review image within FIRST_IMAGE_BUDGET_S of
@@ -89,6 +90,29 @@ def wait_for_change(page, before: int | None, timeout: float = 60.0) -> float:
     raise AssertionError(f"the review still shows image {before} after {timeout:.0f} s (toasts: {toasts})")
 
 
+def keyboard_actions(page, store, classes: dict[str, int]) -> dict[int, float]:
+    """ACTIONS keys (accept and numbers), each checked in the store once the next image shows:
+    {image labeled: seconds from its key to the next image}."""
+    names = list(classes)
+    keys = ["Enter", "2", "Enter", "4", "a"]
+    out = {}
+    for k in range(ACTIONS):
+        key = keys[k % len(keys)]
+        before = shown_id(page)
+        prediction = page.locator("#station-image figcaption b").inner_text()
+        page.keyboard.press(key)
+        try:
+            seconds = wait_for_change(page, before)
+        except AssertionError as e:
+            raise AssertionError(f"key {key!r} (action {k + 1}): {e}") from None
+        img = store.get_image(before)
+        want = prediction if key in ("Enter", "a") else names[int(key) - 1]
+        assert img.class_id == classes[want], (key, before, img)
+        assert img.labeled_by == ("accepted" if want == prediction else "corrected")
+        out[before] = seconds
+    return out
+
+
 def test_ten_thousand_pool_images_first_review_image_and_keyboard_actions(studio, project, app, browser):
     from playwright.sync_api import expect
 
@@ -96,7 +120,6 @@ def test_ten_thousand_pool_images_first_review_image_and_keyboard_actions(studio
 
     store = studio.store
     classes = {c.name: c.id for c in store.list_classes(project.id)}
-    names = list(classes)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     errors = []
@@ -117,31 +140,30 @@ def test_ten_thousand_pool_images_first_review_image_and_keyboard_actions(studio
     assert running is not None and scored_then < POOL
 
     page.locator("body").click(position={"x": 5, "y": 5})  # the focus on the page, not in a box
-    keys = ["Enter", "2", "Enter", "4", "a"]
-    seconds, done = [], []
-    for k in range(ACTIONS):
-        key = keys[k % len(keys)]
-        before = shown_id(page)
-        prediction = page.locator("#station-image figcaption b").inner_text()
-        page.keyboard.press(key)
-        try:
-            seconds.append(wait_for_change(page, before))
-        except AssertionError as e:
-            raise AssertionError(f"key {key!r} (action {k + 1}): {e}") from None
-        img = store.get_image(before)
-        want = prediction if key in ("Enter", "a") else names[int(key) - 1]
-        assert img.class_id == classes[want], (key, before, img)
-        assert img.labeled_by == ("accepted" if want == prediction else "corrected")
-        done.append(before)
-    total_s = time.perf_counter() - t0
-    assert len(set(done)) == ACTIONS  # each action labeled another image
-    assert len(store.list_images(project.id, pool=True)) == 15 + POOL - ACTIONS
+    during = keyboard_actions(page, store, classes)
+    while_labeling_s = time.perf_counter() - t0
+    # then with the whole pool scored: each label's refit predicts all 10,000 images again
+    deadline = time.time() + 300
+    while modeling.active_job(studio, project.id, LABEL) is not None and time.time() < deadline:
+        time.sleep(0.2)
+    assert modeling.active_job(studio, project.id, LABEL) is None, "the pool labeling did not end in 5 minutes"
+    labeled_s = time.perf_counter() - t0
+    page.wait_for_timeout(1500)  # the station's last refresh after the labeling
+    after = keyboard_actions(page, store, classes)
+    done = [*during, *after]
+    assert len(set(done)) == 2 * ACTIONS  # each action labeled another image
+    assert len(store.list_images(project.id, pool=True)) == 15 + POOL - 2 * ACTIONS
     assert all(store.get_image(i).class_id is not None for i in done)
-    p95 = sorted(seconds)[int(0.95 * (len(seconds) - 1))]
-    print(f"{ACTIONS} keyboard actions with {POOL} pool images: median {statistics.median(seconds) * 1000:.0f} ms, "
-          f"p95 {p95 * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms from key to the next image; "
-          f"{total_s:.1f} s from Label the pool to the last action")
+    p95 = {}
+    for name, actions in (("while the pool is labeled", during), ("with the whole pool scored", after)):
+        seconds = sorted(actions.values())
+        p95[name] = seconds[int(0.95 * (len(seconds) - 1))]
+        print(f"{ACTIONS} keyboard actions {name}: median {statistics.median(seconds) * 1000:.0f} ms, "
+              f"p95 {p95[name] * 1000:.0f} ms, max {seconds[-1] * 1000:.0f} ms from key to the next image")
+    print(f"labeling {POOL} images took {labeled_s:.1f} s; the first {ACTIONS} actions were done "
+          f"{while_labeling_s:.1f} s after pressing Label the pool")
     assert first_image_s <= FIRST_IMAGE_BUDGET_S, f"first review image after {first_image_s:.1f} s"
-    assert p95 <= ACTION_P95_BUDGET_S, f"p95 action {p95:.2f} s"
+    for name, seconds in p95.items():
+        assert seconds <= ACTION_P95_BUDGET_S, f"p95 action {name}: {seconds:.2f} s"
     assert not errors, errors
     context.close()

@@ -304,7 +304,8 @@ def test_a_refit_never_replaces_a_model_made_current_meanwhile(pool, tmp_path):
 def test_a_refit_still_queued_is_cancelled_by_the_next_label(pool):
     """Each refit predicts the whole pool again: a refit that has not started when the next
     label asks for one is cancelled (the newer one fits the same labels and more), so quick
-    labels queue at most one refit instead of one each."""
+    labels queue at most one refit instead of one each; the one that ran leaves its
+    predictions parsed for the station's next queue."""
     from fewshot_studio.jobs import CANCELLED, DONE, RUNNING
 
     ws, sc, imgs, cid, model = pool
@@ -327,6 +328,11 @@ def test_a_refit_still_queued_is_cancelled_by_the_next_label(pool):
     current = modeling.current_model_info(sc)
     assert modeling.refit_lineage(current)["count"] == 1
     assert len(ws.store.support_set(sc.id).images) == len(CLASSES) + 2
+    # the finished refit's (or re-search's) predictions were parsed in its job, for the next queue
+    deadline = time.time() + 30
+    while time.time() < deadline and modeling.current_model_info(sc).id not in station._COLUMNS.get(ws.store, {}):
+        time.sleep(0.02)
+    assert modeling.current_model_info(sc).id in station._COLUMNS[ws.store]
 
 
 def test_queue_finds_an_image_anywhere_in_its_order(pool):
