@@ -66,6 +66,7 @@ import time
 import unicodedata
 import uuid
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,15 +459,17 @@ class ActionInfo:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     """Write `data` to `path` whole or not at all (a temporary file, fsync, rename); a failed
-    write removes the temporary file and raises its OSError."""
+    write removes the temporary file and raises its OSError. `sync=False` leaves the fsync to
+    the caller (`_fsync_file`), who must make the file durable before anything refers to it."""
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
         try:
@@ -474,6 +477,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _fsync_file(path: Path) -> None:
+    """Make a file's data durable (fsync through a new descriptor: it syncs the file, whichever
+    descriptor wrote it)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: Threads that fsync an import's staged uploads while the next ones are decoded. One fsync at
+#: a time cost 2.3 ms a file on this machine's ext4 (a 10,000-image pool upload: 31 of its 54 s,
+#: more than decoding and checking every image); concurrent fsyncs share the journal's commits:
+#: 0.17 ms a file with 16 threads, 8 give most of that.
+STAGE_SYNC_THREADS = 8
 
 
 def _blob_path(root: Path, digest: str) -> Path:
@@ -2201,6 +2221,9 @@ class ImageImport:
         self._items: list[tuple[str, str, int, int, int | str | None, str | None]] = []
         self._checked: set[int] = set()
         self._closed = False
+        # the staged files' fsyncs, run beside the decoding; commit waits for them all
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncs: list[Future] = []
 
     def __enter__(self) -> "ImageImport":
         return self
@@ -2212,7 +2235,13 @@ class ImageImport:
         """Drop what is staged (after :meth:`commit`, the files are already moved)."""
         if not self._closed:
             self._closed = True
+            self._stop_syncing()
             self._folder_cm.__exit__(None, None, None)
+
+    def _stop_syncing(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True, cancel_futures=True)
+            self._syncer = None
 
     @property
     def staged(self) -> int:
@@ -2259,13 +2288,31 @@ class ImageImport:
         return None
 
     def _stage(self, path: Path, data: bytes) -> None:
+        """Write one accepted upload into the staging folder; its fsync runs on a helper thread
+        (STAGE_SYNC_THREADS) and `commit` waits for every one before a row can refer to it."""
         try:
-            _write_atomic(path, data)
+            _write_atomic(path, data, sync=False)
         except OSError as e:
-            raise StoreError(
-                f"An upload could not be staged in the data folder ({e.strerror or type(e).__name__}); "
-                "check the free disk space and permissions; nothing was imported."
-            ) from None
+            raise self._staging_error(e) from None
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(STAGE_SYNC_THREADS, thread_name_prefix="stage-fsync")
+        self._syncs.append(self._syncer.submit(_fsync_file, path))
+
+    @staticmethod
+    def _staging_error(e: OSError) -> StoreError:
+        return StoreError(f"An upload could not be staged in the data folder ({e.strerror or type(e).__name__}); "
+                          "check the free disk space and permissions; nothing was imported.")
+
+    def _synced(self) -> None:
+        """Wait until every staged file is durable (one sentence if an fsync failed)."""
+        try:
+            for f in self._syncs:
+                f.result()
+        except OSError as e:
+            raise self._staging_error(e) from None
+        finally:
+            self._stop_syncing()
+        self._syncs.clear()
 
     def commit(self) -> ImportResult:
         """Store everything staged in one transaction and return what was stored."""
@@ -2274,6 +2321,7 @@ class ImageImport:
         store, pid = self.store, self.project_id
         moved: list[str] = []
         created: list[str] = []
+        self._synced()  # the files are durable before the rows that refer to them
         with store._lock:
             try:
                 with store._tx() as conn:
@@ -2306,7 +2354,10 @@ class ImageImport:
                         if self._place(digest):
                             moved.append(digest)
                             dirs.add(_blob_path(store.root, digest).parent)
-                        row = conn.execute("SELECT id FROM images WHERE project_id = ? AND hash = ? AND class_id IS ? "
+                        # `+class_id`: look the hash up (images_project_hash); SQLite chose the
+                        # (project, class) index instead, a scan of the whole pool per upload
+                        # (10,000 pool images: 1.3 ms a row, 12 of a zip upload's 41 s)
+                        row = conn.execute("SELECT id FROM images WHERE project_id = ? AND hash = ? AND +class_id IS ? "
                                            "ORDER BY id LIMIT 1", (pid, digest, class_id)).fetchone()
                         if row is not None:
                             ids.append(row[0])

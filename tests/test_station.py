@@ -299,3 +299,47 @@ def test_a_refit_never_replaces_a_model_made_current_meanwhile(pool, tmp_path):
         modeling._after_refit(sc, Job(), refit, None)
     assert store.current_model(sc.id).id == newer.id
     assert refit.id not in [m.id for m in store.list_models(sc.id)]
+
+
+def test_a_refit_still_queued_is_cancelled_by_the_next_label(pool):
+    """Each refit predicts the whole pool again: a refit that has not started when the next
+    label asks for one is cancelled (the newer one fits the same labels and more), so quick
+    labels queue at most one refit instead of one each; the one that ran leaves its
+    predictions parsed for the station's next queue."""
+    from fewshot_studio.jobs import CANCELLED, DONE, RUNNING
+
+    ws, sc, imgs, cid, model = pool
+    assert ws.runner.wait(modeling.start_training(sc, "gda"), 300).status == DONE
+    modeling.label_pool(sc)
+    gate = threading.Event()
+    blocker = ws.runner.submit(TRAIN, lambda job: gate.wait(60), sc.id)  # holds the one CPU slot
+    try:
+        deadline = time.time() + 30
+        while ws.runner.get(blocker).status != RUNNING and time.time() < deadline:
+            time.sleep(0.01)
+        first = station.assign(sc, [imgs[0]])
+        second = station.assign(sc, [imgs[1]])
+        assert first.refit_job and second.refit_job and first.refit_job != second.refit_job
+    finally:
+        gate.set()
+    assert ws.runner.wait(first.refit_job, 60).status == CANCELLED
+    assert ws.runner.wait(second.refit_job, 300).status == DONE
+    # one refit ran, on both labels
+    current = modeling.current_model_info(sc)
+    assert modeling.refit_lineage(current)["count"] == 1
+    assert len(ws.store.support_set(sc.id).images) == len(CLASSES) + 2
+    # the finished refit's (or re-search's) predictions were parsed in its job, for the next queue
+    deadline = time.time() + 30
+    while time.time() < deadline and modeling.current_model_info(sc).id not in station._COLUMNS.get(ws.store, {}):
+        time.sleep(0.02)
+    assert modeling.current_model_info(sc).id in station._COLUMNS[ws.store]
+
+
+def test_queue_finds_an_image_anywhere_in_its_order(pool):
+    """`find`: the position of one image in the whole order, whatever page is asked for."""
+    ws, sc, imgs, cid, model = pool
+    page = station.queue(sc, "least-confident", offset=0, limit=1, find=imgs[2])
+    assert page.found == 4 and ids_of(page, imgs) == [1]
+    assert station.queue(sc, "margin", limit=1, find=imgs[0]).found == 1
+    assert station.queue(sc, "least-confident", limit=1, skipped=[imgs[1]], find=imgs[1]).found == 4
+    assert station.queue(sc, predicted="square", find=imgs[0]).found is None

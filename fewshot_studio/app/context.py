@@ -62,6 +62,8 @@ class Workspace:
         # project id -> its queued or running hyper-parameter re-search after an instant refit
         # (app.modeling.instant_refit): a newer refit supersedes it
         self.researches: dict[int, str] = {}
+        # project id -> its last instant refit: a newer one cancels it while it is still queued
+        self.refits: dict[int, str] = {}
         self._secret: str | None = None
 
     @classmethod

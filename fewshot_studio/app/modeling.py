@@ -12,7 +12,7 @@ from PIL import Image
 from ..backbone import BackboneSpec, device_name, release_memory, resolve_device
 from ..data import ImageRef
 from ..errors import Cancelled, DataError, FewShotError
-from ..jobs import EVALUATE, FINISHED, LABEL, TRAIN
+from ..jobs import EVALUATE, FINISHED, LABEL, QUEUED, TRAIN
 from ..methods import KnowledgeGraph, Method, catalog, get_method_class
 from ..methods.base import cosine_matrix
 from ..progress import Progress, ProgressFn
@@ -597,7 +597,11 @@ def instant_refit(scope: ProjectScope) -> tuple[str | None, str]:
     model, then makes it current, so the pool's stored predictions are always the current
     model's. When the lineage's own settings search, a background job then re-runs the search
     with them on the same labels and does the same with its model (a later refit cancels a
-    re-search that has not finished: `refit_research`).
+    re-search that has not finished: `refit_research`). A refit still queued when the next one
+    is asked for is cancelled: the newer one fits the same labels and more, and each refit
+    predicts the whole pool again (10,000 images from cached features: about 1 s on the tiny
+    backbone, more on a busy machine), so twenty quick labels would otherwise queue twenty pool
+    predictions behind a running labeling; at most one refit runs and one waits.
 
     Versions: the model the lineage began with (trained or imported by the user) is kept; each
     refit (and re-search) replaces the lineage's previous refit, so the model list grows by at
@@ -610,6 +614,9 @@ def instant_refit(scope: ProjectScope) -> tuple[str | None, str]:
     stale = ws.researches.pop(scope.id, None)
     if stale is not None:  # this refit's own re-search supersedes it
         ws.runner.cancel(stale)
+    waiting = ws.refits.pop(scope.id, None)
+    if waiting is not None and _status(ws, waiting) == QUEUED:  # superseded before it started
+        ws.runner.cancel(waiting)
     try:
         _, method = model(scope, info.id)
         lineage = refit_lineage(info)
@@ -620,7 +627,15 @@ def instant_refit(scope: ProjectScope) -> tuple[str | None, str]:
         job_id = _submit_refit(scope, info.method, method.backbone, fixed, record)
     except FewShotError as e:
         return None, f"The {catalog.label(info.method)} model was not refitted: {_lower_first(str(e))}"
+    ws.refits[scope.id] = job_id
     return job_id, ""
+
+
+def _status(ws: Workspace, job_id: str) -> str | None:
+    try:
+        return ws.runner.get(job_id).status
+    except KeyError:
+        return None
 
 
 def refit_research(scope: ProjectScope) -> str | None:

@@ -6,12 +6,16 @@ ui/station.js: they click these buttons by elem_id, so the mouse and the keyboar
 
 Review is a position in the queue's order (app.station.queue): labeling or skipping the image at
 the position lets the next one slide in, ←/→ move the position, and a refreshed queue (a refit's
-new predictions) keeps the image on screen where it still is in the pool.
+new predictions) keeps the image on screen where it still is in the pool. While the pool is
+being labeled, the station follows the job: its timer shows the predictions stored so far (the
+first chunk's image as soon as it is stored), at most every FOLLOW_EVERY seconds, the image
+under review staying on screen as the queue reorders around it.
 """
 from __future__ import annotations
 
 import functools
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -19,7 +23,7 @@ import gradio as gr
 from ..app import library, modeling, station
 from ..acquisition import STRATEGIES
 from ..errors import DataError
-from ..jobs import FINISHED
+from ..jobs import FINISHED, LABEL
 from . import presenters
 from .common import UI, friendly, unchanged, who
 from .presenters import parse_image_ids
@@ -29,9 +33,14 @@ STRIP = 8  # next images shown (and so prefetched) after the one under review
 PREFETCH = 2  # next review images loaded ahead at full review size (a key press is ~0.3 s apart)
 GRID_PAGE = 48  # grid thumbnails per page: 6 rows of 8 at 1400 px, one screen without scrolling
 HISTORY = 8  # actions the history list shows
-#: How far around the old position a refreshed queue looks for the image on screen before
-#: giving up on it (the position then stays): a refit moves few images far.
-FIND_WINDOW = 200
+#: While the pool is labeled, the review shows newly stored predictions at most this often
+#: (seconds): each refresh re-reads the predictions stored so far (a 10,000-image pool: 250–450
+#: ms of parsing on this shared 2-core machine) and a key pressed meanwhile waits for it, so
+#: refreshing on every timer tick would make keys lag; the job stores a chunk every 1–3 s.
+FOLLOW_EVERY = 1.0
+#: How long after Label the pool is pressed the station waits for its job to appear (the check
+#: before it may refuse) before it stops following.
+FOLLOW_START = 5.0
 REVIEW, GRID = "Review", "Grid"
 SCRIPT = Path(__file__).with_name("station.js")
 
@@ -45,9 +54,16 @@ def script() -> str:
 def fresh_state() -> dict:
     """A browser session's station: the review position and the image on it, the images it
     skipped (they go to the end of its queue), the grid's page, the grid's shown ids, the
-    refit it waits for, and the model whose predictions are on screen."""
+    refit it waits for, the model whose predictions are on screen, and while a pool labeling
+    runs: when following it began and what it showed last (a stamp of the stored predictions)
+    and when."""
     return {"pos": 0, "current": None, "skipped": [], "grid_offset": 0, "grid_ids": [], "pending": None,
-            "model_id": None}
+            "model_id": None, "labeling": None, "followed": None, "followed_at": 0.0}
+
+
+def polling(state: dict) -> bool:
+    """Whether the station's timer runs: a refit to wait for, or a pool labeling to follow."""
+    return bool(state.get("pending") or state.get("labeling"))
 
 
 def build(ui: UI) -> None:
@@ -99,7 +115,7 @@ def build(ui: UI) -> None:
         ui.st_keys = gr.HTML(KEYS_HELP, elem_id="station-keys")
         ui.st_history = gr.HTML(presenters.history_html([]), elem_id="station-history")
         ui.st_state = gr.State(fresh_state())
-        # polls a refit the last label started, only while there is one (then stops)
+        # polls a refit the last label started or a pool labeling, only while there is one
         ui.st_timer = gr.Timer(0.5, active=False)
 
     ui.st_review_outs = [ui.st_state, ui.st_image, *ui.st_class_btns, ui.st_strip, ui.st_counters,
@@ -128,12 +144,11 @@ def build(ui: UI) -> None:
         strategy = strategy or station.DEFAULT_STRATEGY
         pos = max(0, int(state.get("pos") or 0))
         current = state.get("current")
-        if keep and current is not None:
-            start = max(0, pos - FIND_WINDOW // 2)
-            around = station.queue(scope, strategy, offset=start, limit=FIND_WINDOW, skipped=state["skipped"])
-            ids = [i.image_id for i in around.items]
-            if current in ids:
-                pos = start + ids.index(current)
+        if keep and current is not None:  # the same limit as the page: the diverse order depends on it
+            found = station.queue(scope, strategy, offset=0, limit=1 + STRIP, skipped=state["skipped"],
+                                  find=current).found
+            if found is not None:
+                pos = found
         page = station.queue(scope, strategy, offset=pos, limit=1 + STRIP, skipped=state["skipped"])
         if not page.items and page.total:  # the position ran past the end (the last image was labeled)
             pos = page.total - 1
@@ -146,6 +161,8 @@ def build(ui: UI) -> None:
         shown = presenters.station_classes(presenters.class_names(scope), item.top if item else (), KEYS)
         state.update(pid=scope.id, pos=pos, current=item.image_id if item else None, model_id=page.model_id,
                      classes=[n for n, _ in shown])
+        if not state.get("labeling") and modeling.active_job(scope.ws, scope.id, LABEL) is not None:
+            state["labeling"] = time.time()  # a labeling runs (opened mid-way, another session's)
         buttons = {b: gr.Button(presenters.class_button_text(k + 1, *shown[k]), visible=True,
                                 variant="primary" if item is not None and shown[k][0] == item.label else "secondary")
                    if k < len(shown) and item is not None else gr.Button(visible=False)
@@ -157,7 +174,7 @@ def build(ui: UI) -> None:
                                                    {i: p for i, p in previews.items() if item is None or i != item.image_id}),
                 ui.st_counters: presenters.counters_html(counts, page.model_label, page.note),
                 ui.st_history: presenters.history_html(station.history(scope, HISTORY)),
-                ui.st_timer: gr.Timer(active=bool(state.get("pending")))}
+                ui.st_timer: gr.Timer(active=polling(state))}
 
     def grid(scope, state: dict, strategy: str, predicted: str, lo: float, hi: float, sort: str) -> dict:
         """A page of the queue as tiles, filtered and sorted; the selection starts empty."""
@@ -181,7 +198,7 @@ def build(ui: UI) -> None:
                 ui.st_grid_to: gr.Dropdown(choices=names),
                 ui.st_counters: presenters.counters_html(counts, page.model_label, page.note),
                 ui.st_history: presenters.history_html(station.history(scope, HISTORY)),
-                ui.st_timer: gr.Timer(active=bool(state.get("pending")))}
+                ui.st_timer: gr.Timer(active=polling(state))}
 
     ui.st_render_review, ui.st_render_grid = review, grid
 
@@ -286,25 +303,58 @@ def wire(ui: UI) -> None:
         except KeyError:  # a job the runner no longer knows ended long ago
             return True
 
+    def labeling_news(pid, state: dict, owner, request) -> tuple[dict, bool]:
+        """While a pool labeling runs: (the state, whether predictions were stored since the
+        station last showed them and FOLLOW_EVERY has passed). When the job is gone the station
+        stops following (the pool event's own refresh shows its end)."""
+        now = time.time()
+        if modeling.active_job(ui.ws, pid, LABEL) is None and now - float(state["labeling"]) > FOLLOW_START:
+            return dict(state, labeling=None, followed=None), False
+        if now - float(state.get("followed_at") or 0.0) < FOLLOW_EVERY:
+            return state, False
+        info = modeling.current_model_info(ui.scope(pid, who(owner, request)))
+        stamp = None if info is None else [info.id, *ui.ws.store.prediction_stamp(info.id)]
+        if stamp is None or stamp == state.get("followed"):
+            return state, False
+        return dict(state, followed=stamp, followed_at=now), True
+
     def tick(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request):
-        """While a refit runs: nothing; when it ends, the queue shows the new model's predictions,
-        the image on screen staying where it is."""
+        """While a pool labeling runs: the predictions stored so far, at most every FOLLOW_EVERY
+        seconds. While a refit runs: nothing; when it ends, the queue shows the new model's
+        predictions. Either way the image on screen stays where it is."""
         job = state.get("pending")
-        if pid is None or not job:
+        if pid is None or not polling(state):
             return {**unchanged(ui.st_outs), ui.st_timer: gr.Timer(active=False)}
-        if not finished(job):
-            return unchanged(ui.st_outs)
-        # a refit may queue its hyper-parameter search again (modeling.refit_research): its model
-        # replaces the refit's moments later, and the queue follows that one too
-        try:
-            again = modeling.refit_research(ui.scope(pid, who(owner, request)))
-        except Exception:  # noqa: BLE001 - the project went: the refresh says so
-            again = None
-        state = dict(state, pending=again if again and again != job and not finished(again) else None)
+        due, before = False, state
+        if state.get("labeling"):
+            try:
+                state, due = labeling_news(pid, state, owner, request)
+            except Exception:  # noqa: BLE001 - the project went: the refresh below says so
+                state, due = dict(state, labeling=None), True
+        if job and finished(job):
+            # a refit may queue its hyper-parameter search again (modeling.refit_research): its
+            # model replaces the refit's moments later, and the queue follows that one too
+            try:
+                again = modeling.refit_research(ui.scope(pid, who(owner, request)))
+            except Exception:  # noqa: BLE001 - the project went: the refresh says so
+                again = None
+            state, due = dict(state, pending=again if again and again != job and not finished(again) else None), True
+        if not due:
+            if state is before:
+                return unchanged(ui.st_outs)
+            return {**unchanged(ui.st_outs), ui.st_state: state, ui.st_timer: gr.Timer(active=polling(state))}
         try:
             return show(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request)
         except gr.Error:
             return {**unchanged(ui.st_outs), ui.st_state: state, ui.st_timer: gr.Timer(active=False)}
+
+    @friendly
+    def follow_labeling(pid, state, owner, request: gr.Request):
+        """Label the pool was pressed: the timer follows the job (`tick`)."""
+        if pid is None:
+            return unchanged(ui.st_review_outs)
+        state = dict(state, labeling=time.time(), followed=None, followed_at=0.0)
+        return {**unchanged(ui.st_review_outs), ui.st_state: state, ui.st_timer: gr.Timer(active=True)}
 
     def switch(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request):
         shown = {ui.st_review: gr.Column(visible=mode != GRID), ui.st_grid: gr.Column(visible=mode == GRID)}
@@ -358,6 +408,7 @@ def wire(ui: UI) -> None:
         trigger(fn, ins, o, **kw).then(None, None, None, js=idle)
 
     accept, skip, undo, refresh, tick, switch = map(serial, (accept, skip, undo, refresh, tick, switch))
+    follow_labeling = serial(follow_labeling)
     accept_shown, assign_selected = serial(accept_shown), serial(assign_selected)
     for k, b in enumerate(ui.st_class_btns):
         on(b.click, serial(assign_key(k)), base, outs)
@@ -383,6 +434,8 @@ def wire(ui: UI) -> None:
     # follows once that event ends (a .change on the table fired on every render and flooded the queue)
     for event in ui.pool_events:
         event.then(refresh, full, ui.st_outs, **private)
+    # the pool labeling's stored chunks show in the review while it runs (tick), not only at its end
+    ui.label_pool_btn.click(follow_labeling, base[:2] + [ui.owner], ui.st_review_outs, **private)
 
 
 KEYS_HELP = """<div class="fs-keys" id="fs-keys-help" hidden><b>Keys</b> (not while typing in a box):
