@@ -38,9 +38,11 @@ HISTORY = 8  # actions the history list shows
 #: ms of parsing on this shared 2-core machine) and a key pressed meanwhile waits for it, so
 #: refreshing on every timer tick would make keys lag; the job stores a chunk every 1–3 s.
 FOLLOW_EVERY = 1.0
-#: How long after Label the pool is pressed the station waits for its job to appear (the check
-#: before it may refuse) before it stops following.
-FOLLOW_START = 5.0
+#: How long after Label the pool is pressed the station waits for its job to appear before it
+#: stops following (the check before it may refuse). Generous: on a busy 2-core machine the job
+#: appeared after more than 5 s, and the station then missed the whole labeling; once the job
+#: has been seen, the station stops as soon as it is gone.
+FOLLOW_START = 60.0
 REVIEW, GRID = "Review", "Grid"
 SCRIPT = Path(__file__).with_name("station.js")
 
@@ -308,8 +310,11 @@ def wire(ui: UI) -> None:
         station last showed them and FOLLOW_EVERY has passed). When the job is gone the station
         stops following (the pool event's own refresh shows its end)."""
         now = time.time()
-        if modeling.active_job(ui.ws, pid, LABEL) is None and now - float(state["labeling"]) > FOLLOW_START:
-            return dict(state, labeling=None, followed=None), False
+        if modeling.active_job(ui.ws, pid, LABEL) is None:
+            if state.get("seen") or now - float(state["labeling"]) > FOLLOW_START:
+                return dict(state, labeling=None, followed=None, seen=False), False
+        elif not state.get("seen"):
+            state = dict(state, seen=True)
         if now - float(state.get("followed_at") or 0.0) < FOLLOW_EVERY:
             return state, False
         info = modeling.current_model_info(ui.scope(pid, who(owner, request)))
@@ -353,7 +358,7 @@ def wire(ui: UI) -> None:
         """Label the pool was pressed: the timer follows the job (`tick`)."""
         if pid is None:
             return unchanged(ui.st_review_outs)
-        state = dict(state, labeling=time.time(), followed=None, followed_at=0.0)
+        state = dict(state, labeling=time.time(), followed=None, followed_at=0.0, seen=False)
         return {**unchanged(ui.st_review_outs), ui.st_state: state, ui.st_timer: gr.Timer(active=True)}
 
     def switch(pid, state, mode, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request):
