@@ -76,6 +76,10 @@ def build(ui: UI) -> None:
             ui.st_strategy = gr.Dropdown([(presenters.STRATEGY_LABELS.get(s, s), s) for s in STRATEGIES],
                                          value=station.DEFAULT_STRATEGY, label="Queue order",
                                          elem_id="station-strategy", scale=1)
+            # closed-form models refit after every label; the others retrain after this many
+            ui.st_every = gr.Number(station.DEFAULT_RETRAIN_EVERY, precision=0, minimum=1, maximum=1000, step=1,
+                                    label="Retrain every N labels", elem_id="station-every", scale=0,
+                                    min_width=150)
             ui.st_undo = gr.Button("Undo · Z", elem_id="station-undo", scale=0)
             ui.st_refresh = gr.Button("Refresh", elem_id="station-refresh", scale=0)
         ui.st_counters = gr.HTML("", elem_id="station-counters")
@@ -248,19 +252,19 @@ def wire(ui: UI) -> None:
         return int(state["current"])
 
     def assign_key(k: int):
-        def handler(pid, state, strategy, owner, request: gr.Request):
+        def handler(pid, state, strategy, owner, every, request: gr.Request):
             scope = ui.scope(pid, who(owner, request))
             names = state.get("classes") or []
             if k >= len(names):
                 raise DataError(f"There is no class {k + 1} to assign.")
-            done = station.assign(scope, [current(state)], names[k])
+            done = station.assign(scope, [current(state)], names[k], every=every)
             return review(scope, acted(state, done), strategy, keep=False)
         return friendly(handler)
 
     @friendly
-    def accept(pid, state, strategy, owner, request: gr.Request):
+    def accept(pid, state, strategy, owner, every, request: gr.Request):
         scope = ui.scope(pid, who(owner, request))
-        done = station.assign(scope, [current(state)])
+        done = station.assign(scope, [current(state)], every=every)
         return review(scope, acted(state, done), strategy, keep=False)
 
     @friendly
@@ -379,16 +383,16 @@ def wire(ui: UI) -> None:
         return handler
 
     @friendly
-    def accept_shown(pid, state, strategy, g_class, g_lo, g_hi, g_sort, owner, request: gr.Request):
+    def accept_shown(pid, state, strategy, g_class, g_lo, g_hi, g_sort, owner, every, request: gr.Request):
         scope = ui.scope(pid, who(owner, request))
         ids = state.get("grid_ids") or []
         if not ids:
             raise DataError("No pool images are shown to accept.")
-        done = station.assign(scope, ids)
+        done = station.assign(scope, ids, every=every)
         return grid(scope, acted(state, done), strategy, g_class, g_lo, g_hi, g_sort)
 
     @friendly
-    def assign_selected(pid, state, selection, class_name, strategy, g_class, g_lo, g_hi, g_sort, owner,
+    def assign_selected(pid, state, selection, class_name, strategy, g_class, g_lo, g_hi, g_sort, owner, every,
                         request: gr.Request):
         scope = ui.scope(pid, who(owner, request))
         shown = set(state.get("grid_ids") or [])
@@ -397,7 +401,7 @@ def wire(ui: UI) -> None:
             raise DataError("Select images first: click tiles (shift-click or drag for a range).")
         if not class_name:
             raise DataError("Pick the class to assign.")
-        done = station.assign(scope, ids, class_name)
+        done = station.assign(scope, ids, class_name, every=every)
         return grid(scope, acted(state, done), strategy, g_class, g_lo, g_hi, g_sort)
 
     base = [ui.project, ui.st_state, ui.st_strategy, ui.owner]
@@ -416,8 +420,8 @@ def wire(ui: UI) -> None:
     follow_labeling = serial(follow_labeling)
     accept_shown, assign_selected = serial(accept_shown), serial(assign_selected)
     for k, b in enumerate(ui.st_class_btns):
-        on(b.click, serial(assign_key(k)), base, outs)
-    on(ui.st_accept.click, accept, base, outs, "station_accept")
+        on(b.click, serial(assign_key(k)), base + [ui.st_every], outs)
+    on(ui.st_accept.click, accept, base + [ui.st_every], outs, "station_accept")
     on(ui.st_skip.click, skip, base, outs)
     on(ui.st_prev.click, serial(move(-1)), base, outs)
     on(ui.st_next.click, serial(move(+1)), base, outs)
@@ -430,9 +434,9 @@ def wire(ui: UI) -> None:
         on(c, serial(regrid), grid_base, ui.st_grid_outs)
     on(ui.st_grid_prev.click, serial(page(-1)), grid_base, ui.st_grid_outs)
     on(ui.st_grid_next.click, serial(page(+1)), grid_base, ui.st_grid_outs)
-    on(ui.st_grid_accept.click, accept_shown, grid_base, ui.st_grid_outs, "station_accept_shown")
+    on(ui.st_grid_accept.click, accept_shown, grid_base + [ui.st_every], ui.st_grid_outs, "station_accept_shown")
     on(ui.st_grid_assign.click, assign_selected,
-       [ui.project, ui.st_state, ui.st_grid_sel, ui.st_grid_to, *grid_ins, ui.owner], ui.st_grid_outs,
+       [ui.project, ui.st_state, ui.st_grid_sel, ui.st_grid_to, *grid_ins, ui.owner, ui.st_every], ui.st_grid_outs,
        "station_assign_selected")
     ui.station_tab_fn = (refresh, full, ui.st_outs)
     # the pool changed below (an upload, Label the pool, the table's Accept/Correct): the station
