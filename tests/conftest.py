@@ -19,6 +19,32 @@ from helpers import NATO, make_task
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _patient_url_ok(url: str) -> bool:
+    """gradio.networking.url_ok with patience: Gradio's launch asks the new server for its page
+    with a 3 s timeout and gives up on the first timeout ("When localhost is not accessible, a
+    shareable link must be created"), which a busy 2-core CI machine hit twice in a day while
+    the server was fine. Up to 60 s here, 10 s a try."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.head(url, timeout=10, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+import gradio.networking  # noqa: E402 - after the environment above
+
+gradio.networking.url_ok = _patient_url_ok
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return load_backbone("tiny", device="cpu")
