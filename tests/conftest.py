@@ -100,3 +100,15 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture
+def studio(tmp_path):
+    """A Workspace on the tiny backbone in a fresh data folder (the browser tests' app runs on it);
+    test files with a richer `studio` define their own."""
+    from fewshot_studio.app import Workspace
+    from fewshot_studio.backbone import BackboneSpec
+
+    s = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
+    yield s
+    s.close()

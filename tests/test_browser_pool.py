@@ -33,16 +33,6 @@ ACTION_P95_BUDGET_S = 2.5
 
 
 @pytest.fixture
-def studio(tmp_path):
-    from fewshot_studio.app import Workspace
-    from fewshot_studio.backbone import BackboneSpec
-
-    s = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def project(studio):
     """The shapes example, a GDA model of it, and POOL generated pool images added in one batch
     (every one still decoded and checked by the store), none of them predicted yet."""

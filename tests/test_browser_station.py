@@ -32,16 +32,6 @@ def png(label: str, seed: int) -> bytes:
 
 
 @pytest.fixture
-def studio(tmp_path):
-    from fewshot_studio.app import Workspace
-    from fewshot_studio.backbone import BackboneSpec
-
-    s = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def project(studio):
     """The shapes example with POOL more generated pool images, a GDA model (closed form: every
     label refits it) and its stored predictions of the pool."""

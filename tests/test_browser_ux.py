@@ -27,16 +27,6 @@ def png(label: str, seed: int, size: int = 64) -> bytes:
 
 
 @pytest.fixture
-def studio(tmp_path):
-    from fewshot_studio.backbone import BackboneSpec
-    from fewshot_studio.app import Workspace
-
-    s = Workspace.at(tmp_path / "data", BackboneSpec("tiny", None, device="cpu"))
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def app(studio):
     demo = launch(studio)
     yield demo
