@@ -151,6 +151,31 @@ def test_assign_accept_and_correct_are_undone_exactly(pool):
         station.assign(sc, [])
 
 
+def test_accept_gives_the_class_that_was_shown_even_if_a_refit_changed_it(pool):
+    """The race of the review: a refit lands between drawing the screen and the key press; Enter
+    accepts what the user saw, never the new prediction they did not see."""
+    ws, sc, imgs, cid, model = pool
+    shown = station.queue(sc, limit=5)
+    seen = {it.image_id: it.label for it in shown.items}
+    assert seen[imgs[0]] == "circle"
+    # a "refit" now predicts star for every pool image
+    ws.store.save_predictions(model.id, [(i, cid["star"], .9, [.05, .05, .9]) for i in imgs])
+    a = station.assign(sc, [imgs[0], imgs[4]], shown={i: seen[i] for i in (imgs[0], imgs[4])})
+    assert a.kind == "accept" and a.count == 2
+    assert state(ws, imgs[0]) == (cid["circle"], "accepted") and state(ws, imgs[4]) == (cid["square"], "accepted")
+    station.undo(sc)
+    assert state(ws, imgs[0]) == (None, None)
+    # without `shown` an accept takes the stored prediction (the table's Accept, the CLI)
+    station.assign(sc, [imgs[0]])
+    assert state(ws, imgs[0]) == (cid["star"], "accepted")
+    with pytest.raises(DataError, match="no prediction on screen"):
+        station.assign(sc, [imgs[1]], shown={})
+    with pytest.raises(DataError, match="no longer exists"):
+        station.assign(sc, [imgs[1]], shown={imgs[1]: "hexagon"})
+    with pytest.raises(DataError, match="already labeled"):
+        station.assign(sc, [imgs[0]], shown={imgs[0]: "circle"})
+
+
 def test_remove_is_undone_with_labels_and_predictions(pool):
     ws, sc, imgs, cid, model = pool
     station.assign(sc, [imgs[4]], "star")

@@ -20,7 +20,7 @@ import json
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ..errors import DataError, FewShotError
 from ..jobs import DONE, TRAIN
 from ..methods import catalog
 from ..store import ActionInfo, ModelInfo
-from . import modeling
+from . import library, modeling
 from .context import ProjectScope
 from .library import class_by_name
 
@@ -296,18 +296,39 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
 
 
 # ---- actions -------------------------------------------------------------------------------------
+def _shown_moves(scope: ProjectScope, ids: Sequence[int], shown: Mapping[int, str]) -> list[tuple[int, int, str]]:
+    """(image id, class id, "accepted") for accepting the predictions the user SAW: a refit
+    between drawing the screen and the key press may have changed the stored ones, and an
+    accept must never give an image a class the user was not shown. Labeled images are left out."""
+    by_name = {c.name: c.id for c in library.classes(scope)}
+    moves = []
+    for i in ids:
+        if library.image(scope, i).class_id is not None:
+            continue
+        name = shown.get(i)
+        if name is None:
+            raise DataError(f"Image #{i} has no prediction on screen to accept.")
+        if name not in by_name:
+            raise DataError(f"The class {name!r} shown for image #{i} no longer exists; pick a class.")
+        moves.append((i, by_name[name], "accepted"))
+    return moves
+
+
 def assign(scope: ProjectScope, image_ids: Sequence[int], class_name: str | None = None, *,
-           every: int | None = None) -> Action:
-    """Label images as ONE undoable action. `class_name` None: each pool image gets its predicted
-    class (labeled_by "accepted"; labeled ones are left as they are); else every image gets
-    `class_name` ("corrected" where the current model predicted another class, "accepted" where
-    it predicted this one, "user" where there is no prediction). Then the model follows the
-    labels (`follow_labels`): the Action's refit_job is the refit or retrain it started."""
+           shown: Mapping[int, str] | None = None, every: int | None = None) -> Action:
+    """Label images as ONE undoable action. `class_name` None: each pool image gets the predicted
+    class — the one in `shown` (image id -> class name, what the screen showed) when given, else
+    the current model's stored prediction — labeled_by "accepted"; labeled ones are left as they
+    are. Else every image gets `class_name` ("corrected" where the current model predicted
+    another class, "accepted" where it predicted this one, "user" where there is no
+    prediction). Then the model follows the labels (`follow_labels`): the Action's refit_job is
+    the refit or retrain it started."""
     ids = list(dict.fromkeys(int(i) for i in image_ids))
     if not ids:
         raise DataError("Pick at least one image to label.")
     if class_name is None:
-        moves = modeling.accept_moves(scope, ids)
+        moves = (_shown_moves(scope, ids, {int(k): v for k, v in shown.items()}) if shown is not None
+                 else modeling.accept_moves(scope, ids))
         if not moves:
             raise DataError("These images are already labeled; undo or pick pool images.")
         kind = "accept"

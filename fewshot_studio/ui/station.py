@@ -54,13 +54,14 @@ def script() -> str:
 
 
 def fresh_state() -> dict:
-    """A browser session's station: the review position and the image on it, the images it
-    skipped (they go to the end of its queue), the grid's page, the grid's shown ids, the
-    refit it waits for, the model whose predictions are on screen, and while a pool labeling
-    runs: when following it began and what it showed last (a stamp of the stored predictions)
-    and when."""
-    return {"pos": 0, "current": None, "skipped": [], "grid_offset": 0, "grid_ids": [], "pending": None,
-            "model_id": None, "labeling": None, "followed": None, "followed_at": 0.0}
+    """A browser session's station: the review position, the image on it and its prediction
+    shown, the images it skipped (they go to the end of its queue), the grid's page, the grid's
+    shown ids and predictions, the refit it waits for, the model whose predictions are on
+    screen, and while a pool labeling runs: when following it began and what it showed last (a
+    stamp of the stored predictions) and when."""
+    return {"pos": 0, "current": None, "label": None, "skipped": [], "grid_offset": 0, "grid_ids": [],
+            "grid_labels": [], "pending": None, "model_id": None, "labeling": None, "followed": None,
+            "followed_at": 0.0}
 
 
 def polling(state: dict) -> bool:
@@ -165,8 +166,9 @@ def build(ui: UI) -> None:
         previews = presenters.thumbnails(scope, [i.image_id for i in page.items[:1 + PREFETCH]], library.PREVIEW_SIZE)
         counts = station.counters(scope)
         shown = presenters.station_classes(presenters.class_names(scope), item.top if item else (), KEYS)
+        # `label`: the prediction on screen, what Enter accepts even if a refit changes it meanwhile
         state.update(pid=scope.id, pos=pos, current=item.image_id if item else None, model_id=page.model_id,
-                     classes=[n for n, _ in shown])
+                     classes=[n for n, _ in shown], label=item.label if item else None)
         if not state.get("labeling") and modeling.active_job(scope.ws, scope.id, LABEL) is not None:
             state["labeling"] = time.time()  # a labeling runs (opened mid-way, another session's)
         buttons = {b: gr.Button(presenters.class_button_text(k + 1, *shown[k]), visible=True,
@@ -197,7 +199,7 @@ def build(ui: UI) -> None:
         counts = station.counters(scope)
         names = presenters.class_names(scope)
         state.update(pid=scope.id, grid_offset=offset, grid_ids=[i.image_id for i in page.items],
-                     model_id=page.model_id)
+                     grid_labels=[i.label for i in page.items], model_id=page.model_id)
         return {ui.st_state: state, ui.st_grid_tiles: presenters.grid_html(page.items, thumbs),
                 ui.st_grid_page: presenters.page_text(offset, len(page.items), page.total), ui.st_grid_sel: "",
                 ui.st_grid_class: gr.Dropdown(choices=[("All classes", ""), *[(n, n) for n in names]]),
@@ -264,7 +266,8 @@ def wire(ui: UI) -> None:
     @friendly
     def accept(pid, state, strategy, owner, every, request: gr.Request):
         scope = ui.scope(pid, who(owner, request))
-        done = station.assign(scope, [current(state)], every=every)
+        image_id = current(state)
+        done = station.assign(scope, [image_id], shown={image_id: state.get("label")}, every=every)
         return review(scope, acted(state, done), strategy, keep=False)
 
     @friendly
@@ -388,7 +391,7 @@ def wire(ui: UI) -> None:
         ids = state.get("grid_ids") or []
         if not ids:
             raise DataError("No pool images are shown to accept.")
-        done = station.assign(scope, ids, every=every)
+        done = station.assign(scope, ids, shown=dict(zip(ids, state.get("grid_labels") or [])), every=every)
         return grid(scope, acted(state, done), strategy, g_class, g_lo, g_hi, g_sort)
 
     @friendly
