@@ -348,6 +348,9 @@ def test_a_refit_still_queued_is_cancelled_by_the_next_label(pool):
     finally:
         gate.set()
     assert ws.runner.wait(first.refit_job, 60).status == CANCELLED
+    # whoever waits on the cancelled one is pointed to the refit that replaced it
+    assert modeling.newer_refit(sc, first.refit_job) == second.refit_job
+    assert modeling.newer_refit(sc, second.refit_job) is None
     assert ws.runner.wait(second.refit_job, 300).status == DONE
     # one refit ran, on both labels
     current = modeling.current_model_info(sc)

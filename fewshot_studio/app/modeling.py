@@ -631,6 +631,13 @@ def instant_refit(scope: ProjectScope) -> tuple[str | None, str]:
     return job_id, ""
 
 
+def newer_refit(scope: ProjectScope, job_id: str) -> str | None:
+    """The refit that took the place of `job_id` (cancelled while queued by the next label's
+    `instant_refit`), or None: it fits the same labels and more, so it is the one to wait for."""
+    newer = scope.ws.refits.get(scope.id)
+    return newer if newer not in (None, job_id) else None
+
+
 def _status(ws: Workspace, job_id: str) -> str | None:
     try:
         return ws.runner.get(job_id).status

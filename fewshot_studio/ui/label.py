@@ -217,7 +217,13 @@ def wire(ui: UI) -> None:
         yield {**after_change(pid, owner, f"{message} Refitting the {method} model with "
                                           f"{them(done.count)} (closed form, cached features)..."),
                ui.label_progress: progress_html(ui.ws.runner.get(done.refit_job))}
-        state = yield from follow(ui.ws, done.refit_job, ui.label_progress)
+        job_id = done.refit_job
+        state = yield from follow(ui.ws, job_id, ui.label_progress)
+        # a refit still queued is cancelled by the next label's (modeling.instant_refit): that
+        # newer one fits these labels too, so the bar follows it instead of reporting a failure
+        while state.status == CANCELLED and (newer := modeling.newer_refit(scope, job_id)) is not None:
+            job_id = newer
+            state = yield from follow(ui.ws, job_id, ui.label_progress)
         if state.status != DONE:
             yield {**after_change(pid, owner, f"{message} The refit did not finish: {state.message} "
                                               f"Retrain to use {them(done.count)}."),

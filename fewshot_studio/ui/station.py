@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -33,6 +34,7 @@ STRIP = 8  # next images shown (and so prefetched) after the one under review
 PREFETCH = 2  # next review images loaded ahead at full review size (a key press is ~0.3 s apart)
 GRID_PAGE = 48  # grid thumbnails per page: 6 rows of 8 at 1400 px, one screen without scrolling
 HISTORY = 8  # actions the history list shows
+SESSIONS = 1024  # browser sessions whose last station state is kept; the oldest idle ones are forgotten
 #: While the pool is labeled, the review shows newly stored predictions at most this often
 #: (seconds): each refresh re-reads the predictions stored so far (a 10,000-image pool: 250–450
 #: ms of parsing on this shared 2-core machine) and a key pressed meanwhile waits for it, so
@@ -213,9 +215,18 @@ def build(ui: UI) -> None:
 
 def wire(ui: UI) -> None:
     review, grid = ui.st_render_review, ui.st_render_grid
-    newest: dict[str, dict] = {}  # browser session -> the station state its last event left
+    newest: OrderedDict[str, dict] = OrderedDict()  # browser session -> the state its last event left
     locks: dict[str, threading.Lock] = {}
     guard = threading.Lock()
+
+    def forget_idle() -> None:
+        """Keep the last SESSIONS sessions (a public Space sees many visitors over days); a
+        forgotten one just starts again from the gr.State its page sends. Called under `guard`."""
+        while len(newest) > SESSIONS:
+            old, _ = newest.popitem(last=False)
+            lock = locks.get(old)
+            if lock is not None and not lock.locked():
+                del locks[old]
 
     def serial(fn):
         """One station event at a time per browser session, each starting from the state the
@@ -236,7 +247,10 @@ def wire(ui: UI) -> None:
                     args[1] = last
                 out = fn(*args, **kwargs)
                 if isinstance(out, dict) and isinstance(out.get(ui.st_state), dict):
-                    newest[key] = out[ui.st_state]
+                    with guard:
+                        newest[key] = out[ui.st_state]
+                        newest.move_to_end(key)
+                        forget_idle()
                 return out
         return wrapper
     grid_ins = [ui.st_strategy, ui.st_grid_class, ui.st_grid_min, ui.st_grid_max, ui.st_grid_sort]
