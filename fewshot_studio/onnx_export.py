@@ -82,20 +82,19 @@ class OnnxExport:
 
 def export_onnx(method: Method, out: str | os.PathLike) -> OnnxExport:
     """Write `method` as an ONNX classifier (module docstring) to `out`, atomically (a partial
-    file is removed on failure). Exports on the CPU in float32 whatever device the method is on,
-    so the graph holds exactly the weights that CPU inference in this project uses."""
+    file is removed on failure). Traced in float32 without autocast: the graph holds exactly the
+    computation of CPU inference in this project."""
     onnx = require_onnx()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     graph = ProbabilityGraph(method).eval()
     dev = next(iter(method.backbone.model.parameters())).device
     s = method.backbone.image_size
-    if hasattr(method, "text_features"):
-        method.text_features()  # MMA: the adapted class text features, computed before tracing
     example = torch.zeros(2, 3, s, s, device=dev)
     tmp = out.with_name(out.name + ".partial")
     try:
         with torch.no_grad():
+            graph(example)  # once eagerly: fills what a method computes once (MMA's class text features)
             program = torch.onnx.export(graph, (example,), dynamo=True, opset_version=OPSET,
                                         input_names=["pixels"], output_names=["probs"],
                                         dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
