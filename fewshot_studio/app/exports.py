@@ -280,10 +280,18 @@ def model_card(info: ModelInfo, method: Method) -> str:
     counts = cfg.get("support_counts") or method.support_counts or [None] * method.num_classes
     rows = "".join(f"| {_md(c)} | {'?' if n is None else n} |\n" for c, n in zip(method.classnames, counts))
     hp = cfg.get("hyperparameters") or {}
-    hps = "".join(f"- `{k}`: {json.dumps(v, ensure_ascii=False)}\n" for k, v in hp.items()) or "- (none)\n"
-    cv = (info.metrics or {}).get("cv") or {}
+    hps = "".join(f"  - `{k}`: {json.dumps(v, ensure_ascii=False)}\n" for k, v in hp.items()) or "  - (none)\n"
+    metrics = {**(cfg.get("metrics") or {}), **(info.metrics or {})}
+    cv = metrics.get("cv") or {}
+    auto = metrics.get("auto") or {}
+    auto_acc = (auto.get("cv_accuracy") or {}).get(method.name) if isinstance(auto, dict) else None
     if isinstance(cv, dict) and isinstance(cv.get("accuracy"), (int, float)):
         acc = f"{100 * cv['accuracy']:.1f}% ({cv.get('folds', '?')}-fold cross-validation on the labeled images)"
+    elif isinstance(metrics.get("cv_accuracy"), (int, float)):  # GDA's own search of α
+        acc = (f"{100 * metrics['cv_accuracy']:.1f}% (the method's own {metrics.get('folds', '?')}-fold "
+               "search of its settings on the labeled images)")
+    elif isinstance(auto_acc, (int, float)):
+        acc = f"{100 * auto_acc:.1f}% (Auto's cross-validation on {auto.get('folds', '?')}, when it chose this method)"
     else:
         acc = "not measured for this model (the Evaluate tab cross-validates methods on the labeled images)"
     bb = method.backbone
