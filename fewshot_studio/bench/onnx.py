@@ -7,7 +7,8 @@ speeds of the real architecture without a download).
 Both sides run the same graph (`onnx_export.ProbabilityGraph`: the encoder plus a zero-shot
 head over 10 classes; the head is a C×d product, noise beside the encoder) on the same
 preprocessed pixels, one after the other per round (interleaved, so a busy machine slows both
-alike), with the same number of intra-op threads; the median of `repeats` rounds after one
+alike), with the same number of intra-op threads (onnxruntime's spinning off, so neither side's idle
+threads take the cores from the other); the median of `repeats` rounds after one
 warm-up is reported. Torch runs eagerly in float32 under inference_mode, as the project's
 CPU prediction does; onnxruntime with its default graph optimisations.
 """
@@ -53,6 +54,10 @@ def bench_backbone(name: str, repeats: int = 5, threads: int | None = None,
         export_s = time.perf_counter() - t0
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # onnxruntime's threads spin for a while after each run by default: interleaved with torch
+        # they took the cores from it (measured: torch on tiny 709 ms an image with spinning,
+        # against tens of ms without)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(result.path), opts, providers=["CPUExecutionProvider"])
         out = {"backbone": name, "onnx_mb": round(result.bytes / 1e6, 2), "export_s": round(export_s, 1),
                "opset": result.opset, "threads": threads}
