@@ -259,9 +259,13 @@ class Backbone:
         for i in range(0, len(pixels), batch_size):
             x = pixels[i:i + batch_size].to(self.device, non_blocking=True)
             with self.autocast():
-                f = self.model.encode_image(x)
-            out.append(F.normalize(f.float(), dim=-1).cpu())
+                out.append(self.image_embedding(x).cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) normalised pixels -> (N,d) L2-normalised float32 features on their device:
+        the one definition `encode_images` batches and the ONNX export traces (onnx_export.py)."""
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

@@ -41,9 +41,10 @@ from .progress import FINISHED, JobStatus, Progress
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = (s.value for s in JobStatus)
 # the kinds of long work the app runs as jobs, and how a sentence names each
 TRAIN, EVALUATE, LABEL = "train", "evaluate", "label"
+EXPORT = "export"  # an export that takes seconds (a model as ONNX)
 #: the low-priority kind (`JobRunner.submit_background`): plain-view features of new uploads
 ENCODE = "encode"
-KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool",
+KIND_NAMES = {TRAIN: "Training", EVALUATE: "Cross-validation", LABEL: "Labeling the pool", EXPORT: "Exporting",
               ENCODE: "Preparing features"}
 #: The stage prefix while a closed-form method refits with augmented views after its first model.
 REFINING = "First model on plain views ready; refining with augmented views"

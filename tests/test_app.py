@@ -116,8 +116,26 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     with zipfile.ZipFile(path) as z:
         assert {"model/config.json", "model/model.safetensors"} <= set(z.namelist())
     assert "load_model" in snippet
+    model_zip = path
 
-    out = client.predict(handle_file(path), api_name="/import_model")
+    # the formats other tools load, and Label Studio's labels back in (issue #17)
+    notice, path = client.predict(api_name="/export_hf_imagefolder")
+    with zipfile.ZipFile(path) as z:
+        assert "metadata.jsonl" in z.namelist()
+    notice, path = client.predict(api_name="/export_fiftyone")
+    with zipfile.ZipFile(path) as z:
+        assert json.loads(z.read("labels.json"))["classes"] == CLASSES
+    notice, path = client.predict(api_name="/export_label_studio")
+    with zipfile.ZipFile(path) as z:
+        tasks = z.read("tasks.json")
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_bytes(tasks)
+    notice, _ = client.predict(handle_file(str(tasks_file)), api_name="/import_label_studio")
+    assert notice.startswith("Imported 0 labels from Label Studio; 18 already so"), notice
+    notice, path, _ = client.predict(api_name="/export_onnx")
+    assert path.endswith(".onnx") and "Exported the model as ONNX" in notice
+
+    out = client.predict(handle_file(model_zip), api_name="/import_model")
     assert out[0].startswith("Imported the model")
     assert len(modeling.models(studio.scope(pid))) == 4
 

@@ -18,9 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fewshot_studio"
 LAYERS: list[tuple[str, list[str]]] = [
     ("L0 foundation", ["errors", "progress", "config", "markup"]),
     ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
-                                "workers", "tiny", "backbone", "features"]),
+                                "workers", "tiny", "backbone", "features", "onnx_predict"]),
     ("L2 methods", ["training", "methods", "acquisition"]),
-    ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs"]),
+    ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs", "onnx_export"]),
     ("L4 use cases", ["app"]),
     ("L5 presentation", ["viz", "ui"]),
     ("L6 harnesses and entry points", ["bench", "cli", "__main__"]),

@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--load", action="store_true",
                    help="instead: launch the app on loopback and measure prediction latency under load "
                         "(--clients sessions x --requests predictions while a training job runs)")
+    p.add_argument("--onnx", action="store_true",
+                   help="ONNX classifier vs torch on the CPU: file size, latency of 1 image and a batch of 32 "
+                        "(random weights)")
+    p.add_argument("--onnx-backbones", nargs="+", default=["tiny", "ViT-B-32"], help="with --onnx")
     p.add_argument("--views", action="store_true",
                    help="instead: held-out accuracy against augmented views per image on the synthetic "
                         "uninformative-names task (tiny backbone), the measurement behind the defaults")
@@ -77,6 +81,11 @@ def _device_label(device: str | None) -> str:
 def cmd_bench(args) -> int:
     if args.load:
         return cmd_bench_load(args)
+    if args.onnx:
+        from ..bench.onnx import run_onnx_bench
+
+        return run_onnx_bench(args.onnx_backbones, repeats=args.repeats, threads=args.threads, json_path=args.json,
+                              log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.views:
         from ..bench.views import run_views
 

@@ -75,11 +75,14 @@ def cmd_train(args) -> int:
 def cmd_predict(args) -> int:
     from ..data import ImageRef, list_image_files
     from ..imageio import ImageError
-    from ..methods import load_model
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         raise UserError(f"{missing[0]} does not exist.")
+    if args.onnx:
+        return _predict_onnx(args, [str(f) for f in list_image_files(args.paths)])
+    from ..methods import load_model  # torch: not needed by --onnx
+
     method = load_model(args.model, device=args.device)
     from ..cache import FeatureCache
     from ..features import FeatureExtractor
@@ -101,8 +104,44 @@ def cmd_predict(args) -> int:
             best = max(range(len(p)), key=p.__getitem__)
             results[str(ref.path)] = {"path": str(ref.path), "label": method.classnames[best],
                                       "probs": dict(zip(method.classnames, [round(x, 6) for x in p]))}
-    rows = [results[p] for p in order]
-    if args.json:
+    _print_predictions([results[p] for p in order], args.json)
+    return 0
+
+
+def _predict_onnx(args, files: list[str]) -> int:
+    """`predict --onnx`: the exported graph through onnx_predict (numpy, Pillow, onnxruntime)."""
+    import numpy as np
+
+    from ..onnx_predict import OnnxClassifier
+
+    if not Path(args.onnx).is_file():
+        raise UserError(f"{args.onnx} does not exist.")
+    try:
+        clf = OnnxClassifier(args.onnx)
+    except ImportError:
+        raise UserError("predict --onnx needs onnxruntime; install it with pip install 'fewshot-studio[onnx]'.") from None
+    except Exception as e:  # onnxruntime's own errors for a file that is not a model, or ours
+        raise UserError(f"{args.onnx} could not be loaded as an exported classifier ({str(e).splitlines()[0][:200]}).") from None
+    results, ok, pixels = {}, [], []
+    for f in files:
+        try:
+            pixels.append(clf.pixels([f]))
+            ok.append(f)
+        except Exception as e:  # an unreadable image is reported, not fatal (as without --onnx)
+            results[f] = {"path": f, "error": f"the image could not be read ({type(e).__name__})."}
+    if ok:
+        probs = np.concatenate([clf.probs_of_pixels(np.concatenate(pixels[i:i + 32]))
+                                for i in range(0, len(ok), 32)])
+        for f, p in zip(ok, probs.tolist()):
+            best = max(range(len(p)), key=p.__getitem__)
+            results[f] = {"path": f, "label": clf.classes[best],
+                          "probs": dict(zip(clf.classes, [round(x, 6) for x in p]))}
+    _print_predictions([results[f] for f in files], args.json)
+    return 0
+
+
+def _print_predictions(rows: list[dict], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=1))
     else:
         for r in rows:
@@ -110,6 +149,16 @@ def cmd_predict(args) -> int:
                 print(f"{r['path']}\tERROR\t{r['error']}")
             else:
                 print(f"{r['path']}\t{r['label']}\t{r['probs'][r['label']]:.4f}")
+
+
+def cmd_export_onnx(args) -> int:
+    from ..onnx_export import export_model_dir
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model} is not a model directory.")
+    result = export_model_dir(args.model, args.out)
+    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, opset {result.opset}, "
+          f"{len(result.classes)} classes): input 'pixels' float32 (N,3,H,W), output 'probs' (N,C)")
     return 0
 
 
@@ -199,12 +248,19 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="classify images or folders with a saved model")
-    p.add_argument("--model", required=True, help="model directory written by train or exported by the app")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model directory written by train or exported by the app")
+    which.add_argument("--onnx", help="an exported model.onnx (export-onnx), run with onnxruntime, without torch")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of tab-separated lines")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("paths", nargs="+", help="image files or folders (recursed)")
     add_store_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export-onnx", help="export a saved model as one ONNX graph, pixels -> class probabilities")
+    p.add_argument("--model", required=True, help="model directory written by train or exported by the app")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("graph", help="print a saved model's class knowledge graph")
     p.add_argument("--model", required=True)

@@ -162,6 +162,12 @@ class Method(nn.Module):
         """(N,d) normalised frozen image features -> (N,C) logits."""
         raise NotImplementedError
 
+    def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) normalised pixels (the plain view) -> (N,d) normalised features, the input of
+        `logits_from_features`: the frozen encoder's (Backbone.image_embedding); a method that
+        changes the image tower (MMA) overrides it. The ONNX export traces exactly this pair."""
+        return self.backbone.image_embedding(pixels)
+
     def image_logits(self, refs: Sequence[ImageRef], extractor: FeatureExtractor,
                      progress: ProgressFn | None = None) -> torch.Tensor:
         feats = extractor.image_features(refs, views=(0,), progress=progress, stage="Predicting")[:, 0]

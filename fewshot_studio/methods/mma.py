@@ -482,7 +482,7 @@ class MMA(Method):
         for j in range(lo, hi):
             blk = tower.blocks[j]
             last = rows is not None and j == len(tower.blocks) - 1 and _plain_block(blk)
-            at = (torch.arange(len(x), device=x.device), rows.to(x.device)) if last else None
+            at = (torch.arange(x.shape[0], device=x.device), rows.to(x.device)) if last else None
             inp = x[at].unsqueeze(1) if last else x
             out = _block_rows(blk, inp, x, mask, at[1]) if last else blk(x, attn_mask=mask)
             k = index.get(j)
@@ -511,7 +511,8 @@ class MMA(Method):
         """Normalised pixels -> unnormalised image embeddings through the adapted visual tower."""
         v = self._visual_tower
         x, _ = v.embed(pixels)
-        x = self._run_blocks(v, x, None, 0, len(v.blocks), adapted, v.pooled_rows(len(pixels)))
+        # shape[0], not len(): a traced (ONNX) batch size stays symbolic
+        x = self._run_blocks(v, x, None, 0, len(v.blocks), adapted, v.pooled_rows(pixels.shape[0]))
         return v.head(x)
 
     def _lower_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -835,17 +836,24 @@ class MMA(Method):
         for s in range(0, len(refs), batch_size):
             pixels = load_pixels(bb, refs[s:s + batch_size], (0,), workers)[:, 0].to(dev)
             with torch.no_grad(), autocast_for(dev):
-                f = self.encode_image(pixels)
-            out.append(F.normalize(f.float(), dim=-1))
+                out.append(self.pixel_features(pixels))
             if progress is not None:
                 progress(Progress("Predicting", min(len(refs), s + batch_size), len(refs)))
         return torch.cat(out) if out else torch.empty(0, bb.embed_dim, device=dev)
 
+    def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) normalised pixels -> (N,d) normalised features of the adapted image tower."""
+        return F.normalize(self.encode_image(pixels).float(), dim=-1)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,d) normalised adapted image features -> (N,C) logits against the adapted class text
+        features (computed once: an exported graph holds them as constants)."""
+        return self.logit_scale * features @ self.text_features().T
+
     def image_logits(self, refs: Sequence[ImageRef], extractor=None, progress=None) -> torch.Tensor:
         workers = getattr(extractor, "workers", 2) if extractor is not None else 2
         with torch.no_grad():
-            feats = self.image_features(refs, workers=workers, progress=progress)
-            return self.logit_scale * feats @ self.text_features().T
+            return self.logits_from_features(self.image_features(refs, workers=workers, progress=progress))
 
     def knowledge_graph(self) -> KnowledgeGraph:
         text_edges = cosine_matrix(self.text_features())

@@ -499,3 +499,15 @@ def thumbnails(scope: ProjectScope, image_ids: Iterable[int], size: int = librar
         except NotFoundError:
             continue
     return out
+
+
+def label_import(result) -> str:
+    """The notice after importing Label Studio labels (app.exports.LabelImport)."""
+    parts = [f"Imported {result.labeled} label{'s' if result.labeled != 1 else ''} from Label Studio"]
+    if result.unchanged:
+        parts.append(f"{result.unchanged} already so")
+    if result.unlabeled:
+        parts.append(f"{result.unlabeled} task{'s' if result.unlabeled != 1 else ''} without a label")
+    if result.unmatched:
+        parts.append(f"{result.unmatched} whose image is not in this project")
+    return "; ".join(parts) + "." + (" Undo takes the import back." if result.labeled else "")
