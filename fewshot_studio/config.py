@@ -32,6 +32,10 @@ from typing import Mapping
 
 DEFAULT_BACKBONE = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
+# the evaluation protocol's shots and seeds (CoOp / Tip-Adapter's 1-2-4-8-16 shots, three seeds);
+# here so that the CLI's parser needs no torch
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+DEFAULT_SEEDS = (1, 2, 3)
 #: Loaded backbones kept in memory at once (the least recently used is freed): the default and
 #: one other. A ViT-B-32 is about 0.6 GB and a ViT-L-14 1.7 GB in fp32.
 DEFAULT_MAX_BACKBONES = 2

@@ -140,6 +140,16 @@ def test_cli_export_and_predict_without_torch(tiny, support, shared_extractor, i
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.abs(np.array(json.loads(proc.stdout)) - ours).max() < 1e-4
+    # and the CLI's own `predict --onnx`, with torch blocked the same way
+    cli = ("import sys\n"
+           "sys.modules['torch'] = None\n"
+           "from fewshot_studio.cli import main\n"
+           "sys.exit(main(['predict', '--onnx', *sys.argv[1:]]))\n")
+    proc = subprocess.run([sys.executable, "-c", cli, str(out), "--json", *images], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.array([[r["probs"][c] for c in support.classnames] for r in json.loads(proc.stdout)])
+    assert np.abs(got - ours).max() < 2e-6 + 1e-4
 
 
 def test_predict_onnx_refuses_a_file_that_is_not_a_model(tmp_path, capsys):

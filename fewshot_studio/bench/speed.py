@@ -128,7 +128,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import FewShotError
+from .config import GRAPH_CLASSES, POOL_IMAGES, BenchConfig, BenchError
 from ..workers import helper_cpu_seconds
 
 # key -> (comparison, target); ">=" means higher is better
@@ -157,38 +157,8 @@ IMAGE_SIZES = (224, 256)  # inclusive range of the square test images' sides, in
 # the first-model scenario (issue #14, item 6): 5 classes × 16 photos of 1024×768 JPEG, trained
 # with a closed-form method through the app's use cases
 FIRST_MODEL_CLASSES, FIRST_MODEL_SHOTS, PHOTO_SIZE, FIRST_MODEL_METHOD = 5, 16, (1024, 768), "gda"
-GRAPH_CLASSES = 100  # C of the batched-vs-loop GraphAdapter step
 # the long-pool scenario (issue #15, item 6): a 10,000-image pool of small generated images
-POOL_IMAGES, POOL_IMAGE_PX, POOL_CLASSES, POOL_ACTIONS, POOL_THUMB_IMAGES = 10_000, 64, 5, 40, 200
-
-
-class BenchError(FewShotError):
-    """A benchmark setting that cannot be run."""
-
-
-@dataclass
-class BenchConfig:
-    classes: int = 20
-    shots: int = 16
-    images: int = 512
-    repeats: int = 9  # rounds per ratio (retraining and MMA: at most 3, each round is seconds long)
-    batch_size: int = 64
-    threads: int | None = None  # None: cores - 1 on CPU, torch's setting on CUDA
-    workers: int | None = None  # None: the remaining cores on CPU (at least 1), 2 on CUDA
-    graph_classes: int = GRAPH_CLASSES
-    pool_images: int = POOL_IMAGES  # the long-pool scenario's pool (pool_* keys)
-    work_dir: str | None = None  # where the images and caches go (default: the system temp dir)
-
-    def validate(self) -> None:
-        for name in ("classes", "shots", "images", "repeats", "batch_size", "graph_classes", "pool_images"):
-            if int(getattr(self, name)) < 1:
-                raise BenchError(f"--{name.replace('_', '-')} must be at least 1.")
-        if self.classes < 2:
-            raise BenchError("--classes must be at least 2 (a classifier needs two classes).")
-        for name in ("threads", "workers"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise BenchError(f"--{name} must be at least 1.")
+POOL_IMAGE_PX, POOL_CLASSES, POOL_ACTIONS, POOL_THUMB_IMAGES = 64, 5, 40, 200
 
 
 # ---- small helpers ------------------------------------------------------------------------------

@@ -6,9 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from ..bench.speed import BenchConfig, BenchError, random_weights_backbone, report, run_bench
+from ..bench.config import BenchConfig, BenchError
 from .common import add_backbone_args, backbone_from, config_from
 
 
@@ -50,6 +48,8 @@ def add_parser(sub) -> None:
 
 def cmd_bench_load(args) -> int:
     """`bench --load`: p50/p95 latency and errors of the real app under a bounded loopback load."""
+    import torch
+
     from ..bench.load import run_load
 
     if args.clients < 1 or args.requests < 1:
@@ -95,6 +95,10 @@ def cmd_bench(args) -> int:
                       batch_size=args.batch_size, threads=args.threads, workers=args.workers,
                       work_dir=args.work_dir)
     cfg.validate()
+    import torch  # here, not at the top: the parser is built for every command, `predict --onnx` too
+
+    from ..bench.speed import random_weights_backbone, report, run_bench
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu.")
     if args.work_dir and not Path(args.work_dir).is_dir():

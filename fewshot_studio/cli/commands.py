@@ -223,11 +223,15 @@ def cmd_doctor(args) -> int:
 
 def add_parsers(sub) -> None:
     """The model commands' sub-parsers (their choices read now: a method registered later is listed)."""
-    from ..methods.catalog import AUTO_BUDGET_S, choices
+    try:
+        from ..methods.catalog import AUTO_BUDGET_S, choices
+        methods = choices()
+    except ImportError:  # no torch on this machine: only `predict --onnx` can run, and needs no method list
+        AUTO_BUDGET_S, methods = 60.0, None
 
     p = sub.add_parser("train", help="train a method on an ImageFolder tree and save the model")
     p.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
-    p.add_argument("--method", default="graph", choices=choices(),
+    p.add_argument("--method", default="graph", choices=methods,
                    help="the method (default graph); auto cross-validates the cheap methods on the data "
                         "and trains the best")
     add_backbone_args(p)

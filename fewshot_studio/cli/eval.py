@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..data import SupportSet
-from ..evaluation import DEFAULT_SEEDS, DEFAULT_SHOTS, run_protocol, usable_shots
 from ..progress import Progress
 from .common import UserError, add_backbone_args, add_store_args, backbone_from, extractor_from
 
@@ -104,6 +104,7 @@ def _write_plot(fig, path: Path) -> list[Path]:
 
 
 def cmd_eval(args) -> int:
+    from ..evaluation import run_protocol, usable_shots  # torch: not needed to build the parser
     from ..methods import catalog
 
     shots = _int_list(args.shots, "shots", 1)
@@ -173,9 +174,11 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..methods import catalog
-
-    every = ",".join(catalog.by_cost(catalog.method_ids()))  # now: a method registered later is listed
+    try:
+        from ..methods import catalog
+        every = ",".join(catalog.by_cost(catalog.method_ids()))  # now: a method registered later is listed
+    except ImportError:  # no torch on this machine: only `predict --onnx` can run
+        every = ""
 
     p = sub.add_parser(
         "eval", help="the standard K-shot protocol: mean ± std accuracy over seeds per method and shot count",
@@ -188,7 +191,7 @@ def add_parser(sub) -> None:
                    help="comma-separated shots per class (default 1,2,4,8,16); counts a class cannot supply are skipped")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--methods", default=every,
-                   help=f"comma-separated methods (default {every}); also {catalog.AUTO}: cross-validates the "
+                   help=f"comma-separated methods (default {every}); also auto: cross-validates the "
                         "cheap methods on each K-shot training set (no time budget) and trains the best")
     add_backbone_args(p)
     p.add_argument("--steps", type=int, default=None,

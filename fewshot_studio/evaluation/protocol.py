@@ -12,12 +12,11 @@ from ..data import ImageRef, SupportSet
 from ..errors import DataError
 from ..progress import CancelFlag, Progress, ProgressFn
 from .auto import choose_and_fit
+from ..config import DEFAULT_SEEDS, DEFAULT_SHOTS
 from .results import ProtocolReport
 from .runs import _check_cancel, _check_methods, _fit_predict, _inner, _method_label
 from .splits import few_shot_split, labels_array, usable_shots
 
-DEFAULT_SHOTS = (1, 2, 4, 8, 16)
-DEFAULT_SEEDS = (1, 2, 3)
 
 
 def _protocol_fit_predict(name, backbone, extractor, train: SupportSet, test_refs: Sequence[ImageRef], seed,
