@@ -51,7 +51,7 @@ DEFAULT_TOP_K = 5
 #: Suffixes of an --input that is a list of paths rather than an image.
 LIST_SUFFIXES = (".txt", ".lst", ".parquet")
 
-_META_KEY = b"fewshot_studio"
+META_KEY = b"fewshot_studio"
 
 
 def schema(top_k: int, embed_dim: int | None = None, meta: dict | None = None):
@@ -69,7 +69,7 @@ def schema(top_k: int, embed_dim: int | None = None, meta: dict | None = None):
     ]
     if embed_dim:
         fields.append(pa.field("embedding", pa.list_(pa.float32(), embed_dim)))
-    return pa.schema(fields, metadata={_META_KEY: json.dumps(meta or {}).encode()})
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta or {}).encode()})
 
 
 def model_meta(method, model_dir: str | os.PathLike) -> dict:
