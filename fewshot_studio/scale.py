@@ -64,8 +64,8 @@ def require_ray():
 
 def decode_images(batch: dict, image_size: int) -> dict:
     """A Ray task: read, hash, decode and crop (plain view) a batch of paths. Returns the paths,
-    their SHA-256 (None when unreadable), the error (None when decoded) and (N,s,s,3) uint8 crops
-    (zeros for error rows)."""
+    their SHA-256 and error ("" for none: a column of nothing but None would reach the actor as
+    NaN floats) and (N,s,s,3) uint8 crops (zeros for error rows)."""
     from . import imageio
     from .preprocess import decode_views
 
@@ -78,10 +78,10 @@ def decode_images(batch: dict, image_size: int) -> dict:
             digest = imageio.content_hash(data)
             crops[i] = decode_views(image_size, [(i, [0], data, p, digest, [0])])[0][2][0]
             hashes.append(digest)
-            errors.append(None)
+            errors.append("")
         except imageio.ImageError as e:
-            hashes.append(None)
-            errors.append(str(e))
+            hashes.append("")
+            errors.append(str(e) or "unreadable")
     return {"path": np.array(paths, dtype=object), "sha256": np.array(hashes, dtype=object),
             "error": np.array(errors, dtype=object), "crop": crops}
 
@@ -112,12 +112,13 @@ class Labeler:
         from .preprocess import normalize
 
         bb = self.method.backbone
-        errors = [None if e is None else str(e) for e in batch["error"]]
+        errors = [str(e) or None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         crops = np.asarray(batch["crop"])[ok]
         feats = bb.encode_images(torch.from_numpy(normalize(crops, bb.mean, bb.std)), batch_size=ENCODE_BATCH) \
             if ok.any() else torch.empty(0, bb.embed_dim)
-        return label_table(self.method, [str(p) for p in batch["path"]], list(batch["sha256"]), errors, feats,
+        return label_table(self.method, [str(p) for p in batch["path"]], [str(h) or None for h in batch["sha256"]],
+                           errors, feats,
                            self.top_k, self.embeddings, self.meta)
 
 

@@ -65,11 +65,12 @@ def test_ray_resume_skips_what_is_done(cluster, files, tmp_path):
     from fewshot_studio.cli import main
 
     out = tmp_path / "out"
-    first = labeling.expand_inputs([files["images"]])[:10]
     listing = tmp_path / "first.txt"
-    listing.write_text("\n".join(first))
+    listing.write_text("\n".join(files["good"][:10]))  # only readable files: no error in any batch
     assert main(["label", "--model", files["model"], "--input", str(listing), "--output", str(out), "--ray",
                  "--quiet"]) == 0
+    first = pq.read_table(out)
+    assert first.column("error").null_count == 10 and first.column("label").null_count == 0
     assert main(["label", "--model", files["model"], "--input", files["images"], "--output", str(out), "--ray",
                  "--resume", "--quiet"]) == 0
     paths = pq.read_table(out).column("path").to_pylist()
