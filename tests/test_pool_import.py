@@ -123,3 +123,35 @@ def test_import_needs_a_model(tmp_path, tiny):
     with pytest.raises(DataError, match="Train or import a model first"):
         pool_import.import_predictions(ws.scope(p.id), f)
     ws.close()
+
+
+@pytest.mark.slow
+def test_label_cli_output_imports_as_label_pool_would_store_it(tmp_path, tiny):
+    """End to end: the shapes example, a GDA model, its model folder labeled by the `label`
+    command over the example's pool folder, imported: the same predictions as label_pool's."""
+    import glob
+
+    from fewshot_studio.app import projects
+    from fewshot_studio.cli import main
+
+    from helpers import ROOT
+
+    ws = Workspace.at(tmp_path / "data", TINY, loader=lambda spec: tiny)
+    p = projects.load_example(ws, "shapes")
+    sc = ws.scope(p.id)
+    assert ws.runner.wait(modeling.start_training(sc, "gda"), timeout=300).status == "done"
+    info = modeling.current_model_info(sc)
+    rows = modeling.label_pool(sc)
+    stored = {r.image_id: r for r in ws.store.list_predictions(info.id)}
+    ws.store.save_predictions(info.id, [(i, None, 0.0, None) for i in stored])  # forget them
+    out = tmp_path / "labeled"
+    assert main(["label", "--model", str(info.path), "--input", str(ROOT / "assets" / "examples" / "shapes" / "pool"),
+                 "--output", str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0
+    r = pool_import.import_predictions(sc, sorted(glob.glob(str(out / "*.parquet"))))
+    assert (r.matched, r.not_in_pool, r.errors) == (len(rows), 0, 0)
+    again = {x.image_id: x for x in ws.store.list_predictions(info.id)}
+    for i, x in stored.items():
+        assert again[i].label == x.label and again[i].confidence == pytest.approx(x.confidence, abs=1e-5)
+        assert np.allclose(again[i].probs, x.probs, atol=1e-5)
+    assert [row.image_id for row in modeling.pool_predictions(sc)] == [row.image_id for row in rows]
+    ws.close()
