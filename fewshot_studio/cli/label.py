@@ -13,8 +13,10 @@ def cmd_label(args) -> int:
 
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1.")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1.")
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-rows", args.shard_rows),
+                        ("--concurrency", args.concurrency or 1)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1.")
     if args.ray is not None:
         from ..scale import require_ray
 
