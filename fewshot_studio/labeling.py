@@ -43,7 +43,7 @@ import torch
 from .errors import DataError
 
 #: Images per local shard. A shard is what a kill can lose and what a resume redoes: 1024 images
-#: are about 6 s of tiny work and 1-7 minutes of ViT-B-32 work on a 2-core CPU (measured 168 and
+#: are 6-25 s of tiny work and 1-7 minutes of ViT-B-32 work on a 2-core CPU (measured 41-168 and
 #: 2.5-18 images/s), and each shard restarts the feature pipeline's ramp, under 1% of a
 #: 1024-image chunk (app.modeling.LABEL_CHUNK_MAX). A million images make 1,000 files of about
 #: 120 KB (measured: 115 bytes a row with 4 classes, without embeddings).
