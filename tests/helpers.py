@@ -184,3 +184,30 @@ def training_script(root, cache, before: str = "", then: str = "") -> str:
         ex = FeatureExtractor(tiny, FeatureCache({str(cache)!r}))
     """)
     return head + textwrap.dedent(before) + body + textwrap.dedent(then)
+
+
+def labeling_set(root: Path, n: int, size: int = 32) -> dict:
+    """For the `label` tests: a GDA model (tiny backbone) saved under root/model, `n` small
+    shape images under root/images (half in a sub-folder) and planted bad files (plain text,
+    a truncated PNG, an empty file). Returns {"model", "images", "good", "bad"} (paths as str)."""
+    from fewshot_studio.backbone import load_backbone
+    from fewshot_studio.features import FeatureExtractor
+
+    bb = load_backbone("tiny", device="cpu")
+    support, _, _ = make_task({c: c for c in CLASSES}, shots=3, test_per_class=0)
+    method = make_method("gda", bb, support.classnames)
+    method.fit(support, FeatureExtractor(bb, decode="thread"))
+    method.save(root / "model")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(n):
+        p = (images / "sub" if i % 2 else images) / f"img{i:04d}.png"
+        shapes.render(shapes.ShapeSpec(*CLASSES[i % len(CLASSES)].split(" ", 1)), rng, size).save(p)
+        good.append(str(p))
+    bad = [images / "notes.png", images / "sub" / "cut.png", images / "empty.jpg"]
+    bad[0].write_text("not an image")
+    bad[1].write_bytes(Path(good[1]).read_bytes()[:60])
+    bad[2].write_bytes(b"")
+    return {"model": str(root / "model"), "images": str(images), "good": good, "bad": [str(b) for b in bad]}

@@ -86,6 +86,20 @@ def test_full_flow_through_named_endpoints(app, client, tmp_path):
     assert len(table) == 8 and [r[3] for r in table] == sorted(r[3] for r in table)
     assert np.mean([pool_truth[r[1]] == r[2] for r in table]) >= 0.75
 
+    # the same pool labeled by `python -m fewshot_studio label` and imported (issue 18): same order
+    from fewshot_studio.cli import main as cli_main
+
+    labeled = tmp_path / "labeled"
+    info = modeling.current_model_info(studio.scope(pid))
+    assert cli_main(["label", "--model", str(info.path), "--output", str(labeled), "--quiet",
+                     *[x for f in files for x in ("--input", f["path"])]]) == 0
+    out = client.predict([handle_file(str(s)) for s in sorted(labeled.glob("*.parquet"))],
+                         api_name="/import_predictions")
+    assert out[0].startswith("Imported predictions for 8 pool images"), out[0]
+    imported = out[1]["data"]
+    assert {r[0]: r[2] for r in imported} == {r[0]: r[2] for r in table}  # the same predicted classes
+    assert [r[3] for r in imported] == pytest.approx([r[3] for r in table], abs=0.1)  # least confident first
+
     first, second = table[0], table[1]
     out = client.predict(f"{first[0]}", api_name="/accept")
     assert out[0].startswith("Accepted 1 prediction")

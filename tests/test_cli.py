@@ -75,7 +75,7 @@ def test_user_errors_exit_2_with_one_line(folder, tmp_path):
     assert r.returncode == 2 and "not a saved model" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cmd", ["train", "predict", "graph", "pretrain-tiny", "doctor"])
+@pytest.mark.parametrize("cmd", ["train", "predict", "graph", "pretrain-tiny", "doctor", "label"])
 def test_help(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0 and "usage" in r.stdout

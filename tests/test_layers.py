@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
                                 "workers", "tiny", "backbone", "features", "onnx_predict"]),
     ("L2 methods", ["training", "methods", "acquisition"]),
-    ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs", "onnx_export"]),
+    ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs", "onnx_export", "labeling", "scale"]),
     ("L4 use cases", ["app"]),
     ("L5 presentation", ["viz", "ui"]),
     ("L6 harnesses and entry points", ["bench", "cli", "__main__"]),
@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, list[str]]] = [
 RANK = {unit: (layer, pos) for layer, (_, units) in enumerate(LAYERS) for pos, unit in enumerate(units)}
 
 # Third-party packages that only one unit may import.
-ONLY_IN = {"gradio": {"ui"}, "gradio_client": {"bench"}, "plotly": {"viz"}, "argparse": {"cli"}}
+ONLY_IN = {"gradio": {"ui"}, "gradio_client": {"bench"}, "plotly": {"viz"}, "argparse": {"cli"},
+           "ray": {"scale"}}
 
 
 def modules() -> dict[str, Path]:

@@ -6,7 +6,7 @@ found in the data folder.
 
 The top layer: each command builds its AppConfig from its flags and the environment and passes
 it down (nothing writes os.environ). Commands live in `commands` (train, predict, graph,
-pretrain-tiny, doctor), `eval` and `bench`; `common` holds what they share.
+pretrain-tiny, doctor), `eval`, `bench` and `label`; `common` holds what they share.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 import sys
 
 from ..errors import FewShotError
-from . import bench, commands
+from . import bench, commands, label
 from . import eval as eval_command
 from .common import UserError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parsers(sub)
     bench.add_parser(sub)
     eval_command.add_parser(sub)
+    label.add_parser(sub)
     return parser
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..app import library, modeling
+from ..app import library, modeling, pool_import
 from ..app.library import POOL
 from ..errors import DataError, FewShotError
 from ..jobs import CANCELLED, DONE, FAILED
@@ -29,6 +29,9 @@ def build(ui: UI) -> None:
         with gr.Column(scale=3):
             ui.pool_upload = gr.File(label="Add unlabeled images to the pool (files or a zip)", file_count="multiple",
                                      height=110, elem_id="pool-upload")  # no file_types: judged by content
+            ui.predictions_upload = gr.File(
+                label="Import pool predictions (Parquet from `python -m fewshot_studio label`)",
+                file_count="multiple", height=80, elem_id="predictions-upload")
             with gr.Row():
                 ui.label_pool_btn = gr.Button("Label the pool", variant="primary", elem_id="label-pool-btn")
                 ui.label_cancel_btn = gr.Button("Cancel", variant="stop", elem_id="label-cancel-btn", scale=0)
@@ -123,6 +126,13 @@ def wire(ui: UI) -> None:
             gr.Warning(refused_text(up.errors, escape=toast_text).strip())
         return {ui.notice: added_text(up.added, up.duplicates, "to the pool") + " Press Label the pool to label them."
                            + refused_text(up.errors), **ui.pool_view(pid, owner), ui.pool_upload: None}
+
+    @friendly
+    def import_predictions(pid, files, owner, request: gr.Request):
+        owner = who(owner, request)
+        with consumed(files) as paths:
+            r = pool_import.import_predictions(ui.scope(pid, owner), paths)
+        return {ui.notice: presenters.imported_text(r), **ui.pool_view(pid, owner), ui.predictions_upload: None}
 
     @friendly
     def check_label_pool(pid, owner, request: gr.Request):
@@ -292,6 +302,9 @@ def wire(ui: UI) -> None:
     ui.pool_events = []
     ui.pool_events.append(ui.pool_upload.upload(add_pool, [ui.project, ui.pool_upload, ui.owner], acts + [ui.pool_upload],
                           api_name="add_pool"))
+    ui.pool_events.append(ui.predictions_upload.upload(
+        import_predictions, [ui.project, ui.predictions_upload, ui.owner], acts + [ui.predictions_upload],
+        api_name="import_predictions"))
     # the check fails fast in one sentence; the labeling itself shows its progress on the bar
     ui.pool_events.append(ui.label_pool_btn.click(
         check_label_pool, [ui.project, ui.owner], None, api_visibility="private").success(

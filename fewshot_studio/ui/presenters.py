@@ -511,3 +511,15 @@ def label_import(result) -> str:
     if result.unmatched:
         parts.append(f"{result.unmatched} whose image is not in this project")
     return "; ".join(parts) + "." + (" Undo takes the import back." if result.labeled else "")
+
+
+def imported_text(r) -> str:
+    """The notice after importing labeled Parquet predictions (app.pool_import.PredictionImport)."""
+    text = (f"Imported predictions for {r.matched:,} pool image{'s' if r.matched != 1 else ''} as those of "
+            f"{r.model}, least confident first below.")
+    if r.not_in_pool:
+        text += (f" {r.not_in_pool:,} row{'s' if r.not_in_pool != 1 else ''} named images that are not in this "
+                 "project's pool (add the images themselves, e.g. as a zip, then import again).")
+    if r.errors:
+        text += f" {r.errors:,} row{'s' if r.errors != 1 else ''} were files the labeling job could not read."
+    return text
