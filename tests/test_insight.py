@@ -149,3 +149,67 @@ def test_umap_map_is_deterministic_for_a_seed_and_extends():
     assert not np.allclose(a.coords, c.coords)
     new = insight.extend_map(a, x[:3] + 0.01)
     assert new.shape == (3, 2) and np.isfinite(new).all()
+
+
+# ---- the app's use cases (fewshot_studio.app.insight) ------------------------------------------
+def small_project(ws, root: Path):
+    """A project with 3 classes × 3 renders plus the three planted faults: 14 images, so its map
+    is the instant PCA one."""
+    from fewshot_studio.app import library, projects
+
+    rng = np.random.default_rng(5)
+    scope = ws.scope(projects.create_project(ws, "faults").id)
+    for name in CLASSES:
+        c = library.add_class(scope, name)
+        files = []
+        for k in range(3):
+            p = root / f"{name.replace(' ', '_')}_{k}.png"
+            render(ShapeSpec(*name.split(" ")), rng, 96).save(p)
+            files.append(p)
+        if name == "red star":
+            (root / "copy.jpg").write_bytes(near_copy(files[0]))
+            files.append(root / "copy.jpg")
+        if name == "blue square":
+            render(ShapeSpec("green", "triangle"), rng, 96).save(root / "wrong.png")
+            files.append(root / "wrong.png")
+        library.add_images(scope, files, c.id)
+    pool = []
+    for k, name in enumerate(["red star", "blue square"]):
+        render(ShapeSpec(*name.split(" ")), rng, 96).save(root / f"pool_{k}.png")
+        pool.append(root / f"pool_{k}.png")
+    render(ShapeSpec("yellow", "star"), rng, 96).save(root / "odd.png")
+    library.add_images(scope, pool + [root / "odd.png"], None)
+    return scope
+
+
+def test_app_inspection_finds_the_planted_faults_and_keeps_one(tiny, tmp_path):
+    from fewshot_studio.app import insight as app_insight
+
+    from test_service import make_ws, wait_done
+
+    ws = make_ws(tmp_path / "data", tiny)
+    try:
+        scope = small_project(ws, tmp_path)
+        result = wait_done(ws, app_insight.start(scope)).result
+        assert result is app_insight.latest(scope)
+        assert result.map_method == "pca" and len(result.points) == 14
+        names = {p.image_id: Path(p.name).name for p in result.points}
+        top = {names[i] for i, _ in result.duplicates[0]}
+        assert top == {"red_star_0.png", "copy.jpg"}
+        assert result.label_issues[0].name.endswith("wrong.png")
+        assert (result.label_issues[0].given, result.label_issues[0].suggested) == ("blue square", "green triangle")
+        assert names[result.outliers[0][0]] == "odd.png"
+        assert app_insight.outlier_ids(scope) == {i for i, _ in result.outliers}
+        odd = next(p for p in result.points if names[p.image_id] == "odd.png")
+        assert odd.outlier and not odd.example
+        # the upload note: the copy looks like an image already there
+        copy_id = next(i for i, n in names.items() if n == "copy.jpg")
+        assert app_insight.look_alikes(scope, [copy_id]) == 1
+        keep = next(i for i, n in names.items() if n == "red_star_0.png")
+        app_insight.keep_one(scope, [i for i, _ in result.duplicates[0]], keep)
+        left = {i.id for i in scope.store.list_images(scope.id)}
+        assert keep in left and copy_id not in left
+        with pytest.raises(Exception, match="Pick the image to keep"):
+            app_insight.keep_one(scope, [keep], 10 ** 6)
+    finally:
+        ws.close()
