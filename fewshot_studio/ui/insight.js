@@ -1,6 +1,7 @@
 // The Inspect tab's map (ui/insight.py): gr.Plot does not forward plotly's events to Python, so a
 // click on a point writes "click:<image id>" and a lasso/box selection "select:<ids>" into the
-// hidden textbox #insight-selection, whose input event runs the Python handler. Hovering a point
+// hidden textbox #insight-selection and presses the hidden button #insight-pick, whose handler
+// reads it (a hidden textbox's own input event does not reach Python). Hovering a point
 // shows its thumbnail (the URLs are in #insight-thumbs' data-thumbs).
 (() => {
   if (window.fsInsight) return;
@@ -8,11 +9,19 @@
   const ids = (points) => points.map((p) => Array.isArray(p.customdata) ? p.customdata[0] : p.customdata)
     .filter((v) => v !== undefined && v !== null);
 
+  let pending = null;
   function send(text) {
     const box = document.querySelector("#insight-selection textarea, #insight-selection input");
     if (!box) return;
     box.value = text;
     box.dispatchEvent(new Event("input", { bubbles: true }));
+    // a click also reports a one-point selection just before: press once for the last of them
+    clearTimeout(pending);
+    pending = setTimeout(() => {
+      const b = document.getElementById("insight-pick");
+      const button = b && (b.tagName === "BUTTON" ? b : b.querySelector("button"));
+      if (button) button.click();
+    }, 60);
   }
 
   let tip = null;

@@ -1,7 +1,7 @@
 """Inspect: the embedding map of every image (click a point to open it, lasso or box to select),
 near-duplicate groups with "keep one", examples that may be in the wrong class and pool images
 unlike every class (app/insight.py). gr.Plot does not send plotly's click and selection events
-to Python, so insight.js writes the picked ids into a hidden textbox (INSIGHT_SELECTION)."""
+to Python, so insight.js writes the picked ids into a hidden textbox and presses a hidden button."""
 from __future__ import annotations
 
 import json
@@ -85,6 +85,8 @@ def build(ui: UI) -> None:
     ui.insight_thumbs = gr.HTML('<div id="insight-thumbs" data-thumbs="{}"></div>', elem_id="insight-thumbs-box",
                                 visible="hidden")
     ui.insight_sel = gr.Textbox("", visible="hidden", elem_id="insight-selection")
+    # insight.js presses it after writing the selection (a hidden textbox's own events do not reach Python)
+    ui.insight_pick = gr.Button("Open the selection", visible="hidden", elem_id="insight-pick")
     with gr.Row():
         with gr.Column(scale=2):
             ui.insight_image = gr.Image(label="Opened image", interactive=False, height=260, elem_id="insight-image")
@@ -149,7 +151,7 @@ def build(ui: UI) -> None:
         path = library.thumbnail(ws, img, library.PREVIEW_SIZE)
         return {ui.insight_picked: f"**{md(img.original_name)}** (#{img.id}), {where}", ui.insight_image: path}
 
-    ui.insight_sel.input(pick, [ui.project, ui.insight_sel, ui.owner], [ui.insight_picked, ui.insight_image],
+    ui.insight_pick.click(pick, [ui.project, ui.insight_sel, ui.owner], [ui.insight_picked, ui.insight_image],
                          api_visibility="private")
 
     def acted(message: str) -> dict:
