@@ -184,7 +184,7 @@ def out_of_sample_probs(features, labels: Sequence[int], num_classes: int, seed:
     class has a single image never is: its row is uniform and must not be judged)."""
     from .methods.gda import gaussian_heads
 
-    x = torch.from_numpy(_as_features(features)).double()
+    x = torch.from_numpy(_as_features(features))
     y = np.asarray(labels, dtype=np.int64)
     n = len(y)
     probs = np.full((n, num_classes), 1.0 / max(num_classes, 1))
@@ -192,7 +192,7 @@ def out_of_sample_probs(features, labels: Sequence[int], num_classes: int, seed:
     folds = cv_folds(y, seed=seed)
     if not folds or num_classes < 2:
         return probs, tested
-    keep = torch.ones(len(folds), n, dtype=torch.float64)
+    keep = torch.ones(len(folds), n, dtype=torch.float32)
     fold_of = np.full(n, -1, dtype=np.int64)
     for f, (_, te) in enumerate(folds):
         keep[f, te] = 0
@@ -203,9 +203,9 @@ def out_of_sample_probs(features, labels: Sequence[int], num_classes: int, seed:
     f = torch.from_numpy(fold_of[held])
     logits = torch.einsum("qd,qcd->qc", x[held], w[f]) + b[f]
     # a class absent from a fold's training part has no Gaussian there
-    present = (keep @ torch.nn.functional.one_hot(yt, num_classes).double()) > 0   # (F, C)
+    present = (keep @ torch.nn.functional.one_hot(yt, num_classes).float()) > 0   # (F, C)
     logits = logits.masked_fill(~present[f], float("-inf"))
-    probs[held] = torch.softmax(logits, dim=1).numpy()
+    probs[held] = torch.softmax(logits.double(), dim=1).numpy()
     tested[held] = True
     return probs, tested
 
@@ -243,7 +243,8 @@ def label_issues(labels: Sequence[int], probs: np.ndarray, tested: np.ndarray | 
 
     with warnings.catch_warnings():  # cleanlab warns about tiny classes; a few-shot set is all tiny classes
         warnings.simplefilter("ignore")
-        flagged = find_label_issues(yy, sub, filter_by="prune_by_noise_rate")
+        # n_jobs=1: cleanlab's default process pool costs seconds to start, more than the pass itself
+        flagged = find_label_issues(yy, sub, filter_by="prune_by_noise_rate", n_jobs=1)
         quality = get_label_quality_scores(yy, sub, method="self_confidence")
     out = []
     for k in np.flatnonzero(flagged):
