@@ -36,7 +36,7 @@ class Point:
     image_id: int
     name: str
     example: bool
-    group: str          # the example's class, or the pool image's predicted class
+    group: str | None   # the example's class, or the pool image's predicted class (None: none yet)
     confidence: float | None
     x: float
     y: float
@@ -185,15 +185,13 @@ def compute(scope: ProjectScope, progress=None, cancel=None, seed: int = 0,
     coords, method, extended = _map(ws, scope.id, backbone.id, [i.hash for i in imgs], feats, seed, None)
     seconds["map"] = time.perf_counter() - t
     predicted = {r.image_id: r for r in modeling.pool_predictions(scope)}
-    from ..viz import UNPREDICTED_NAME
-
     points = []
     for k, img in enumerate(imgs):
         if img.class_id is not None:
             group, conf = names.get(img.class_id, "?"), None
         else:
             row = predicted.get(img.id)
-            group, conf = (UNPREDICTED_NAME, None) if row is None else (row.label, row.confidence)
+            group, conf = (None, None) if row is None else (row.label, row.confidence)
         points.append(Point(img.id, img.original_name, img.class_id is not None, group, conf,
                             float(coords[k, 0]), float(coords[k, 1]), img.id in outlying))
     dup_groups = [[(imgs[k].id, imgs[k].original_name) for k in g] for g in groups]

@@ -26,7 +26,7 @@ HOVER_THUMBS_MAX = 2000
 def _figure(result: app_insight.Insight):
     pts = result.points
     return viz.embedding_map_figure(
-        [(p.x, p.y) for p in pts], [p.group for p in pts], [p.image_id for p in pts], [p.name for p in pts],
+        [(p.x, p.y) for p in pts], [p.group or viz.UNPREDICTED_NAME for p in pts], [p.image_id for p in pts], [p.name for p in pts],
         [p.example for p in pts], [p.confidence for p in pts], [p.outlier for p in pts],
         title=f"Embedding map ({result.map_method.upper()}: {len(pts)} images; filled = examples, "
               "open = pool by predicted class, × = none of these classes?)")
