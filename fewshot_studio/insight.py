@@ -50,9 +50,9 @@ MIN_UMAP = 16
 UMAP_NEIGHBORS = 15
 #: From this many points on, UMAP optimises the layout for LARGE_MAP_EPOCHS epochs instead of
 #: umap-learn's default (500 up to 10,000 points, 200 above). Measured on 2 shared CPU cores,
-#: random 512-d features (`bench --insight`): 10,000 points took 230 s at the default and 18 s
-#: at 200 epochs (1,000 points: 8 s at the default), so 200 — umap-learn's own choice for large
-#: data — keeps a 10,000-image map under 30 s.
+#: random 512-d features (`bench --insight`, numba already compiled): 10,000 points took 42 s at
+#: the default 500 epochs and 19 s at 200 (1,000 points: 8.6 s at the default), so 200 —
+#: umap-learn's own choice for large data — keeps a 10,000-image map under 30 s.
 LARGE_MAP_FROM = 2000
 LARGE_MAP_EPOCHS = 200
 #: Quantile of the examples' leave-one-out best similarities below which a pool image is an
