@@ -213,3 +213,30 @@ def test_app_inspection_finds_the_planted_faults_and_keeps_one(tiny, tmp_path):
             app_insight.keep_one(scope, [keep], 10 ** 6)
     finally:
         ws.close()
+
+
+@pytest.mark.slow  # UMAP (17 images): numba compiles umap-learn's kernels on first use
+def test_app_map_places_a_few_new_images_without_refitting(tiny, tmp_path):
+    from fewshot_studio.app import insight as app_insight
+    from fewshot_studio.app import library
+
+    from test_service import make_ws
+
+    ws = make_ws(tmp_path / "data", tiny)
+    try:
+        scope = small_project(ws, tmp_path)
+        rng = np.random.default_rng(9)
+        extra = []
+        for k in range(4):
+            render(ShapeSpec("blue", "square"), rng, 96).save(tmp_path / f"more_{k}.png")
+            extra.append(tmp_path / f"more_{k}.png")
+        library.add_images(scope, extra[:3], None)
+        first = app_insight.compute(scope)
+        assert first.map_method == "umap" and first.map_extended == 0 and len(first.points) == 17
+        library.add_images(scope, extra[3:], None)
+        second = app_insight.compute(scope)
+        assert second.map_extended == 1 and len(second.points) == 18
+        old = {p.image_id: (p.x, p.y) for p in first.points}
+        assert all(old[p.image_id] == (p.x, p.y) for p in second.points if p.image_id in old)  # not refitted
+    finally:
+        ws.close()
