@@ -202,6 +202,10 @@ def test_app_inspection_finds_the_planted_faults_and_keeps_one(tiny, tmp_path):
         assert app_insight.outlier_ids(scope) == {i for i, _ in result.outliers}
         odd = next(p for p in result.points if names[p.image_id] == "odd.png")
         assert odd.outlier and not odd.example
+        from fewshot_studio.app import exports
+
+        flags = {Path(r["file"]).name: r["unlike_every_class"] for r in exports.label_records(scope)}
+        assert flags["odd.png"] is True and flags["pool_0.png"] is False and flags["copy.jpg"] is None
         # the upload note: the copy looks like an image already there
         copy_id = next(i for i, n in names.items() if n == "copy.jpg")
         assert app_insight.look_alikes(scope, [copy_id]) == 1
