@@ -31,20 +31,27 @@ POINTS_JS = """() => {
 }"""
 
 
-def lasso(page, x: float, y: float, r: float = 7.0, shift: bool = False) -> None:
-    """A lasso drawn by the mouse: a small circle around (x, y)."""
+def lasso(page, centres, r: float = 7.0) -> None:
+    """One lasso drawn by the mouse around each of `centres` in turn: a small circle around the
+    first, along a straight line to the next and around it, ..., and back along the same lines
+    (the way out and back encloses nothing, so only the circles select)."""
     import math
 
-    if shift:
-        page.keyboard.down("Shift")
-    page.mouse.move(x + r, y)
+    def circle(x, y):
+        for k in range(1, 17):
+            a = 2 * math.pi * k / 16
+            page.mouse.move(x + r * math.cos(a), y + r * math.sin(a), steps=2)
+
+    (x0, y0), rest = centres[0], centres[1:]
+    page.mouse.move(x0 + r, y0)
     page.mouse.down()
-    for k in range(1, 17):
-        a = 2 * math.pi * k / 16
-        page.mouse.move(x + r * math.cos(a), y + r * math.sin(a), steps=2)
+    circle(x0, y0)
+    for x, y in rest:
+        page.mouse.move(x + r, y, steps=8)
+        circle(x, y)
+    for x, y in [*reversed(rest[:-1]), (x0, y0)]:
+        page.mouse.move(x + r, y, steps=8)
     page.mouse.up()
-    if shift:
-        page.keyboard.up("Shift")
 
 
 def isolated(points, gap: float = 15.0):
@@ -84,11 +91,10 @@ def test_inspect_tab_map_click_and_lasso(app, browser, tmp_path):
         expect(page.locator("#insight-image img")).to_be_visible(timeout=30_000)
         page.locator("#insight-map").screenshot(path=str(INSIGHT_SHOT))  # the README's picture of the map
 
-        # a lasso around one pool point, then shift + lasso around another: two selected
+        # one lasso around two pool points: two selected
         pool = [p for p in spots if p["pool"]][:2]
         assert len(pool) == 2, spots
-        lasso(page, pool[0]["x"], pool[0]["y"])
-        lasso(page, pool[1]["x"], pool[1]["y"], shift=True)
+        lasso(page, [(p["x"], p["y"]) for p in pool])
         expect(page.locator("#insight-picked")).to_contain_text("2 images selected", timeout=30_000)
         page.locator("#insight-class input").click()
         page.get_by_role("option", name="green triangle", exact=True).click()
