@@ -587,7 +587,7 @@ def embedding_map_figure(coords, groups: Sequence[str], ids: Sequence, names: Se
                      f"{label_text(g)}" + ("" if is_example or conf[i] is None else f" ({_pct(conf[i])})")
                      + ("<br><b>none of these classes?</b>" if out[i] else "") for i in idx]
             fig.add_trace(trace(
-                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=label_text(g) + ("" if is_example else " (pool)"),
+                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=label_text(g) + ("" if is_example or g == UNPREDICTED_NAME else " (pool)"),
                 legendgroup=str(g), customdata=[ids[i] for i in idx], text=hover, hovertemplate="%{text}<extra></extra>",
                 marker=dict(color=[OUTLIER_COLOR if out[i] else color for i in idx], opacity=None,
                             size=10 if is_example else 8, symbol=symbols, line=dict(width=1.5, color=color)),

@@ -24,7 +24,7 @@ POINTS_JS = """() => {
     tr.querySelectorAll('path.point').forEach((p, k) => {
       const r = p.getBoundingClientRect();
       out.push({x: r.left + r.width / 2, y: r.top + r.height / 2, id: gd.data[t].customdata[k],
-                pool: gd.data[t].name.endsWith('(pool)')});
+                pool: gd.data[t].name.includes('pool')});
     });
   });
   return out;
