@@ -548,3 +548,53 @@ def accuracy_plot(report: ProtocolReport) -> go.Figure:
         xaxis=dict(title="shots per class", type="log", tickvals=shots, ticktext=[str(k) for k in shots]),
         yaxis=dict(title="accuracy (%)", range=[0, 105]), legend_title_text="method", template="plotly_white")
     return fig
+
+
+# ---------------------------------------------------------------- embedding map
+MAP_PALETTE = ("#3a6fb0", "#e8590c", "#2e9e5b", "#8a5cb8", "#c2185b", "#00897b", "#f9a825", "#5d4037",
+               "#546e7a", "#7cb342", "#6d4c41", "#1e88e5")
+OUTLIER_COLOR = "#222222"
+UNPREDICTED_NAME = "pool (no prediction)"
+SVG_MAX_POINTS = 3000
+
+
+def embedding_map_figure(coords, groups: Sequence[str], ids: Sequence, names: Sequence[str],
+                         examples: Sequence[bool], confidence: Sequence[float | None] | None = None,
+                         outliers: Sequence[bool] | None = None, title: str = "Embedding map") -> go.Figure:
+    """The embedding map: one point per image at `coords` (N, 2), one trace per group (the
+    example's class, or the pool image's predicted class), examples as filled circles and pool
+    images as open circles with their confidence as opacity; outliers drawn as crosses. Each
+    point's `customdata` is its id (what a click or selection reports); hover shows the name."""
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    n = len(xy)
+    if n == 0:
+        return _empty_figure("No images yet: add examples or pool images to see the map.", title)
+    conf = [None] * n if confidence is None else list(confidence)
+    out = [False] * n if outliers is None else list(outliers)
+    # SVG up to SVG_MAX_POINTS (works in every browser, headless ones included); WebGL beyond
+    trace = go.Scatter if n <= SVG_MAX_POINTS else go.Scattergl
+    fig = go.Figure()
+    order = sorted(set(groups), key=lambda g: (g == UNPREDICTED_NAME, str(g)))
+    for k, g in enumerate(order):
+        color = NA_COLOR if g == UNPREDICTED_NAME else MAP_PALETTE[k % len(MAP_PALETTE)]
+        for is_example in (True, False):
+            idx = [i for i in range(n) if groups[i] == g and bool(examples[i]) == is_example]
+            if not idx:
+                continue
+            opac = [1.0 if is_example or conf[i] is None else 0.25 + 0.75 * float(conf[i]) for i in idx]
+            symbols = ["x" if out[i] else ("circle" if is_example else "circle-open") for i in idx]
+            hover = [f"{label_text(names[i])}<br>{'example of' if is_example else 'pool, predicted'} "
+                     f"{label_text(g)}" + ("" if is_example or conf[i] is None else f" ({_pct(conf[i])})")
+                     + ("<br><b>none of these classes?</b>" if out[i] else "") for i in idx]
+            fig.add_trace(trace(
+                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=label_text(g) + ("" if is_example or g == UNPREDICTED_NAME else " (pool)"),
+                legendgroup=str(g), customdata=[ids[i] for i in idx], text=hover, hovertemplate="%{text}<extra></extra>",
+                marker=dict(color=[OUTLIER_COLOR if out[i] else color for i in idx], opacity=None,
+                            size=10 if is_example else 8, symbol=symbols, line=dict(width=1.5, color=color)),
+                selected=dict(marker=dict(size=13)), unselected=dict(marker=dict(opacity=0.35))))
+            fig.data[-1].marker.opacity = opac
+    fig.update_layout(**_base_layout(title, height=560, dragmode="lasso", clickmode="event+select",
+                                     legend=dict(itemsizing="constant")))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    return fig

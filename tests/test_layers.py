@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
                                 "workers", "tiny", "backbone", "features", "onnx_predict"]),
     ("L2 methods", ["training", "methods", "acquisition"]),
-    ("L3 evaluation, store, jobs", ["evaluation", "store", "jobs", "onnx_export", "labeling", "scale"]),
+    ("L3 evaluation, store, jobs", ["evaluation", "insight", "store", "jobs", "onnx_export", "labeling", "scale"]),
     ("L4 use cases", ["app"]),
     ("L5 presentation", ["viz", "ui"]),
     ("L6 harnesses and entry points", ["bench", "cli", "__main__"]),

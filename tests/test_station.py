@@ -371,3 +371,14 @@ def test_queue_finds_an_image_anywhere_in_its_order(pool):
     assert station.queue(sc, "margin", limit=1, find=imgs[0]).found == 1
     assert station.queue(sc, "least-confident", limit=1, skipped=[imgs[1]], find=imgs[1]).found == 4
     assert station.queue(sc, predicted="square", find=imgs[0]).found is None
+
+
+def test_queue_puts_the_inspected_outliers_first_or_last(pool, monkeypatch):
+    from fewshot_studio.app import insight as app_insight
+
+    ws, sc, imgs, cid, model = pool
+    assert ids_of(station.queue(sc, station.OUTLIERS_FIRST), imgs) == [1, 3, 0, 4, 2]  # nothing inspected yet
+    monkeypatch.setattr(app_insight, "outlier_ids", lambda scope: {imgs[4], imgs[0]})
+    page = station.queue(sc, station.OUTLIERS_FIRST)
+    assert ids_of(page, imgs) == [0, 4, 1, 3, 2] and page.strategy == station.OUTLIERS_FIRST
+    assert ids_of(station.queue(sc, station.OUTLIERS_LAST), imgs) == [1, 3, 2, 0, 4]

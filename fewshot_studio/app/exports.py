@@ -26,7 +26,7 @@ from .context import ProjectScope
 from .modeling import model
 
 EXPORT_TTL = 600.0  # seconds an export stays on disk for downloading (Gradio serves its own copy)
-LABEL_FIELDS = ["image_id", "file", "sha256", "label", "labeled_by"]
+LABEL_FIELDS = ["image_id", "file", "sha256", "label", "labeled_by", "unlike_every_class"]
 PARTIAL = ".partial"  # an export being written; renamed to its name only when complete
 
 
@@ -88,12 +88,19 @@ def write_export(scope: ProjectScope, filename: str, what: str, write: Callable[
 
 
 def label_records(scope: ProjectScope) -> list[dict]:
-    """One record per image: id, file name, content hash, label (None: the pool), who labeled it."""
+    """One record per image: id, file name, content hash, label (None: the pool), who labeled it,
+    and whether the last inspection (app.insight) found the pool image unlike every class
+    ("none of these classes?"; None for examples, or when the project was not inspected)."""
+    from .insight import latest
+
     store = scope.store
     names = {c.id: c.name for c in store.list_classes(scope.id)}
+    inspected = latest(scope)
+    odd = set() if inspected is None else inspected.outlier_ids()
     return [{"image_id": i.id, "file": i.original_name, "sha256": i.hash,
              "label": names.get(i.class_id) if i.class_id is not None else None,
-             "labeled_by": i.labeled_by}
+             "labeled_by": i.labeled_by,
+             "unlike_every_class": None if inspected is None or i.class_id is not None else i.id in odd}
             for i in store.list_images(scope.id)]
 
 

@@ -34,10 +34,15 @@ from . import library, modeling
 from .context import ProjectScope
 from .library import class_by_name
 
-__all__ = ["STRATEGIES", "DEFAULT_STRATEGY", "SORTS", "DEFAULT_RETRAIN_EVERY", "QueueItem", "QueuePage", "Action",
+__all__ = ["STRATEGIES", "QUEUE_ORDERS", "OUTLIERS_FIRST", "OUTLIERS_LAST", "DEFAULT_STRATEGY", "SORTS", "DEFAULT_RETRAIN_EVERY", "QueueItem", "QueuePage", "Action",
            "Counters", "queue", "assign", "remove", "undo", "history", "counters", "model_label"]
 
 DEFAULT_STRATEGY = "least-confident"
+#: Queue orders beyond acquisition.STRATEGIES: least confident first, with the pool images the
+#: last inspection found unlike every class (app.insight: "none of these classes?") moved to the
+#: front (to look at them first) or to the back (to label the ordinary ones first).
+OUTLIERS_FIRST, OUTLIERS_LAST = "outliers-first", "outliers-last"
+QUEUE_ORDERS = STRATEGIES + (OUTLIERS_FIRST, OUTLIERS_LAST)
 #: Grid mode's explicit orders: ascending confidence, ascending margin, descending entropy.
 SORTS = ("confidence", "margin", "entropy")
 #: A non-closed-form model retrains in the background after this many new labels. Small, so the
@@ -227,8 +232,9 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
     they were skipped. A page of `limit` items from `offset`; `find`: an image id whose position
     in the whole order the page reports (`found`, None when it is not in it), so a caller keeps
     its place however far new predictions moved that image."""
-    if strategy not in STRATEGIES:
-        raise DataError(f"Choose a queue order among {', '.join(STRATEGIES)}.")
+    if strategy not in QUEUE_ORDERS:
+        raise DataError(f"Choose a queue order among {', '.join(QUEUE_ORDERS)}.")
+    outliers, strategy = (strategy, DEFAULT_STRATEGY) if strategy in (OUTLIERS_FIRST, OUTLIERS_LAST) else ("", strategy)
     if sort is not None and sort not in SORTS:
         raise DataError(f"Sort by one of {', '.join(SORTS)}.")
     offset, limit = max(0, int(offset)), max(0, int(limit))
@@ -271,6 +277,12 @@ def queue(scope: ProjectScope, strategy: str = DEFAULT_STRATEGY, *, offset: int 
             order = np.concatenate([first, by_confidence[len(shortlist):]])
     else:
         order = acquisition.order(P, strategy)
+    if outliers:
+        from .insight import outlier_ids
+
+        odd = np.isin(ids[order], np.fromiter(outlier_ids(scope), dtype=np.int64))
+        order = np.concatenate([order[odd], order[~odd]] if outliers == OUTLIERS_FIRST else [order[~odd], order[odd]])
+        used = outliers
     if skipped:
         skip = np.array(list(dict.fromkeys(int(i) for i in skipped)), dtype=np.int64)
         back = np.isin(ids[order], skip)

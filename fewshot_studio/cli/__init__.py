@@ -6,7 +6,7 @@ found in the data folder.
 
 The top layer: each command builds its AppConfig from its flags and the environment and passes
 it down (nothing writes os.environ). Commands live in `commands` (train, predict, graph,
-pretrain-tiny, doctor), `eval`, `bench` and `label`; `common` holds what they share.
+pretrain-tiny, doctor), `eval`, `inspect`, `bench` and `label`; `common` holds what they share.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 from ..errors import FewShotError
 from . import bench, commands, label
 from . import eval as eval_command
+from . import inspect as inspect_command
 from .common import UserError
 
 __all__ = ["UserError", "build_parser", "main"]
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parsers(sub)
     bench.add_parser(sub)
     eval_command.add_parser(sub)
+    inspect_command.add_parser(sub)
     label.add_parser(sub)
     return parser
 

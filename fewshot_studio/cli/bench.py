@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
     p.add_argument("--view-counts", nargs="+", type=int, default=[0, 1, 2, 4, 10], help="with --views")
     p.add_argument("--view-shots", nargs="+", type=int, default=[1, 2, 4], help="with --views: shots per class")
     p.add_argument("--seeds", type=int, default=5, help="with --views: tasks drawn per shot count")
+    p.add_argument("--insight", action="store_true",
+                   help="instead: time the data inspection (map, near-duplicates, label issues) on random "
+                        "features (bench/insight.py)")
+    p.add_argument("--insight-sizes", default="1000,10000", help="with --insight: comma-separated image counts")
+    p.add_argument("--insight-dim", type=int, default=512, help="with --insight: feature dimension (512: ViT-B-32)")
     p.add_argument("--clients", type=int, default=8, help="with --load: concurrent sessions")
     p.add_argument("--requests", type=int, default=25, help="with --load: predictions per session")
     p.set_defaults(func=cmd_bench)
@@ -86,6 +91,17 @@ def cmd_bench(args) -> int:
 
         return run_onnx_bench(args.onnx_backbones, repeats=args.repeats, threads=args.threads, json_path=args.json,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.insight:
+        from ..bench.insight import measure, table
+
+        try:
+            sizes = tuple(int(s) for s in str(args.insight_sizes).split(",") if s.strip())
+        except ValueError:
+            raise BenchError("--insight-sizes takes comma-separated whole numbers like 1000,10000.") from None
+        if not sizes or min(sizes) < 2 or args.insight_dim < 2:
+            raise BenchError("--insight-sizes and --insight-dim must be at least 2.")
+        print(table(measure(sizes, args.insight_dim, min(10, args.classes))), flush=True)
+        return 0
     if args.views:
         from ..bench.views import run_views
 

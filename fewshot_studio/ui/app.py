@@ -10,7 +10,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from ..app import Workspace, library
-from . import classes, evaluate, export, graph, label, projects, station, train
+from . import classes, evaluate, export, graph, insight, label, projects, station, train
 from .common import CSS, POLL_SECONDS, UI, theme
 from .uploads import UploadBudget, UploadBudgetMiddleware
 
@@ -61,7 +61,7 @@ class StudioBlocks(gr.Blocks):
                                         Middleware(UploadBudgetMiddleware, budget=self.upload_budget)]
             kwargs["app_kwargs"] = app_kwargs
         kwargs.setdefault("css", CSS)
-        kwargs.setdefault("js", station.script())  # the page's one script: the station's keys and grid
+        kwargs.setdefault("js", page_script())  # the station's keys and grid, the Inspect map's events
         kwargs.setdefault("theme", theme())
         kwargs.setdefault("footer_links", ["api", "gradio"])
         return super().launch(*args, **kwargs)
@@ -76,6 +76,12 @@ class StudioBlocks(gr.Blocks):
     def queue(self, *args, **kwargs):
         kwargs.setdefault("default_concurrency_limit", DEFAULT_CONCURRENCY)
         return super().queue(*args, **kwargs)
+
+
+def page_script() -> str:
+    """The page's scripts (station.js, insight.js) as the one function gr.Blocks.launch(js=...)
+    runs on load."""
+    return "() => {\n" + station.SCRIPT.read_text() + "\n" + insight.SCRIPT.read_text() + "\n}"
 
 
 MAX_UPLOAD_BYTES = 512 * 2**20  # one uploaded file (a zip of many images included)
@@ -114,6 +120,8 @@ def build_app(workspace: Workspace | None = None) -> StudioBlocks:
                 label.build(ui)
             with gr.Tab("6 · Export", id="export", elem_id="tab-export"):
                 export.build(ui)
+            with gr.Tab("7 · Inspect", id="inspect", elem_id="tab-inspect"):
+                insight.build(ui)
         # events that reach across tabs
         train.wire(ui)
         evaluate.wire(ui)

@@ -356,7 +356,9 @@ def missing_notice(scope: ProjectScope) -> str:
 # ---- the labeling station (ui/station.py) ------------------------------------------------------------
 #: How the station's strategy picker names acquisition.STRATEGIES (unknown ones show as they are).
 STRATEGY_LABELS = {"least-confident": "Least confident first", "margin": "Smallest margin first",
-                   "entropy": "Highest entropy first", "diverse": "Diverse batch of the uncertain"}
+                   "entropy": "Highest entropy first", "diverse": "Diverse batch of the uncertain",
+                   "outliers-first": "Unlike every class first (after Inspect)",
+                   "outliers-last": "Unlike every class last (after Inspect)"}
 #: Grid sorts (app.station.queue's `sort`); "" keeps the queue's order.
 GRID_SORTS = (("Queue order", ""), ("Confidence, lowest first", "confidence"),
               ("Margin, smallest first", "margin"), ("Entropy, highest first", "entropy"))

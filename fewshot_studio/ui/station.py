@@ -22,7 +22,6 @@ from pathlib import Path
 import gradio as gr
 
 from ..app import library, modeling, station
-from ..acquisition import STRATEGIES
 from ..errors import DataError
 from ..jobs import FINISHED, LABEL
 from . import presenters
@@ -76,7 +75,7 @@ def build(ui: UI) -> None:
         with gr.Row(elem_classes="fs-inline"):
             ui.st_mode = gr.Radio([REVIEW, GRID], value=REVIEW, label="Labeling station", elem_id="station-mode",
                                   scale=1)
-            ui.st_strategy = gr.Dropdown([(presenters.STRATEGY_LABELS.get(s, s), s) for s in STRATEGIES],
+            ui.st_strategy = gr.Dropdown([(presenters.STRATEGY_LABELS.get(s, s), s) for s in station.QUEUE_ORDERS],
                                          value=station.DEFAULT_STRATEGY, label="Queue order",
                                          elem_id="station-strategy", scale=1)
             # closed-form models refit after every label; the others retrain after this many
