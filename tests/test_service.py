@@ -255,7 +255,7 @@ def test_exports(trained, tmp_path):
     assert not a.exists()  # a visitor keeps only its latest export of a project
     with open(b, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 35 and set(rows[0]) == {"image_id", "file", "sha256", "label", "labeled_by"}
+    assert len(rows) == 35 and set(rows[0]) == {"image_id", "file", "sha256", "label", "labeled_by", "unlike_every_class"}
     assert sum(r["label"] == "red circle" for r in rows) >= 4
     data = json.loads(exports.export_labels_json(sc).read_text(encoding="utf-8"))
     assert data["project"] == p.name and len(data["classes"]) == 5 and len(data["images"]) == 35

@@ -111,7 +111,10 @@ def cmd_inspect(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..insight import DUPLICATE_THRESHOLD
+    try:
+        from ..insight import DUPLICATE_THRESHOLD
+    except ImportError:  # no torch on this machine: only `predict --onnx` can run (cli.commands.add_parsers)
+        DUPLICATE_THRESHOLD = None
 
     p = sub.add_parser(
         "inspect", help="find near-duplicates, likely label errors and pool outliers",

@@ -67,8 +67,11 @@ class _Null:
 
 
 def add_parser(sub) -> None:
-    from ..labeling import DEFAULT_TOP_K, SHARD_ROWS
-    from ..scale import ENCODE_BATCH
+    try:
+        from ..labeling import DEFAULT_TOP_K, SHARD_ROWS
+        from ..scale import ENCODE_BATCH
+    except ImportError:  # no torch on this machine: only `predict --onnx` can run (cli.commands.add_parsers)
+        DEFAULT_TOP_K = SHARD_ROWS = ENCODE_BATCH = None
 
     p = sub.add_parser("label", help="label many images with a saved model into Parquet (local or on Ray)",
                        description="Label every image under the inputs with a saved model. The output is a "
