@@ -168,8 +168,9 @@ def test_readme_cli_commands_run(tmp_path):
                            timeout=300)
         assert r.returncode == 0, f"{shlex.join(argv)}\n{r.stderr[-3000:]}"
         if argv[3] == "predict":
+            model = "--model" if "--model" in argv else "--onnx"  # a saved model or its ONNX export
             n_images = sum(len(list((work / p).rglob("*.png"))) if (work / p).is_dir() else 1
-                           for p in argv[argv.index("--model") + 2:] if p != "--json")
+                           for p in argv[argv.index(model) + 2:] if p != "--json")
             if "--json" in argv:
                 rows = json.loads(r.stdout)
                 assert len(rows) == n_images and all("label" in row for row in rows)
@@ -177,10 +178,20 @@ def test_readme_cli_commands_run(tmp_path):
                 assert len(r.stdout.splitlines()) == n_images
         elif argv[3] == "graph" and "--json" in argv:
             assert json.loads(r.stdout)["classes"]
+        elif argv[3] == "inspect":
+            found = json.loads((work / argv[argv.index("--json") + 1]).read_text())
+            assert set(found) == {"duplicates", "label_issues", "outliers"}
+        elif argv[3] == "export-onnx":
+            assert (work / argv[argv.index("--out") + 1]).stat().st_size > 0
+        elif argv[3] == "label":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(work / argv[argv.index("--output") + 1])
+            assert table.num_rows == len(list((work / argv[argv.index("--input") + 1]).rglob("*.png")))
         elif argv[3] == "eval":
             assert "| Method |" in r.stdout
             for flag in ("--json", "--plot"):
                 if flag in argv:
                     assert (work / argv[argv.index(flag) + 1]).is_file()
         ran.append(argv[3])
-    assert ran[0] == "train" and {"predict", "graph", "eval"} <= set(ran)
+    assert ran[0] == "train" and {"predict", "graph", "eval", "inspect", "export-onnx", "label"} <= set(ran)
