@@ -219,6 +219,28 @@ def test_app_inspection_finds_the_planted_faults_and_keeps_one(tiny, tmp_path):
         ws.close()
 
 
+def test_an_upload_says_how_many_look_like_images_already_there(tiny, tmp_path):
+    """The upload note: after the upload's background encoding, a near-copy of an example is
+    counted and a new, different image is not."""
+    from fewshot_studio.app import insight as app_insight
+    from fewshot_studio.app import library
+
+    from test_service import make_ws
+
+    ws = make_ws(tmp_path / "data", tiny)
+    try:
+        scope = small_project(ws, tmp_path)
+        (tmp_path / "again.jpg").write_bytes(near_copy(tmp_path / "blue_square_1.png"))
+        render(ShapeSpec("green", "circle"), np.random.default_rng(9), 96).save(tmp_path / "new.png")
+        up = library.add_uploads(scope, [tmp_path / "again.jpg", tmp_path / "new.png"], library.POOL)
+        assert up.added == 2 and len(up.image_ids) == 2 and up.encode_job is not None
+        assert app_insight.upload_look_alikes(scope, up.image_ids, up.encode_job, wait_s=120) == 1
+        only_new = [i for i in up.image_ids if library.image(scope, i).original_name == "new.png"]
+        assert app_insight.upload_look_alikes(scope, only_new, up.encode_job) == 0
+    finally:
+        ws.close()
+
+
 @pytest.mark.slow  # UMAP (17 images): numba compiles umap-learn's kernels on first use
 def test_app_map_places_a_few_new_images_without_refitting(tiny, tmp_path):
     from fewshot_studio.app import insight as app_insight

@@ -7,7 +7,7 @@ import hmac
 import os
 import threading
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -93,6 +93,8 @@ class UploadResult:
     added: int
     duplicates: int
     errors: list[str]
+    image_ids: tuple[int, ...] = ()  # the images the upload names (new ones and duplicates), in order
+    encode_job: str | None = None  # the background encoding that will cover them (prepare_features)
 
 
 def add_images(scope: ProjectScope, files: Iterable[str | os.PathLike | tuple[str, bytes]],
@@ -134,7 +136,7 @@ def add_zip(scope: ProjectScope, source: str | os.PathLike | bytes, pool: bool =
         errors = _stage_zip(batch, source, pool, class_id)
         result = _commit(batch, errors)
     if result.added:
-        prepare_features(scope)
+        result = replace(result, encode_job=prepare_features(scope))
     return result
 
 
@@ -192,7 +194,7 @@ def _commit(batch: ImageImport, errors: list[str]) -> UploadResult:
     if not batch.staged:
         return UploadResult(0, 0, errors)
     result = batch.commit()
-    return UploadResult(result.added, result.duplicates, errors)
+    return UploadResult(result.added, result.duplicates, errors, tuple(i.id for i in result.images))
 
 
 #: Images per step of the background encoding (prepare_features): progress is reported (and
@@ -208,12 +210,12 @@ def prepare_features(scope: ProjectScope) -> str | None:
     job), so that pressing Train finds the features waiting (issue #14, item 6a). The backbone
     is the current model's, else the workspace's default. Called by every upload use case; a
     job already waiting for this project covers the new images too (it lists them when it
-    starts), so none is added then. Returns the job's id, or None."""
+    starts), so none is added then. Returns the id of the job that will encode them."""
     ws = scope.ws
     waiting = [j for j in ws.runner.jobs(scope.id, background=True)
                if j.kind == ENCODE and j.status == "queued"]
     if waiting:
-        return None
+        return waiting[0].id
     current = scope.store.current_model(scope.id)
     spec = ws.saved_spec(current.config) if current is not None else ws.default_spec
     project_id = scope.id
@@ -288,7 +290,7 @@ def add_uploads(scope: ProjectScope, files: Iterable[str | os.PathLike], class_n
                 errors.append(error)
         result = _commit(batch, errors)
     if result.added:
-        prepare_features(scope)
+        result = replace(result, encode_job=prepare_features(scope))
     return result
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import DataError
+from ..errors import DataError, FewShotError
+from ..app import insight as app_insight
 from ..app import library
 from ..app.library import POOL
 from . import presenters
@@ -62,6 +63,7 @@ def build(ui: UI) -> None:
                                           elem_id="class-gallery", interactive=True, sources=["upload"])
             # what the gallery shows, in order: a click's position maps to an image id here
             ui.class_ids = gr.State([])
+            ui.upload_done = gr.State(None)  # the last upload's image ids and encoding job: its look-alike note
             with gr.Row(elem_classes="fs-inline"):
                 ui.class_selected = gr.Textbox(label="Selected image", placeholder="click a thumbnail", scale=3,
                                                interactive=False, elem_id="class-selected-image")
@@ -150,6 +152,22 @@ def build(ui: UI) -> None:
         extra = f" Its {moved} image{'s' if moved != 1 else ''} moved to the unlabeled pool." if moved else ""
         return {ui.notice: f"Deleted the class **{md(c.name)}**.{extra}", **class_view(pid, owner)}
 
+    def uploaded(up) -> dict | None:
+        return {"ids": list(up.image_ids), "job": up.encode_job} if up.added else None
+
+    def look_alike_note(pid, done, notice, owner, request: gr.Request):
+        """After an upload: once its images are encoded (a background job; waited for a few
+        seconds at most), say how many look like images the project already had."""
+        if pid is None or not done:
+            return gr.skip()
+        try:
+            n = app_insight.upload_look_alikes(ui.scope(pid, who(owner, request)), done["ids"], done.get("job"))
+        except FewShotError:  # the project went meanwhile: the upload's own notice stands
+            return gr.skip()
+        if not n:
+            return gr.skip()
+        return f"{notice} {n} of these look like images you already have (Inspect tab: near-duplicates)."
+
     @friendly
     def add_images(pid, name, files, owner, request: gr.Request):
         owner = who(owner, request)
@@ -162,7 +180,7 @@ def build(ui: UI) -> None:
         if up.errors:
             gr.Warning(refused_text(up.errors, escape=toast_text).strip())
         return {ui.notice: added_text(up.added, up.duplicates, f"to {where}") + refused_text(up.errors),
-                **class_view(pid, owner, name), ui.class_upload: None}
+                **class_view(pid, owner, name), ui.class_upload: None, ui.upload_done: uploaded(up)}
 
     @friendly
     def add_zip(pid, name, file, owner, request: gr.Request):
@@ -172,7 +190,7 @@ def build(ui: UI) -> None:
         if up.errors:
             gr.Warning(refused_text(up.errors, escape=toast_text).strip())
         return {ui.notice: added_text(up.added, up.duplicates, "from the zip") + refused_text(up.errors),
-                **class_view(pid, owner, name), ui.zip_upload: None}
+                **class_view(pid, owner, name), ui.zip_upload: None, ui.upload_done: uploaded(up)}
 
     @friendly
     def add_webcam(pid, name, image, owner, request: gr.Request):
@@ -228,16 +246,21 @@ def build(ui: UI) -> None:
     ui.save_desc_btn.click(set_description, [ui.project, ui.class_dd, ui.desc_box, ui.owner], acts,
                            api_name="set_description")
     ui.delete_class_btn.click(delete_class, [ui.project, ui.class_dd, ui.owner], acts, api_name="delete_class")
+    note_ins = [ui.project, ui.upload_done, ui.notice, ui.owner]
     ui.class_upload.upload(add_images, [ui.project, ui.class_dd, ui.class_upload, ui.owner],
-                           acts + [ui.class_upload], api_name="add_images")
-    ui.zip_upload.upload(add_zip, [ui.project, ui.class_dd, ui.zip_upload, ui.owner], acts + [ui.zip_upload],
-                         api_name="add_zip")
+                           acts + [ui.class_upload, ui.upload_done], api_name="add_images").then(
+        look_alike_note, note_ins, [ui.notice], api_visibility="private", concurrency_limit=None)
+    ui.zip_upload.upload(add_zip, [ui.project, ui.class_dd, ui.zip_upload, ui.owner],
+                         acts + [ui.zip_upload, ui.upload_done], api_name="add_zip").then(
+        look_alike_note, note_ins, [ui.notice], api_visibility="private", concurrency_limit=None)
     ui.webcam_btn.click(add_webcam, [ui.project, ui.class_dd, ui.webcam, ui.owner],
-                        acts + [ui.class_upload, ui.webcam], api_name="add_webcam")
+                        acts + [ui.class_upload, ui.webcam, ui.upload_done], api_name="add_webcam").then(
+        look_alike_note, note_ins, [ui.notice], api_visibility="private", concurrency_limit=None)
     ui.class_gallery.select(gallery_select, [ui.project, ui.class_ids, ui.owner],
                             [ui.class_selected, ui.class_pick, ui.remove_btn], api_visibility="private")
     ui.class_gallery.delete(gallery_delete, [ui.project, ui.class_dd, ui.owner], acts, api_visibility="private")
     ui.class_gallery.upload(gallery_upload, [ui.project, ui.class_dd, ui.class_gallery, ui.owner],
-                            acts + [ui.class_upload], api_visibility="private")
+                            acts + [ui.class_upload, ui.upload_done], api_visibility="private").then(
+        look_alike_note, note_ins, [ui.notice], api_visibility="private", concurrency_limit=None)
     ui.remove_btn.click(remove_image, [ui.project, ui.class_dd, ui.class_pick, ui.owner], acts,
                         api_name="remove_image")
