@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from . import imageio
+from . import imageio, onnx_predict
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,8 @@ class Cropper:
         """Shortest side resized to image_size (bicubic), centre crop. Downscaling by 4× or more
         first box-reduces by 2× or more (Pillow's reducing_gap=2): twice as fast on a 240 px
         image going to 48 px, within 0.07 grey levels on average of the exact resize."""
-        s = self.image_size
-        w, h = img.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        return np.array(img.crop((left, top, left + s, top + s)), dtype=np.uint8)
+        # one definition, shared with the torch-free ONNX predictor so that both see the same pixels
+        return onnx_predict.plain_view(img, self.image_size)
 
     def view(self, img: Image.Image, key: str, view: int) -> np.ndarray:
         """View `view` of an image: 0 plain; k >= 1 a random resized crop (scale 0.5-1, ratio

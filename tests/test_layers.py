@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fewshot_studio"
 # sub-package (all of its modules).
 LAYERS: list[tuple[str, list[str]]] = [
     ("L0 foundation", ["errors", "progress", "config", "markup"]),
-    ("L1 images and features", ["imageio", "data", "shapes", "prompts", "precision", "preprocess", "cache",
-                                "workers", "tiny", "backbone", "features", "onnx_predict"]),
+    ("L1 images and features", ["imageio", "onnx_predict", "data", "shapes", "prompts", "precision", "preprocess",
+                                "cache", "workers", "tiny", "backbone", "features"]),
     ("L2 methods", ["training", "methods", "acquisition"]),
     ("L3 evaluation, store, jobs", ["evaluation", "insight", "store", "jobs", "onnx_export", "labeling", "scale"]),
     ("L4 use cases", ["app"]),
