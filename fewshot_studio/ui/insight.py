@@ -152,7 +152,7 @@ def build(ui: UI) -> None:
         return {ui.insight_picked: f"**{md(img.original_name)}** (#{img.id}), {where}", ui.insight_image: path}
 
     ui.insight_pick.click(pick, [ui.project, ui.insight_sel, ui.owner], [ui.insight_picked, ui.insight_image],
-                         api_visibility="private")
+                         api_name="insight_pick", api_visibility="private")
 
     def acted(message: str) -> dict:
         return {ui.insight_done: message + " Press Inspect to redraw the map."}
@@ -169,7 +169,7 @@ def build(ui: UI) -> None:
         scope = ui.scope(need_project(pid), who(owner, request))
         ids = _selected_ids(selection)
         a = station.assign(scope, ids, None)
-        return acted(a.summary if hasattr(a, "summary") and a.summary else f"Accepted {len(ids)} predictions.")
+        return acted(a.summary)
 
     @friendly
     def remove(pid, selection, owner, request: gr.Request):
@@ -189,8 +189,9 @@ def build(ui: UI) -> None:
 
     ins = [ui.project, ui.insight_sel, ui.owner]
     ui.insight_relabel.click(relabel, [ui.project, ui.insight_sel, ui.insight_class, ui.owner], [ui.insight_done],
-                             api_visibility="private")
-    ui.insight_accept.click(accept, ins, [ui.insight_done], api_visibility="private")
-    ui.insight_remove.click(remove, ins, [ui.insight_done], api_visibility="private")
+                             api_name="insight_relabel", api_visibility="private")
+    # named: a private event still takes its function's name, and "accept" is the pool table's endpoint
+    ui.insight_accept.click(accept, ins, [ui.insight_done], api_name="insight_accept", api_visibility="private")
+    ui.insight_remove.click(remove, ins, [ui.insight_done], api_name="insight_remove", api_visibility="private")
     ui.insight_keep.click(keep, [ui.project, ui.insight_groups, ui.owner], [ui.insight_done],
-                          api_visibility="private")
+                          api_name="insight_keep", api_visibility="private")
